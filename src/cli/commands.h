@@ -1,0 +1,12 @@
+#pragma once
+#include "cli/options.h"
+
+namespace larder::cli {
+int cmd_run(Args& a);
+int cmd_info(Args& a);
+int cmd_tokenize(Args& a);
+int cmd_synth(Args& a);
+int cmd_logits(Args& a);
+// Prints "larder: error: <msg>" on one line and returns 1.
+int fail(const std::string& msg);
+}  // namespace larder::cli

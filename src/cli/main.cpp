@@ -1,0 +1,66 @@
+// `larder` — thin front end over the library modules.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <sstream>
+
+#include "cli/commands.h"
+#include "cli/options.h"
+
+using namespace larder;
+using namespace larder::cli;
+
+namespace {
+
+void bind_options(CLI::App* sub, const std::string& name, std::vector<OptSpec>& table) {
+  for (auto& o : table) {
+    std::string cmds = std::string(",") + o.cmds + ",";
+    if (cmds.find("," + name + ",") == std::string::npos) continue;
+    CLI::Option* opt = std::visit(
+        [&](auto* p) -> CLI::Option* {
+          if constexpr (std::is_same_v<decltype(p), bool*>) return sub->add_flag(o.flags, *p, o.help);
+          else return sub->add_option(o.flags, *p, o.help)->capture_default_str();
+        },
+        o.target);
+    if (o.env && *o.env) opt->envname(o.env);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Larder: LLM inference that trades storage for computation"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "larder 0.1.0");
+  Args a;
+  auto table = option_table(a);
+  struct Cmd {
+    const char* name;
+    const char* help;
+    int (*fn)(Args&);
+  };
+  const Cmd cmds[] = {
+      {"run", "generate text from a prompt", cmd_run},
+      {"info", "show a model file's metadata, tensors and sizes", cmd_info},
+      {"tokenize", "show the token ids of a text", cmd_tokenize},
+      {"synth", "write a random-weight GGUF in a real model's shape", cmd_synth},
+      {"logits", "dump logits / greedy ids for token ids (for reference tests)", cmd_logits},
+  };
+  std::vector<std::pair<CLI::App*, const Cmd*>> subs;
+  for (const Cmd& c : cmds) {
+    CLI::App* sub = app.add_subcommand(c.name, c.help);
+    bind_options(sub, c.name, table);
+    if (std::string(c.name) == "info") sub->add_option("file", a.positional, "model file (or use -m)");
+    if (std::string(c.name) == "tokenize") sub->add_option("text", a.positional, "text to tokenize");
+    subs.emplace_back(sub, &c);
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::fprintf(stderr, "larder: error: %s (see larder --help)\n", e.what());
+    return 2;
+  }
+  for (auto& [sub, c] : subs)
+    if (sub->parsed()) return c->fn(a);
+  return 1;
+}

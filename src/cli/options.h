@@ -1,0 +1,64 @@
+// The CLI's one declarative option table: flag, env var, default, help, and which
+// subcommands take it. Flags and env vars follow llama.cpp where they overlap.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace larder::cli {
+
+struct Args {
+  std::string model;
+  std::string tokenizer;
+  std::string prompt;
+  std::string file;          // -f prompt file
+  int n_predict = 128;
+  int n_ctx = 0;
+  int n_threads = 0;
+  int n_batch = 512;
+  float temp = 0.8f;
+  int top_k = 40;
+  float top_p = 0.95f;
+  float min_p = 0.05f;
+  float repeat_penalty = 1.0f;
+  int repeat_last_n = 64;
+  float freq_penalty = 0.0f;
+  float presence_penalty = 0.0f;
+  int64_t seed = -1;
+  bool ignore_eos = false;
+  bool no_display_prompt = false;
+  // tokenize
+  bool ids_only = false;
+  bool no_bos = false;
+  bool parse_special = false;
+  std::string json_batch;
+  // logits
+  std::string ids;
+  std::string out;
+  int chunk = 0;
+  int greedy = 0;
+  // synth
+  std::string shape;
+  std::string dtype = "f32";
+  double scale = 1.0;
+  std::string arch = "llama";
+  int n_embd = 128, n_ff = 320, n_layer = 2, n_head = 8, n_head_kv = 8, n_vocab = 512, n_ctx_train = 256;
+  int tied = 0;
+  bool llama3_rope = false;
+  std::string vocab_from;
+  // positional
+  std::string positional;
+};
+
+struct OptSpec {
+  const char* cmds;   // comma-separated subcommands that accept it
+  const char* flags;  // CLI11 flag names
+  const char* env;    // environment variable ("" = none)
+  const char* help;
+  std::variant<std::string*, int*, float*, double*, int64_t*, bool*> target;
+};
+
+std::vector<OptSpec> option_table(Args& a);
+
+}  // namespace larder::cli

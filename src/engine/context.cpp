@@ -1,0 +1,182 @@
+#include "engine/context.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace larder {
+
+Result<std::unique_ptr<Context>> Context::create(const Model& model, const ContextParams& p) {
+  int n_ctx = p.n_ctx > 0 ? p.n_ctx : std::min(model.cfg.n_ctx_train, 4096);
+  if (n_ctx <= 0) n_ctx = 2048;
+  if (n_ctx > (1 << 20)) return make_error("context size %d is too large", n_ctx);
+  int n_threads = p.n_threads > 0 ? p.n_threads : default_thread_count();
+  if (n_threads > 256) return make_error("thread count %d is too large", n_threads);
+  int n_batch = std::max(1, std::min(p.n_batch, n_ctx));
+  const ModelConfig& c = model.cfg;
+  // Refuse KV caches that cannot fit rather than dying inside the allocator.
+  double kv_bytes = 2.0 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * sizeof(float);
+  if (kv_bytes > 64.0 * (1ull << 30))
+    return make_error("KV cache for context %d would need %.1f GiB; use a smaller -c", n_ctx, kv_bytes / (1ull << 30));
+  try {
+    return std::unique_ptr<Context>(new Context(model, n_ctx, n_threads, n_batch));
+  } catch (const std::bad_alloc&) {
+    return make_error("out of memory allocating the context (ctx %d); use a smaller -c", n_ctx);
+  }
+}
+
+Context::Context(const Model& m, int n_ctx, int n_threads, int n_batch)
+    : model_(m), n_ctx_(n_ctx), n_batch_(n_batch), pool_(n_threads) {
+  const ModelConfig& c = m.cfg;
+  const int hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd;
+  inv_freq_.resize(hd / 2);
+  for (int i = 0; i < hd / 2; ++i) {
+    double f = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / hd);
+    if (!c.rope_freq_factors.empty()) f /= c.rope_freq_factors[i];
+    inv_freq_[i] = static_cast<float>(f);
+  }
+  k_cache_.assign(static_cast<size_t>(c.n_layer) * n_ctx * kv_dim, 0.f);
+  v_cache_.assign(static_cast<size_t>(c.n_layer) * n_ctx * kv_dim, 0.f);
+  x_.resize(static_cast<size_t>(n_batch) * c.n_embd);
+  xb_.resize(static_cast<size_t>(n_batch) * std::max(c.n_embd, q_dim));
+  q_.resize(static_cast<size_t>(n_batch) * q_dim);
+  k_.resize(static_cast<size_t>(n_batch) * kv_dim);
+  v_.resize(static_cast<size_t>(n_batch) * kv_dim);
+  att_.resize(static_cast<size_t>(n_batch) * q_dim);
+  hb_.resize(static_cast<size_t>(n_batch) * c.n_ff);
+  hb2_.resize(static_cast<size_t>(n_batch) * c.n_ff);
+  cos_.resize(static_cast<size_t>(n_batch) * hd / 2);
+  sin_.resize(static_cast<size_t>(n_batch) * hd / 2);
+  scores_.resize(static_cast<size_t>(n_threads) * n_ctx);
+  pos_.resize(n_batch);
+  last_logits_.resize(c.n_vocab);
+  scratch_.xq.reserve(static_cast<size_t>(n_batch) * (std::max(c.n_embd, c.n_ff) / 32 + 1));
+}
+
+void Context::truncate(int n) {
+  LARDER_ASSERT(n >= 0 && n <= n_past_);
+  n_past_ = n;
+}
+
+Status Context::decode(std::span<const int32_t> tokens, float* all_logits) {
+  if (tokens.empty()) return make_error("decode: no tokens");
+  if (n_past_ + static_cast<int64_t>(tokens.size()) > n_ctx_)
+    return make_error("context is full: %d cached + %zu new tokens exceed the context size %d (use a larger -c)",
+                      n_past_, tokens.size(), n_ctx_);
+  for (int32_t t : tokens)
+    if (t < 0 || t >= model_.cfg.n_vocab) return make_error("token id %d is out of range [0, %d)", t, model_.cfg.n_vocab);
+  for (size_t off = 0; off < tokens.size(); off += n_batch_) {
+    int n = static_cast<int>(std::min<size_t>(n_batch_, tokens.size() - off));
+    forward(tokens.data() + off, n, all_logits ? all_logits + off * model_.cfg.n_vocab : nullptr);
+  }
+  return Status::Ok();
+}
+
+// Rotates q or k rows in place: x is [n_tok][n_heads][hd].
+void Context::rope(float* x, int n_tok, int n_heads, const int* pos) {
+  const int hd = model_.cfg.head_dim, half = hd / 2;
+  const bool neox = model_.cfg.rope_type == RopeType::NEOX;
+  for (int t = 0; t < n_tok; ++t) {
+    const float* cs = cos_.data() + static_cast<size_t>(t) * half;
+    const float* sn = sin_.data() + static_cast<size_t>(t) * half;
+    for (int h = 0; h < n_heads; ++h) {
+      float* v = x + (static_cast<size_t>(t) * n_heads + h) * hd;
+      for (int i = 0; i < half; ++i) {
+        int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+        float x0 = v[a], x1 = v[b];
+        v[a] = x0 * cs[i] - x1 * sn[i];
+        v[b] = x0 * sn[i] + x1 * cs[i];
+      }
+    }
+  }
+}
+
+// Causal attention of the batch's queries over the cache (which already holds the
+// batch's keys/values). Never materialises more than one score row per thread.
+void Context::attention(int layer, int n, const int* pos) {
+  const ModelConfig& c = model_.cfg;
+  const int hd = c.head_dim, n_head = c.n_head, kv_dim = c.n_head_kv * hd, group = c.n_head / c.n_head_kv;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const float* kc = k_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * kv_dim;
+  const float* vc = v_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * kv_dim;
+  const int64_t work = static_cast<int64_t>(n) * n_head;
+  pool_.run([&](int ith, int nth) {
+    float* sc = scores_.data() + static_cast<size_t>(ith) * n_ctx_;
+    for (int64_t w = ith; w < work; w += nth) {
+      const int t = static_cast<int>(w / n_head), h = static_cast<int>(w % n_head);
+      const int kvh = h / group;
+      const float* q = q_.data() + (static_cast<size_t>(t) * n_head + h) * hd;
+      const int len = pos[t] + 1;  // causal: keys at positions 0..pos[t]
+      for (int p = 0; p < len; ++p) sc[p] = kernels::dot_f32(q, kc + static_cast<size_t>(p) * kv_dim + kvh * hd, hd) * scale;
+      kernels::softmax(sc, len);
+      float* out = att_.data() + (static_cast<size_t>(t) * n_head + h) * hd;
+      std::memset(out, 0, hd * sizeof(float));
+      for (int p = 0; p < len; ++p) kernels::axpy(out, vc + static_cast<size_t>(p) * kv_dim + kvh * hd, sc[p], hd);
+    }
+  });
+}
+
+void Context::forward(const int32_t* tokens, int n, float* out_logits) {
+  const ModelConfig& c = model_.cfg;
+  const int E = c.n_embd, hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, F = c.n_ff;
+  const int half = hd / 2;
+  for (int t = 0; t < n; ++t) {
+    pos_[t] = n_past_ + t;
+    double p = static_cast<double>(pos_[t]) * c.rope_freq_scale;
+    for (int i = 0; i < half; ++i) {
+      double ang = p * inv_freq_[i];
+      cos_[static_cast<size_t>(t) * half + i] = static_cast<float>(std::cos(ang));
+      sin_[static_cast<size_t>(t) * half + i] = static_cast<float>(std::sin(ang));
+    }
+  }
+  // Embedding lookup: x [n][E]
+  const size_t erb = row_bytes(model_.tok_embd.type, E);
+  for (int t = 0; t < n; ++t)
+    kernels::dequantize_row(model_.tok_embd.type, static_cast<const uint8_t*>(model_.tok_embd.data) + tokens[t] * erb,
+                            x_.data() + static_cast<size_t>(t) * E, E);
+
+  for (int l = 0; l < c.n_layer; ++l) {
+    const LayerWeights& L = model_.layers[l];
+    const float* an = static_cast<const float*>(L.attn_norm.data);
+    for (int t = 0; t < n; ++t) kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], an, E, c.rms_eps);
+    kernels::matmul(L.wq, xb_.data(), n, q_.data(), q_dim, pool_, scratch_);
+    kernels::matmul(L.wk, xb_.data(), n, k_.data(), kv_dim, pool_, scratch_);
+    kernels::matmul(L.wv, xb_.data(), n, v_.data(), kv_dim, pool_, scratch_);
+    if (c.qkv_bias) {
+      for (int t = 0; t < n; ++t) {
+        kernels::axpy(&q_[static_cast<size_t>(t) * q_dim], static_cast<const float*>(L.bq.data), 1.f, q_dim);
+        kernels::axpy(&k_[static_cast<size_t>(t) * kv_dim], static_cast<const float*>(L.bk.data), 1.f, kv_dim);
+        kernels::axpy(&v_[static_cast<size_t>(t) * kv_dim], static_cast<const float*>(L.bv.data), 1.f, kv_dim);
+      }
+    }
+    rope(q_.data(), n, c.n_head, pos_.data());
+    rope(k_.data(), n, c.n_head_kv, pos_.data());
+    float* kc = k_cache_.data() + static_cast<size_t>(l) * n_ctx_ * kv_dim;
+    float* vc = v_cache_.data() + static_cast<size_t>(l) * n_ctx_ * kv_dim;
+    std::memcpy(kc + static_cast<size_t>(n_past_) * kv_dim, k_.data(), static_cast<size_t>(n) * kv_dim * sizeof(float));
+    std::memcpy(vc + static_cast<size_t>(n_past_) * kv_dim, v_.data(), static_cast<size_t>(n) * kv_dim * sizeof(float));
+    attention(l, n, pos_.data());
+    kernels::matmul(L.wo, att_.data(), n, xb_.data(), E, pool_, scratch_);
+    for (int t = 0; t < n; ++t) kernels::axpy(&x_[static_cast<size_t>(t) * E], &xb_[static_cast<size_t>(t) * E], 1.f, E);
+
+    const float* fn = static_cast<const float*>(L.ffn_norm.data);
+    for (int t = 0; t < n; ++t) kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], fn, E, c.rms_eps);
+    kernels::matmul(L.ffn_gate, xb_.data(), n, hb_.data(), F, pool_, scratch_);
+    kernels::matmul(L.ffn_up, xb_.data(), n, hb2_.data(), F, pool_, scratch_);
+    kernels::swiglu(hb_.data(), hb_.data(), hb2_.data(), static_cast<int64_t>(n) * F);
+    kernels::matmul(L.ffn_down, hb_.data(), n, xb_.data(), E, pool_, scratch_);
+    for (int t = 0; t < n; ++t) kernels::axpy(&x_[static_cast<size_t>(t) * E], &xb_[static_cast<size_t>(t) * E], 1.f, E);
+  }
+  const float* on = static_cast<const float*>(model_.output_norm.data);
+  if (out_logits) {
+    for (int t = 0; t < n; ++t) kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], on, E, c.rms_eps);
+    kernels::matmul(model_.output, xb_.data(), n, out_logits, c.n_vocab, pool_, scratch_);
+    std::memcpy(last_logits_.data(), out_logits + static_cast<size_t>(n - 1) * c.n_vocab, c.n_vocab * sizeof(float));
+  } else {
+    kernels::rmsnorm(xb_.data(), &x_[static_cast<size_t>(n - 1) * E], on, E, c.rms_eps);
+    kernels::matmul(model_.output, xb_.data(), 1, last_logits_.data(), c.n_vocab, pool_, scratch_);
+  }
+  n_past_ += n;
+}
+
+}  // namespace larder

@@ -1,0 +1,60 @@
+// CPU kernels: conversions, quantization, matmul, norms, RoPE, attention helpers.
+// Each hot kernel has a scalar reference and AVX2 / AVX-512 paths picked at run time.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "model/dtype.h"
+
+namespace larder {
+class ThreadPool;
+struct Tensor;
+}
+
+namespace larder::kernels {
+
+enum class Isa { Scalar = 0, AVX2 = 1, AVX512 = 2 };
+// Best path this CPU supports, capped by env LARDER_CPU=scalar|avx2|avx512.
+Isa detected_isa();
+Isa active_isa();
+void set_isa(Isa isa);  // tests force each path; clamps to what the CPU supports
+const char* isa_name(Isa isa);
+
+float fp16_to_fp32(uint16_t h);
+uint16_t fp32_to_fp16(float f);
+float bf16_to_fp32(uint16_t h);
+uint16_t fp32_to_bf16(float f);  // round to nearest even
+
+// Row conversions (n elements; n a multiple of the type's block size).
+void dequantize_row(DType t, const void* src, float* dst, int64_t n);
+void quantize_row(DType t, const float* src, void* dst, int64_t n);  // f32, f16, bf16, q8_0, q4_0
+
+// Activations for integer dot products: one q8_0 row per token.
+void quantize_row_q8_0(const float* x, BlockQ8_0* y, int64_t n);
+
+// Dot product of one weight row (type t, n elements) with activations.
+// xf: f32 activations; xq: the same activations quantized to q8_0 (used by q8_0/q4_0 weights).
+float dot_row(DType t, const void* w, const float* xf, const BlockQ8_0* xq, int64_t n);
+
+// Scratch that matmul reuses between calls (no per-token allocation).
+struct MatmulScratch {
+  std::vector<BlockQ8_0> xq;  // [n_tokens][cols/32]
+};
+
+// y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < W.rows().
+// x: [n_tokens][W.cols()] f32, y: [n_tokens][ldy] f32 (ldy >= W.rows()).
+void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool,
+            MatmulScratch& scratch);
+
+// out = x / sqrt(mean(x^2) + eps) * w
+void rmsnorm(float* out, const float* x, const float* w, int64_t n, float eps);
+// In-place softmax over n values; returns nothing.
+void softmax(float* x, int64_t n);
+// out[i] = silu(gate[i]) * up[i]
+void swiglu(float* out, const float* gate, const float* up, int64_t n);
+float dot_f32(const float* a, const float* b, int64_t n);
+// y += a * x
+void axpy(float* y, const float* x, float a, int64_t n);
+
+}  // namespace larder::kernels

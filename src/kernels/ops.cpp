@@ -1,0 +1,70 @@
+#include <algorithm>
+#include <cmath>
+
+#include "core/result.h"
+#include "core/thread_pool.h"
+#include "kernels/kernels.h"
+#include "model/model.h"
+
+namespace larder::kernels {
+
+void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool,
+            MatmulScratch& scratch) {
+  const int64_t rows = W.rows(), cols = W.cols();
+  const size_t rb = row_bytes(W.type, cols);
+  const auto* wbase = static_cast<const uint8_t*>(W.data);
+  const BlockQ8_0* xq = nullptr;
+  if (W.type == DType::Q8_0 || W.type == DType::Q4_0) {
+    LARDER_ASSERT(cols % 32 == 0);
+    const int64_t nb = cols / 32;
+    if (static_cast<int64_t>(scratch.xq.size()) < n_tokens * nb) scratch.xq.resize(n_tokens * nb);
+    BlockQ8_0* q = scratch.xq.data();
+    pool.parallel_for(n_tokens, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) quantize_row_q8_0(x + t * cols, q + t * nb, cols);
+    });
+    xq = q;
+  }
+  // Rows are split across threads; within a thread a small block of weight rows is
+  // reused for every token so prefill reads each weight once from memory.
+  constexpr int64_t kRowBlock = 16;
+  const int64_t nblocks = (rows + kRowBlock - 1) / kRowBlock;
+  pool.parallel_for(nblocks, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      int64_t r0 = blk * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        const float* xt = x + t * cols;
+        const BlockQ8_0* xqt = xq ? xq + t * (cols / 32) : nullptr;
+        float* yt = y + t * ldy;
+        for (int64_t r = r0; r < r1; ++r) yt[r] = dot_row(W.type, wbase + r * rb, xt, xqt, cols);
+      }
+    }
+  });
+}
+
+void rmsnorm(float* out, const float* x, const float* w, int64_t n, float eps) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  float scale = 1.f / std::sqrt(static_cast<float>(ss / n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * w[i];
+}
+
+void softmax(float* x, int64_t n) {
+  float mx = x[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
+  float sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - mx);
+    sum += x[i];
+  }
+  float inv = 1.f / sum;
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+void swiglu(float* out, const float* gate, const float* up, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float g = gate[i];
+    out[i] = g / (1.f + std::exp(-g)) * up[i];
+  }
+}
+
+}  // namespace larder::kernels

@@ -1,0 +1,89 @@
+// In-memory Llama-family model: config + weight views (zero-copy into mmapped
+// files where the format allows) + tokenizer.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/result.h"
+#include "model/dtype.h"
+#include "tokenizer/tokenizer.h"
+
+namespace larder {
+
+class GgufFile;
+
+enum class RopeType { NORM, NEOX };  // NORM: rotate pairs (2i, 2i+1); NEOX: (i, i + d/2)
+
+struct ModelConfig {
+  std::string arch = "llama";  // llama | qwen2 | mistral (mistral/smollm/tinyllama load as llama)
+  std::string name;
+  int n_vocab = 0;
+  int n_embd = 0;       // model width
+  int n_ff = 0;         // FFN hidden width
+  int n_layer = 0;
+  int n_head = 0;
+  int n_head_kv = 0;
+  int head_dim = 0;     // usually n_embd / n_head
+  int n_ctx_train = 2048;
+  float rms_eps = 1e-5f;
+  float rope_theta = 10000.f;
+  float rope_freq_scale = 1.f;         // linear RoPE scaling (positions multiplied by this)
+  RopeType rope_type = RopeType::NORM;
+  std::vector<float> rope_freq_factors;  // [head_dim/2] divisors of each frequency (llama3 scaling); empty = none
+  bool tied_embeddings = false;
+  bool qkv_bias = false;
+};
+
+// A 1-D or 2-D weight. ne[0] = columns (contiguous), ne[1] = rows.
+struct Tensor {
+  std::string name;
+  DType type = DType::F32;
+  int64_t ne[2] = {0, 1};
+  const void* data = nullptr;
+  size_t nbytes = 0;
+  bool present() const { return data != nullptr; }
+  int64_t cols() const { return ne[0]; }
+  int64_t rows() const { return ne[1]; }
+};
+
+struct LayerWeights {
+  Tensor attn_norm;                   // [n_embd] f32
+  Tensor wq, wk, wv, wo;              // wq [n_embd -> n_head*hd], wk/wv [n_embd -> n_head_kv*hd], wo [n_head*hd -> n_embd]
+  Tensor bq, bk, bv;                  // optional biases (qwen2), f32
+  Tensor ffn_norm;                    // [n_embd] f32
+  Tensor ffn_gate, ffn_up, ffn_down;  // gate/up [n_embd -> n_ff], down [n_ff -> n_embd]
+};
+
+struct Model {
+  ModelConfig cfg;
+  std::string format;       // gguf | llama2c | safetensors
+  std::string path;
+  Tensor tok_embd;          // [n_vocab rows x n_embd cols]
+  Tensor output_norm;       // [n_embd]
+  Tensor output;            // [n_vocab rows x n_embd cols]; aliases tok_embd when tied
+  std::vector<LayerWeights> layers;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::shared_ptr<GgufFile> gguf;                // set for GGUF models
+  std::vector<std::shared_ptr<void>> keepalive;  // mmaps and owned buffers backing the tensors
+  size_t weight_bytes() const;
+};
+
+// Checks every tensor against the config (shapes, types, sizes); a clear error otherwise.
+Status validate_model(const Model& m);
+
+// Opens a GGUF file, a llama2.c checkpoint (.bin; tokenizer.bin looked up beside it unless
+// tokenizer_path is given) or a Hugging Face folder (config.json + *.safetensors + tokenizer.json).
+Result<std::unique_ptr<Model>> load_model(const std::string& path, const std::string& tokenizer_path = "");
+
+// Format-specific loaders (used by load_model).
+Result<std::unique_ptr<Model>> load_model_gguf(const std::string& path);
+Result<std::unique_ptr<Model>> load_model_llama2c(const std::string& path, const std::string& tokenizer_path);
+Result<std::unique_ptr<Model>> load_model_hf(const std::string& dir);
+
+// llama3-style RoPE frequency factors from HF rope_scaling parameters.
+std::vector<float> llama3_rope_factors(int head_dim, float theta, float factor, float low_freq_factor,
+                                       float high_freq_factor, int original_max_pos);
+
+}  // namespace larder

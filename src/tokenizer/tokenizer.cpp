@@ -1,0 +1,296 @@
+// Shared tokenizer pieces: UTF-8 helpers, special-token partition, decode,
+// streaming decode, vocabulary validation and the loader dispatch.
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "model/gguf.h"
+#include "tokenizer/tokenizer.h"
+#include "tokenizer/tokenizer_internal.h"
+
+namespace larder {
+namespace tok {
+
+std::string utf8_encode(uint32_t cp) {
+  std::string r;
+  if (cp < 0x80) {
+    r += static_cast<char>(cp);
+  } else if (cp < 0x800) {
+    r += static_cast<char>(0xC0 | (cp >> 6));
+    r += static_cast<char>(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    r += static_cast<char>(0xE0 | (cp >> 12));
+    r += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    r += static_cast<char>(0x80 | (cp & 0x3F));
+  } else {
+    r += static_cast<char>(0xF0 | (cp >> 18));
+    r += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+    r += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    r += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+  return r;
+}
+
+uint32_t utf8_decode(std::string_view s, size_t& i) {
+  const auto c0 = static_cast<unsigned char>(s[i]);
+  size_t n = utf8_len(c0);
+  if (n == 1) {
+    ++i;
+    return c0 < 0x80 ? c0 : UINT32_MAX;
+  }
+  if (i + n > s.size()) {
+    ++i;
+    return UINT32_MAX;
+  }
+  uint32_t cp = c0 & (0x7F >> n);
+  for (size_t k = 1; k < n; ++k) {
+    const auto c = static_cast<unsigned char>(s[i + k]);
+    if ((c & 0xC0) != 0x80) {
+      ++i;
+      return UINT32_MAX;
+    }
+    cp = (cp << 6) | (c & 0x3F);
+  }
+  // Reject overlong forms, surrogates and out-of-range values.
+  static const uint32_t kMin[5] = {0, 0, 0x80, 0x800, 0x10000};
+  if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+    ++i;
+    return UINT32_MAX;
+  }
+  i += n;
+  return cp;
+}
+
+size_t utf8_incomplete_tail(std::string_view s) {
+  // A multi-byte sequence is at most 4 bytes: look at the last 3 bytes for a lead byte.
+  const size_t n = s.size();
+  for (size_t back = 1; back <= 3 && back <= n; ++back) {
+    const auto c = static_cast<unsigned char>(s[n - back]);
+    if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
+    const size_t need = utf8_len(c);
+    if (need > back && c >= 0xC2 && c <= 0xF4) return back;
+    return 0;
+  }
+  return 0;
+}
+
+std::string utf8_sanitize(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  size_t i = 0;
+  while (i < s.size()) {
+    const size_t start = i;
+    const uint32_t cp = utf8_decode(s, i);
+    if (cp == UINT32_MAX) {
+      out += "\xEF\xBF\xBD";
+    } else {
+      out.append(s.data() + start, i - start);
+    }
+  }
+  return out;
+}
+
+// ---- SpecialMatcher ----------------------------------------------------------
+
+int32_t SpecialMatcher::child(int32_t n, unsigned char c) const {
+  const auto& nx = nodes_[n].next;
+  auto it = std::lower_bound(nx.begin(), nx.end(), std::make_pair(c, int32_t(-1)));
+  return (it != nx.end() && it->first == c) ? it->second : -1;
+}
+
+void SpecialMatcher::build(const Vocab& v) {
+  nodes_.assign(1, Node{});
+  for (size_t id = 0; id < v.tokens.size(); ++id) {
+    const TokenType t = v.types[id];
+    if (t != TokenType::CONTROL && t != TokenType::USER_DEFINED && t != TokenType::UNKNOWN) continue;
+    const std::string& s = v.tokens[id];
+    if (s.empty()) continue;
+    int32_t n = 0;
+    for (unsigned char c : s) {
+      int32_t m = child(n, c);
+      if (m < 0) {
+        m = static_cast<int32_t>(nodes_.size());
+        nodes_.emplace_back();
+        auto& nx = nodes_[n].next;
+        nx.insert(std::lower_bound(nx.begin(), nx.end(), std::make_pair(c, int32_t(-1))), {c, m});
+      }
+      n = m;
+    }
+    // Duplicate texts: the first id wins, but "always" if any copy is user-defined.
+    if (nodes_[n].id < 0) nodes_[n].id = static_cast<int32_t>(id);
+    if (t == TokenType::USER_DEFINED) nodes_[n].always = true;
+  }
+}
+
+std::vector<Fragment> SpecialMatcher::split(std::string_view text, bool parse_special) const {
+  std::vector<Fragment> out;
+  size_t gap = 0, i = 0;
+  if (empty()) {
+    if (!text.empty()) out.push_back({0, text.size(), -1});
+    return out;
+  }
+  while (i < text.size()) {
+    int32_t n = 0, best_id = -1;
+    size_t best_len = 0;
+    for (size_t k = i; k < text.size(); ++k) {
+      n = child(n, static_cast<unsigned char>(text[k]));
+      if (n < 0) break;
+      const Node& nd = nodes_[n];
+      if (nd.id >= 0 && (parse_special || nd.always)) {
+        best_id = nd.id;
+        best_len = k + 1 - i;
+      }
+    }
+    if (best_id < 0) {
+      ++i;
+      continue;
+    }
+    if (i > gap) out.push_back({gap, i - gap, -1});
+    out.push_back({i, best_len, best_id});
+    i += best_len;
+    gap = i;
+  }
+  if (text.size() > gap) out.push_back({gap, text.size() - gap, -1});
+  return out;
+}
+
+// ---- byte-level map ------------------------------------------------------------
+
+ByteUnicode::ByteUnicode() {
+  // GPT-2: printable Latin-1 bytes map to themselves, the rest to U+0100 upwards.
+  std::fill(std::begin(cp_to_byte), std::end(cp_to_byte), int16_t(-1));
+  int n = 0;
+  for (int b = 0; b < 256; ++b) {
+    const bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+    const uint32_t cp = printable ? static_cast<uint32_t>(b) : static_cast<uint32_t>(256 + n++);
+    byte_to_utf8[b] = utf8_encode(cp);
+    cp_to_byte[cp] = static_cast<int16_t>(b);
+  }
+}
+
+const ByteUnicode& byte_unicode() {
+  static const ByteUnicode m;
+  return m;
+}
+
+std::string spm_piece_bytes(const std::string& text, TokenType t) {
+  if (t == TokenType::BYTE) {
+    unsigned v = 0;
+    if (text.size() == 6 && std::sscanf(text.c_str(), "<0x%02X>", &v) == 1) return std::string(1, static_cast<char>(v));
+    return text;
+  }
+  std::string r;
+  r.reserve(text.size());
+  for (size_t i = 0; i < text.size();) {
+    if (text.compare(i, 3, kSpaceMark) == 0) {
+      r += ' ';
+      i += 3;
+    } else {
+      r += text[i++];
+    }
+  }
+  return r;
+}
+
+Status normalize_vocab(Vocab& v) {
+  const size_t n = v.tokens.size();
+  if (n == 0) return make_error("tokenizer: empty vocabulary");
+  if (n > (size_t(1) << 30)) return make_error("tokenizer: vocabulary too large (%zu)", n);
+  if (v.types.empty()) v.types.assign(n, TokenType::NORMAL);
+  if (v.types.size() != n)
+    return make_error("tokenizer: %zu token types for %zu tokens", v.types.size(), n);
+  if (v.kind == TokenizerKind::SPM && v.scores.empty()) v.scores.assign(n, 0.0f);
+  if (!v.scores.empty() && v.scores.size() != n)
+    return make_error("tokenizer: %zu scores for %zu tokens", v.scores.size(), n);
+  for (auto& t : v.types) {
+    if (static_cast<int32_t>(t) < 0 || static_cast<int32_t>(t) > 6) t = TokenType::UNDEFINED;
+  }
+  for (int32_t* id : {&v.bos, &v.eos, &v.unk, &v.pad, &v.eot}) {
+    if (*id < -1 || *id >= static_cast<int64_t>(n))
+      return make_error("tokenizer: special token id %d out of range (n_vocab %zu)", *id, n);
+  }
+  return Status::Ok();
+}
+
+}  // namespace tok
+
+// ---- Tokenizer -----------------------------------------------------------------
+
+std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool render_special) const {
+  std::string out;
+  bool strip = vocab_.kind == TokenizerKind::SPM && vocab_.add_space_prefix;
+  for (int32_t id : ids) {
+    std::string b = token_bytes(id, render_special);
+    if (strip && id >= 0 && id < n_vocab()) {
+      const TokenType t = vocab_.types[id];
+      // The prefix space belongs to the first real piece (BOS and other controls are skipped).
+      if (t != TokenType::CONTROL && t != TokenType::UNKNOWN && !b.empty()) {
+        if (b[0] == ' ') b.erase(0, 1);
+        strip = false;
+      }
+    }
+    out += b;
+  }
+  return out;
+}
+
+std::string StreamDecoder::push(int32_t id) {
+  std::string b = tok_.token_bytes(id, false);
+  if (b.empty()) return {};
+  if (first_) {
+    first_ = false;
+    const Vocab& v = tok_.vocab();
+    if (strip_first_space_ && v.kind == TokenizerKind::SPM && v.add_space_prefix && b[0] == ' ') b.erase(0, 1);
+  }
+  pending_ += b;
+  const size_t tail = tok::utf8_incomplete_tail(pending_);
+  std::string out = tok::utf8_sanitize(std::string_view(pending_).substr(0, pending_.size() - tail));
+  pending_.erase(0, pending_.size() - tail);
+  return out;
+}
+
+std::string StreamDecoder::flush() {
+  std::string out = tok::utf8_sanitize(pending_);
+  pending_.clear();
+  return out;
+}
+
+Result<std::unique_ptr<Tokenizer>> make_tokenizer(Vocab vocab) {
+  if (vocab.kind == TokenizerKind::SPM) return tok::make_spm(std::move(vocab), tok::SpmOptions{});
+  return tok::make_bpe(std::move(vocab));
+}
+
+Result<std::unique_ptr<Tokenizer>> load_tokenizer_any(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
+    for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer.bin"}) {
+      const std::string p = (fs::path(path) / name).string();
+      if (fs::is_regular_file(p, ec)) return load_tokenizer_any(p);
+    }
+    return make_error("tokenizer: directory %s holds no tokenizer.json, tokenizer.model or tokenizer.bin",
+                      path.c_str());
+  }
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return make_error("tokenizer: cannot open %s", path.c_str());
+  char head[64] = {};
+  f.read(head, sizeof head);
+  const size_t got = static_cast<size_t>(f.gcount());
+  if (got >= 4 && std::memcmp(head, "GGUF", 4) == 0) {
+    auto g = GgufFile::open(path);
+    if (!g.ok()) return g.take_error();
+    return load_tokenizer_gguf(*g.value());
+  }
+  size_t k = 0;
+  while (k < got && (head[k] == ' ' || head[k] == '\n' || head[k] == '\r' || head[k] == '\t')) ++k;
+  const bool ends_json = path.size() >= 5 && path.compare(path.size() - 5, 5, ".json") == 0;
+  if (ends_json || (k < got && head[k] == '{')) return load_tokenizer_hf_json(path);
+  const bool ends_model = path.size() >= 6 && path.compare(path.size() - 6, 6, ".model") == 0;
+  // A ModelProto starts with field 1 (pieces, length-delimited): tag byte 0x0A.
+  if (ends_model || (got > 0 && head[0] == 0x0A)) return load_tokenizer_spm_model(path);
+  return load_tokenizer_llama2c(path, 0);
+}
+
+}  // namespace larder
