@@ -3,6 +3,8 @@
 // (built from the file and run on text taken from the input's tail).
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <string_view>
 
@@ -12,11 +14,14 @@
 using namespace larder;
 
 static volatile uint8_t g_sink;
+// LARDER_FUZZ_VERBOSE=1 explains what happened to each input (for reading reproducers).
+static const bool g_verbose = std::getenv("LARDER_FUZZ_VERBOSE") != nullptr;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto r = GgufFile::parse(data, size);
   if (!r.ok()) {
     if (r.error().empty()) __builtin_trap();  // every failure must explain itself
+    if (g_verbose) std::fprintf(stderr, "parse: %s\n", r.error().c_str());
     return 0;
   }
   const GgufFile& g = *r.value();
@@ -37,6 +42,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   if (g.find("tokenizer.ggml.tokens")) {
     auto tok = load_tokenizer_gguf(g);
+    if (g_verbose) std::fprintf(stderr, "tokenizer: %s\n", tok.ok() ? "ok" : tok.error().c_str());
     if (tok.ok()) {
       const Tokenizer& tk = *tok.value();
       size_t n = size < 96 ? size : 96;

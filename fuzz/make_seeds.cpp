@@ -107,7 +107,7 @@ bool gguf_seeds(const std::string& dir) {
     std::vector<int32_t> types(toks.size(), 1);
     types.back() = 3;
     w.set_arr_i32("tokenizer.ggml.token_type", types);
-    w.set_arr_str("tokenizer.ggml.merges", {"a b", "\xc4\xa0 a", "\xc4\xa0a b"});
+    w.set_arr_str("tokenizer.ggml.merges", {"a b", "\xc4\xa0 a", "\xc4\xa0" "a b"});
     w.set_u32("tokenizer.ggml.bos_token_id", 9);
     w.set_u32("tokenizer.ggml.eos_token_id", 9);
     ok &= write(w, dir + "/bpe-" + std::string(pre) + ".gguf");
@@ -152,7 +152,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string out = argv[1];
-  for (const std::string d : {out, out + "/gguf", out + "/safetensors"}) ::mkdir(d.c_str(), 0755);
+  for (const std::string& d : {out, out + "/gguf", out + "/safetensors"}) ::mkdir(d.c_str(), 0755);
   bool ok = gguf_seeds(out + "/gguf") && safetensors_seeds(out + "/safetensors");
   return ok ? 0 : 1;
 }

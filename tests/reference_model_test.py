@@ -12,7 +12,10 @@ Cases
   stories260K  (shared data) the real trained model, GGUF f32 and llama2.c .bin, through the engine.
   random       models written by `larder synth --shape custom`: llama GQA untied, llama tied +
                llama3 rope_freqs, qwen2 (QKV bias, NeoX rope) GQA; each in f32, f16, bf16, q8_0,
-               q4_0. The reference runs on the file's DEQUANTIZED weights (read by our own reader).
+               q4_0; plus the real stories15M shape (`synth --shape stories15M`, 32000 vocab) in
+               f32 and q8_0. The reference runs on the file's DEQUANTIZED weights (read by our own
+               reader); each synthesized file is checked to contain what the case claims (arch,
+               GQA, tied, QKV bias, rope_freqs, tensor types).
 
 Checks per engine case
   logits   `larder logits` for every position, all at once and with --chunk 7 (and --chunk 1 for
@@ -69,6 +72,10 @@ RANDOM_SHAPES = [
                        n_vocab=512, n_ctx=256, tied=0, llama3_rope=False), 13),
 ]
 DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+# Real shapes (`synth --shape NAME`) small enough for a float64 reference: big vocabulary (32000),
+# head_dim 48. Fewer positions to stay fast.
+REAL_SHAPES = [("stories15M", ["f32", "q8_0"], 21)]
+N_LOGIT_POS_REAL = 128
 
 
 class Failures:
@@ -105,6 +112,9 @@ class Engine:
         return r.stdout
 
     def synth(self, path, dtype, seed, shape):
+        if isinstance(shape, str):
+            self._run(["synth", "--shape", shape, "--dtype", dtype, "-o", path, "--seed", seed])
+            return
         args = ["synth", "--shape", "custom", "--dtype", dtype, "-o", path, "--seed", seed,
                 "--arch", shape["arch"], "--n-embd", shape["n_embd"], "--n-ff", shape["n_ff"],
                 "--n-layer", shape["n_layer"], "--n-head", shape["n_head"],
@@ -127,13 +137,17 @@ class Engine:
     def greedy(self, model, ids, n):
         out = self._run(["logits", "-m", model, "--ids", ",".join(map(str, ids)), "--greedy", n,
                          "-t", self.threads])
-        for line in reversed(out.strip().splitlines()):
-            line = line.strip()
-            if line.startswith("["):
-                toks = json.loads(line)
-                if len(toks) != n:
-                    raise RuntimeError("--greedy %d printed %d tokens" % (n, len(toks)))
-                return [int(t) for t in toks]
+        cands = [out.strip()] + [l.strip() for l in reversed(out.strip().splitlines())]
+        for text in cands:
+            if not text.startswith("["):
+                continue
+            try:
+                toks = json.loads(text)
+            except ValueError:
+                continue
+            if len(toks) != n:
+                raise RuntimeError("--greedy %d printed %d tokens" % (n, len(toks)))
+            return [int(t) for t in toks]
         raise RuntimeError("--greedy printed no JSON array; stdout: %r" % out[-500:])
 
 
@@ -421,27 +435,29 @@ def main():
 
         log("== random-weight models (larder synth --shape custom); greedy: margin-based teacher forcing")
         dtypes = ["f32", "q4_0"] if args.quick else DTYPES
-        for shape_name, shape, seed in RANDOM_SHAPES:
-            for dtype in dtypes:
-                name = "%s-%s" % (shape_name, dtype)
-                path = os.path.join(tmp, name + ".gguf")
-                try:
-                    engine.synth(path, dtype, seed, shape)
-                except RuntimeError as e:
-                    FAIL.add(name + " synth", str(e))
-                    continue
-                try:
-                    cfg, w = load_gguf_model(path)
-                except Exception as e:  # noqa: BLE001
-                    FAIL.add(name + " reference load", repr(e))
-                    continue
-                if not check_synth_file(name, cfg, w, shape, dtype):
-                    continue
-                model = LlamaRef(cfg, w)
-                g = torch.Generator().manual_seed(seed)
-                ids = [1] + [int(x) for x in torch.randint(0, cfg["n_vocab"], (N_LOGIT_POS - 1,), generator=g)]
-                run_engine_case(name, engine, path, model, ids, TOL[dtype], tmp,
-                                chunks=(None, 7, 1) if dtype == "f32" else (None, 7))
+        cases = [(n, s, seed, d, N_LOGIT_POS) for n, s, seed in RANDOM_SHAPES for d in dtypes]
+        if not args.quick:
+            cases += [(n, n, seed, d, N_LOGIT_POS_REAL) for n, ds, seed in REAL_SHAPES for d in ds]
+        for shape_name, shape, seed, dtype, n_pos in cases:
+            name = "%s-%s" % (shape_name, dtype)
+            path = os.path.join(tmp, name + ".gguf")
+            try:
+                engine.synth(path, dtype, seed, shape)
+            except RuntimeError as e:
+                FAIL.add(name + " synth", str(e))
+                continue
+            try:
+                cfg, w = load_gguf_model(path)
+            except Exception as e:  # noqa: BLE001
+                FAIL.add(name + " reference load", repr(e))
+                continue
+            if not check_synth_file(name, cfg, w, shape, dtype):
+                continue
+            model = LlamaRef(cfg, w)
+            g = torch.Generator().manual_seed(seed)
+            ids = [1] + [int(x) for x in torch.randint(0, cfg["n_vocab"], (n_pos - 1,), generator=g)]
+            run_engine_case(name, engine, path, model, ids, TOL[dtype], tmp,
+                            chunks=(None, 7, 1) if dtype == "f32" else (None, 7))
     finally:
         if args.keep:
             log("kept %s" % tmp)
@@ -453,6 +469,10 @@ def main():
 def check_synth_file(name, cfg, w, shape, dtype):
     """The synthesized file must be what the case claims to test."""
     problems = []
+    if isinstance(shape, str):  # named real shape: only the dtype is checked
+        shape = dict(arch=cfg["arch"], n_embd=cfg["n_embd"], n_ff=cfg["n_ff"], n_layer=cfg["n_layer"],
+                     n_head=cfg["n_head"], n_head_kv=cfg["n_head_kv"], n_vocab=cfg["n_vocab"],
+                     tied=int(cfg["tied"]), llama3_rope="rope_freqs.weight" in w)
     for k, want in (("arch", shape["arch"]), ("n_embd", shape["n_embd"]), ("n_ff", shape["n_ff"]),
                     ("n_layer", shape["n_layer"]), ("n_head", shape["n_head"]),
                     ("n_head_kv", shape["n_head_kv"]), ("n_vocab", shape["n_vocab"]),

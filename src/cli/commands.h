@@ -7,6 +7,7 @@ int cmd_info(Args& a);
 int cmd_tokenize(Args& a);
 int cmd_synth(Args& a);
 int cmd_logits(Args& a);
+int cmd_bench(Args& a);
 // Prints "larder: error: <msg>" on one line and returns 1.
 int fail(const std::string& msg);
 }  // namespace larder::cli

@@ -43,6 +43,7 @@ int main(int argc, char** argv) {
       {"info", "show a model file's metadata, tensors and sizes", cmd_info},
       {"tokenize", "show the token ids of a text", cmd_tokenize},
       {"synth", "write a random-weight GGUF in a real model's shape", cmd_synth},
+      {"bench", "measure prompt and generation tokens/s (llama-bench style)", cmd_bench},
       {"logits", "dump logits / greedy ids for token ids (for reference tests)", cmd_logits},
   };
   std::vector<std::pair<CLI::App*, const Cmd*>> subs;

@@ -45,6 +45,12 @@ std::vector<OptSpec> option_table(Args& a) {
       {"synth", "--n-ctx", "", "custom: training context", &a.n_ctx_train},
       {"synth", "--tied", "", "custom: 1 = output shares the embedding", &a.tied},
       {"synth", "--llama3-rope", "", "custom: add llama3 RoPE scaling (rope_freqs.weight)", &a.llama3_rope},
+      {"bench", "-m,--model", "LARDER_MODEL", "comma-separated model files", &a.bench_models},
+      {"bench", "-p,--n-prompt", "", "comma-separated prompt lengths (0 = skip)", &a.bench_prompt},
+      {"bench", "-n,--n-gen", "", "comma-separated generation lengths (0 = skip)", &a.bench_gen},
+      {"bench", "-t,--threads", "", "comma-separated thread counts", &a.bench_threads},
+      {"bench", "-r,--repetitions", "", "repetitions per test", &a.reps},
+      {"bench", "-o,--output", "", "md | json", &a.out_format},
       {"synth", "--vocab-from", "", "copy the tokenizer from this GGUF (vocab size must match)", &a.vocab_from},
   };
 }

@@ -47,6 +47,13 @@ struct Args {
   int tied = 0;
   bool llama3_rope = false;
   std::string vocab_from;
+  // bench
+  std::string bench_models;
+  std::string bench_prompt = "512";
+  std::string bench_gen = "128";
+  std::string bench_threads = "2";
+  int reps = 5;
+  std::string out_format = "md";
   // positional
   std::string positional;
 };

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <unistd.h>
 
 namespace larder {
 
@@ -16,8 +17,10 @@ Result<std::unique_ptr<Context>> Context::create(const Model& model, const Conte
   const ModelConfig& c = model.cfg;
   // Refuse KV caches that cannot fit rather than dying inside the allocator.
   double kv_bytes = 2.0 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * sizeof(float);
-  if (kv_bytes > 64.0 * (1ull << 30))
-    return make_error("KV cache for context %d would need %.1f GiB; use a smaller -c", n_ctx, kv_bytes / (1ull << 30));
+  const double phys = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+  if (kv_bytes > 0.75 * phys)
+    return make_error("KV cache for context %d would need %.1f GiB of %.1f GiB memory; use a smaller -c", n_ctx,
+                      kv_bytes / (1ull << 30), phys / (1ull << 30));
   try {
     return std::unique_ptr<Context>(new Context(model, n_ctx, n_threads, n_batch));
   } catch (const std::bad_alloc&) {

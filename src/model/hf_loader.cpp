@@ -170,6 +170,16 @@ void parse_config(const json& c, ModelConfig& cfg) {
   cfg.rope_theta = static_cast<float>(get_num(c, "rope_theta", 10000.0));
   if (!(cfg.rms_eps > 0) || !(cfg.rope_theta > 0)) fail("config.json: rms_norm_eps and rope_theta must be positive");
   cfg.tied_embeddings = get_bool(c, "tie_word_embeddings", false);
+  // Variants the engine does not implement must fail loudly rather than compute nonsense.
+  if (std::string act = get_str(c, "hidden_act"); !act.empty() && act != "silu" && act != "swish")
+    fail("config.json: unsupported hidden_act '%s' (only silu)", act.c_str());
+  if (get_bool(c, "mlp_bias", false)) fail("config.json: MLP biases (mlp_bias) are not supported");
+  // Sliding-window attention equals full attention while the context fits in the window.
+  const bool swa = cfg.arch == "qwen2" ? get_bool(c, "use_sliding_window", false) : has(c, "sliding_window");
+  if (swa && has(c, "sliding_window")) {
+    int64_t win = get_int(c, "sliding_window", 1, int64_t{1} << 30);
+    if (win < cfg.n_ctx_train) cfg.n_ctx_train = static_cast<int>(win);
+  }
   cfg.qkv_bias = cfg.arch == "qwen2" || get_bool(c, "attention_bias", false);
   // HF checkpoints keep Q/K in rotate_half order, i.e. NeoX-style RoPE, so no permutation.
   cfg.rope_type = RopeType::NEOX;

@@ -117,7 +117,7 @@ Result<std::unique_ptr<Model>> load_model_llama2c(const std::string& path, const
   c.tied_embeddings = shared;
 
   const float* f = reinterpret_cast<const float*>(base + sizeof(Header));
-  auto view = [&](const char* name, uint64_t elem_off, uint64_t cols, uint64_t rows) {
+  auto view = [&](const std::string& name, uint64_t elem_off, uint64_t cols, uint64_t rows) {
     Tensor t;
     t.name = name;
     t.type = DType::F32;
@@ -133,15 +133,16 @@ Result<std::unique_ptr<Model>> load_model_llama2c(const std::string& path, const
   m->layers.resize(L);
   for (uint64_t i = 0; i < L; ++i) {
     LayerWeights& l = m->layers[i];
-    l.attn_norm = view("rms_att", o_rms_att + i * dim, dim, 1);
-    l.wq = view("wq", o_wq + i * dim * dim, dim, dim);
-    l.wk = view("wk", o_wk + i * kv_dim * dim, dim, kv_dim);
-    l.wv = view("wv", o_wv + i * kv_dim * dim, dim, kv_dim);
-    l.wo = view("wo", o_wo + i * dim * dim, dim, dim);
-    l.ffn_norm = view("rms_ffn", o_rms_ffn + i * dim, dim, 1);
-    l.ffn_gate = view("w1", o_w1 + i * hid * dim, dim, hid);
-    l.ffn_down = view("w2", o_w2 + i * dim * hid, hid, dim);
-    l.ffn_up = view("w3", o_w3 + i * hid * dim, dim, hid);
+    const std::string p = "layers." + std::to_string(i) + ".";
+    l.attn_norm = view(p + "rms_att", o_rms_att + i * dim, dim, 1);
+    l.wq = view(p + "wq", o_wq + i * dim * dim, dim, dim);
+    l.wk = view(p + "wk", o_wk + i * kv_dim * dim, dim, kv_dim);
+    l.wv = view(p + "wv", o_wv + i * kv_dim * dim, dim, kv_dim);
+    l.wo = view(p + "wo", o_wo + i * dim * dim, dim, dim);
+    l.ffn_norm = view(p + "rms_ffn", o_rms_ffn + i * dim, dim, 1);
+    l.ffn_gate = view(p + "w1", o_w1 + i * hid * dim, dim, hid);
+    l.ffn_down = view(p + "w2", o_w2 + i * dim * hid, hid, dim);
+    l.ffn_up = view(p + "w3", o_w3 + i * hid * dim, dim, hid);
   }
 
   // Tokenizer: explicit path, else tokenizer.bin or tok<vocab>.bin beside the checkpoint.

@@ -63,6 +63,35 @@ uint32_t utf8_decode(std::string_view s, size_t& i) {
   return cp;
 }
 
+// Length of the longest prefix of s[i..] that could start a valid sequence (at least 1):
+// a malformed sequence is replaced by one U+FFFD per such "maximal subpart" (Unicode 3.9).
+static size_t maximal_subpart(std::string_view s, size_t i) {
+  const auto c0 = static_cast<unsigned char>(s[i]);
+  size_t need;
+  unsigned lo = 0x80, hi = 0xBF;
+  if (c0 >= 0xC2 && c0 <= 0xDF) {
+    need = 2;
+  } else if (c0 >= 0xE0 && c0 <= 0xEF) {
+    need = 3;
+    if (c0 == 0xE0) lo = 0xA0;
+    if (c0 == 0xED) hi = 0x9F;
+  } else if (c0 >= 0xF0 && c0 <= 0xF4) {
+    need = 4;
+    if (c0 == 0xF0) lo = 0x90;
+    if (c0 == 0xF4) hi = 0x8F;
+  } else {
+    return 1;
+  }
+  size_t k = 1;
+  for (; k < need && i + k < s.size(); ++k) {
+    const auto c = static_cast<unsigned char>(s[i + k]);
+    if (c < lo || c > hi) break;
+    lo = 0x80;
+    hi = 0xBF;
+  }
+  return k;
+}
+
 size_t utf8_incomplete_tail(std::string_view s) {
   // A multi-byte sequence is at most 4 bytes: look at the last 3 bytes for a lead byte.
   const size_t n = s.size();
@@ -70,8 +99,7 @@ size_t utf8_incomplete_tail(std::string_view s) {
     const auto c = static_cast<unsigned char>(s[n - back]);
     if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
     const size_t need = utf8_len(c);
-    if (need > back && c >= 0xC2 && c <= 0xF4) return back;
-    return 0;
+    return need > back && maximal_subpart(s, n - back) == back ? back : 0;
   }
   return 0;
 }
@@ -85,6 +113,7 @@ std::string utf8_sanitize(std::string_view s) {
     const uint32_t cp = utf8_decode(s, i);
     if (cp == UINT32_MAX) {
       out += "\xEF\xBF\xBD";
+      i = start + maximal_subpart(s, start);
     } else {
       out.append(s.data() + start, i - start);
     }
@@ -288,9 +317,14 @@ Result<std::unique_ptr<Tokenizer>> load_tokenizer_any(const std::string& path) {
   const bool ends_json = path.size() >= 5 && path.compare(path.size() - 5, 5, ".json") == 0;
   if (ends_json || (k < got && head[k] == '{')) return load_tokenizer_hf_json(path);
   const bool ends_model = path.size() >= 6 && path.compare(path.size() - 6, 6, ".model") == 0;
+  if (ends_model) return load_tokenizer_spm_model(path);
+  auto r = load_tokenizer_llama2c(path, 0);
   // A ModelProto starts with field 1 (pieces, length-delimited): tag byte 0x0A.
-  if (ends_model || (got > 0 && head[0] == 0x0A)) return load_tokenizer_spm_model(path);
-  return load_tokenizer_llama2c(path, 0);
+  if (!r.ok() && got > 0 && head[0] == 0x0A) {
+    auto m = load_tokenizer_spm_model(path);
+    if (m.ok()) return m;
+  }
+  return r;
 }
 
 }  // namespace larder

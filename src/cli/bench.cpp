@@ -1,0 +1,129 @@
+// `larder bench`: llama-bench-style throughput measurement. JSON output uses
+// llama-bench's field names where they overlap so one script can read both.
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+
+#include "cli/commands.h"
+#include "engine/context.h"
+#include "kernels/kernels.h"
+#include "model/model.h"
+
+namespace larder::cli {
+
+namespace {
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string x;
+  while (std::getline(ss, x, ','))
+    if (!x.empty()) out.push_back(x);
+  return out;
+}
+Result<std::vector<int>> split_ints(const std::string& s, const char* what) {
+  std::vector<int> v;
+  for (auto& x : split(s)) {
+    char* end = nullptr;
+    long n = std::strtol(x.c_str(), &end, 10);
+    if (*end || n < 0 || n > 1000000) return make_error("invalid %s '%s'", what, x.c_str());
+    v.push_back(static_cast<int>(n));
+  }
+  if (v.empty()) return make_error("no %s given", what);
+  return v;
+}
+long peak_rss_bytes() {
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_maxrss * 1024L;
+}
+}  // namespace
+
+int cmd_bench(Args& a) {
+  auto models = split(a.bench_models);
+  if (models.empty()) return fail("bench needs -m MODEL[,MODEL]");
+  auto pp = split_ints(a.bench_prompt, "prompt length");
+  auto tg = split_ints(a.bench_gen, "generation length");
+  auto th = split_ints(a.bench_threads, "thread count");
+  if (!pp.ok()) return fail(pp.error());
+  if (!tg.ok()) return fail(tg.error());
+  if (!th.ok()) return fail(th.error());
+  if (a.reps <= 0) return fail("repetitions must be positive");
+  if (a.out_format != "md" && a.out_format != "json") return fail("output must be md or json");
+  nlohmann::json results = nlohmann::json::array();
+  if (a.out_format == "md") {
+    std::printf("| model | size | params | threads | test | t/s | peak RSS |\n");
+    std::printf("| --- | ---: | ---: | ---: | --- | ---: | ---: |\n");
+  }
+  for (const auto& path : models) {
+    auto mr = load_model(path);
+    if (!mr.ok()) return fail(mr.error());
+    const Model& m = **mr;
+    size_t n_params = 0;
+    for (const Tensor* t : {&m.tok_embd, &m.output_norm}) n_params += t->cols() * t->rows();
+    if (!m.cfg.tied_embeddings) n_params += m.output.cols() * m.output.rows();
+    for (const auto& l : m.layers)
+      for (const Tensor* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.ffn_norm, &l.ffn_gate, &l.ffn_up, &l.ffn_down})
+        if (t->present()) n_params += t->cols() * t->rows();
+    for (int nt : *th) {
+      struct Test { int n_prompt, n_gen; };
+      std::vector<Test> tests;
+      for (int p : *pp) if (p > 0) tests.push_back({p, 0});
+      for (int g : *tg) if (g > 0) tests.push_back({0, g});
+      for (const Test& t : tests) {
+        ContextParams cp;
+        cp.n_threads = nt;
+        cp.n_ctx = t.n_prompt + t.n_gen + 1;
+        cp.n_batch = std::max(1, t.n_prompt);
+        auto cr = Context::create(m, cp);
+        if (!cr.ok()) return fail(cr.error());
+        Context& ctx = **cr;
+        std::mt19937 rng(1);
+        std::vector<int32_t> toks(std::max(t.n_prompt, 1));
+        for (auto& x : toks) x = static_cast<int32_t>(rng() % m.cfg.n_vocab);
+        std::vector<double> ts;
+        for (int r = -1; r < a.reps; ++r) {  // r = -1 is a warm-up run
+          ctx.reset();
+          auto t0 = std::chrono::steady_clock::now();
+          if (t.n_prompt > 0) {
+            Status st = ctx.decode(toks);
+            if (!st.ok()) return fail(st.error());
+          } else {
+            int32_t tok = m.tokenizer->bos() >= 0 ? m.tokenizer->bos() : 0;
+            for (int i = 0; i < t.n_gen; ++i) {
+              Status st = ctx.decode(std::span<const int32_t>(&tok, 1));
+              if (!st.ok()) return fail(st.error());
+              tok = static_cast<int32_t>(rng() % m.cfg.n_vocab);
+            }
+          }
+          double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          if (r >= 0) ts.push_back((t.n_prompt + t.n_gen) / s);
+        }
+        double mean = 0, var = 0;
+        for (double x : ts) mean += x;
+        mean /= ts.size();
+        for (double x : ts) var += (x - mean) * (x - mean);
+        double sd = ts.size() > 1 ? std::sqrt(var / (ts.size() - 1)) : 0;
+        std::string test = t.n_prompt ? "pp" + std::to_string(t.n_prompt) : "tg" + std::to_string(t.n_gen);
+        long rss = peak_rss_bytes();
+        if (a.out_format == "md") {
+          std::printf("| %s | %.2f MiB | %.2f M | %d | %s | %.2f ± %.2f | %.1f MiB |\n", path.c_str(),
+                      m.weight_bytes() / 1048576.0, n_params / 1e6, nt, test.c_str(), mean, sd, rss / 1048576.0);
+          std::fflush(stdout);
+        }
+        results.push_back({{"model_filename", path}, {"model_type", m.cfg.arch}, {"model_size", m.weight_bytes()},
+                           {"model_n_params", n_params}, {"n_threads", nt}, {"n_prompt", t.n_prompt},
+                           {"n_gen", t.n_gen}, {"avg_ts", mean}, {"stddev_ts", sd}, {"samples_ts", ts},
+                           {"cpu_info", kernels::isa_name(kernels::active_isa())}, {"peak_rss_bytes", rss}});
+      }
+    }
+  }
+  if (a.out_format == "json") std::printf("%s\n", results.dump(2).c_str());
+  return 0;
+}
+
+}  // namespace larder::cli
