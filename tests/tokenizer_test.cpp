@@ -245,6 +245,8 @@ TEST(Tokenizer, Llama2FormatsAgree) {
   EXPECT_EQ(ids_str((*a)->encode("", false)), "");
   EXPECT_EQ(ids_str((*a)->encode("   ", false)), ids_str({268}));
   EXPECT_EQ(ids_str((*a)->encode("<s>hi</s>", false)), ids_str({529, 29879, 29958, 2918, 829, 29879, 29958}));
+  // The one lossy case of SPM normalisation: U+2581 in the input is the space marker.
+  EXPECT_EQ((*a)->decode((*a)->encode("a\xE2\x96\x81" "b", true)), "a b");
   EXPECT_EQ((*a)->decode({1, 15043, 3186, 2}), "Hello world");
   EXPECT_EQ((*a)->decode({1, 15043, 3186, 2}, true), "<s>Hello world</s>");
 }
@@ -497,10 +499,29 @@ TEST(Tokenizer, TruncatedTokenizerBin) {
     if (!t.ok()) {
       EXPECT_FALSE(t.error().empty());
     }
-    // Read-to-EOF mode must also reject a torn record (cut inside a token).
-    if (cut > 4 && cut < data.size()) {
-      auto t2 = load_tokenizer_llama2c(p, 0);
-      (void)t2;  // may succeed when the cut falls between records; must not crash
+  }
+  // Read-to-EOF mode: a cut between records gives fewer tokens, a cut inside one an error.
+  std::map<size_t, int> boundary;  // offset -> tokens before it
+  for (size_t off = 4, k = 0; off + 8 <= data.size(); ++k) {
+    int32_t len;
+    std::memcpy(&len, data.data() + off + 4, 4);
+    off += 8 + static_cast<size_t>(len);
+    boundary[off] = static_cast<int>(k + 1);
+  }
+  ASSERT_EQ(boundary.rbegin()->first, data.size());
+  std::vector<size_t> cuts;
+  for (size_t cut = 5; cut < data.size(); cut += 37) cuts.push_back(cut);
+  for (const auto& [off, k] : boundary)
+    if (k % 50 == 3 && off < data.size()) cuts.push_back(off);
+  for (size_t cut : cuts) {
+    write_all(p, data.substr(0, cut));
+    auto t = load_tokenizer_llama2c(p, 0);
+    auto it = boundary.find(cut);
+    if (it != boundary.end() && it->second >= 3) {
+      ASSERT_TRUE(t.ok()) << "cut at record boundary " << cut << ": " << t.error();
+      EXPECT_EQ((*t)->n_vocab(), it->second);
+    } else {
+      EXPECT_FALSE(t.ok()) << "cut inside a record at " << cut;
     }
   }
   // Huge length field.
@@ -731,6 +752,7 @@ TEST(Tokenizer, HfJsonErrors) {
                           "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": -4}}, \"decoder\": {\"type\": \"ByteLevel\"}}",
                           "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 99999999999}}, \"decoder\": {\"type\": \"ByteLevel\"}}",
                           "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [7]}, \"decoder\": {\"type\": \"ByteLevel\"}}",
+                          "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 900000}}, \"decoder\": {\"type\": \"ByteLevel\"}}",
                           "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}}}"}) {
     write_all(p, bad);
     auto t = load_tokenizer_hf_json(p);

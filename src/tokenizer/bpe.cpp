@@ -1,6 +1,6 @@
 // Byte-level BPE (GPT-2 family): pre-tokenize with regexes, map bytes to the
 // GPT-2 unicode alphabet, then apply merges lowest rank first (leftmost on ties).
-#include <queue>
+#include <algorithm>
 #include <unordered_map>
 
 #include "tokenizer/tokenizer.h"

@@ -1,5 +1,6 @@
 // Tokenizer from GGUF metadata (tokenizer.ggml.*), with llama.cpp's defaults.
 #include <cmath>
+#include <cstdio>
 
 #include "model/gguf.h"
 #include "tokenizer/tokenizer.h"

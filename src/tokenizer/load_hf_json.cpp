@@ -1,9 +1,10 @@
 // Hugging Face tokenizer.json (model.type BPE): byte-level BPE when a ByteLevel
 // pre-tokenizer/decoder is present, SentencePiece-style BPE (scores from merge ranks)
 // when the model uses byte fallback or a U+2581 Metaspace/Prepend normalizer.
+#include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <algorithm>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -170,6 +171,10 @@ Result<std::unique_ptr<Tokenizer>> load_impl(const std::string& path) {
     }
   }
   if (max_id < 0) return make_error("tokenizer.json %s: empty vocabulary", path.c_str());
+  // Real vocabularies are dense; a few holes are tolerated, a huge sparse id is not.
+  if (static_cast<size_t>(max_id) >= 2 * (entries.size() + added.size()) + 65536)
+    return make_error("tokenizer.json %s: token id %lld is far beyond the %zu tokens listed", path.c_str(),
+                      static_cast<long long>(max_id), entries.size() + added.size());
   const size_t n = static_cast<size_t>(max_id) + 1;
   v.tokens.assign(n, std::string());
   v.types.assign(n, TokenType::UNUSED);

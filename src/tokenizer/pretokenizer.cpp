@@ -102,7 +102,9 @@ void Pretokenizer::split(std::string_view text, std::vector<std::pair<size_t, si
       const PCRE2_SPTR p = subject + off;
       size_t start = 0, gap = 0;
       while (start < len) {
-        const int rc = pcre2_match(code, p, len, start, 0, md, nullptr);
+        int rc = pcre2_match(code, p, len, start, 0, md, nullptr);
+        // JIT stack exhaustion on a huge piece: retry with the (heap-based) interpreter.
+        if (rc < 0 && rc != PCRE2_ERROR_NOMATCH) rc = pcre2_match(code, p, len, start, PCRE2_NO_JIT, md, nullptr);
         if (rc < 0) break;
         const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
         const size_t ms = ov[0], me = ov[1];

@@ -1,5 +1,6 @@
 // SentencePiece-style BPE: merge the adjacent pair with the highest piece score,
 // leftmost first, until no pair forms a piece (SentencePiece bpe_model.cc semantics).
+#include <algorithm>
 #include <cstdio>
 #include <queue>
 #include <unordered_map>
