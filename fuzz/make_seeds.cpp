@@ -1,5 +1,6 @@
 // Writes small valid seed inputs for the fuzz targets: make_seeds OUT_DIR creates
-// OUT_DIR/gguf/*.gguf (via the project's GgufWriter) and OUT_DIR/safetensors/*.safetensors.
+// OUT_DIR/gguf/*.gguf (via the project's GgufWriter), OUT_DIR/safetensors/*.safetensors and
+// OUT_DIR/tokenizer_files/* (tokenizer.json, tokenizer.bin and tokenizer.model images).
 #include <sys/stat.h>
 
 #include <cstdint>
@@ -144,6 +145,90 @@ bool safetensors_seeds(const std::string& dir) {
   return ok;
 }
 
+bool write_seed(const std::string& path, uint8_t kind, uint16_t n_vocab, const std::string& body) {
+  std::string b;
+  b += static_cast<char>(kind);
+  b += static_cast<char>(n_vocab & 0xff);
+  b += static_cast<char>(n_vocab >> 8);
+  b += body;
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) return false;
+  bool ok = std::fwrite(b.data(), 1, b.size(), f) == b.size();
+  return (std::fclose(f) == 0) && ok;
+}
+
+void put_u32(std::string& s, uint32_t v) { s.append(reinterpret_cast<const char*>(&v), 4); }
+void put_varint(std::string& s, uint64_t v) {
+  while (v >= 0x80) {
+    s += static_cast<char>((v & 0x7f) | 0x80);
+    v >>= 7;
+  }
+  s += static_cast<char>(v);
+}
+void put_bytes_field(std::string& s, int field, const std::string& b) {
+  put_varint(s, (field << 3) | 2);
+  put_varint(s, b.size());
+  s += b;
+}
+
+// Seeds for fuzz_tokenizer_files: byte 0 = loader (0 json, 1 tokenizer.bin, 2 tokenizer.model),
+// bytes 1-2 = vocabulary size for tokenizer.bin, then the file.
+bool tokenizer_seeds(const std::string& dir) {
+  const std::string sp = "\xe2\x96\x81";
+  bool ok = true;
+  ok &= write_seed(dir + "/spm.json", 0, 0,
+                   R"({"added_tokens":[{"id":0,"content":"<unk>","special":true},{"id":1,"content":"<s>","special":true},)"
+                   R"({"id":2,"content":"</s>","special":true}],)"
+                   R"("normalizer":{"type":"Sequence","normalizers":[{"type":"Prepend","prepend":")" + sp +
+                       R"("},{"type":"Replace","pattern":{"String":" "},"content":")" + sp + R"("}]},)"
+                   R"("pre_tokenizer":null,"decoder":{"type":"Sequence","decoders":[{"type":"ByteFallback"}]},)"
+                   R"("model":{"type":"BPE","unk_token":"<unk>","byte_fallback":true,"vocab":{"<unk>":0,"<s>":1,"</s>":2,)"
+                   R"("<0x41>":3,")" + sp + R"(":4,"a":5,"b":6,")" + sp + R"(a":7,"ab":8},"merges":[")" + sp +
+                       R"( a","a b"]}})");
+  ok &= write_seed(dir + "/bpe.json", 0, 0,
+                   R"({"added_tokens":[{"id":6,"content":"<|endoftext|>","special":true}],"normalizer":null,)"
+                   R"("pre_tokenizer":{"type":"Sequence","pretokenizers":[{"type":"Split","pattern":{"Regex":"\\p{L}+| ?\\p{N}"},)"
+                   R"("behavior":"Isolated"},{"type":"ByteLevel","add_prefix_space":false,"use_regex":false}]},)"
+                   R"("decoder":{"type":"ByteLevel"},"model":{"type":"BPE","vocab":{"a":0,"b":1,"\u0120":2,"ab":3,)"
+                   R"("\u0120a":4,"!":5,"<|endoftext|>":6},"merges":[["a","b"],["\u0120","a"]]}})");
+  std::string l2c;
+  put_u32(l2c, 8);
+  const char* pieces[] = {"<unk>", "\n<s>\n", "\n</s>\n", "<0x41>", " ", "a", "b", " a", "ab"};
+  float score = 0;
+  for (const char* p : pieces) {
+    l2c.append(reinterpret_cast<const char*>(&score), 4);
+    put_u32(l2c, static_cast<uint32_t>(std::strlen(p)));
+    l2c += p;
+    score -= 1;
+  }
+  ok &= write_seed(dir + "/llama2c.bin", 1, 9, l2c);
+  ok &= write_seed(dir + "/llama2c-eof.bin", 1, 0, l2c);
+  std::string model;
+  const std::pair<const char*, int> mp[] = {{"<unk>", 2}, {"<s>", 3}, {"</s>", 3}, {"<0x41>", 6},
+                                            {"\xe2\x96\x81", 1}, {"a", 1}, {"\xe2\x96\x81" "a", 1}, {"<user>", 4}};
+  score = 0;
+  for (const auto& [p, type] : mp) {
+    std::string piece;
+    put_bytes_field(piece, 1, p);
+    piece += '\x15';  // field 2, fixed32
+    piece.append(reinterpret_cast<const char*>(&score), 4);
+    put_varint(piece, 3 << 3);
+    put_varint(piece, static_cast<uint64_t>(type));
+    put_bytes_field(model, 1, piece);
+    score -= 1;
+  }
+  std::string trainer;
+  put_varint(trainer, 3 << 3);
+  put_varint(trainer, 2);  // BPE
+  put_bytes_field(model, 2, trainer);
+  std::string norm;
+  put_varint(norm, 3 << 3);
+  put_varint(norm, 1);  // add_dummy_prefix
+  put_bytes_field(model, 3, norm);
+  ok &= write_seed(dir + "/tokenizer.model", 2, 0, model);
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -152,7 +237,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string out = argv[1];
-  for (const std::string& d : {out, out + "/gguf", out + "/safetensors"}) ::mkdir(d.c_str(), 0755);
-  bool ok = gguf_seeds(out + "/gguf") && safetensors_seeds(out + "/safetensors");
+  for (const std::string& d : {out, out + "/gguf", out + "/safetensors", out + "/tokenizer_files"})
+    ::mkdir(d.c_str(), 0755);
+  bool ok = gguf_seeds(out + "/gguf") && safetensors_seeds(out + "/safetensors") &&
+            tokenizer_seeds(out + "/tokenizer_files");
   return ok ? 0 : 1;
 }

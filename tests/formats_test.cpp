@@ -376,6 +376,26 @@ TEST(GgufFormat, CorruptFilesGiveCleanErrors) {
   }
 }
 
+TEST(GgufFormat, FourDimShapeOverflowIsAnError) {
+  // Four extents of 2^40 overflow even a 128-bit product unless it is checked per dimension
+  // (a wrapped product of 0 would make the tensor look empty and valid).
+  GgufImage img;
+  img.b.clear();
+  img.u32(0x46554747);
+  img.u32(3);
+  img.u64(1);
+  img.u64(0);
+  img.str("x");
+  img.u32(4);
+  for (int d = 0; d < 4; ++d) img.u64(uint64_t{1} << 40);
+  img.u32(0);
+  img.u64(0);
+  while (img.b.size() % 32) img.b.push_back(0);
+  std::string err = parse_error(img.b);
+  ASSERT_FALSE(err.empty()) << "4-D tensor with 2^160 elements was accepted";
+  EXPECT_NE(err.find("large"), std::string::npos) << err;
+}
+
 TEST(GgufFormat, EveryTruncationIsAnError) {
   GgufImage img;
   for (size_t n = 0; n < img.b.size(); ++n) {

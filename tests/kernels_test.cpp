@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <random>
+#include <thread>
 #include <cstring>
 
 #include "core/thread_pool.h"
@@ -185,9 +186,21 @@ TEST(ThreadPoolTest, RunsEveryIndexOnce) {
   ThreadPool pool(2);
   for (int n : {0, 1, 2, 3, 100, 1001}) {
     std::vector<std::atomic<int>> hit(n);
-    pool.parallel_for(n, [&](int64_t b, int64_t e) {
+    pool.parallel_for(n, [&](int64_t b, int64_t e, int tid) {
+      ASSERT_TRUE(tid >= 0 && tid < 2);
       for (int64_t i = b; i < e; ++i) hit[i]++;
     });
     for (int i = 0; i < n; ++i) ASSERT_EQ(hit[i].load(), 1);
   }
+}
+
+TEST(ThreadPoolTest, ManySmallJobsBackToBackAndAfterIdle) {
+  ThreadPool pool(3);
+  std::atomic<int64_t> sum{0};
+  for (int j = 0; j < 20000; ++j)
+    pool.parallel_for(7, [&](int64_t b, int64_t e, int) { sum += e - b; });
+  EXPECT_EQ(sum.load(), 7 * 20000);
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));  // workers go to sleep
+  pool.parallel_for(1000, [&](int64_t b, int64_t e, int) { sum += e - b; });
+  EXPECT_EQ(sum.load(), 7 * 20000 + 1000);
 }

@@ -1,10 +1,17 @@
 #include "core/thread_pool.h"
 
 #include <immintrin.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 
 namespace larder {
+
+namespace {
+inline uint32_t gen_of(uint64_t v) { return static_cast<uint32_t>(v >> 32); }
+inline uint32_t next_of(uint64_t v) { return static_cast<uint32_t>(v); }
+}  // namespace
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
   for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
@@ -13,58 +20,88 @@ ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lk(mu_);
-    stop_ = true;
-    generation_.fetch_add(1);
+    stop_.store(true);
   }
   cv_.notify_all();
   for (auto& t : threads_) t.join();
 }
 
-void ThreadPool::run(const std::function<void(int, int)>& fn) {
-  if (n_threads_ == 1) {
-    fn(0, 1);
-    return;
-  }
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    job_ = &fn;
-    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
-  }
-  cv_.notify_all();
-  fn(0, n_threads_);
-  // Ops are short; spin briefly before yielding so decode latency stays low.
-  int spins = 0;
-  while (pending_.load(std::memory_order_acquire) != 0) {
-    if (++spins < 20000) _mm_pause(); else std::this_thread::yield();
+uint32_t ThreadPool::work(uint32_t gen, int tid) {
+  const Slot& s = slots_[gen % kSlots];
+  uint32_t ran = 0;
+  for (;;) {
+    uint64_t v = counter_.load(std::memory_order_acquire);
+    if (gen_of(v) != gen) return ran;
+    // Read the job before claiming: a successful claim proves the job was still live,
+    // so these values belong to it.
+    const uint32_t n_chunks = s.n_chunks.load(std::memory_order_relaxed);
+    const uint32_t k = next_of(v);
+    if (k >= n_chunks) return ran;
+    Tramp fn = s.fn.load(std::memory_order_relaxed);
+    void* ctx = s.ctx.load(std::memory_order_relaxed);
+    const int64_t n = s.n.load(std::memory_order_relaxed), chunk = s.chunk.load(std::memory_order_relaxed);
+    if (!counter_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
+    const int64_t b = static_cast<int64_t>(k) * chunk, e = std::min(n, b + chunk);
+    fn(ctx, b, e, tid);
+    ++ran;
+    done_.fetch_add(1, std::memory_order_release);
   }
 }
 
-void ThreadPool::worker(int idx) {
-  uint64_t seen = 0;
+void ThreadPool::dispatch(int64_t n, int64_t min_chunk, Tramp fn, void* ctx) {
+  // A few chunks per thread balance load without much claiming overhead.
+  int64_t chunk = std::max<int64_t>(min_chunk, (n + 4 * n_threads_ - 1) / (4 * n_threads_));
+  const uint32_t n_chunks = static_cast<uint32_t>((n + chunk - 1) / chunk);
+  const uint32_t gen = gen_of(counter_.load(std::memory_order_relaxed)) + 1;
+  Slot& s = slots_[gen % kSlots];
+  s.fn.store(fn, std::memory_order_relaxed);
+  s.ctx.store(ctx, std::memory_order_relaxed);
+  s.n.store(n, std::memory_order_relaxed);
+  s.chunk.store(chunk, std::memory_order_relaxed);
+  s.n_chunks.store(n_chunks, std::memory_order_relaxed);
+  done_.store(0, std::memory_order_relaxed);
+  counter_.store(static_cast<uint64_t>(gen) << 32, std::memory_order_seq_cst);
+  if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+    std::lock_guard<std::mutex> lk(mu_);
+    cv_.notify_all();
+  }
+  work(gen, 0);
+  // Only chunks a worker has already claimed can be outstanding here.
+  int spins = 0;
+  while (done_.load(std::memory_order_acquire) != n_chunks) {
+    if (++spins < 4096) _mm_pause();
+    else std::this_thread::yield();
+  }
+}
+
+void ThreadPool::worker(int tid) {
+  uint32_t seen = 0;
+  using Clock = std::chrono::steady_clock;
   for (;;) {
-    // Spin a little waiting for the next job (ops come back to back), then sleep.
+    // Spin briefly: ops arrive back to back during a forward pass.
+    auto t0 = Clock::now();
     int spins = 0;
-    while (generation_.load(std::memory_order_acquire) == seen && spins < 20000) {
+    while (gen_of(counter_.load(std::memory_order_acquire)) == seen && !stop_.load(std::memory_order_relaxed)) {
       _mm_pause();
-      ++spins;
+      if (++spins % 256 == 0 && Clock::now() - t0 > std::chrono::microseconds(500)) {
+        std::unique_lock<std::mutex> lk(mu_);
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        cv_.wait(lk, [&] {
+          return gen_of(counter_.load(std::memory_order_seq_cst)) != seen || stop_.load();
+        });
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        break;
+      }
     }
-    const std::function<void(int, int)>* job;
-    {
-      std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [&] { return generation_.load() != seen; });
-      seen = generation_.load();
-      if (stop_) return;
-      job = job_;
-    }
-    (*job)(idx, n_threads_);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    if (stop_.load()) return;
+    seen = gen_of(counter_.load(std::memory_order_acquire));
+    work(seen, tid);
   }
 }
 
 int default_thread_count() {
-  unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1 : static_cast<int>(n);
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n <= 0 ? 1 : static_cast<int>(n);
 }
 
 }  // namespace larder

@@ -103,9 +103,9 @@ void Context::attention(int layer, int n, const int* pos) {
   const float* kc = k_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * kv_dim;
   const float* vc = v_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * kv_dim;
   const int64_t work = static_cast<int64_t>(n) * n_head;
-  pool_.run([&](int ith, int nth) {
-    float* sc = scores_.data() + static_cast<size_t>(ith) * n_ctx_;
-    for (int64_t w = ith; w < work; w += nth) {
+  pool_.parallel_for(work, [&](int64_t wb, int64_t we, int tid) {
+    float* sc = scores_.data() + static_cast<size_t>(tid) * n_ctx_;
+    for (int64_t w = wb; w < we; ++w) {
       const int t = static_cast<int>(w / n_head), h = static_cast<int>(w % n_head);
       const int kvh = h / group;
       const float* q = q_.data() + (static_cast<size_t>(t) * n_head + h) * hd;

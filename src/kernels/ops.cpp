@@ -19,7 +19,7 @@ void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t
     const int64_t nb = cols / 32;
     if (static_cast<int64_t>(scratch.xq.size()) < n_tokens * nb) scratch.xq.resize(n_tokens * nb);
     BlockQ8_0* q = scratch.xq.data();
-    pool.parallel_for(n_tokens, [&](int64_t b, int64_t e) {
+    pool.parallel_for(n_tokens, [&](int64_t b, int64_t e, int) {
       for (int64_t t = b; t < e; ++t) quantize_row_q8_0(x + t * cols, q + t * nb, cols);
     });
     xq = q;
@@ -28,7 +28,7 @@ void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t
   // reused for every token so prefill reads each weight once from memory.
   constexpr int64_t kRowBlock = 16;
   const int64_t nblocks = (rows + kRowBlock - 1) / kRowBlock;
-  pool.parallel_for(nblocks, [&](int64_t b, int64_t e) {
+  pool.parallel_for(nblocks, [&](int64_t b, int64_t e, int) {
     for (int64_t blk = b; blk < e; ++blk) {
       int64_t r0 = blk * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
       for (int64_t t = 0; t < n_tokens; ++t) {

@@ -244,9 +244,12 @@ Status GgufFile::parse_impl() {
       ti.type = static_cast<DType>(t);
       ti.offset = c.get<uint64_t>("tensor offset");
       // Overflow-safe element count.
-      __int128 n = 1;
-      for (int d = 0; d < 4; ++d) n *= ti.ne[d];
-      if (n > (__int128{1} << 42)) return make_error("tensor '%s' is absurdly large", ti.name.c_str());
+      // Checked after every factor: four 2^40 dimensions would overflow even 128 bits.
+      int64_t n = 1;
+      for (int d = 0; d < 4; ++d) {
+        if (ti.ne[d] > (int64_t{1} << 42) / n) return make_error("tensor '%s' is absurdly large", ti.name.c_str());
+        n *= ti.ne[d];
+      }
       if (ti.ne[0] % info->block_size != 0)
         return make_error("tensor '%s': row length %" PRId64 " is not a multiple of %s block size %d",
                           ti.name.c_str(), ti.ne[0], info->name, info->block_size);

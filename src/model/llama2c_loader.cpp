@@ -157,7 +157,7 @@ Result<std::unique_ptr<Model>> load_model_llama2c(const std::string& path, const
                         path.c_str(), a.c_str(), b.c_str());
   }
   auto tok = load_tokenizer_llama2c(tok_path, static_cast<int32_t>(vocab));
-  if (!tok.ok()) return make_error("%s: %s", tok_path.c_str(), tok.error().c_str());
+  if (!tok.ok()) return make_error("%s: %s", path.c_str(), tok.error().c_str());
   m->tokenizer = std::move(tok).value();
 
   Status st = validate_model(*m);

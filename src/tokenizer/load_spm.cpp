@@ -39,10 +39,7 @@ std::string replace_spaces(const std::string& s) {
 }
 
 bool is_byte_piece(const std::string& s) {
-  unsigned b = 0;
-  char tail = 0;
-  return s.size() == 6 && std::sscanf(s.c_str(), "<0x%2X%c", &b, &tail) == 2 && tail == '>' &&
-         std::isxdigit(static_cast<unsigned char>(s[3])) && std::isxdigit(static_cast<unsigned char>(s[4]));
+  return tok::parse_byte_piece(s) >= 0;
 }
 
 // ---- protobuf wire format ---------------------------------------------------------

@@ -33,9 +33,8 @@ class SpmTokenizer final : public Tokenizer {
           pieces_.emplace(std::string_view(t), static_cast<int32_t>(id));
           break;
         case TokenType::BYTE: {
-          unsigned b = 0;
-          if (t.size() == 6 && std::sscanf(t.c_str(), "<0x%02X>", &b) == 1 && byte_ids_[b] < 0)
-            byte_ids_[b] = static_cast<int32_t>(id);
+          int b = parse_byte_piece(t);
+          if (b >= 0 && byte_ids_[b] < 0) byte_ids_[b] = static_cast<int32_t>(id);
           break;
         }
         default:

@@ -204,10 +204,17 @@ const ByteUnicode& byte_unicode() {
   return m;
 }
 
+int parse_byte_piece(const std::string& s) {
+  auto hex = [](char c) { return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1; };
+  if (s.size() != 6 || s.compare(0, 3, "<0x") != 0 || s[5] != '>') return -1;
+  int hi = hex(s[3]), lo = hex(s[4]);
+  return hi < 0 || lo < 0 ? -1 : hi * 16 + lo;
+}
+
 std::string spm_piece_bytes(const std::string& text, TokenType t) {
   if (t == TokenType::BYTE) {
-    unsigned v = 0;
-    if (text.size() == 6 && std::sscanf(text.c_str(), "<0x%02X>", &v) == 1) return std::string(1, static_cast<char>(v));
+    int v = parse_byte_piece(text);
+    if (v >= 0) return std::string(1, static_cast<char>(v));
     return text;
   }
   std::string r;

@@ -105,4 +105,7 @@ Status normalize_vocab(Vocab& v);
 // Piece bytes as the decoder should emit them (no special rendering).
 std::string spm_piece_bytes(const std::string& text, TokenType t);
 
+// "<0xNN>" with two hex digits -> NN (0..255); anything else -> -1.
+int parse_byte_piece(const std::string& s);
+
 }  // namespace larder::tok
