@@ -79,22 +79,32 @@ TEST(Kernels, QuantizeDequantizeError) {
   }
 }
 
+// Every weight type the engine has kernels for (new formats join automatically).
+std::vector<DType> kernel_types() {
+  std::vector<DType> v;
+  for (uint32_t id = 0; id < 64; ++id)
+    if (dtype_info(id) && type_traits(static_cast<DType>(id)) && type_traits(static_cast<DType>(id))->from_float)
+      v.push_back(static_cast<DType>(id));
+  return v;
+}
+
 TEST(Kernels, MatmulAllPathsAllTypes) {
   IsaGuard guard;
   ThreadPool pool(2);
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0, 1);
-  const DType types[] = {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0};
   const int rows_grid[] = {1, 3, 16, 17, 37};
-  const int cols_any[] = {1, 7, 16, 17, 33, 64, 172, 288};
-  const int cols_q[] = {32, 64, 96, 288, 1376};
   const int toks_grid[] = {1, 2, 5};
+  ASSERT_GE(kernel_types().size(), 5u);
   for (Isa isa : paths()) {
     set_isa(isa);
-    for (DType t : types) {
-      bool q = dtype_info(t)->block_size == 32;
-      std::vector<int> cols_grid = q ? std::vector<int>(std::begin(cols_q), std::end(cols_q))
-                                     : std::vector<int>(std::begin(cols_any), std::end(cols_any));
+    for (DType t : kernel_types()) {
+      const int bs = dtype_info(t)->block_size;
+      std::vector<int> cols_grid;
+      if (bs == 1) cols_grid = {1, 7, 16, 17, 33, 64, 172, 288};
+      else for (int m : {1, 2, 3, 9, 43}) cols_grid.push_back(m * bs);
+      const TypeTraits* tr = type_traits(t);
+      const DType at = tr->vec_dot_type;
       for (int rows : rows_grid)
         for (int cols : cols_grid)
           for (int nt : toks_grid) {
@@ -112,18 +122,14 @@ TEST(Kernels, MatmulAllPathsAllTypes) {
             std::vector<float> y(static_cast<size_t>(nt) * rows);
             MatmulScratch sc;
             matmul(W, x.data(), nt, y.data(), rows, pool, sc);
-            // Reference: dequantized weights; for integer formats the activations are
-            // quantized to q8_0 exactly as the kernel contract says.
+            // Reference: dequantized weights times the activations as the kernel contract
+            // says they are consumed (converted to the type's activation format and back).
             std::vector<float> wd(cols), xd(cols);
+            std::vector<uint8_t> xq(row_bytes(at, cols));
             for (int tk = 0; tk < nt; ++tk) {
               const float* xt = &x[static_cast<size_t>(tk) * cols];
-              if (q) {
-                std::vector<BlockQ8_0> xq(cols / 32);
-                quantize_row_q8_0(xt, xq.data(), cols);
-                dequantize_row(DType::Q8_0, xq.data(), xd.data(), cols);
-              } else {
-                std::copy(xt, xt + cols, xd.begin());
-              }
+              quantize_row(at, xt, xq.data(), cols);
+              dequantize_row(at, xq.data(), xd.data(), cols);
               for (int r = 0; r < rows; ++r) {
                 dequantize_row(t, wq.data() + r * row_bytes(t, cols), wd.data(), cols);
                 double ref = 0, mag = 0;

@@ -53,7 +53,8 @@ Context::Context(const Model& m, int n_ctx, int n_threads, int n_batch)
   scores_.resize(static_cast<size_t>(n_threads) * n_ctx);
   pos_.resize(n_batch);
   last_logits_.resize(c.n_vocab);
-  scratch_.xq.reserve(static_cast<size_t>(n_batch) * (std::max(c.n_embd, c.n_ff) / 32 + 1));
+  // Largest activation format is q8_0-like (34 bytes per 32 values); reserve once.
+  scratch_.xq.reserve(static_cast<size_t>(n_batch) * (std::max(c.n_embd, c.n_ff) / 32 + 1) * 40);
 }
 
 void Context::truncate(int n) {

@@ -112,59 +112,42 @@ static void quantize_row_q4_0(const float* x, BlockQ4_0* y, int64_t n) {
   }
 }
 
-void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
-  switch (t) {
-    case DType::F32: std::memcpy(dst, src, n * 4); break;
-    case DType::F16: {
-      auto* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
-      break;
-    }
-    case DType::BF16: {
-      auto* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_fp32(s[i]);
-      break;
-    }
-    case DType::Q8_0: {
-      auto* b = static_cast<const BlockQ8_0*>(src);
-      for (int64_t k = 0; k < n / 32; ++k) {
-        float d = fp16_to_fp32(b[k].d);
-        for (int j = 0; j < 32; ++j) dst[k * 32 + j] = d * b[k].qs[j];
-      }
-      break;
-    }
-    case DType::Q4_0: {
-      auto* b = static_cast<const BlockQ4_0*>(src);
-      for (int64_t k = 0; k < n / 32; ++k) {
-        float d = fp16_to_fp32(b[k].d);
-        for (int j = 0; j < 16; ++j) {
-          dst[k * 32 + j] = d * ((b[k].qs[j] & 0xf) - 8);
-          dst[k * 32 + j + 16] = d * ((b[k].qs[j] >> 4) - 8);
-        }
-      }
-      break;
-    }
-    default: LARDER_ASSERT(!"dequantize_row: unsupported type");
+void row_f32_to_float(const void* src, float* dst, int64_t n) { std::memcpy(dst, src, n * 4); }
+void row_float_to_f32(const float* src, void* dst, int64_t n) { std::memcpy(dst, src, n * 4); }
+void row_f16_to_float(const void* src, float* dst, int64_t n) {
+  auto* s = static_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
+}
+void row_float_to_f16(const float* src, void* dst, int64_t n) {
+  auto* d = static_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = fp32_to_fp16(src[i]);
+}
+void row_bf16_to_float(const void* src, float* dst, int64_t n) {
+  auto* s = static_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_fp32(s[i]);
+}
+void row_float_to_bf16(const float* src, void* dst, int64_t n) {
+  auto* d = static_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = fp32_to_bf16(src[i]);
+}
+void row_q8_0_to_float(const void* src, float* dst, int64_t n) {
+  auto* b = static_cast<const BlockQ8_0*>(src);
+  for (int64_t k = 0; k < n / 32; ++k) {
+    float d = fp16_to_fp32(b[k].d);
+    for (int j = 0; j < 32; ++j) dst[k * 32 + j] = d * b[k].qs[j];
   }
 }
-
-void quantize_row(DType t, const float* src, void* dst, int64_t n) {
-  switch (t) {
-    case DType::F32: std::memcpy(dst, src, n * 4); break;
-    case DType::F16: {
-      auto* d = static_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = fp32_to_fp16(src[i]);
-      break;
+void row_float_to_q8_0(const float* src, void* dst, int64_t n) { quantize_row_q8_0(src, static_cast<BlockQ8_0*>(dst), n); }
+void row_q4_0_to_float(const void* src, float* dst, int64_t n) {
+  auto* b = static_cast<const BlockQ4_0*>(src);
+  for (int64_t k = 0; k < n / 32; ++k) {
+    float d = fp16_to_fp32(b[k].d);
+    for (int j = 0; j < 16; ++j) {
+      dst[k * 32 + j] = d * ((b[k].qs[j] & 0xf) - 8);
+      dst[k * 32 + j + 16] = d * ((b[k].qs[j] >> 4) - 8);
     }
-    case DType::BF16: {
-      auto* d = static_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = fp32_to_bf16(src[i]);
-      break;
-    }
-    case DType::Q8_0: quantize_row_q8_0(src, static_cast<BlockQ8_0*>(dst), n); break;
-    case DType::Q4_0: quantize_row_q4_0(src, static_cast<BlockQ4_0*>(dst), n); break;
-    default: LARDER_ASSERT(!"quantize_row: unsupported type");
   }
 }
+void row_float_to_q4_0(const float* src, void* dst, int64_t n) { quantize_row_q4_0(src, static_cast<BlockQ4_0*>(dst), n); }
 
 }  // namespace larder::kernels

@@ -8,10 +8,10 @@
 #include <cstring>
 
 #include "core/result.h"
-#include "kernels/kernels.h"
+#include "kernels/kernels_internal.h"
 
-#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define TARGET_AVX2 LARDER_TARGET_AVX2
+#define TARGET_AVX512 LARDER_TARGET_AVX512
 
 namespace larder::kernels {
 
@@ -264,23 +264,27 @@ TARGET_AVX512 static void axpy_avx512(float* y, const float* x, float a, int64_t
   }
 }
 
-// ------------------------------------------------------------------ dispatch
+// ------------------------------------------------------------------ exported per-ISA entry points
+
+float vec_dot_f32_scalar(const void* w, const void* x, int64_t n) { return dot_f32_scalar(static_cast<const float*>(w), static_cast<const float*>(x), n); }
+float vec_dot_f16_scalar(const void* w, const void* x, int64_t n) { return dot_f16_scalar(w, static_cast<const float*>(x), n); }
+float vec_dot_bf16_scalar(const void* w, const void* x, int64_t n) { return dot_bf16_scalar(w, static_cast<const float*>(x), n); }
+float vec_dot_q8_0_scalar(const void* w, const void* x, int64_t n) { return dot_q8_0_scalar(w, static_cast<const BlockQ8_0*>(x), n); }
+float vec_dot_q4_0_scalar(const void* w, const void* x, int64_t n) { return dot_q4_0_scalar(w, static_cast<const BlockQ8_0*>(x), n); }
+float vec_dot_f32_avx2(const void* w, const void* x, int64_t n) { return dot_f32_avx2(static_cast<const float*>(w), static_cast<const float*>(x), n); }
+float vec_dot_f16_avx2(const void* w, const void* x, int64_t n) { return dot_f16_avx2(w, static_cast<const float*>(x), n); }
+float vec_dot_bf16_avx2(const void* w, const void* x, int64_t n) { return dot_bf16_avx2(w, static_cast<const float*>(x), n); }
+float vec_dot_q8_0_avx2(const void* w, const void* x, int64_t n) { return dot_q8_0_avx2(w, static_cast<const BlockQ8_0*>(x), n); }
+float vec_dot_q4_0_avx2(const void* w, const void* x, int64_t n) { return dot_q4_0_avx2(w, static_cast<const BlockQ8_0*>(x), n); }
+float vec_dot_f32_avx512(const void* w, const void* x, int64_t n) { return dot_f32_avx512(static_cast<const float*>(w), static_cast<const float*>(x), n); }
+float vec_dot_f16_avx512(const void* w, const void* x, int64_t n) { return dot_f16_avx512(w, static_cast<const float*>(x), n); }
+float vec_dot_bf16_avx512(const void* w, const void* x, int64_t n) { return dot_bf16_avx512(w, static_cast<const float*>(x), n); }
+float vec_dot_q8_0_avx512(const void* w, const void* x, int64_t n) { return dot_q8_0_avx512(w, static_cast<const BlockQ8_0*>(x), n); }
+float vec_dot_q4_0_avx512(const void* w, const void* x, int64_t n) { return dot_q4_0_avx512(w, static_cast<const BlockQ8_0*>(x), n); }
+
+// ------------------------------------------------------------------ ISA choice
 
 namespace {
-struct Table {
-  float (*f32)(const float*, const float*, int64_t);
-  float (*f16)(const void*, const float*, int64_t);
-  float (*bf16)(const void*, const float*, int64_t);
-  float (*q8_0)(const void*, const BlockQ8_0*, int64_t);
-  float (*q4_0)(const void*, const BlockQ8_0*, int64_t);
-  void (*axpy)(float*, const float*, float, int64_t);
-};
-const Table kTables[3] = {
-    {dot_f32_scalar, dot_f16_scalar, dot_bf16_scalar, dot_q8_0_scalar, dot_q4_0_scalar, axpy_scalar},
-    {dot_f32_avx2, dot_f16_avx2, dot_bf16_avx2, dot_q8_0_avx2, dot_q4_0_avx2, axpy_avx2},
-    {dot_f32_avx512, dot_f16_avx512, dot_bf16_avx512, dot_q8_0_avx512, dot_q4_0_avx512, axpy_avx512},
-};
-
 Isa cpu_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -304,20 +308,16 @@ Isa initial_isa() {
 }
 
 std::atomic<int> g_isa{-1};
-const Table& table() {
+}  // namespace
+
+Isa detected_isa() { return cpu_isa(); }
+Isa active_isa() {
   int i = g_isa.load(std::memory_order_relaxed);
   if (i < 0) {
     i = static_cast<int>(initial_isa());
     g_isa.store(i);
   }
-  return kTables[i];
-}
-}  // namespace
-
-Isa detected_isa() { return cpu_isa(); }
-Isa active_isa() {
-  table();
-  return static_cast<Isa>(g_isa.load());
+  return static_cast<Isa>(i);
 }
 void set_isa(Isa isa) {
   if (isa > cpu_isa()) isa = cpu_isa();
@@ -331,20 +331,19 @@ const char* isa_name(Isa isa) {
   }
 }
 
-float dot_row(DType t, const void* w, const float* xf, const BlockQ8_0* xq, int64_t n) {
-  const Table& tb = table();
-  switch (t) {
-    case DType::F32: return tb.f32(static_cast<const float*>(w), xf, n);
-    case DType::F16: return tb.f16(w, xf, n);
-    case DType::BF16: return tb.bf16(w, xf, n);
-    case DType::Q8_0: return tb.q8_0(w, xq, n);
-    case DType::Q4_0: return tb.q4_0(w, xq, n);
-    default: LARDER_ASSERT(!"dot_row: unsupported type");
+float dot_f32(const float* a, const float* b, int64_t n) {
+  switch (active_isa()) {
+    case Isa::AVX512: return dot_f32_avx512(a, b, n);
+    case Isa::AVX2: return dot_f32_avx2(a, b, n);
+    default: return dot_f32_scalar(a, b, n);
   }
-  return 0;
 }
-
-float dot_f32(const float* a, const float* b, int64_t n) { return table().f32(a, b, n); }
-void axpy(float* y, const float* x, float a, int64_t n) { table().axpy(y, x, a, n); }
+void axpy(float* y, const float* x, float a, int64_t n) {
+  switch (active_isa()) {
+    case Isa::AVX512: return axpy_avx512(y, x, a, n);
+    case Isa::AVX2: return axpy_avx2(y, x, a, n);
+    default: return axpy_scalar(y, x, a, n);
+  }
+}
 
 }  // namespace larder::kernels

@@ -26,20 +26,35 @@ uint16_t fp32_to_fp16(float f);
 float bf16_to_fp32(uint16_t h);
 uint16_t fp32_to_bf16(float f);  // round to nearest even
 
-// Row conversions (n elements; n a multiple of the type's block size).
+// Row conversions (n elements; n a multiple of the type's block size); dispatch
+// through the type traits table.
 void dequantize_row(DType t, const void* src, float* dst, int64_t n);
-void quantize_row(DType t, const float* src, void* dst, int64_t n);  // f32, f16, bf16, q8_0, q4_0
+void quantize_row(DType t, const float* src, void* dst, int64_t n);
 
-// Activations for integer dot products: one q8_0 row per token.
+// Reference q8_0 quantizer (also the activation format of q8_0/q4_0 weights).
 void quantize_row_q8_0(const float* x, BlockQ8_0* y, int64_t n);
 
-// Dot product of one weight row (type t, n elements) with activations.
-// xf: f32 activations; xq: the same activations quantized to q8_0 (used by q8_0/q4_0 weights).
-float dot_row(DType t, const void* w, const float* xf, const BlockQ8_0* xq, int64_t n);
+// Per-type kernels, like GGML's type traits. A weight type names the format its
+// activations are converted to (vec_dot_type) and a dot product per ISA.
+using VecDotFn = float (*)(const void* w, const void* x, int64_t n);
+struct TypeTraits {
+  DType vec_dot_type = DType::F32;
+  void (*to_float)(const void* src, float* dst, int64_t n) = nullptr;
+  void (*from_float)(const float* src, void* dst, int64_t n) = nullptr;
+  VecDotFn vec_dot[3] = {nullptr, nullptr, nullptr};  // indexed by Isa; nullptr = use a lower path
+};
+// nullptr when the engine has no kernels for the type.
+const TypeTraits* type_traits(DType t);
+// The dot product used for type t on the given path (falls back to lower paths).
+VecDotFn vec_dot_fn(DType t, Isa isa);
+
+// Dot product of one weight row (type t, n elements) with one activation row that is
+// already in type_traits(t)->vec_dot_type.
+float dot_row(DType t, const void* w, const void* x, int64_t n);
 
 // Scratch that matmul reuses between calls (no per-token allocation).
 struct MatmulScratch {
-  std::vector<BlockQ8_0> xq;  // [n_tokens][cols/32]
+  std::vector<uint8_t> xq;  // activations converted to the weight's vec_dot_type
 };
 
 // y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < W.rows().

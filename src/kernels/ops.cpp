@@ -11,20 +11,26 @@ namespace larder::kernels {
 void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool,
             MatmulScratch& scratch) {
   const int64_t rows = W.rows(), cols = W.cols();
+  const TypeTraits* tr = type_traits(W.type);
+  LARDER_ASSERT(tr != nullptr);
   const size_t rb = row_bytes(W.type, cols);
   const auto* wbase = static_cast<const uint8_t*>(W.data);
-  const BlockQ8_0* xq = nullptr;
-  if (W.type == DType::Q8_0 || W.type == DType::Q4_0) {
-    LARDER_ASSERT(cols % 32 == 0);
-    const int64_t nb = cols / 32;
-    if (static_cast<int64_t>(scratch.xq.size()) < n_tokens * nb) scratch.xq.resize(n_tokens * nb);
-    BlockQ8_0* q = scratch.xq.data();
+  // Activations in the format the weight type's dot product consumes.
+  const uint8_t* xa = reinterpret_cast<const uint8_t*>(x);
+  size_t xrb = cols * sizeof(float);
+  if (tr->vec_dot_type != DType::F32) {
+    const TypeTraits* xt = type_traits(tr->vec_dot_type);
+    LARDER_ASSERT(xt && xt->from_float);
+    xrb = row_bytes(tr->vec_dot_type, cols);
+    if (scratch.xq.size() < n_tokens * xrb) scratch.xq.resize(n_tokens * xrb);
+    uint8_t* q = scratch.xq.data();
     pool.parallel_for(n_tokens, [&](int64_t b, int64_t e, int) {
-      for (int64_t t = b; t < e; ++t) quantize_row_q8_0(x + t * cols, q + t * nb, cols);
+      for (int64_t t = b; t < e; ++t) xt->from_float(x + t * cols, q + t * xrb, cols);
     });
-    xq = q;
+    xa = q;
   }
-  // Rows are split across threads; within a thread a small block of weight rows is
+  const VecDotFn dot = vec_dot_fn(W.type, active_isa());
+  // Rows are split across threads; within a chunk a small block of weight rows is
   // reused for every token so prefill reads each weight once from memory.
   constexpr int64_t kRowBlock = 16;
   const int64_t nblocks = (rows + kRowBlock - 1) / kRowBlock;
@@ -32,10 +38,9 @@ void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t
     for (int64_t blk = b; blk < e; ++blk) {
       int64_t r0 = blk * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
       for (int64_t t = 0; t < n_tokens; ++t) {
-        const float* xt = x + t * cols;
-        const BlockQ8_0* xqt = xq ? xq + t * (cols / 32) : nullptr;
+        const uint8_t* xt = xa + t * xrb;
         float* yt = y + t * ldy;
-        for (int64_t r = r0; r < r1; ++r) yt[r] = dot_row(W.type, wbase + r * rb, xt, xqt, cols);
+        for (int64_t r = r0; r < r1; ++r) yt[r] = dot(wbase + r * rb, xt, cols);
       }
     }
   });

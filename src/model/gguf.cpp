@@ -207,10 +207,11 @@ Status GgufFile::parse_impl() {
       return make_error("unsupported GGUF version %u (supported: 2, 3)", version_);
     uint64_t n_tensors = c.get<uint64_t>("tensor count");
     uint64_t n_kv = c.get<uint64_t>("metadata count");
-    if (n_tensors > kMaxTensors || n_tensors > c.remaining() / 24)
-      return make_error("absurd tensor count %" PRIu64, n_tensors);
-    if (n_kv > kMaxKV || n_kv > c.remaining() / 12)
-      return make_error("absurd metadata count %" PRIu64, n_kv);
+    if (n_tensors > kMaxTensors) return make_error("absurd tensor count %" PRIu64, n_tensors);
+    if (n_kv > kMaxKV) return make_error("absurd metadata count %" PRIu64, n_kv);
+    if (n_tensors > c.remaining() / 24 || n_kv > c.remaining() / 12)
+      return make_error("truncated file: %" PRIu64 " tensors and %" PRIu64 " metadata keys declared but only %zu bytes remain",
+                        n_tensors, n_kv, c.remaining());
     for (uint64_t k = 0; k < n_kv; ++k) {
       std::string key = c.str("metadata key");
       uint32_t t = c.get<uint32_t>("metadata type");

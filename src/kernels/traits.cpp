@@ -1,0 +1,54 @@
+// The per-type kernel table. Adding a weight format = adding its converters and dot
+// products in their own file and one row here.
+#include "core/result.h"
+#include "kernels/kernels_internal.h"
+
+namespace larder::kernels {
+
+namespace {
+
+struct Entry {
+  DType type;
+  TypeTraits traits;
+};
+
+const Entry kEntries[] = {
+    {DType::F32, {DType::F32, row_f32_to_float, row_float_to_f32, {vec_dot_f32_scalar, vec_dot_f32_avx2, vec_dot_f32_avx512}}},
+    {DType::F16, {DType::F32, row_f16_to_float, row_float_to_f16, {vec_dot_f16_scalar, vec_dot_f16_avx2, vec_dot_f16_avx512}}},
+    {DType::BF16, {DType::F32, row_bf16_to_float, row_float_to_bf16, {vec_dot_bf16_scalar, vec_dot_bf16_avx2, vec_dot_bf16_avx512}}},
+    {DType::Q8_0, {DType::Q8_0, row_q8_0_to_float, row_float_to_q8_0, {vec_dot_q8_0_scalar, vec_dot_q8_0_avx2, vec_dot_q8_0_avx512}}},
+    {DType::Q4_0, {DType::Q8_0, row_q4_0_to_float, row_float_to_q4_0, {vec_dot_q4_0_scalar, vec_dot_q4_0_avx2, vec_dot_q4_0_avx512}}},
+};
+
+}  // namespace
+
+const TypeTraits* type_traits(DType t) {
+  for (const Entry& e : kEntries)
+    if (e.type == t) return &e.traits;
+  return nullptr;
+}
+
+VecDotFn vec_dot_fn(DType t, Isa isa) {
+  const TypeTraits* tr = type_traits(t);
+  LARDER_ASSERT(tr != nullptr);
+  for (int i = static_cast<int>(isa); i >= 0; --i)
+    if (tr->vec_dot[i]) return tr->vec_dot[i];
+  LARDER_ASSERT(!"type has no dot product");
+  return nullptr;
+}
+
+void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
+  const TypeTraits* tr = type_traits(t);
+  LARDER_ASSERT(tr && tr->to_float);
+  tr->to_float(src, dst, n);
+}
+
+void quantize_row(DType t, const float* src, void* dst, int64_t n) {
+  const TypeTraits* tr = type_traits(t);
+  LARDER_ASSERT(tr && tr->from_float);
+  tr->from_float(src, dst, n);
+}
+
+float dot_row(DType t, const void* w, const void* x, int64_t n) { return vec_dot_fn(t, active_isa())(w, x, n); }
+
+}  // namespace larder::kernels
