@@ -8,6 +8,8 @@ int cmd_tokenize(Args& a);
 int cmd_synth(Args& a);
 int cmd_logits(Args& a);
 int cmd_bench(Args& a);
+int cmd_quantize(Args& a);    // src/cli/quantize.cpp
+int cmd_perplexity(Args& a);  // src/cli/perplexity.cpp
 // Prints "larder: error: <msg>" on one line and returns 1.
 int fail(const std::string& msg);
 }  // namespace larder::cli

@@ -43,6 +43,8 @@ int main(int argc, char** argv) {
       {"info", "show a model file's metadata, tensors and sizes", cmd_info},
       {"tokenize", "show the token ids of a text", cmd_tokenize},
       {"synth", "write a random-weight GGUF in a real model's shape", cmd_synth},
+      {"quantize", "convert a model's weights: larder quantize IN OUT TYPE (f16 bf16 q8_0 q4_0 ... Q4_K_M)", cmd_quantize},
+      {"perplexity", "perplexity of a text (and KL divergence from a base model)", cmd_perplexity},
       {"bench", "measure prompt and generation tokens/s (llama-bench style)", cmd_bench},
       {"logits", "dump logits / greedy ids for token ids (for reference tests)", cmd_logits},
   };
@@ -52,6 +54,7 @@ int main(int argc, char** argv) {
     bind_options(sub, c.name, table);
     if (std::string(c.name) == "info") sub->add_option("file", a.positional, "model file (or use -m)");
     if (std::string(c.name) == "tokenize") sub->add_option("text", a.positional, "text to tokenize");
+    if (std::string(c.name) == "quantize") sub->add_option("args", a.quant_args, "IN OUT TYPE")->expected(3);
     subs.emplace_back(sub, &c);
   }
   try {

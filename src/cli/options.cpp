@@ -4,14 +4,14 @@ namespace larder::cli {
 
 std::vector<OptSpec> option_table(Args& a) {
   return {
-      {"run,logits,info,tokenize", "-m,--model", "LARDER_MODEL", "model: GGUF file, llama2.c .bin, or Hugging Face folder", &a.model},
+      {"run,logits,info,tokenize,perplexity", "-m,--model", "LARDER_MODEL", "model: GGUF file, llama2.c .bin, or Hugging Face folder", &a.model},
       {"run,logits,tokenize", "--tokenizer", "LARDER_TOKENIZER", "tokenizer file for llama2.c checkpoints (default: tokenizer.bin beside the model)", &a.tokenizer},
       {"run", "-p,--prompt", "", "prompt text", &a.prompt},
-      {"run", "-f,--file", "", "read the prompt from a file", &a.file},
+      {"run,perplexity", "-f,--file", "", "read the prompt (perplexity: the text) from a file", &a.file},
       {"run", "-n,--n-predict", "LARDER_N_PREDICT", "number of tokens to generate (-1 = until EOS or context end)", &a.n_predict},
-      {"run,logits", "-c,--ctx-size", "LARDER_CTX_SIZE", "context size in tokens (0 = model's, capped at 4096)", &a.n_ctx},
-      {"run,logits", "-t,--threads", "LARDER_THREADS", "threads (0 = all cores)", &a.n_threads},
-      {"run,logits", "-b,--batch-size", "LARDER_BATCH_SIZE", "max tokens per forward pass", &a.n_batch},
+      {"run,logits,perplexity", "-c,--ctx-size", "LARDER_CTX_SIZE", "context size in tokens (0 = model's, capped at 4096)", &a.n_ctx},
+      {"run,logits,perplexity,quantize", "-t,--threads", "LARDER_THREADS", "threads (0 = all cores)", &a.n_threads},
+      {"run,logits,perplexity", "-b,--batch-size", "LARDER_BATCH_SIZE", "max tokens per forward pass", &a.n_batch},
       {"run", "--temp", "", "temperature (0 = greedy)", &a.temp},
       {"run", "--top-k", "", "top-k sampling (0 = off)", &a.top_k},
       {"run", "--top-p", "", "top-p sampling (1 = off)", &a.top_p},
@@ -51,6 +51,8 @@ std::vector<OptSpec> option_table(Args& a) {
       {"bench", "-t,--threads", "", "comma-separated thread counts", &a.bench_threads},
       {"bench", "-r,--repetitions", "", "repetitions per test", &a.reps},
       {"bench", "-o,--output", "", "md | json", &a.out_format},
+      {"perplexity", "--kl-base", "", "also report mean KL divergence of this model's next-token distributions from BASE's", &a.kl_base},
+      {"perplexity", "--json", "", "print the result as one JSON object", &a.json},
       {"synth", "--vocab-from", "", "copy the tokenizer from this GGUF (vocab size must match)", &a.vocab_from},
   };
 }

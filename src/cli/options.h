@@ -54,6 +54,11 @@ struct Args {
   std::string bench_threads = "2";
   int reps = 5;
   std::string out_format = "md";
+  // perplexity
+  std::string kl_base;
+  bool json = false;
+  // quantize (positional: IN OUT TYPE)
+  std::vector<std::string> quant_args;
   // positional
   std::string positional;
 };

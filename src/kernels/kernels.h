@@ -37,11 +37,16 @@ void quantize_row_q8_0(const float* x, BlockQ8_0* y, int64_t n);
 // Per-type kernels, like GGML's type traits. A weight type names the format its
 // activations are converted to (vec_dot_type) and a dot product per ISA.
 using VecDotFn = float (*)(const void* w, const void* x, int64_t n);
+// Optional register-blocked tile for prefill: y[t*ldy + r] = dot(W row r, x row t) for
+// r < nr, t < nt (small nr/nt); w/x are row-major with byte strides wrb/xrb.
+using GemmTileFn = void (*)(const uint8_t* w, size_t wrb, int nr, const uint8_t* x, size_t xrb, int nt, int64_t n,
+                            float* y, int64_t ldy);
 struct TypeTraits {
   DType vec_dot_type = DType::F32;
   void (*to_float)(const void* src, float* dst, int64_t n) = nullptr;
   void (*from_float)(const float* src, void* dst, int64_t n) = nullptr;
   VecDotFn vec_dot[3] = {nullptr, nullptr, nullptr};  // indexed by Isa; nullptr = use a lower path
+  GemmTileFn gemm_tile[3] = {nullptr, nullptr, nullptr};  // optional; nullptr = vec_dot loop
 };
 // nullptr when the engine has no kernels for the type.
 const TypeTraits* type_traits(DType t);
