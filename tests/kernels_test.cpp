@@ -93,8 +93,9 @@ TEST(Kernels, MatmulAllPathsAllTypes) {
   ThreadPool pool(2);
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0, 1);
-  const int rows_grid[] = {1, 3, 16, 17, 37};
-  const int toks_grid[] = {1, 2, 5};
+  const int rows_grid[] = {1, 3, 16, 17, 37, 70};
+  // Below kGemmMinTokens: dot products on converted activations; from it on: f32 GEMM tiles.
+  const int toks_grid[] = {1, 2, 5, static_cast<int>(kGemmMinTokens), 13, 23};
   ASSERT_GE(kernel_types().size(), 5u);
   for (Isa isa : paths()) {
     set_isa(isa);
@@ -128,8 +129,12 @@ TEST(Kernels, MatmulAllPathsAllTypes) {
             std::vector<uint8_t> xq(row_bytes(at, cols));
             for (int tk = 0; tk < nt; ++tk) {
               const float* xt = &x[static_cast<size_t>(tk) * cols];
-              quantize_row(at, xt, xq.data(), cols);
-              dequantize_row(at, xq.data(), xd.data(), cols);
+              if (nt < kGemmMinTokens) {
+                quantize_row(at, xt, xq.data(), cols);
+                dequantize_row(at, xq.data(), xd.data(), cols);
+              } else {
+                std::copy(xt, xt + cols, xd.begin());
+              }
               for (int r = 0; r < rows; ++r) {
                 dequantize_row(t, wq.data() + r * row_bytes(t, cols), wd.data(), cols);
                 double ref = 0, mag = 0;

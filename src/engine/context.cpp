@@ -1,5 +1,7 @@
 #include "engine/context.h"
 
+#include "kernels/gemm.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -50,7 +52,7 @@ Context::Context(const Model& m, int n_ctx, int n_threads, int n_batch)
   hb2_.resize(static_cast<size_t>(n_batch) * c.n_ff);
   cos_.resize(static_cast<size_t>(n_batch) * hd / 2);
   sin_.resize(static_cast<size_t>(n_batch) * hd / 2);
-  scores_.resize(static_cast<size_t>(n_threads) * n_ctx);
+  scores_.resize(static_cast<size_t>(n_threads) * kQBlock * n_ctx);
   pos_.resize(n_batch);
   last_logits_.resize(c.n_vocab);
   // Largest activation format is q8_0-like (34 bytes per 32 values); reserve once.
@@ -96,26 +98,36 @@ void Context::rope(float* x, int n_tok, int n_heads, const int* pos) {
 }
 
 // Causal attention of the batch's queries over the cache (which already holds the
-// batch's keys/values). Never materialises more than one score row per thread.
+// batch's keys/values), in tiles of kQBlock queries of one head: scores for the tile
+// (never the full score matrix) come from the GEMM tiles, then softmax, then P.V.
 void Context::attention(int layer, int n, const int* pos) {
   const ModelConfig& c = model_.cfg;
-  const int hd = c.head_dim, n_head = c.n_head, kv_dim = c.n_head_kv * hd, group = c.n_head / c.n_head_kv;
+  const int hd = c.head_dim, n_head = c.n_head, q_dim = n_head * hd, kv_dim = c.n_head_kv * hd;
+  const int group = c.n_head / c.n_head_kv;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const float* kc = k_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * kv_dim;
   const float* vc = v_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * kv_dim;
-  const int64_t work = static_cast<int64_t>(n) * n_head;
-  pool_.parallel_for(work, [&](int64_t wb, int64_t we, int tid) {
-    float* sc = scores_.data() + static_cast<size_t>(tid) * n_ctx_;
+  const int n_blocks = (n + kQBlock - 1) / kQBlock;
+  const kernels::Isa isa = kernels::active_isa();
+  pool_.parallel_for(static_cast<int64_t>(n_head) * n_blocks, [&](int64_t wb, int64_t we, int tid) {
+    float* sc = scores_.data() + static_cast<size_t>(tid) * kQBlock * n_ctx_;  // [kQBlock][n_ctx]
     for (int64_t w = wb; w < we; ++w) {
-      const int t = static_cast<int>(w / n_head), h = static_cast<int>(w % n_head);
+      const int h = static_cast<int>(w % n_head), blk = static_cast<int>(w / n_head);
       const int kvh = h / group;
-      const float* q = q_.data() + (static_cast<size_t>(t) * n_head + h) * hd;
-      const int len = pos[t] + 1;  // causal: keys at positions 0..pos[t]
-      for (int p = 0; p < len; ++p) sc[p] = kernels::dot_f32(q, kc + static_cast<size_t>(p) * kv_dim + kvh * hd, hd) * scale;
-      kernels::softmax(sc, len);
-      float* out = att_.data() + (static_cast<size_t>(t) * n_head + h) * hd;
-      std::memset(out, 0, hd * sizeof(float));
-      for (int p = 0; p < len; ++p) kernels::axpy(out, vc + static_cast<size_t>(p) * kv_dim + kvh * hd, sc[p], hd);
+      const int t0 = blk * kQBlock, nt = std::min(kQBlock, n - t0);
+      const int len = pos[t0 + nt - 1] + 1;  // keys needed by the last query of the tile
+      const float* q = q_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
+      kernels::gemm_f32(kc + kvh * hd, kv_dim, len, q, q_dim, nt, hd, sc, n_ctx_, isa);
+      for (int t = 0; t < nt; ++t) {
+        float* row = sc + static_cast<size_t>(t) * n_ctx_;
+        const int lt = pos[t0 + t] + 1;  // causal mask: later keys get zero weight
+        for (int p = 0; p < lt; ++p) row[p] *= scale;
+        kernels::softmax(row, lt);
+        for (int p = lt; p < len; ++p) row[p] = 0.f;
+      }
+      float* out = att_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
+      for (int t = 0; t < nt; ++t) std::memset(out + static_cast<size_t>(t) * q_dim, 0, hd * sizeof(float));
+      kernels::pv_accumulate(sc, n_ctx_, nt, vc + kvh * hd, kv_dim, len, hd, out, q_dim, isa);
     }
   });
 }

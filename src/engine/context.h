@@ -56,7 +56,8 @@ class Context {
   // Activations, [n_batch][...] f32.
   std::vector<float> x_, xb_, q_, k_, v_, att_, hb_, hb2_;
   std::vector<float> cos_, sin_;  // [n_batch][head_dim/2]
-  std::vector<float> scores_;     // [n_threads][n_ctx]
+  static constexpr int kQBlock = 12;  // queries per attention tile
+  std::vector<float> scores_;     // [n_threads][kQBlock][n_ctx]
   std::vector<int> pos_;          // [n_batch]
   std::vector<float> last_logits_;  // [n_vocab]
 };

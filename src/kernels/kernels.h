@@ -59,8 +59,14 @@ float dot_row(DType t, const void* w, const void* x, int64_t n);
 
 // Scratch that matmul reuses between calls (no per-token allocation).
 struct MatmulScratch {
-  std::vector<uint8_t> xq;  // activations converted to the weight's vec_dot_type
+  std::vector<uint8_t> xq;                // activations converted to the weight's vec_dot_type
+  std::vector<std::vector<float>> wbuf;   // [thread] weight rows dequantized to f32 for prefill
 };
+
+// Batches of at least this many tokens use the GEMM path: weight rows are dequantized
+// to f32 chunk by chunk and multiplied with unquantized f32 activations by register
+// tiles. Smaller batches (decode) use the type's dot product on quantized activations.
+constexpr int64_t kGemmMinTokens = 8;
 
 // y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < W.rows().
 // x: [n_tokens][W.cols()] f32, y: [n_tokens][ldy] f32 (ldy >= W.rows()).

@@ -3,6 +3,7 @@
 
 #include "core/result.h"
 #include "core/thread_pool.h"
+#include "kernels/gemm.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
 
@@ -15,6 +16,33 @@ void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t
   LARDER_ASSERT(tr != nullptr);
   const size_t rb = row_bytes(W.type, cols);
   const auto* wbase = static_cast<const uint8_t*>(W.data);
+  const Isa isa = active_isa();
+  if (n_tokens >= kGemmMinTokens) {
+    // Chunks of rows sized to stay in L2 (f32) are reused for every token.
+    int64_t chunk = std::clamp<int64_t>((256 * 1024) / (cols * 4), 4, 64) / 4 * 4;
+    const int64_t nchunks = (rows + chunk - 1) / chunk;
+    const bool direct = W.type == DType::F32;
+    if (!direct) {
+      if (static_cast<int>(scratch.wbuf.size()) < pool.size()) scratch.wbuf.resize(pool.size());
+      for (auto& b : scratch.wbuf)
+        if (static_cast<int64_t>(b.size()) < chunk * cols) b.resize(chunk * cols);
+    }
+    pool.parallel_for(nchunks, [&](int64_t b, int64_t e, int tid) {
+      for (int64_t c = b; c < e; ++c) {
+        const int64_t r0 = c * chunk, nr = std::min(rows, r0 + chunk) - r0;
+        const float* wf;
+        if (direct) {
+          wf = reinterpret_cast<const float*>(wbase + r0 * rb);
+        } else {
+          float* buf = scratch.wbuf[tid].data();
+          for (int64_t r = 0; r < nr; ++r) tr->to_float(wbase + (r0 + r) * rb, buf + r * cols, cols);
+          wf = buf;
+        }
+        gemm_f32(wf, cols, nr, x, cols, n_tokens, cols, y + r0, ldy, isa);
+      }
+    });
+    return;
+  }
   // Activations in the format the weight type's dot product consumes.
   const uint8_t* xa = reinterpret_cast<const uint8_t*>(x);
   size_t xrb = cols * sizeof(float);
@@ -29,7 +57,7 @@ void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t
     });
     xa = q;
   }
-  const VecDotFn dot = vec_dot_fn(W.type, active_isa());
+  const VecDotFn dot = vec_dot_fn(W.type, isa);
   // Rows are split across threads; within a chunk a small block of weight rows is
   // reused for every token so prefill reads each weight once from memory.
   constexpr int64_t kRowBlock = 16;

@@ -1,0 +1,18 @@
+#pragma once
+#include <cstdint>
+
+#include "kernels/kernels.h"
+
+namespace larder::kernels {
+
+// y[t*ldy + r] = sum_k w[r*ldw + k] * x[t*ldx + k] for r < rows, t < n_tok (f32).
+void gemm_f32(const float* w, int64_t ldw, int64_t rows, const float* x, int64_t ldx, int64_t n_tok, int64_t K,
+              float* y, int64_t ldy, Isa isa);
+
+}  // namespace larder::kernels
+
+namespace larder::kernels {
+// out[t*ldo + d] += sum_{p < len} P[t*ldp + p] * V[p*ldv + d] for t < nt, d < hd.
+void pv_accumulate(const float* P, int64_t ldp, int64_t nt, const float* V, int64_t ldv, int64_t len, int hd,
+                   float* out, int64_t ldo, Isa isa);
+}  // namespace larder::kernels
