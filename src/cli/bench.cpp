@@ -79,6 +79,7 @@ int cmd_bench(Args& a) {
         cp.n_threads = nt;
         cp.n_ctx = t.n_prompt + t.n_gen + 1;
         cp.n_batch = std::max(1, t.n_prompt);
+        cp.w8a8 = a.w8a8;
         auto cr = Context::create(m, cp);
         if (!cr.ok()) return fail(cr.error());
         Context& ctx = **cr;
@@ -111,14 +112,14 @@ int cmd_bench(Args& a) {
         std::string test = t.n_prompt ? "pp" + std::to_string(t.n_prompt) : "tg" + std::to_string(t.n_gen);
         long rss = peak_rss_bytes();
         if (a.out_format == "md") {
-          std::printf("| %s | %.2f MiB | %.2f M | %d | %s | %.2f ± %.2f | %.1f MiB |\n", path.c_str(),
+          std::printf("| %s%s | %.2f MiB | %.2f M | %d | %s | %.2f ± %.2f | %.1f MiB |\n", path.c_str(), a.w8a8 ? " (w8a8)" : "",
                       m.weight_bytes() / 1048576.0, n_params / 1e6, nt, test.c_str(), mean, sd, rss / 1048576.0);
           std::fflush(stdout);
         }
         results.push_back({{"model_filename", path}, {"model_type", m.cfg.arch}, {"model_size", m.weight_bytes()},
                            {"model_n_params", n_params}, {"n_threads", nt}, {"n_prompt", t.n_prompt},
                            {"n_gen", t.n_gen}, {"avg_ts", mean}, {"stddev_ts", sd}, {"samples_ts", ts},
-                           {"cpu_info", kernels::isa_name(kernels::active_isa())}, {"peak_rss_bytes", rss}});
+                           {"cpu_info", kernels::isa_name(kernels::active_isa())}, {"w8a8", a.w8a8}, {"peak_rss_bytes", rss}});
       }
     }
   }

@@ -71,6 +71,7 @@ int cmd_run(Args& a) {
   cp.n_ctx = a.n_ctx;
   cp.n_threads = a.n_threads;
   cp.n_batch = a.n_batch;
+  cp.w8a8 = a.w8a8;
   if (a.n_ctx < 0 || a.n_threads < 0 || a.n_batch <= 0) return fail("context size, threads and batch size must be positive");
   auto cr = Context::create(m, cp);
   if (!cr.ok()) return fail(cr.error());
@@ -317,6 +318,7 @@ int cmd_logits(Args& a) {
   cp.n_threads = a.n_threads;
   cp.n_batch = a.n_batch;
   cp.n_ctx = a.n_ctx > 0 ? a.n_ctx : static_cast<int>(ids.size()) + std::max(a.greedy, 0) + 1;
+  cp.w8a8 = a.w8a8;
   auto cr = Context::create(m, cp);
   if (!cr.ok()) return fail(cr.error());
   Context& ctx = **cr;

@@ -20,6 +20,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"run", "--repeat-last-n", "", "tokens considered by the penalties", &a.repeat_last_n},
       {"run", "--frequency-penalty", "", "frequency penalty (0 = off)", &a.freq_penalty},
       {"run", "--presence-penalty", "", "presence penalty (0 = off)", &a.presence_penalty},
+      {"run,logits,bench,perplexity", "--w8a8", "LARDER_W8A8", "int8 prefill with shadow outliers (weights repacked to int8 per row)", &a.w8a8},
       {"run,synth", "-s,--seed", "LARDER_SEED", "random seed (-1 = random)", &a.seed},
       {"run", "--ignore-eos", "", "keep generating after end-of-sequence", &a.ignore_eos},
       {"run", "--no-display-prompt", "", "don't echo the prompt", &a.no_display_prompt},

@@ -27,6 +27,7 @@ struct Args {
   float presence_penalty = 0.0f;
   int64_t seed = -1;
   bool ignore_eos = false;
+  bool w8a8 = false;
   bool no_display_prompt = false;
   // tokenize
   bool ids_only = false;

@@ -24,13 +24,13 @@ Result<std::unique_ptr<Context>> Context::create(const Model& model, const Conte
     return make_error("KV cache for context %d would need %.1f GiB of %.1f GiB memory; use a smaller -c", n_ctx,
                       kv_bytes / (1ull << 30), phys / (1ull << 30));
   try {
-    return std::unique_ptr<Context>(new Context(model, n_ctx, n_threads, n_batch));
+    return std::unique_ptr<Context>(new Context(model, n_ctx, n_threads, n_batch, p.w8a8));
   } catch (const std::bad_alloc&) {
     return make_error("out of memory allocating the context (ctx %d); use a smaller -c", n_ctx);
   }
 }
 
-Context::Context(const Model& m, int n_ctx, int n_threads, int n_batch)
+Context::Context(const Model& m, int n_ctx, int n_threads, int n_batch, bool w8a8)
     : model_(m), n_ctx_(n_ctx), n_batch_(n_batch), pool_(n_threads) {
   const ModelConfig& c = m.cfg;
   const int hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd;
@@ -55,6 +55,11 @@ Context::Context(const Model& m, int n_ctx, int n_threads, int n_batch)
   scores_.resize(static_cast<size_t>(n_threads) * kQBlock * n_ctx);
   pos_.resize(n_batch);
   last_logits_.resize(c.n_vocab);
+  if (w8a8) {
+    auto q = [&](const Tensor& t) { return kernels::w8_from_tensor(t.type, t.data, t.rows(), t.cols(), pool_); };
+    for (const LayerWeights& L : m.layers)
+      w8_.push_back({q(L.wq), q(L.wk), q(L.wv), q(L.wo), q(L.ffn_gate), q(L.ffn_up), q(L.ffn_down)});
+  }
   // Largest activation format is q8_0-like (34 bytes per 32 values); reserve once.
   scratch_.xq.reserve(static_cast<size_t>(n_batch) * (std::max(c.n_embd, c.n_ff) / 32 + 1) * 40);
 }
@@ -132,6 +137,13 @@ void Context::attention(int layer, int n, const int* pos) {
   });
 }
 
+void Context::mm(const Tensor& W, const kernels::W8Tensor* w8, const float* x, int n, float* y, int64_t ldy) {
+  if (w8 && n >= kernels::kGemmMinTokens)
+    kernels::matmul_w8a8(*w8, x, n, y, ldy, pool_, w8_scratch_, kernels::active_isa(), &w8a8_stats_);
+  else
+    kernels::matmul(W, x, n, y, ldy, pool_, scratch_);
+}
+
 void Context::forward(const int32_t* tokens, int n, float* out_logits) {
   const ModelConfig& c = model_.cfg;
   const int E = c.n_embd, hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, F = c.n_ff;
@@ -153,11 +165,12 @@ void Context::forward(const int32_t* tokens, int n, float* out_logits) {
 
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& L = model_.layers[l];
+    const LayerW8* W8 = w8_.empty() ? nullptr : &w8_[l];
     const float* an = static_cast<const float*>(L.attn_norm.data);
     for (int t = 0; t < n; ++t) kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], an, E, c.rms_eps);
-    kernels::matmul(L.wq, xb_.data(), n, q_.data(), q_dim, pool_, scratch_);
-    kernels::matmul(L.wk, xb_.data(), n, k_.data(), kv_dim, pool_, scratch_);
-    kernels::matmul(L.wv, xb_.data(), n, v_.data(), kv_dim, pool_, scratch_);
+    mm(L.wq, W8 ? W8->wq.get() : nullptr, xb_.data(), n, q_.data(), q_dim);
+    mm(L.wk, W8 ? W8->wk.get() : nullptr, xb_.data(), n, k_.data(), kv_dim);
+    mm(L.wv, W8 ? W8->wv.get() : nullptr, xb_.data(), n, v_.data(), kv_dim);
     if (c.qkv_bias) {
       for (int t = 0; t < n; ++t) {
         kernels::axpy(&q_[static_cast<size_t>(t) * q_dim], static_cast<const float*>(L.bq.data), 1.f, q_dim);
@@ -172,15 +185,15 @@ void Context::forward(const int32_t* tokens, int n, float* out_logits) {
     std::memcpy(kc + static_cast<size_t>(n_past_) * kv_dim, k_.data(), static_cast<size_t>(n) * kv_dim * sizeof(float));
     std::memcpy(vc + static_cast<size_t>(n_past_) * kv_dim, v_.data(), static_cast<size_t>(n) * kv_dim * sizeof(float));
     attention(l, n, pos_.data());
-    kernels::matmul(L.wo, att_.data(), n, xb_.data(), E, pool_, scratch_);
+    mm(L.wo, W8 ? W8->wo.get() : nullptr, att_.data(), n, xb_.data(), E);
     for (int t = 0; t < n; ++t) kernels::axpy(&x_[static_cast<size_t>(t) * E], &xb_[static_cast<size_t>(t) * E], 1.f, E);
 
     const float* fn = static_cast<const float*>(L.ffn_norm.data);
     for (int t = 0; t < n; ++t) kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], fn, E, c.rms_eps);
-    kernels::matmul(L.ffn_gate, xb_.data(), n, hb_.data(), F, pool_, scratch_);
-    kernels::matmul(L.ffn_up, xb_.data(), n, hb2_.data(), F, pool_, scratch_);
+    mm(L.ffn_gate, W8 ? W8->gate.get() : nullptr, xb_.data(), n, hb_.data(), F);
+    mm(L.ffn_up, W8 ? W8->up.get() : nullptr, xb_.data(), n, hb2_.data(), F);
     kernels::swiglu(hb_.data(), hb_.data(), hb2_.data(), static_cast<int64_t>(n) * F);
-    kernels::matmul(L.ffn_down, hb_.data(), n, xb_.data(), E, pool_, scratch_);
+    mm(L.ffn_down, W8 ? W8->down.get() : nullptr, hb_.data(), n, xb_.data(), E);
     for (int t = 0; t < n; ++t) kernels::axpy(&x_[static_cast<size_t>(t) * E], &xb_[static_cast<size_t>(t) * E], 1.f, E);
   }
   const float* on = static_cast<const float*>(model_.output_norm.data);

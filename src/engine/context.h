@@ -9,6 +9,7 @@
 #include "core/result.h"
 #include "core/thread_pool.h"
 #include "kernels/kernels.h"
+#include "kernels/w8a8.h"
 #include "model/model.h"
 
 namespace larder {
@@ -17,6 +18,7 @@ struct ContextParams {
   int n_ctx = 0;      // 0 = the model's training context, capped at 4096
   int n_threads = 0;  // 0 = all cores
   int n_batch = 512;  // max tokens per forward pass (longer inputs are chunked)
+  bool w8a8 = false;  // int8 prefill with shadow outliers (weights repacked to int8 at create)
 };
 
 class Context {
@@ -37,13 +39,16 @@ class Context {
   void truncate(int n);
   void reset() { truncate(0); }
   const Model& model() const { return model_; }
+  const kernels::W8A8Stats& w8a8_stats() const { return w8a8_stats_; }
   size_t kv_bytes() const { return (k_cache_.size() + v_cache_.size()) * sizeof(float); }
 
  private:
-  Context(const Model& m, int n_ctx, int n_threads, int n_batch);
+  Context(const Model& m, int n_ctx, int n_threads, int n_batch, bool w8a8);
   void forward(const int32_t* tokens, int n, float* out_logits);
   void rope(float* x, int n_tok, int n_heads, const int* pos);
   void attention(int layer, int n, const int* pos);
+  // One way into every weight product: picks W8A8, GEMM or dot-product kernels.
+  void mm(const Tensor& W, const kernels::W8Tensor* w8, const float* x, int n, float* y, int64_t ldy);
 
   const Model& model_;
   int n_ctx_, n_batch_;
@@ -60,6 +65,12 @@ class Context {
   std::vector<float> scores_;     // [n_threads][kQBlock][n_ctx]
   std::vector<int> pos_;          // [n_batch]
   std::vector<float> last_logits_;  // [n_vocab]
+  struct LayerW8 {
+    std::unique_ptr<kernels::W8Tensor> wq, wk, wv, wo, gate, up, down;
+  };
+  std::vector<LayerW8> w8_;  // empty unless w8a8
+  kernels::W8A8Scratch w8_scratch_;
+  kernels::W8A8Stats w8a8_stats_;
 };
 
 }  // namespace larder
