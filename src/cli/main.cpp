@@ -44,7 +44,7 @@ int main(int argc, char** argv) {
       {"tokenize", "show the token ids of a text", cmd_tokenize},
       {"synth", "write a random-weight GGUF in a real model's shape", cmd_synth},
       {"quantize", "convert a model's weights: larder quantize IN OUT TYPE (f16 bf16 q8_0 q4_0 ... Q4_K_M)", cmd_quantize},
-      {"perplexity", "perplexity of a text (and KL divergence from a base model)", cmd_perplexity},
+      {"perplexity", "perplexity over non-overlapping CTX-token windows (each starts with BOS; the second half of each is scored, as llama.cpp does); --kl-base adds KL(base || model)", cmd_perplexity},
       {"bench", "measure prompt and generation tokens/s (llama-bench style)", cmd_bench},
       {"logits", "dump logits / greedy ids for token ids (for reference tests)", cmd_logits},
   };
