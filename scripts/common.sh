@@ -21,7 +21,7 @@ install_packages() {
   fi
 }
 
-BUILD_PACKAGES=(g++ cmake ninja-build pkg-config nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev)
+BUILD_PACKAGES=(g++ cmake ninja-build pkg-config nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev libxxhash-dev)
 TEST_PACKAGES=(python3 python3-numpy python3-torch python3-sentencepiece clang-14 libclang-rt-14-dev time)
 
 configure_and_build() {
