@@ -16,6 +16,8 @@ Result<std::unique_ptr<Context>> Context::create(const Model& model, const Conte
   int n_threads = p.n_threads > 0 ? p.n_threads : default_thread_count();
   if (n_threads > 256) return make_error("thread count %d is too large", n_threads);
   int n_batch = std::max(1, std::min(p.n_batch, n_ctx));
+  if (p.block_size <= 0 || p.block_size > 4096) return make_error("invalid KV block size %d", p.block_size);
+  if (p.max_seq_len < 0) return make_error("invalid max sequence length %d", p.max_seq_len);
   const ModelConfig& c = model.cfg;
   // Refuse KV caches that cannot fit rather than dying inside the allocator.
   double kv_bytes = 2.0 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * sizeof(float);
@@ -24,15 +26,19 @@ Result<std::unique_ptr<Context>> Context::create(const Model& model, const Conte
     return make_error("KV cache for context %d would need %.1f GiB of %.1f GiB memory; use a smaller -c", n_ctx,
                       kv_bytes / (1ull << 30), phys / (1ull << 30));
   try {
-    return std::unique_ptr<Context>(new Context(model, n_ctx, n_threads, n_batch, p.w8a8));
+    return std::unique_ptr<Context>(new Context(model, p, n_ctx, n_threads, n_batch));
   } catch (const std::bad_alloc&) {
     return make_error("out of memory allocating the context (ctx %d); use a smaller -c", n_ctx);
   }
 }
 
-Context::Context(const Model& m, int n_ctx, int n_threads, int n_batch, bool w8a8)
-    : model_(m), n_ctx_(n_ctx), n_batch_(n_batch), pool_(n_threads) {
+Context::Context(const Model& m, const ContextParams& p, int n_ctx, int n_threads, int n_batch)
+    : model_(m), n_batch_(n_batch), block_size_(p.block_size), pool_(n_threads) {
   const ModelConfig& c = m.cfg;
+  n_blocks_ = (n_ctx + block_size_ - 1) / block_size_;
+  n_ctx_ = n_ctx;
+  n_slots_ = n_blocks_ * block_size_;
+  max_seq_len_ = p.max_seq_len > 0 ? std::min(p.max_seq_len, n_ctx_) : n_ctx_;
   const int hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd;
   inv_freq_.resize(hd / 2);
   for (int i = 0; i < hd / 2; ++i) {
@@ -40,8 +46,10 @@ Context::Context(const Model& m, int n_ctx, int n_threads, int n_batch, bool w8a
     if (!c.rope_freq_factors.empty()) f /= c.rope_freq_factors[i];
     inv_freq_[i] = static_cast<float>(f);
   }
-  k_cache_.assign(static_cast<size_t>(c.n_layer) * n_ctx * kv_dim, 0.f);
-  v_cache_.assign(static_cast<size_t>(c.n_layer) * n_ctx * kv_dim, 0.f);
+  k_cache_.assign(static_cast<size_t>(c.n_layer) * n_slots_ * kv_dim, 0.f);
+  v_cache_.assign(static_cast<size_t>(c.n_layer) * n_slots_ * kv_dim, 0.f);
+  identity_table_.resize(n_blocks_);
+  for (int i = 0; i < n_blocks_; ++i) identity_table_[i] = i;
   x_.resize(static_cast<size_t>(n_batch) * c.n_embd);
   xb_.resize(static_cast<size_t>(n_batch) * std::max(c.n_embd, q_dim));
   q_.resize(static_cast<size_t>(n_batch) * q_dim);
@@ -52,16 +60,17 @@ Context::Context(const Model& m, int n_ctx, int n_threads, int n_batch, bool w8a
   hb2_.resize(static_cast<size_t>(n_batch) * c.n_ff);
   cos_.resize(static_cast<size_t>(n_batch) * hd / 2);
   sin_.resize(static_cast<size_t>(n_batch) * hd / 2);
-  scores_.resize(static_cast<size_t>(n_threads) * kQBlock * n_ctx);
+  scores_.resize(static_cast<size_t>(n_threads) * kQBlock * max_seq_len_);
   pos_.resize(n_batch);
+  tok_seq_.resize(n_batch);
   last_logits_.resize(c.n_vocab);
-  if (w8a8) {
+  // Largest activation format is q8_0-like (34 bytes per 32 values); reserve once.
+  scratch_.xq.reserve(static_cast<size_t>(n_batch) * (std::max(c.n_embd, c.n_ff) / 32 + 1) * 40);
+  if (p.w8a8) {
     auto q = [&](const Tensor& t) { return kernels::w8_from_tensor(t.type, t.data, t.rows(), t.cols(), pool_); };
     for (const LayerWeights& L : m.layers)
       w8_.push_back({q(L.wq), q(L.wk), q(L.wv), q(L.wo), q(L.ffn_gate), q(L.ffn_up), q(L.ffn_down)});
   }
-  // Largest activation format is q8_0-like (34 bytes per 32 values); reserve once.
-  scratch_.xq.reserve(static_cast<size_t>(n_batch) * (std::max(c.n_embd, c.n_ff) / 32 + 1) * 40);
 }
 
 void Context::truncate(int n) {
@@ -69,22 +78,86 @@ void Context::truncate(int n) {
   n_past_ = n;
 }
 
+void Context::copy_block(int32_t src, int32_t dst) {
+  LARDER_ASSERT(src >= 0 && src < n_blocks_ && dst >= 0 && dst < n_blocks_);
+  const size_t kv_dim = static_cast<size_t>(model_.cfg.n_head_kv) * model_.cfg.head_dim;
+  const size_t n = block_size_ * kv_dim;
+  for (int l = 0; l < model_.cfg.n_layer; ++l) {
+    const size_t base = static_cast<size_t>(l) * n_slots_ * kv_dim;
+    std::memcpy(&k_cache_[base + dst * n], &k_cache_[base + src * n], n * sizeof(float));
+    std::memcpy(&v_cache_[base + dst * n], &v_cache_[base + src * n], n * sizeof(float));
+  }
+}
+
 Status Context::decode(std::span<const int32_t> tokens, float* all_logits) {
   if (tokens.empty()) return make_error("decode: no tokens");
   if (n_past_ + static_cast<int64_t>(tokens.size()) > n_ctx_)
     return make_error("context is full: %d cached + %zu new tokens exceed the context size %d (use a larger -c)",
                       n_past_, tokens.size(), n_ctx_);
-  for (int32_t t : tokens)
-    if (t < 0 || t >= model_.cfg.n_vocab) return make_error("token id %d is out of range [0, %d)", t, model_.cfg.n_vocab);
   for (size_t off = 0; off < tokens.size(); off += n_batch_) {
-    int n = static_cast<int>(std::min<size_t>(n_batch_, tokens.size() - off));
-    forward(tokens.data() + off, n, all_logits ? all_logits + off * model_.cfg.n_vocab : nullptr);
+    const size_t n = std::min<size_t>(n_batch_, tokens.size() - off);
+    SeqBatch sb;
+    sb.tokens = tokens.subspan(off, n);
+    sb.block_table = identity_table_;
+    sb.n_kv = n_past_;
+    sb.all_logits = all_logits != nullptr;
+    sb.logits = all_logits ? all_logits + off * model_.cfg.n_vocab : last_logits_.data();
+    LARDER_CHECK_STATUS(decode_batch(std::span<const SeqBatch>(&sb, 1)));
+    n_past_ += static_cast<int>(n);
   }
+  if (all_logits)
+    std::memcpy(last_logits_.data(), all_logits + (tokens.size() - 1) * model_.cfg.n_vocab, model_.cfg.n_vocab * sizeof(float));
+  return Status::Ok();
+}
+
+Status Context::validate(std::span<const SeqBatch> batch, int* n_total) const {
+  int64_t total = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const SeqBatch& s = batch[i];
+    const int n = static_cast<int>(s.tokens.size());
+    if (n == 0) return make_error("sequence %zu of the batch has no tokens", i);
+    total += n;
+    if (!s.positions.empty() && s.positions.size() != s.tokens.size())
+      return make_error("sequence %zu: %zu positions for %d tokens", i, s.positions.size(), n);
+    if (s.n_kv < 0 || s.n_kv + n > max_seq_len_)
+      return make_error("sequence %zu: %d cached + %d new tokens exceed the maximum sequence length %d", i, s.n_kv, n,
+                        max_seq_len_);
+    const size_t need_blocks = (static_cast<size_t>(s.n_kv) + n + block_size_ - 1) / block_size_;
+    if (s.block_table.size() < need_blocks)
+      return make_error("sequence %zu: block table has %zu blocks, %zu needed", i, s.block_table.size(), need_blocks);
+    for (size_t b = 0; b < need_blocks; ++b)
+      if (s.block_table[b] < 0 || s.block_table[b] >= n_blocks_) return make_error("sequence %zu: bad block id %d", i, s.block_table[b]);
+    for (int32_t t : s.tokens)
+      if (t < 0 || t >= model_.cfg.n_vocab) return make_error("token id %d is out of range [0, %d)", t, model_.cfg.n_vocab);
+    for (int32_t p : s.positions)
+      if (p < 0 || p >= (1 << 24)) return make_error("position %d is out of range", p);
+    if (s.mask) {
+      if (s.mask->visible.size() != s.tokens.size()) return make_error("sequence %zu: mask has the wrong number of rows", i);
+      for (const auto& row : s.mask->visible) {
+        bool any = false;
+        for (auto [b, e] : row) {
+          if (b < 0 || e > s.n_kv + n || b > e) return make_error("sequence %zu: mask range [%d, %d) is out of bounds", i, b, e);
+          any |= e > b;
+        }
+        if (!any) return make_error("sequence %zu: a token sees no KV entry", i);
+      }
+    }
+  }
+  if (total > n_batch_) return make_error("batch of %lld tokens exceeds the batch size %d", static_cast<long long>(total), n_batch_);
+  *n_total = static_cast<int>(total);
+  return Status::Ok();
+}
+
+Status Context::decode_batch(std::span<const SeqBatch> batch) {
+  if (batch.empty()) return make_error("decode: empty batch");
+  int n = 0;
+  LARDER_CHECK_STATUS(validate(batch, &n));
+  forward(batch, n);
   return Status::Ok();
 }
 
 // Rotates q or k rows in place: x is [n_tok][n_heads][hd].
-void Context::rope(float* x, int n_tok, int n_heads, const int* pos) {
+void Context::rope(float* x, int n_tok, int n_heads) {
   const int hd = model_.cfg.head_dim, half = hd / 2;
   const bool neox = model_.cfg.rope_type == RopeType::NEOX;
   for (int t = 0; t < n_tok; ++t) {
@@ -102,37 +175,88 @@ void Context::rope(float* x, int n_tok, int n_heads, const int* pos) {
   }
 }
 
-// Causal attention of the batch's queries over the cache (which already holds the
-// batch's keys/values), in tiles of kQBlock queries of one head: scores for the tile
-// (never the full score matrix) come from the GEMM tiles, then softmax, then P.V.
-void Context::attention(int layer, int n, const int* pos) {
+// Attention of each sequence's new queries over its KV (already holding the new
+// keys/values), read through its block table, in tiles of kQBlock queries of one head:
+// scores for the tile come from GEMM tiles over runs of consecutive blocks (never the
+// full score matrix), then the mask and softmax, then P.V over the same runs.
+void Context::attention(int layer, std::span<const SeqBatch> batch) {
   const ModelConfig& c = model_.cfg;
   const int hd = c.head_dim, n_head = c.n_head, q_dim = n_head * hd, kv_dim = c.n_head_kv * hd;
   const int group = c.n_head / c.n_head_kv;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  const float* kc = k_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * kv_dim;
-  const float* vc = v_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * kv_dim;
-  const int n_blocks = (n + kQBlock - 1) / kQBlock;
+  const float* kc = k_cache_.data() + static_cast<size_t>(layer) * n_slots_ * kv_dim;
+  const float* vc = v_cache_.data() + static_cast<size_t>(layer) * n_slots_ * kv_dim;
   const kernels::Isa isa = kernels::active_isa();
-  pool_.parallel_for(static_cast<int64_t>(n_head) * n_blocks, [&](int64_t wb, int64_t we, int tid) {
-    float* sc = scores_.data() + static_cast<size_t>(tid) * kQBlock * n_ctx_;  // [kQBlock][n_ctx]
+  // Work items: (sequence, query tile, head).
+  std::vector<int>& seq_off = seq_off_;
+  int64_t n_items = 0;
+  std::vector<std::pair<int, int>> tiles;  // (sequence, first local token)
+  tiles.reserve(batch.size() * 4);
+  for (size_t s = 0; s < batch.size(); ++s)
+    for (int t = 0; t < static_cast<int>(batch[s].tokens.size()); t += kQBlock) tiles.emplace_back(static_cast<int>(s), t);
+  n_items = static_cast<int64_t>(tiles.size()) * n_head;
+  const int ld = max_seq_len_;
+  pool_.parallel_for(n_items, [&](int64_t wb, int64_t we, int tid) {
+    float* sc = scores_.data() + static_cast<size_t>(tid) * kQBlock * ld;  // [kQBlock][max_seq_len]
     for (int64_t w = wb; w < we; ++w) {
-      const int h = static_cast<int>(w % n_head), blk = static_cast<int>(w / n_head);
+      const int h = static_cast<int>(w % n_head);
+      const auto [si, lt0] = tiles[w / n_head];
+      const SeqBatch& s = batch[si];
       const int kvh = h / group;
-      const int t0 = blk * kQBlock, nt = std::min(kQBlock, n - t0);
-      const int len = pos[t0 + nt - 1] + 1;  // keys needed by the last query of the tile
+      const int nt = std::min(kQBlock, static_cast<int>(s.tokens.size()) - lt0);
+      // Logical KV length the tile needs.
+      int len = 0;
+      if (s.mask) {
+        for (int i = 0; i < nt; ++i)
+          for (auto [b, e] : s.mask->visible[lt0 + i]) len = std::max(len, e);
+      } else {
+        len = s.n_kv + lt0 + nt;
+      }
+      const int t0 = seq_off[si] + lt0;  // batch row of the tile's first token
       const float* q = q_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
-      kernels::gemm_f32(kc + kvh * hd, kv_dim, len, q, q_dim, nt, hd, sc, n_ctx_, isa);
-      for (int t = 0; t < nt; ++t) {
-        float* row = sc + static_cast<size_t>(t) * n_ctx_;
-        const int lt = pos[t0 + t] + 1;  // causal mask: later keys get zero weight
-        for (int p = 0; p < lt; ++p) row[p] *= scale;
-        kernels::softmax(row, lt);
-        for (int p = lt; p < len; ++p) row[p] = 0.f;
+      // Scores over runs of physically consecutive blocks.
+      for (int j0 = 0; j0 < len;) {
+        int blk = j0 / block_size_, j1 = std::min(len, (blk + 1) * block_size_);
+        while (j1 < len && s.block_table[j1 / block_size_] == s.block_table[blk] + (j1 / block_size_ - blk))
+          j1 = std::min(len, j1 + block_size_);
+        kernels::gemm_f32(kc + slot(s, j0) * kv_dim + kvh * hd, kv_dim, j1 - j0, q, q_dim, nt, hd, sc + j0, ld, isa);
+        j0 = j1;
+      }
+      for (int i = 0; i < nt; ++i) {
+        float* row = sc + static_cast<size_t>(i) * ld;
+        if (!s.mask) {
+          const int lt = s.n_kv + lt0 + i + 1;  // causal
+          for (int p = 0; p < lt; ++p) row[p] *= scale;
+          kernels::softmax(row, lt);
+          for (int p = lt; p < len; ++p) row[p] = 0.f;
+        } else {
+          const auto& vis = s.mask->visible[lt0 + i];
+          float mx = -INFINITY;
+          for (auto [b, e] : vis)
+            for (int p = b; p < e; ++p) mx = std::max(mx, row[p] * scale);
+          std::vector<char> seen;  // ranges may overlap: mark to count each entry once
+          seen.assign(len, 0);
+          double sum = 0;
+          for (auto [b, e] : vis)
+            for (int p = b; p < e; ++p)
+              if (!seen[p]) {
+                seen[p] = 1;
+                row[p] = std::exp(row[p] * scale - mx);
+                sum += row[p];
+              }
+          const float inv = static_cast<float>(1.0 / sum);
+          for (int p = 0; p < len; ++p) row[p] = seen[p] ? row[p] * inv : 0.f;
+        }
       }
       float* out = att_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
-      for (int t = 0; t < nt; ++t) std::memset(out + static_cast<size_t>(t) * q_dim, 0, hd * sizeof(float));
-      kernels::pv_accumulate(sc, n_ctx_, nt, vc + kvh * hd, kv_dim, len, hd, out, q_dim, isa);
+      for (int i = 0; i < nt; ++i) std::memset(out + static_cast<size_t>(i) * q_dim, 0, hd * sizeof(float));
+      for (int j0 = 0; j0 < len;) {
+        int blk = j0 / block_size_, j1 = std::min(len, (blk + 1) * block_size_);
+        while (j1 < len && s.block_table[j1 / block_size_] == s.block_table[blk] + (j1 / block_size_ - blk))
+          j1 = std::min(len, j1 + block_size_);
+        kernels::pv_accumulate(sc + j0, ld, nt, vc + slot(s, j0) * kv_dim + kvh * hd, kv_dim, j1 - j0, hd, out, q_dim, isa);
+        j0 = j1;
+      }
     }
   });
 }
@@ -144,24 +268,30 @@ void Context::mm(const Tensor& W, const kernels::W8Tensor* w8, const float* x, i
     kernels::matmul(W, x, n, y, ldy, pool_, scratch_);
 }
 
-void Context::forward(const int32_t* tokens, int n, float* out_logits) {
+void Context::forward(std::span<const SeqBatch> batch, int n) {
   const ModelConfig& c = model_.cfg;
   const int E = c.n_embd, hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, F = c.n_ff;
   const int half = hd / 2;
-  for (int t = 0; t < n; ++t) {
-    pos_[t] = n_past_ + t;
-    double p = static_cast<double>(pos_[t]) * c.rope_freq_scale;
-    for (int i = 0; i < half; ++i) {
-      double ang = p * inv_freq_[i];
-      cos_[static_cast<size_t>(t) * half + i] = static_cast<float>(std::cos(ang));
-      sin_[static_cast<size_t>(t) * half + i] = static_cast<float>(std::sin(ang));
+  seq_off_.assign(batch.size() + 1, 0);
+  for (size_t s = 0; s < batch.size(); ++s) seq_off_[s + 1] = seq_off_[s] + static_cast<int>(batch[s].tokens.size());
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const SeqBatch& sb = batch[s];
+    for (int i = 0; i < static_cast<int>(sb.tokens.size()); ++i) {
+      const int t = seq_off_[s] + i;
+      tok_seq_[t] = static_cast<int>(s);
+      pos_[t] = sb.positions.empty() ? sb.n_kv + i : sb.positions[i];
+      const double p = static_cast<double>(pos_[t]) * c.rope_freq_scale;
+      for (int k = 0; k < half; ++k) {
+        const double ang = p * inv_freq_[k];
+        cos_[static_cast<size_t>(t) * half + k] = static_cast<float>(std::cos(ang));
+        sin_[static_cast<size_t>(t) * half + k] = static_cast<float>(std::sin(ang));
+      }
+      // Embedding lookup: x [n][E]
+      const size_t erb = row_bytes(model_.tok_embd.type, E);
+      kernels::dequantize_row(model_.tok_embd.type, static_cast<const uint8_t*>(model_.tok_embd.data) + sb.tokens[i] * erb,
+                              x_.data() + static_cast<size_t>(t) * E, E);
     }
   }
-  // Embedding lookup: x [n][E]
-  const size_t erb = row_bytes(model_.tok_embd.type, E);
-  for (int t = 0; t < n; ++t)
-    kernels::dequantize_row(model_.tok_embd.type, static_cast<const uint8_t*>(model_.tok_embd.data) + tokens[t] * erb,
-                            x_.data() + static_cast<size_t>(t) * E, E);
 
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& L = model_.layers[l];
@@ -178,13 +308,17 @@ void Context::forward(const int32_t* tokens, int n, float* out_logits) {
         kernels::axpy(&v_[static_cast<size_t>(t) * kv_dim], static_cast<const float*>(L.bv.data), 1.f, kv_dim);
       }
     }
-    rope(q_.data(), n, c.n_head, pos_.data());
-    rope(k_.data(), n, c.n_head_kv, pos_.data());
-    float* kc = k_cache_.data() + static_cast<size_t>(l) * n_ctx_ * kv_dim;
-    float* vc = v_cache_.data() + static_cast<size_t>(l) * n_ctx_ * kv_dim;
-    std::memcpy(kc + static_cast<size_t>(n_past_) * kv_dim, k_.data(), static_cast<size_t>(n) * kv_dim * sizeof(float));
-    std::memcpy(vc + static_cast<size_t>(n_past_) * kv_dim, v_.data(), static_cast<size_t>(n) * kv_dim * sizeof(float));
-    attention(l, n, pos_.data());
+    rope(q_.data(), n, c.n_head);
+    rope(k_.data(), n, c.n_head_kv);
+    float* kc = k_cache_.data() + static_cast<size_t>(l) * n_slots_ * kv_dim;
+    float* vc = v_cache_.data() + static_cast<size_t>(l) * n_slots_ * kv_dim;
+    for (int t = 0; t < n; ++t) {
+      const SeqBatch& sb = batch[tok_seq_[t]];
+      const size_t sl = slot(sb, sb.n_kv + (t - seq_off_[tok_seq_[t]]));
+      std::memcpy(kc + sl * kv_dim, &k_[static_cast<size_t>(t) * kv_dim], kv_dim * sizeof(float));
+      std::memcpy(vc + sl * kv_dim, &v_[static_cast<size_t>(t) * kv_dim], kv_dim * sizeof(float));
+    }
+    attention(l, batch);
     mm(L.wo, W8 ? W8->wo.get() : nullptr, att_.data(), n, xb_.data(), E);
     for (int t = 0; t < n; ++t) kernels::axpy(&x_[static_cast<size_t>(t) * E], &xb_[static_cast<size_t>(t) * E], 1.f, E);
 
@@ -196,16 +330,32 @@ void Context::forward(const int32_t* tokens, int n, float* out_logits) {
     mm(L.ffn_down, W8 ? W8->down.get() : nullptr, hb_.data(), n, xb_.data(), E);
     for (int t = 0; t < n; ++t) kernels::axpy(&x_[static_cast<size_t>(t) * E], &xb_[static_cast<size_t>(t) * E], 1.f, E);
   }
+  // Output: all rows of all_logits sequences go straight to their buffers; the last
+  // rows of the others are gathered into one product.
   const float* on = static_cast<const float*>(model_.output_norm.data);
-  if (out_logits) {
-    for (int t = 0; t < n; ++t) kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], on, E, c.rms_eps);
-    kernels::matmul(model_.output, xb_.data(), n, out_logits, c.n_vocab, pool_, scratch_);
-    std::memcpy(last_logits_.data(), out_logits + static_cast<size_t>(n - 1) * c.n_vocab, c.n_vocab * sizeof(float));
-  } else {
-    kernels::rmsnorm(xb_.data(), &x_[static_cast<size_t>(n - 1) * E], on, E, c.rms_eps);
-    kernels::matmul(model_.output, xb_.data(), 1, last_logits_.data(), c.n_vocab, pool_, scratch_);
+  const int V = c.n_vocab;
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const SeqBatch& sb = batch[s];
+    if (!sb.logits || !sb.all_logits) continue;
+    const int t0 = seq_off_[s], nt = static_cast<int>(sb.tokens.size());
+    for (int t = 0; t < nt; ++t)
+      kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t0 + t) * E], on, E, c.rms_eps);
+    kernels::matmul(model_.output, xb_.data(), nt, sb.logits, V, pool_, scratch_);
   }
-  n_past_ += n;
+  int n_last = 0;
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const SeqBatch& sb = batch[s];
+    if (!sb.logits || sb.all_logits) continue;
+    kernels::rmsnorm(&xb_[static_cast<size_t>(n_last) * E], &x_[static_cast<size_t>(seq_off_[s + 1] - 1) * E], on, E, c.rms_eps);
+    ++n_last;
+  }
+  if (n_last > 0) {
+    if (out_rows_.size() < static_cast<size_t>(n_last) * V) out_rows_.resize(static_cast<size_t>(n_last) * V);
+    kernels::matmul(model_.output, xb_.data(), n_last, out_rows_.data(), V, pool_, scratch_);
+    int k = 0;
+    for (const SeqBatch& sb : batch)
+      if (sb.logits && !sb.all_logits) std::memcpy(sb.logits, &out_rows_[static_cast<size_t>(k++) * V], V * sizeof(float));
+  }
 }
 
 }  // namespace larder

@@ -1,9 +1,15 @@
-// Inference context: one sequence's KV cache plus preallocated activation buffers.
-// decode() takes a batch of tokens; prefill runs as matrix-matrix work.
+// Inference context: a paged KV pool plus preallocated activation buffers.
+//
+// decode_batch() runs one forward pass over several sequences at once (continuous
+// batching): each brings its new tokens, their positions, the block table that maps
+// its logical KV indices to blocks of the pool, and optionally a visibility mask.
+// decode() is the single-sequence convenience used by the CLI: it owns sequence 0
+// with an identity block table.
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "core/result.h"
@@ -15,55 +21,92 @@
 namespace larder {
 
 struct ContextParams {
-  int n_ctx = 0;      // 0 = the model's training context, capped at 4096
-  int n_threads = 0;  // 0 = all cores
-  int n_batch = 512;  // max tokens per forward pass (longer inputs are chunked)
-  bool w8a8 = false;  // int8 prefill with shadow outliers (weights repacked to int8 at create)
+  int n_ctx = 0;          // KV pool size in tokens (0 = the model's training context, capped at 4096)
+  int n_threads = 0;      // 0 = all cores
+  int n_batch = 512;      // max tokens per forward pass (decode() chunks longer inputs)
+  int block_size = 16;    // tokens per KV block
+  int max_seq_len = 0;    // longest sequence attention must handle (0 = n_ctx)
+  bool w8a8 = false;      // int8 prefill with shadow outliers (weights repacked to int8 at create)
+};
+
+// Which logical KV entries each new token may attend to. Empty = causal (token i of a
+// sequence sees entries [0, n_kv + i]). Otherwise one list of [begin, end) ranges per
+// token (parallel context encoding and tree verification need non-causal shapes).
+struct AttnMask {
+  std::vector<std::vector<std::pair<int, int>>> visible;
+};
+
+struct SeqBatch {
+  std::span<const int32_t> tokens;       // new tokens
+  std::span<const int32_t> positions;    // RoPE positions; empty = n_kv, n_kv+1, ...
+  std::span<const int32_t> block_table;  // pool blocks holding logical KV [0, n_kv + tokens)
+  int n_kv = 0;                          // KV entries already stored for this sequence
+  const AttnMask* mask = nullptr;        // nullptr = causal
+  float* logits = nullptr;               // [tokens][vocab] if all_logits, else [vocab] for the last token
+  bool all_logits = false;
 };
 
 class Context {
  public:
   static Result<std::unique_ptr<Context>> create(const Model& model, const ContextParams& p);
 
-  // Appends tokens at positions n_past.. and runs the forward pass. If all_logits is
-  // non-null it receives [tokens.size()][n_vocab] logits; the last token's logits are
-  // always available from logits() afterwards.
-  Status decode(std::span<const int32_t> tokens, float* all_logits = nullptr);
+  // Multi-sequence forward pass. Writes each token's K/V into its slot, then attends.
+  // The total number of tokens must not exceed n_batch().
+  Status decode_batch(std::span<const SeqBatch> batch);
 
+  // Single sequence (sequence 0, identity block table): appends tokens at n_past and
+  // runs the forward pass, chunked by n_batch. all_logits receives [tokens][n_vocab];
+  // the last token's logits are always available from logits().
+  Status decode(std::span<const int32_t> tokens, float* all_logits = nullptr);
   const float* logits() const { return last_logits_.data(); }
-  int n_vocab() const { return model_.cfg.n_vocab; }
   int n_past() const { return n_past_; }
-  int n_ctx() const { return n_ctx_; }
-  int n_threads() const { return pool_.size(); }
   // Forgets cached positions >= n (n <= n_past).
   void truncate(int n);
   void reset() { truncate(0); }
+
+  // Copies one pool block's K/V (all layers) to another (copy-on-write).
+  void copy_block(int32_t src, int32_t dst);
+
+  int n_vocab() const { return model_.cfg.n_vocab; }
+  int n_ctx() const { return n_ctx_; }
+  int n_batch() const { return n_batch_; }
+  int n_blocks() const { return n_blocks_; }
+  int block_size() const { return block_size_; }
+  int n_threads() const { return pool_.size(); }
   const Model& model() const { return model_; }
-  const kernels::W8A8Stats& w8a8_stats() const { return w8a8_stats_; }
   size_t kv_bytes() const { return (k_cache_.size() + v_cache_.size()) * sizeof(float); }
+  const kernels::W8A8Stats& w8a8_stats() const { return w8a8_stats_; }
 
  private:
-  Context(const Model& m, int n_ctx, int n_threads, int n_batch, bool w8a8);
-  void forward(const int32_t* tokens, int n, float* out_logits);
-  void rope(float* x, int n_tok, int n_heads, const int* pos);
-  void attention(int layer, int n, const int* pos);
+  Context(const Model& m, const ContextParams& p, int n_ctx, int n_threads, int n_batch);
+  Status validate(std::span<const SeqBatch> batch, int* n_total) const;
+  void forward(std::span<const SeqBatch> batch, int n);
+  void rope(float* x, int n_tok, int n_heads);
+  void attention(int layer, std::span<const SeqBatch> batch);
   // One way into every weight product: picks W8A8, GEMM or dot-product kernels.
   void mm(const Tensor& W, const kernels::W8Tensor* w8, const float* x, int n, float* y, int64_t ldy);
+  size_t slot(const SeqBatch& s, int kv_index) const {
+    return static_cast<size_t>(s.block_table[kv_index / block_size_]) * block_size_ + kv_index % block_size_;
+  }
 
   const Model& model_;
-  int n_ctx_, n_batch_;
+  int n_ctx_, n_batch_, block_size_, n_blocks_, n_slots_, max_seq_len_;
   int n_past_ = 0;
   ThreadPool pool_;
   kernels::MatmulScratch scratch_;
   std::vector<float> inv_freq_;   // [head_dim/2] RoPE inverse frequencies (scaling applied)
-  std::vector<float> k_cache_;    // [n_layer][n_ctx][n_kv*hd] f32
-  std::vector<float> v_cache_;    // [n_layer][n_ctx][n_kv*hd] f32
+  std::vector<float> k_cache_;    // [n_layer][n_slots = n_blocks*block_size][n_kv*hd] f32
+  std::vector<float> v_cache_;    // same
+  std::vector<int32_t> identity_table_;  // blocks 0..n_blocks-1, for decode()
   // Activations, [n_batch][...] f32.
   std::vector<float> x_, xb_, q_, k_, v_, att_, hb_, hb2_;
   std::vector<float> cos_, sin_;  // [n_batch][head_dim/2]
   static constexpr int kQBlock = 12;  // queries per attention tile
-  std::vector<float> scores_;     // [n_threads][kQBlock][n_ctx]
-  std::vector<int> pos_;          // [n_batch]
+  std::vector<float> scores_;     // [n_threads][kQBlock][max_seq_len]
+  std::vector<int> pos_;          // [n_batch] positions of the batch's tokens
+  std::vector<int> tok_seq_;      // [n_batch] index of the sequence each token belongs to
+  std::vector<int> seq_off_;      // [batch size + 1] first token of each sequence
+  std::vector<float> out_rows_;   // [n_batch][n_vocab] logits staging when rows are gathered
   std::vector<float> last_logits_;  // [n_vocab]
   struct LayerW8 {
     std::unique_ptr<kernels::W8Tensor> wq, wk, wv, wo, gate, up, down;
