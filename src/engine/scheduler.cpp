@@ -1,0 +1,373 @@
+#include "engine/scheduler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+namespace larder {
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::Stop: return "stop";
+    case FinishReason::Length: return "length";
+    case FinishReason::Cancelled: return "cancelled";
+    case FinishReason::Error: return "error";
+    default: return "none";
+  }
+}
+
+struct Scheduler::Seq {
+  uint64_t id = 0;
+  GenRequest req;
+  TokenCallback cb;
+  std::vector<int32_t> tokens;  // prompt + generated; KV of [0, n_computed) is in the cache
+  int n_prompt = 0;
+  int n_generated = 0;
+  int n_computed = 0;
+  int cached_tokens = 0;        // prefix hit at first admission (reported in usage)
+  bool admitted_once = false;
+  bool in_cache = false;        // has blocks in the block manager
+  std::unique_ptr<Sampler> sampler;
+  std::vector<float> logits;    // [vocab] logits after the last computed token
+  uint64_t arrival = 0;         // admission order for "youngest"
+};
+
+Result<std::unique_ptr<Scheduler>> Scheduler::create(const Model& model, const SchedulerParams& p) {
+  if (p.parallel <= 0 || p.parallel > 1024) return make_error("--parallel must be in 1..1024");
+  if (p.max_queue < 0) return make_error("queue size must be >= 0");
+  if (p.step_tokens <= 0) return make_error("step token budget must be positive");
+  if (p.block_size <= 0 || p.block_size > 1024) return make_error("invalid KV block size %d", p.block_size);
+  int max_seq = p.max_seq_len > 0 ? p.max_seq_len : std::min(model.cfg.n_ctx_train, 4096);
+  const int blocks_per_seq = (max_seq + p.block_size - 1) / p.block_size;
+  int kv_blocks = p.kv_blocks > 0 ? p.kv_blocks : p.parallel * blocks_per_seq;
+  if (kv_blocks < blocks_per_seq)
+    return make_error("%d KV blocks of %d tokens cannot hold one sequence of %d tokens", kv_blocks, p.block_size, max_seq);
+  ContextParams cp;
+  cp.n_ctx = kv_blocks * p.block_size;
+  cp.block_size = p.block_size;
+  cp.max_seq_len = max_seq;
+  cp.n_batch = std::max(p.step_tokens, p.parallel);
+  cp.n_threads = p.n_threads;
+  cp.w8a8 = p.w8a8;
+  LARDER_TRY(ctx, Context::create(model, cp));
+  auto s = std::unique_ptr<Scheduler>(new Scheduler(model, p, std::move(ctx), max_seq, kv_blocks));
+  s->thread_ = std::thread([raw = s.get()] { raw->loop(); });
+  return s;
+}
+
+Scheduler::Scheduler(const Model& m, const SchedulerParams& p, std::unique_ptr<Context> ctx, int max_seq_len,
+                     int kv_blocks)
+    : model_(m),
+      params_(p),
+      ctx_(std::move(ctx)),
+      blocks_(kv_blocks, kvcache::CacheIdentity{m.path + "#" + m.cfg.name + "#" + std::to_string(m.weight_bytes()), "f32",
+                                                p.block_size}),
+      max_seq_len_(max_seq_len) {
+  params_.step_tokens = std::max(p.step_tokens, p.parallel);
+}
+
+Scheduler::~Scheduler() { shutdown(false); }
+
+Result<uint64_t> Scheduler::submit(GenRequest req, TokenCallback cb) {
+  if (req.prompt.empty()) return make_error("the prompt is empty");
+  for (int32_t t : req.prompt)
+    if (t < 0 || t >= model_.cfg.n_vocab) return make_error("token id %d is out of range", t);
+  if (req.max_tokens < 0) return make_error("max_tokens must be >= 0");
+  if (req.n_logprobs < 0 || req.n_logprobs > 20) return make_error("logprobs must be in 0..20");
+  if (static_cast<int64_t>(req.prompt.size()) + std::max(req.max_tokens, 1) > max_seq_len_)
+    return make_error("this request needs %zu prompt + %d completion tokens, more than the context of %d tokens",
+                      req.prompt.size(), req.max_tokens, max_seq_len_);
+  auto s = std::make_unique<Seq>();
+  s->tokens = req.prompt;
+  s->n_prompt = static_cast<int>(req.prompt.size());
+  s->sampler = std::make_unique<Sampler>(req.sampling, model_.cfg.n_vocab);
+  s->logits.resize(model_.cfg.n_vocab);
+  s->req = std::move(req);
+  s->cb = std::move(cb);
+  std::lock_guard<std::mutex> lk(mu_);
+  if (stopping_) return make_error("the server is shutting down");
+  if (static_cast<int>(waiting_.size()) >= params_.max_queue)
+    return make_error("queue full: %zu requests waiting", waiting_.size());
+  s->id = next_id_++;
+  const uint64_t id = s->id;
+  waiting_.push_back(std::move(s));
+  st_.waiting = static_cast<int>(waiting_.size());
+  cv_.notify_all();
+  return id;
+}
+
+void Scheduler::cancel(uint64_t id) {
+  std::lock_guard<std::mutex> lk(mu_);
+  cancelled_.push_back(id);
+  cv_.notify_all();
+}
+
+void Scheduler::shutdown(bool drain) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stopping_ && !thread_.joinable()) return;
+    stopping_ = true;
+    draining_ = drain;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+SchedulerStats Scheduler::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return st_;
+}
+
+void Scheduler::finish(Seq& s, FinishReason r, const std::string& err) {
+  if (r != FinishReason::None && s.cb) {
+    TokenEvent ev;
+    ev.finish = r;
+    ev.error = err;
+    ev.prompt_tokens = s.n_prompt;
+    ev.cached_tokens = s.cached_tokens;
+    ev.completion_tokens = s.n_generated;
+    s.cb(ev);
+  }
+  if (s.in_cache) blocks_.release(static_cast<kvcache::SeqId>(s.id));
+  s.in_cache = false;
+}
+
+void Scheduler::loop() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stopping_ || !waiting_.empty() || !running_.empty() || !cancelled_.empty(); });
+      if (stopping_ && !draining_) break;
+      if (stopping_ && waiting_.empty() && running_.empty()) break;
+    }
+    step();
+  }
+  // Not draining: everything still queued or running ends as cancelled.
+  std::deque<std::unique_ptr<Seq>> rest;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    rest.swap(waiting_);
+  }
+  for (auto& s : rest) finish(*s, FinishReason::Cancelled, "server shutting down");
+  for (auto& s : running_) finish(*s, FinishReason::Cancelled, "server shutting down");
+  running_.clear();
+}
+
+bool Scheduler::step() {
+  // 1. Cancellations.
+  // Callbacks never run under mu_: a callback may call stats().
+  std::vector<uint64_t> cancelled;
+  std::vector<std::unique_ptr<Seq>> dropped;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    cancelled.swap(cancelled_);
+    for (uint64_t id : cancelled)
+      for (auto it = waiting_.begin(); it != waiting_.end(); ++it)
+        if ((*it)->id == id) {
+          dropped.push_back(std::move(*it));
+          waiting_.erase(it);
+          break;
+        }
+  }
+  for (auto& d : dropped) finish(*d, FinishReason::Cancelled);
+  dropped.clear();
+  for (uint64_t id : cancelled)
+    for (auto it = running_.begin(); it != running_.end(); ++it)
+      if ((*it)->id == id) {
+        finish(**it, FinishReason::Cancelled);
+        running_.erase(it);
+        break;
+      }
+  // 2. Admission: longest cached prefix reused, blocks for the rest reserved up front.
+  for (;;) {
+    std::unique_ptr<Seq> s;
+    std::string refuse;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (waiting_.empty() || static_cast<int>(running_.size()) >= params_.parallel) break;
+      auto plan = blocks_.prepare_add(static_cast<kvcache::SeqId>(waiting_.front()->id), waiting_.front()->tokens,
+                                      waiting_.front()->req.cache_salt);
+      if (!plan.ok()) {
+        if (!running_.empty()) break;  // wait for running sequences to free blocks
+        s = std::move(waiting_.front());
+        waiting_.pop_front();
+        refuse = "the KV cache is too small for this request: " + plan.error();
+      }
+    }
+    if (!refuse.empty()) {
+      finish(*s, FinishReason::Error, refuse);
+      continue;
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      auto plan = blocks_.prepare_add(static_cast<kvcache::SeqId>(waiting_.front()->id), waiting_.front()->tokens,
+                                      waiting_.front()->req.cache_salt);
+      LARDER_ASSERT(plan.ok());
+      s = std::move(waiting_.front());
+      waiting_.pop_front();
+      Status st = blocks_.apply(*plan, [&](kvcache::BlockId a, kvcache::BlockId b) { ctx_->copy_block(a, b); });
+      LARDER_ASSERT(st.ok());
+      s->in_cache = true;
+      s->n_computed = plan->n_cached_tokens;
+      if (!s->admitted_once) {
+        s->cached_tokens = plan->n_cached_tokens;
+        s->admitted_once = true;
+        st_.prefix_hit_tokens += plan->n_cached_tokens;
+        st_.prompt_tokens += s->n_prompt;
+      }
+      s->arrival = ++admissions_;
+    }
+    running_.push_back(std::move(s));
+  }
+  if (running_.empty()) {
+    std::lock_guard<std::mutex> lk(mu_);
+    st_.running = 0;
+    st_.waiting = static_cast<int>(waiting_.size());
+    auto bs = blocks_.stats();
+    st_.kv_blocks = bs.n_blocks;
+    st_.kv_used = bs.used;
+    st_.kv_cached = bs.cached;
+    st_.kv_free = bs.free;
+    return false;
+  }
+  // 3. The batch: decode tokens first, then prompt chunks by age, under the budget.
+  std::vector<Seq*> order;
+  for (auto& s : running_) order.push_back(s.get());
+  std::stable_sort(order.begin(), order.end(), [](Seq* a, Seq* b) {
+    const bool da = a->tokens.size() - a->n_computed == 1, db = b->tokens.size() - b->n_computed == 1;
+    if (da != db) return da;
+    return a->arrival < b->arrival;
+  });
+  int budget = params_.step_tokens;
+  std::vector<SeqBatch> batch;
+  std::vector<Seq*> in_batch;
+  std::vector<int> n_take;
+  for (Seq* s : order) {
+    const int pending = static_cast<int>(s->tokens.size()) - s->n_computed;
+    if (pending <= 0 || budget <= 0) continue;
+    const int k = std::min(pending, budget);
+    budget -= k;
+    SeqBatch sb;
+    sb.tokens = std::span<const int32_t>(s->tokens).subspan(s->n_computed, k);
+    sb.n_kv = s->n_computed;
+    sb.block_table = blocks_.block_table(static_cast<kvcache::SeqId>(s->id));
+    sb.logits = k == pending ? s->logits.data() : nullptr;
+    batch.push_back(sb);
+    in_batch.push_back(s);
+    n_take.push_back(k);
+  }
+  Status st = ctx_->decode_batch(batch);
+  int computed_prompt = 0;
+  std::vector<Seq*> done;
+  std::vector<Seq*> evicted;  // preempted during this step: their results are void
+  for (size_t i = 0; i < in_batch.size(); ++i) {
+    Seq* s = in_batch[i];
+    if (std::find(evicted.begin(), evicted.end(), s) != evicted.end()) continue;
+    if (!st.ok()) {
+      finish(*s, FinishReason::Error, st.error());
+      done.push_back(s);
+      continue;
+    }
+    const int before = s->n_computed;
+    s->n_computed += n_take[i];
+    computed_prompt += std::max(0, std::min(s->n_computed, s->n_prompt) - before);
+    blocks_.mark_computed(static_cast<kvcache::SeqId>(s->id), s->n_computed);
+    if (s->n_computed < static_cast<int>(s->tokens.size())) continue;  // still prefilling
+    // 4. Sample, report, and make room for the new token.
+    const int32_t tok = s->sampler->sample(s->logits.data(), s->tokens);
+    TokenEvent ev;
+    ev.prompt_tokens = s->n_prompt;
+    ev.cached_tokens = s->cached_tokens;
+    if (s->req.n_logprobs > 0) {
+      const float* lg = s->logits.data();
+      const int V = model_.cfg.n_vocab;
+      float mx = lg[0];
+      for (int v = 1; v < V; ++v) mx = std::max(mx, lg[v]);
+      double sum = 0;
+      for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(lg[v] - mx));
+      const float lse = mx + static_cast<float>(std::log(sum));
+      ev.logprob = lg[tok] - lse;
+      std::vector<int32_t> idx(V);
+      for (int v = 0; v < V; ++v) idx[v] = v;
+      const int k = std::min(s->req.n_logprobs, V);
+      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) { return lg[a] > lg[b]; });
+      for (int j = 0; j < k; ++j) ev.top.emplace_back(idx[j], lg[idx[j]] - lse);
+    }
+    const bool eog = model_.tokenizer->is_eog(tok) && !s->req.ignore_eos;
+    if (eog) {
+      ev.finish = FinishReason::Stop;
+    } else {
+      ev.token = tok;
+      s->n_generated++;
+      if (s->n_generated >= s->req.max_tokens || static_cast<int>(s->tokens.size()) + 1 >= max_seq_len_)
+        ev.finish = FinishReason::Length;
+    }
+    ev.completion_tokens = s->n_generated;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (ev.token >= 0) st_.generated_tokens++;
+    }
+    const bool keep = s->cb ? s->cb(ev) : true;
+    if (ev.finish != FinishReason::None || !keep) {
+      s->cb = TokenCallback();  // final event delivered, or the client declined more
+      finish(*s, keep ? FinishReason::None : FinishReason::Cancelled);
+      done.push_back(s);
+      std::lock_guard<std::mutex> lk(mu_);
+      st_.requests_done++;
+      continue;
+    }
+    // Room for the new token; preempt the youngest others when the pool is full.
+    for (;;) {
+      auto plan = blocks_.prepare_append(static_cast<kvcache::SeqId>(s->id), std::span<const int32_t>(&tok, 1));
+      if (plan.ok()) {
+        Status ap = blocks_.apply(*plan, [&](kvcache::BlockId a, kvcache::BlockId b) { ctx_->copy_block(a, b); });
+        LARDER_ASSERT(ap.ok());
+        s->tokens.push_back(tok);
+        break;
+      }
+      // Only sequences not yet finished this step may be preempted, never this one.
+      bool preempted = false;
+      uint64_t youngest = 0;
+      Seq* victim = nullptr;
+      for (auto& r : running_)
+        if (r.get() != s && std::find(done.begin(), done.end(), r.get()) == done.end() && r->arrival > youngest) {
+          youngest = r->arrival;
+          victim = r.get();
+        }
+      if (victim) {
+        auto it = std::find_if(running_.begin(), running_.end(), [&](auto& r) { return r.get() == victim; });
+        evicted.push_back(victim);
+        std::unique_ptr<Seq> v = std::move(*it);
+        running_.erase(it);
+        blocks_.release(static_cast<kvcache::SeqId>(v->id));
+        v->in_cache = false;
+        v->n_computed = 0;
+        std::lock_guard<std::mutex> lk(mu_);
+        st_.preemptions++;
+        waiting_.push_front(std::move(v));
+        preempted = true;
+      }
+      if (!preempted) {
+        finish(*s, FinishReason::Error, "out of KV cache blocks");
+        done.push_back(s);
+        break;
+      }
+    }
+  }
+  running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                [&](auto& r) { return std::find(done.begin(), done.end(), r.get()) != done.end(); }),
+                 running_.end());
+  std::lock_guard<std::mutex> lk(mu_);
+  st_.steps++;
+  st_.computed_prompt_tokens += computed_prompt;
+  st_.running = static_cast<int>(running_.size());
+  st_.waiting = static_cast<int>(waiting_.size());
+  auto bs = blocks_.stats();
+  st_.kv_blocks = bs.n_blocks;
+  st_.kv_used = bs.used;
+  st_.kv_cached = bs.cached;
+  st_.kv_free = bs.free;
+  return true;
+}
+
+}  // namespace larder

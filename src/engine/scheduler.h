@@ -1,0 +1,116 @@
+// Continuous batching over the paged KV cache.
+//
+// One scheduler thread runs steps. Every step takes the next token of every running
+// sequence plus chunks of waiting prompts under a per-step token budget (chunked
+// prefill), so a long prompt never stalls other users' generation. Before memory
+// changes, the block manager's prepare_*() says whether a step fits; when blocks run
+// out the youngest running sequence is preempted (its blocks released; it is
+// recomputed later, mostly from cached blocks) instead of failing. New requests first
+// look up their longest cached prefix and prefill only the rest.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/result.h"
+#include "engine/context.h"
+#include "engine/sampler.h"
+#include "kvcache/block_manager.h"
+#include "model/model.h"
+
+namespace larder {
+
+struct SchedulerParams {
+  int n_threads = 0;
+  int kv_blocks = 0;          // 0: enough for `parallel` sequences of max_seq_len
+  int block_size = 16;
+  int max_seq_len = 0;        // prompt + completion limit per request (0 = model context, capped at 4096)
+  int parallel = 4;           // max sequences generating at once
+  int max_queue = 64;         // waiting requests beyond this are refused (server: 429/503)
+  int step_tokens = 256;      // per-step token budget (decode tokens + prompt chunks)
+  bool w8a8 = false;
+};
+
+enum class FinishReason { None, Stop, Length, Cancelled, Error };
+const char* finish_reason_name(FinishReason r);
+
+struct GenRequest {
+  std::vector<int32_t> prompt;
+  SamplerParams sampling;
+  int max_tokens = 16;
+  bool ignore_eos = false;
+  int n_logprobs = 0;         // top alternatives to report per token (0..20)
+  std::string cache_salt;     // per-tenant salt for prefix-cache names
+};
+
+struct TokenEvent {
+  int32_t token = -1;                          // -1 on a final event without a token
+  float logprob = 0;                           // of the chosen token (when n_logprobs > 0)
+  std::vector<std::pair<int32_t, float>> top;  // top alternatives, best first
+  FinishReason finish = FinishReason::None;    // != None on the last event
+  std::string error;                           // when finish == Error
+  int prompt_tokens = 0;
+  int cached_tokens = 0;                       // prompt tokens served from cached KV
+  int completion_tokens = 0;
+};
+
+// Called on the scheduler thread for each token; the last call has finish set. Return
+// false to cancel (e.g. the client disconnected): the sequence and its blocks are freed
+// at once and the callback is not called again.
+using TokenCallback = std::function<bool(const TokenEvent&)>;
+
+struct SchedulerStats {
+  int waiting = 0, running = 0;
+  int kv_blocks = 0, kv_used = 0, kv_cached = 0, kv_free = 0;
+  int64_t prefix_hit_tokens = 0, prompt_tokens = 0;  // totals since start
+  int64_t computed_prompt_tokens = 0;                // prompt tokens actually prefilled
+  int64_t generated_tokens = 0, requests_done = 0, preemptions = 0, steps = 0;
+};
+
+class Scheduler {
+ public:
+  static Result<std::unique_ptr<Scheduler>> create(const Model& model, const SchedulerParams& p);
+  ~Scheduler();
+
+  // Queues a request. Errors: queue full (`queue_full()` true afterwards for the
+  // message), prompt empty or longer than the limit, bad parameters.
+  Result<uint64_t> submit(GenRequest req, TokenCallback cb);
+  void cancel(uint64_t id);
+  // Stops accepting work; with drain, finishes running and queued requests first.
+  void shutdown(bool drain);
+  SchedulerStats stats() const;
+  int max_seq_len() const { return max_seq_len_; }
+  const Model& model() const { return model_; }
+
+ private:
+  struct Seq;
+  Scheduler(const Model& m, const SchedulerParams& p, std::unique_ptr<Context> ctx, int max_seq_len, int kv_blocks);
+  void loop();
+  bool step();  // returns false when idle
+  void finish(Seq& s, FinishReason r, const std::string& err = {});
+
+  const Model& model_;
+  SchedulerParams params_;
+  std::unique_ptr<Context> ctx_;
+  kvcache::BlockManager blocks_;
+  int max_seq_len_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::unique_ptr<Seq>> waiting_;
+  std::vector<std::unique_ptr<Seq>> running_;
+  std::vector<uint64_t> cancelled_;
+  uint64_t next_id_ = 1;
+  uint64_t admissions_ = 0;  // scheduler thread only
+  bool stopping_ = false, draining_ = false;
+  SchedulerStats st_;
+  std::thread thread_;
+};
+
+}  // namespace larder
