@@ -14,18 +14,18 @@ namespace larder::kernels {
 namespace {
 
 template <int R, int T>
-void tile_scalar(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* y, int64_t ldy) {
+void tile_scalar(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* y, int64_t ldy, bool accum) {
   float acc[R][T] = {};
   for (int64_t k = 0; k < K; ++k)
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] += w[r * ldw + k] * x[t * ldx + k];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[t * ldy + r] = acc[r][t];
+    for (int t = 0; t < T; ++t) y[t * ldy + r] = (accum ? y[t * ldy + r] : 0.f) + acc[r][t];
 }
 
 template <int R, int T>
 LARDER_TARGET_AVX2 void tile_avx2(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* y,
-                                  int64_t ldy) {
+                                  int64_t ldy, bool accum) {
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -47,13 +47,13 @@ LARDER_TARGET_AVX2 void tile_avx2(const float* w, int64_t ldw, const float* x, i
       __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
       s = _mm_add_ps(s, _mm_movehl_ps(s, s));
       s = _mm_add_ss(s, _mm_movehdup_ps(s));
-      y[t * ldy + r] = _mm_cvtss_f32(s) + tail[r][t];
+      y[t * ldy + r] = (accum ? y[t * ldy + r] : 0.f) + _mm_cvtss_f32(s) + tail[r][t];
     }
 }
 
 template <int R, int T>
 LARDER_TARGET_AVX512 void tile_avx512(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* y,
-                                      int64_t ldy) {
+                                      int64_t ldy, bool accum) {
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -76,10 +76,10 @@ LARDER_TARGET_AVX512 void tile_avx512(const float* w, int64_t ldw, const float* 
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+    for (int t = 0; t < T; ++t) y[t * ldy + r] = (accum ? y[t * ldy + r] : 0.f) + _mm512_reduce_add_ps(acc[r][t]);
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool);
 
 // Explicit tables (R x T edge cases) for each path.
 TileFn scalar_tile(int r, int t) {
@@ -119,11 +119,18 @@ void gemm_f32(const float* w, int64_t ldw, int64_t rows, const float* x, int64_t
     case Isa::AVX2: RM = 3; TM = 4; get = avx2_tile; break;
     default: RM = 4; TM = 6; get = scalar_tile; break;
   }
-  for (int64_t t0 = 0; t0 < n_tok; t0 += TM) {
-    const int nt = static_cast<int>(std::min<int64_t>(TM, n_tok - t0));
-    for (int64_t r0 = 0; r0 < rows; r0 += RM) {
-      const int nr = static_cast<int>(std::min<int64_t>(RM, rows - r0));
-      get(nr, nt)(w + r0 * ldw, ldw, x + t0 * ldx, ldx, K, y + t0 * ldy + r0, ldy);
+  // K is cut into slices so a tile's weight and activation rows stay in L1; later
+  // slices add to the partial sums already in y.
+  constexpr int64_t KC = 256;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kn = std::min(KC, K - k0);
+    const bool accum = k0 > 0;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += TM) {
+      const int nt = static_cast<int>(std::min<int64_t>(TM, n_tok - t0));
+      for (int64_t r0 = 0; r0 < rows; r0 += RM) {
+        const int nr = static_cast<int>(std::min<int64_t>(RM, rows - r0));
+        get(nr, nt)(w + r0 * ldw + k0, ldw, x + t0 * ldx + k0, ldx, kn, y + t0 * ldy + r0, ldy, accum);
+      }
     }
   }
 }
