@@ -119,9 +119,10 @@ void gemm_f32(const float* w, int64_t ldw, int64_t rows, const float* x, int64_t
     case Isa::AVX2: RM = 3; TM = 4; get = avx2_tile; break;
     default: RM = 4; TM = 6; get = scalar_tile; break;
   }
-  // K is cut into slices so a tile's weight and activation rows stay in L1; later
-  // slices add to the partial sums already in y.
-  constexpr int64_t KC = 256;
+  // For long rows K is cut into slices so a tile's weight and activation rows stay in
+  // L1; later slices add to the partial sums already in y. Short rows are not sliced:
+  // each slice repeats the tile's horizontal reductions.
+  const int64_t KC = K <= 1024 ? K : 512;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kn = std::min(KC, K - k0);
     const bool accum = k0 > 0;
