@@ -10,6 +10,7 @@ int cmd_logits(Args& a);
 int cmd_bench(Args& a);
 int cmd_quantize(Args& a);    // src/cli/quantize.cpp
 int cmd_perplexity(Args& a);  // src/cli/perplexity.cpp
+int cmd_serve(Args& a);       // src/cli/serve.cpp
 // Prints "larder: error: <msg>" on one line and returns 1.
 int fail(const std::string& msg);
 }  // namespace larder::cli

@@ -46,6 +46,7 @@ int main(int argc, char** argv) {
       {"quantize", "convert a model's weights: larder quantize IN OUT TYPE (f16 bf16 q8_0 q4_0 ... Q4_K_M)", cmd_quantize},
       {"perplexity", "perplexity over non-overlapping CTX-token windows (each starts with BOS; the second half of each is scored, as llama.cpp does); --kl-base adds KL(base || model)", cmd_perplexity},
       {"bench", "measure prompt and generation tokens/s (llama-bench style)", cmd_bench},
+      {"serve", "OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics", cmd_serve},
       {"logits", "dump logits / greedy ids for token ids (for reference tests)", cmd_logits},
   };
   std::vector<std::pair<CLI::App*, const Cmd*>> subs;

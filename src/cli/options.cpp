@@ -4,14 +4,14 @@ namespace larder::cli {
 
 std::vector<OptSpec> option_table(Args& a) {
   return {
-      {"run,logits,info,tokenize,perplexity", "-m,--model", "LARDER_MODEL", "model: GGUF file, llama2.c .bin, or Hugging Face folder", &a.model},
-      {"run,logits,tokenize", "--tokenizer", "LARDER_TOKENIZER", "tokenizer file for llama2.c checkpoints (default: tokenizer.bin beside the model)", &a.tokenizer},
+      {"run,logits,info,tokenize,perplexity,serve", "-m,--model", "LARDER_MODEL", "model: GGUF file, llama2.c .bin, or Hugging Face folder", &a.model},
+      {"run,logits,tokenize,serve", "--tokenizer", "LARDER_TOKENIZER", "tokenizer file for llama2.c checkpoints (default: tokenizer.bin beside the model)", &a.tokenizer},
       {"run", "-p,--prompt", "", "prompt text", &a.prompt},
       {"run,perplexity", "-f,--file", "", "read the prompt (perplexity: the text) from a file", &a.file},
       {"run", "-n,--n-predict", "LARDER_N_PREDICT", "number of tokens to generate (-1 = until EOS or context end)", &a.n_predict},
       {"run,logits", "-c,--ctx-size", "LARDER_CTX_SIZE", "context size in tokens (0 = model's, capped at 4096)", &a.n_ctx},
       {"perplexity", "-c,--ctx-size", "LARDER_CTX_SIZE", "window size (0 = model's context, capped at 512)", &a.n_ctx},
-      {"run,logits,perplexity,quantize", "-t,--threads", "LARDER_THREADS", "threads (0 = all cores)", &a.n_threads},
+      {"run,logits,perplexity,quantize,serve", "-t,--threads", "LARDER_THREADS", "threads (0 = all cores)", &a.n_threads},
       {"run,logits,perplexity", "-b,--batch-size", "LARDER_BATCH_SIZE", "max tokens per forward pass", &a.n_batch},
       {"run", "--temp", "", "temperature (0 = greedy)", &a.temp},
       {"run", "--top-k", "", "top-k sampling (0 = off)", &a.top_k},
@@ -21,7 +21,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"run", "--repeat-last-n", "", "tokens considered by the penalties", &a.repeat_last_n},
       {"run", "--frequency-penalty", "", "frequency penalty (0 = off)", &a.freq_penalty},
       {"run", "--presence-penalty", "", "presence penalty (0 = off)", &a.presence_penalty},
-      {"run,logits,bench,perplexity", "--w8a8", "LARDER_W8A8", "int8 prefill with shadow outliers (weights repacked to int8 per row)", &a.w8a8},
+      {"run,logits,bench,perplexity,serve", "--w8a8", "LARDER_W8A8", "int8 prefill with shadow outliers (weights repacked to int8 per row)", &a.w8a8},
       {"run,synth", "-s,--seed", "LARDER_SEED", "random seed (-1 = random)", &a.seed},
       {"run", "--ignore-eos", "", "keep generating after end-of-sequence", &a.ignore_eos},
       {"run", "--no-display-prompt", "", "don't echo the prompt", &a.no_display_prompt},
@@ -56,6 +56,15 @@ std::vector<OptSpec> option_table(Args& a) {
       {"perplexity", "--kl-base", "", "also report mean KL divergence of this model's next-token distributions from BASE's", &a.kl_base},
       {"perplexity", "--json", "", "print the result as one JSON object", &a.json},
       {"synth", "--vocab-from", "", "copy the tokenizer from this GGUF (vocab size must match)", &a.vocab_from},
+      {"serve", "-c,--ctx-size", "LARDER_CTX_SIZE", "max tokens per request, prompt + completion (0 = model's context, capped at 4096)", &a.n_ctx},
+      {"serve", "--host", "LARDER_HOST", "address to listen on", &a.host},
+      {"serve", "--port", "LARDER_PORT", "port to listen on (0 = any free port; the chosen one is printed)", &a.port},
+      {"serve", "--parallel", "LARDER_PARALLEL", "max sequences generating at once", &a.parallel},
+      {"serve", "--kv-blocks", "", "KV cache size in 16-token blocks (0 = enough for --parallel requests of --ctx-size)", &a.kv_blocks},
+      {"serve", "--kv-mem", "", "KV cache size as memory, e.g. 512M or 2G (instead of --kv-blocks)", &a.kv_mem},
+      {"serve", "--queue", "", "waiting requests beyond this are refused with 429", &a.queue},
+      {"serve", "--api-key", "LARDER_API_KEY", "require 'Authorization: Bearer KEY' on /v1/*", &a.api_key},
+      {"serve", "--alias", "", "model id to serve under (default: the model file name without extension)", &a.alias},
   };
 }
 

@@ -60,6 +60,15 @@ struct Args {
   bool json = false;
   // quantize (positional: IN OUT TYPE)
   std::vector<std::string> quant_args;
+  // serve
+  std::string host = "127.0.0.1";
+  int port = 8080;
+  int parallel = 4;
+  int kv_blocks = 0;
+  std::string kv_mem;
+  int queue = 64;
+  std::string api_key;
+  std::string alias;
   // positional
   std::string positional;
 };

@@ -2,6 +2,7 @@
 // products in their own file and one row here.
 #include "core/result.h"
 #include "kernels/kernels_internal.h"
+#include "kernels/quants.h"
 
 namespace larder::kernels {
 
@@ -18,6 +19,15 @@ const Entry kEntries[] = {
     {DType::BF16, {DType::F32, row_bf16_to_float, row_float_to_bf16, {vec_dot_bf16_scalar, vec_dot_bf16_avx2, vec_dot_bf16_avx512}}},
     {DType::Q8_0, {DType::Q8_0, row_q8_0_to_float, row_float_to_q8_0, {vec_dot_q8_0_scalar, vec_dot_q8_0_avx2, vec_dot_q8_0_avx512}}},
     {DType::Q4_0, {DType::Q8_0, row_q4_0_to_float, row_float_to_q4_0, {vec_dot_q4_0_scalar, vec_dot_q4_0_avx2, vec_dot_q4_0_avx512}}},
+    {DType::Q4_1, {DType::Q8_1, row_q4_1_to_float, row_float_to_q4_1, {vec_dot_q4_1_scalar, vec_dot_q4_1_avx2, vec_dot_q4_1_avx512}}},
+    {DType::Q5_0, {DType::Q8_0, row_q5_0_to_float, row_float_to_q5_0, {vec_dot_q5_0_scalar, vec_dot_q5_0_avx2, vec_dot_q5_0_avx512}}},
+    {DType::Q5_1, {DType::Q8_1, row_q5_1_to_float, row_float_to_q5_1, {vec_dot_q5_1_scalar, vec_dot_q5_1_avx2, vec_dot_q5_1_avx512}}},
+    {DType::Q4_K, {DType::Q8_K, row_q4_K_to_float, row_float_to_q4_K, {vec_dot_q4_K_scalar, vec_dot_q4_K_avx2, vec_dot_q4_K_avx512}}},
+    {DType::Q5_K, {DType::Q8_K, row_q5_K_to_float, row_float_to_q5_K, {vec_dot_q5_K_scalar, vec_dot_q5_K_avx2, vec_dot_q5_K_avx512}}},
+    {DType::Q6_K, {DType::Q8_K, row_q6_K_to_float, row_float_to_q6_K, {vec_dot_q6_K_scalar, vec_dot_q6_K_avx2, vec_dot_q6_K_avx512}}},
+    // Activation formats (from_float quantizes activations for matmul).
+    {DType::Q8_1, {DType::Q8_1, row_q8_1_to_float, row_float_to_q8_1, {vec_dot_q8_1_scalar, nullptr, nullptr}}},
+    {DType::Q8_K, {DType::Q8_K, row_q8_K_to_float, row_float_to_q8_K, {vec_dot_q8_K_scalar, nullptr, nullptr}}},
 };
 
 }  // namespace

@@ -1,0 +1,142 @@
+// `larder serve`: the OpenAI-compatible HTTP server (src/server) over the scheduler.
+//
+// SIGTERM / SIGINT: stop accepting (new requests and /health get 503), let running
+// and queued requests finish, then exit 0. A second signal while draining cancels
+// what is left.
+//
+// LARDER_WITH_SERVER comes from linking larder_server (a PUBLIC compile definition of
+// src/server/CMakeLists.txt): the CLI globs src/cli/*.cpp, so until the server library is
+// linked in, this file compiles to nothing instead of breaking the build.
+#ifdef LARDER_WITH_SERVER
+#include <pthread.h>
+
+#include <cctype>
+#include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <ctime>
+#include <algorithm>
+#include <memory>
+#include <string>
+
+#include "cli/commands.h"
+#include "engine/scheduler.h"
+#include "model/model.h"
+#include "server/server.h"
+
+namespace larder::cli {
+
+namespace {
+
+// "512M", "1G", "64MiB", "1048576" -> bytes (binary units); -1 when malformed.
+int64_t parse_size(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) ++i;
+  if (i == 0 || i > 15) return -1;
+  int64_t v = std::stoll(s.substr(0, i));
+  std::string unit;
+  for (size_t j = i; j < s.size(); ++j) unit += static_cast<char>(std::toupper(static_cast<unsigned char>(s[j])));
+  if (unit.empty() || unit == "B") return v;
+  const char* units[] = {"K", "M", "G", "T"};
+  int64_t mul = 1;
+  for (const char* u : units) {
+    mul *= 1024;
+    std::string U = u;
+    if (unit == U || unit == U + "B" || unit == U + "IB") return v * mul;
+  }
+  return -1;
+}
+
+}  // namespace
+
+int cmd_serve(Args& a) {
+  if (a.model.empty()) return fail("no model given (use -m PATH or set LARDER_MODEL)");
+  if (a.port < 0 || a.port > 65535) return fail("--port must be 0..65535");
+  if (a.parallel < 1) return fail("--parallel must be at least 1");
+  if (a.queue < 0) return fail("--queue must not be negative");
+  if (a.n_ctx < 0) return fail("--ctx-size must not be negative");
+  if (a.kv_blocks < 0) return fail("--kv-blocks must not be negative");
+  if (a.kv_blocks > 0 && !a.kv_mem.empty()) return fail("give --kv-blocks or --kv-mem, not both");
+  int64_t kv_mem = 0;
+  if (!a.kv_mem.empty()) {
+    kv_mem = parse_size(a.kv_mem);
+    if (kv_mem <= 0) return fail("--kv-mem: cannot read size '" + a.kv_mem + "' (e.g. 512M, 2G)");
+  }
+
+  // Signals are taken by sigwait below; every thread started from here inherits the mask.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  server::ServerParams sp;
+  sp.host = a.host;
+  sp.port = a.port;
+  sp.api_key = a.api_key;
+  sp.model_path = a.model;
+  sp.alias = a.alias;
+  sp.parallel = a.parallel;
+  sp.max_queue = a.queue;
+  server::Server srv(sp);
+  if (Status st = srv.start(); !st.ok()) return fail(st.error());
+  std::fprintf(stderr, "larder serve: listening on http://%s:%d\n", a.host.c_str(), srv.port());
+  std::fflush(stderr);
+
+  auto model = load_model(a.model, a.tokenizer);
+  if (!model.ok()) return fail(model.error());
+  const Model& m = **model;
+
+  SchedulerParams p;
+  p.n_threads = a.n_threads;
+  p.max_seq_len = a.n_ctx;
+  p.parallel = a.parallel;
+  p.max_queue = a.queue;
+  p.w8a8 = a.w8a8;
+  p.kv_blocks = a.kv_blocks;
+  if (kv_mem > 0) {
+    const ModelConfig& c = m.cfg;
+    int64_t per_block = 2LL * c.n_layer * c.n_head_kv * c.head_dim * static_cast<int64_t>(sizeof(float)) * p.block_size;
+    int64_t n = kv_mem / per_block;
+    if (n < 1) return fail("--kv-mem " + a.kv_mem + " is less than one KV block (" + std::to_string(per_block) + " bytes)");
+    p.kv_blocks = static_cast<int>(std::min<int64_t>(n, 1 << 30));
+  }
+  auto sched = Scheduler::create(m, p);
+  if (!sched.ok()) return fail(sched.error());
+  Scheduler& s = **sched;
+  srv.attach(m, s);
+  SchedulerStats st0 = s.stats();
+  const int blocks_per_seq = (s.max_seq_len() + p.block_size - 1) / p.block_size;
+  const int kv_blocks = st0.kv_blocks > 0 ? st0.kv_blocks : p.kv_blocks > 0 ? p.kv_blocks : p.parallel * blocks_per_seq;
+  std::fprintf(stderr,
+               "larder serve: ready: model %s, %d KV blocks of %d tokens, up to %d tokens per request, %d parallel, "
+               "queue %d\n",
+               a.model.c_str(), kv_blocks, p.block_size, s.max_seq_len(), p.parallel, p.max_queue);
+  std::fflush(stderr);
+
+  int sig = 0;
+  while (sigwait(&sigs, &sig) != 0) {
+  }
+  std::fprintf(stderr, "larder serve: %s: draining %d request(s)\n", sig == SIGINT ? "SIGINT" : "SIGTERM", srv.active());
+  std::fflush(stderr);
+  srv.begin_drain();
+  bool forced = false;
+  while (srv.active() > 0) {
+    timespec ts{0, 50 * 1000 * 1000};
+    int r = sigtimedwait(&sigs, nullptr, &ts);
+    if ((r == SIGINT || r == SIGTERM) && !forced) {
+      std::fprintf(stderr, "larder serve: second signal: cancelling %d request(s)\n", srv.active());
+      forced = true;
+      srv.cancel_all();
+    }
+  }
+  s.shutdown(/*drain=*/!forced);
+  srv.stop();
+  std::fprintf(stderr, "larder serve: stopped\n");
+  return 0;
+}
+
+}  // namespace larder::cli
+
+#endif  // LARDER_WITH_SERVER

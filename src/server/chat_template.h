@@ -1,0 +1,36 @@
+// Hugging Face chat templates: renders a conversation into the prompt text a model was
+// trained on, with the same result transformers' apply_chat_template gives (jinja2 with
+// trim_blocks/lstrip_blocks, loopcontrols, raise_exception, strftime_now, its tojson).
+#pragma once
+#include <chrono>
+#include <functional>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "core/result.h"
+#include "server/jinja/jinja.h"
+
+namespace larder {
+
+struct ChatTemplate {
+  static Result<ChatTemplate> parse(const std::string& source);
+
+  // The template sees `messages`, `add_generation_prompt` and every member of `extra` (an
+  // object or null): bos_token, eos_token, tools, documents, date_string, ... A key of
+  // `extra` named messages/add_generation_prompt is overridden by the arguments. `tools` is
+  // undefined unless given (transformers passes tools=None; pass "tools": null for that).
+  // A template's raise_exception(msg) comes back as the error "chat template: msg".
+  Result<std::string> apply(const nlohmann::ordered_json& messages, bool add_generation_prompt,
+                            const nlohmann::ordered_json& extra) const;
+
+  // Clock for strftime_now() (tests fix it); the system clock by default.
+  void set_clock(std::function<std::chrono::system_clock::time_point()> now) { opts_.now = std::move(now); }
+  jinja::RenderOptions& render_options() { return opts_; }
+
+ private:
+  jinja::Template tmpl_;
+  jinja::RenderOptions opts_;
+};
+
+}  // namespace larder

@@ -1,0 +1,151 @@
+#include "server/metrics.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "engine/scheduler.h"
+
+namespace larder::server {
+
+namespace {
+
+std::string fmt_double(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+
+void header(std::string& out, const char* name, const char* type, const char* help) {
+  out += "# HELP ";
+  out += name;
+  out += ' ';
+  out += help;
+  out += "\n# TYPE ";
+  out += name;
+  out += ' ';
+  out += type;
+  out += '\n';
+}
+
+void scalar(std::string& out, const char* name, const char* type, const char* help, double v) {
+  header(out, name, type, help);
+  out += name;
+  out += ' ';
+  out += fmt_double(v);
+  out += '\n';
+}
+
+// Label values here are fixed route names and integers; escape anyway.
+std::string escape_label(const std::string& s) {
+  std::string r;
+  for (char c : s) {
+    if (c == '\\' || c == '"') r += '\\';
+    if (c == '\n') {
+      r += "\\n";
+      continue;
+    }
+    r += c;
+  }
+  return r;
+}
+
+}  // namespace
+
+Histogram::Histogram(std::vector<double> bounds) : bounds_(std::move(bounds)), counts_(bounds_.size() + 1, 0) {}
+
+void Histogram::observe(double v) {
+  std::lock_guard<std::mutex> lk(mu_);
+  size_t i = 0;
+  while (i < bounds_.size() && v > bounds_[i]) ++i;
+  counts_[i]++;
+  sum_ += v;
+  count_++;
+}
+
+void Histogram::render(std::string& out, const std::string& name) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  uint64_t cum = 0;
+  for (size_t i = 0; i < bounds_.size(); ++i) {
+    cum += counts_[i];
+    out += name + "_bucket{le=\"" + fmt_double(bounds_[i]) + "\"} " + std::to_string(cum) + "\n";
+  }
+  cum += counts_.back();
+  out += name + "_bucket{le=\"+Inf\"} " + std::to_string(cum) + "\n";
+  out += name + "_sum " + fmt_double(sum_) + "\n";
+  out += name + "_count " + std::to_string(count_) + "\n";
+}
+
+Metrics::Metrics()
+    : ttft_({0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}),
+      tpot_({0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}),
+      start_(Clock::now()) {
+  for (auto& p : per_second_) p = {-1, 0};
+}
+
+void Metrics::count_request(const std::string& endpoint, int status) {
+  std::lock_guard<std::mutex> lk(mu_);
+  requests_[{endpoint, status}]++;
+}
+
+void Metrics::add_generated(int n) {
+  int64_t sec = std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - start_).count();
+  std::lock_guard<std::mutex> lk(mu_);
+  auto& slot = per_second_[static_cast<size_t>(sec) % per_second_.size()];
+  if (slot.first != sec) slot = {sec, 0};
+  slot.second += n;
+}
+
+double Metrics::tokens_per_second() const {
+  double up = std::chrono::duration<double>(Clock::now() - start_).count();
+  int64_t now = static_cast<int64_t>(up);
+  int64_t total = 0;
+  // The current (partial) second plus the kWindow-1 before it.
+  for (auto& [sec, n] : per_second_)
+    if (sec >= 0 && sec > now - kWindow && sec <= now) total += n;
+  double window = std::min<double>(kWindow - 1 + (up - static_cast<double>(now)), up);
+  return window > 0.05 ? static_cast<double>(total) / window : 0.0;
+}
+
+std::string Metrics::render(const SchedulerStats* st, int active_requests) const {
+  SchedulerStats z;
+  if (!st) st = &z;
+  std::string out;
+  out.reserve(4096);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    header(out, "larder_requests_total", "counter", "HTTP responses by endpoint and status code.");
+    for (auto& [k, n] : requests_)
+      out += "larder_requests_total{endpoint=\"" + escape_label(k.first) + "\",status=\"" + std::to_string(k.second) +
+             "\"} " + std::to_string(n) + "\n";
+  }
+  scalar(out, "larder_queue_length", "gauge", "Requests waiting to be scheduled.", st->waiting);
+  scalar(out, "larder_running_sequences", "gauge", "Sequences being prefilled or generated.", st->running);
+  scalar(out, "larder_requests_active", "gauge", "Generation requests in flight over HTTP.", active_requests);
+  scalar(out, "larder_kv_blocks_used", "gauge", "KV blocks referenced by sequences.", st->kv_used);
+  scalar(out, "larder_kv_blocks_cached", "gauge", "Unreferenced KV blocks kept for prefix reuse.", st->kv_cached);
+  scalar(out, "larder_kv_blocks_total", "gauge", "KV blocks in the pool.", st->kv_blocks);
+  scalar(out, "larder_prefix_hit_tokens_total", "counter", "Prompt tokens served from cached KV.",
+         static_cast<double>(st->prefix_hit_tokens));
+  scalar(out, "larder_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
+         static_cast<double>(st->prompt_tokens));
+  scalar(out, "larder_prompt_tokens_computed_total", "counter", "Prompt tokens actually prefilled.",
+         static_cast<double>(st->computed_prompt_tokens));
+  scalar(out, "larder_generated_tokens_total", "counter", "Generated tokens.", static_cast<double>(st->generated_tokens));
+  scalar(out, "larder_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.",
+         static_cast<double>(st->preemptions));
+  scalar(out, "larder_scheduler_steps_total", "counter", "Batched forward passes (steps) run by the scheduler.",
+         static_cast<double>(st->steps));
+  header(out, "larder_ttft_seconds", "histogram", "Time from request to first generated token.");
+  ttft_.render(out, "larder_ttft_seconds");
+  header(out, "larder_tpot_seconds", "histogram", "Mean time per output token after the first, per request.");
+  tpot_.render(out, "larder_tpot_seconds");
+  double tps;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    tps = tokens_per_second();
+  }
+  scalar(out, "larder_tokens_per_second", "gauge", "Generated tokens per second over the last 10 seconds.", tps);
+  return out;
+}
+
+}  // namespace larder::server

@@ -1,0 +1,819 @@
+#include "server/server.h"
+
+#include <httplib.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <deque>
+#include <filesystem>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "engine/scheduler.h"
+#include "model/gguf.h"
+#include "model/model.h"
+#include "server/chat_template.h"
+#include "server/metrics.h"
+#include "server/openai_api.h"
+#include "tokenizer/tokenizer.h"
+
+namespace larder::server {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+enum class State { Loading, Ready, Draining };
+
+int64_t unix_now() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+std::string random_id(const char* prefix) {
+  static thread_local std::mt19937_64 rng(std::random_device{}() ^
+                                          static_cast<uint64_t>(Clock::now().time_since_epoch().count()));
+  static const char* alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+  std::string s = prefix;
+  for (int i = 0; i < 24; ++i) s += alphabet[rng() % 62];
+  return s;
+}
+
+std::string lower(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+void reply_json(httplib::Response& res, int status, const ojson& j) {
+  res.status = status;
+  res.set_content(dump_json(j), "application/json");
+}
+
+void reply_error(httplib::Response& res, const ApiError& e) {
+  reply_json(res, e.status, error_body(e));
+  if (e.status == 429) res.set_header("Retry-After", "1");
+}
+
+ApiError make_api_error(int status, std::string msg, std::string type, std::string code = "", std::string param = "") {
+  ApiError e;
+  e.status = status;
+  e.message = std::move(msg);
+  e.type = std::move(type);
+  e.code = std::move(code);
+  e.param = std::move(param);
+  return e;
+}
+
+// The text sent so far and the tokens behind it, in order.
+struct Piece {
+  std::string text;
+  std::vector<TokenInfo> toks;
+};
+
+// One generation request, shared by its HTTP handler and the scheduler callback.
+struct Job {
+  // Set before submit, then read-only.
+  Endpoint kind = Endpoint::Completions;
+  bool stream = false, include_usage = false;
+  int n_top = -1;  // logprobs: -1 off, else top alternatives to report
+  std::string id, model_id;
+  int64_t created = 0;
+  const Tokenizer* tok = nullptr;
+  Metrics* metrics = nullptr;
+  int prompt_tokens = 0;
+  size_t text_base = 0;  // completions text_offset of the first generated character
+  Clock::time_point t_start;
+
+  // Scheduler-thread state.
+  std::optional<StreamDecoder> dec;
+  StopMatcher stop;
+  bool ended = false;
+  size_t offset = 0;
+  std::vector<TokenInfo> pend;  // tokens whose text has not been sent yet
+  int n_gen = 0;
+  Clock::time_point t_first, t_last;
+
+  // Shared, under mu.
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Piece> out;
+  bool finished = false;
+  std::string finish_reason;
+  std::string error;
+  Usage usage;
+
+  std::atomic<bool> cancelled{false};
+  std::atomic<uint64_t> sched_id{0};
+
+  void publish(std::string text, bool final, const std::string& reason, const std::string& err = {}) {
+    std::lock_guard<std::mutex> lk(mu);
+    if (finished) return;
+    if (!text.empty() || (final && !pend.empty())) {
+      out.push_back(Piece{std::move(text), std::move(pend)});
+      pend.clear();
+    }
+    usage.completion_tokens = std::max(usage.completion_tokens, n_gen);
+    if (final) {
+      finished = true;
+      finish_reason = reason;
+      error = err;
+    }
+    cv.notify_all();
+  }
+
+  // Ends the request from outside the scheduler thread (forced shutdown).
+  void force_finish() {
+    std::lock_guard<std::mutex> lk(mu);
+    if (finished) return;
+    finished = true;
+    finish_reason = "stop";
+    cv.notify_all();
+  }
+
+  void end_timing() {
+    if (n_gen >= 2 && metrics)
+      metrics->observe_tpot(std::chrono::duration<double>(t_last - t_first).count() / (n_gen - 1));
+  }
+
+  // Runs on the scheduler thread.
+  bool on_event(const TokenEvent& ev) {
+    if (ended) return false;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      if (ev.prompt_tokens > 0) usage.prompt_tokens = ev.prompt_tokens;
+      if (ev.cached_tokens > 0) usage.cached_tokens = ev.cached_tokens;
+      if (ev.completion_tokens > 0) usage.completion_tokens = std::max(usage.completion_tokens, ev.completion_tokens);
+    }
+    if (cancelled.load()) {
+      ended = true;
+      end_timing();
+      publish({}, true, "stop");
+      return false;
+    }
+    std::string text;
+    if (ev.token >= 0) {
+      auto now = Clock::now();
+      if (n_gen == 0) {
+        t_first = now;
+        if (metrics) metrics->observe_ttft(std::chrono::duration<double>(now - t_start).count());
+      }
+      t_last = now;
+      n_gen++;
+      if (metrics) metrics->add_generated(1);
+      if (!tok->is_eog(ev.token)) {
+        if (n_top >= 0) {
+          TokenInfo ti;
+          ti.id = ev.token;
+          ti.logprob = ev.logprob;
+          ti.top = ev.top;
+          ti.text_offset = text_base + offset;
+          pend.push_back(std::move(ti));
+        }
+        std::string raw = dec->push(ev.token);
+        offset += raw.size();
+        text = stop.push(raw);
+        if (stop.matched()) {
+          ended = true;
+          end_timing();
+          publish(std::move(text), true, "stop");
+          return false;  // cancels the sequence: its blocks are freed now
+        }
+      }
+    }
+    if (ev.finish != FinishReason::None) {
+      std::string tail = stop.push(dec->flush());
+      bool matched = stop.matched();
+      if (!matched) tail += stop.flush();
+      text += tail;
+      ended = true;
+      end_timing();
+      std::string reason = matched ? "stop"
+                           : ev.finish == FinishReason::Length ? "length"
+                                                               : "stop";
+      if (ev.finish == FinishReason::Error)
+        publish(std::move(text), true, "error", ev.error.empty() ? "generation failed" : ev.error);
+      else
+        publish(std::move(text), true, reason);
+      return false;
+    }
+    if (!text.empty()) publish(std::move(text), false, {});
+    return true;
+  }
+};
+
+const char* kKnownRoutes[] = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+                              "/models", "/completions", "/chat/completions"};
+
+std::string endpoint_label(const std::string& path) {
+  for (const char* r : kKnownRoutes)
+    if (path == r) return r;
+  if (path.rfind("/v1/models/", 0) == 0) return "/v1/models/{id}";
+  return "other";
+}
+
+}  // namespace
+
+struct Server::Impl {
+  ServerParams p;
+  httplib::Server http;
+  std::thread http_thread;
+  std::atomic<int> state{static_cast<int>(State::Loading)};
+  std::atomic<const Model*> model{nullptr};
+  std::atomic<Scheduler*> sched{nullptr};
+  std::optional<ChatTemplate> chat_template;
+  bool template_has_tools = false;
+  std::string model_id;
+  std::vector<std::string> aliases;      // fixed at construction
+  std::vector<std::string> model_names;  // general.name etc., set by attach()
+  int64_t created = unix_now();
+  Metrics metrics;
+  std::atomic<int> n_active{0};
+  std::mutex jobs_mu;
+  std::set<std::shared_ptr<Job>> jobs;
+  int bound_port = -1;
+  int listen_fd = -1;
+
+  explicit Impl(ServerParams params) : p(std::move(params)) {
+    namespace fs = std::filesystem;
+    fs::path mp(p.model_path);
+    std::string stem = mp.has_stem() ? mp.stem().string() : mp.filename().string();
+    if (fs::is_directory(mp)) stem = mp.filename().empty() ? mp.parent_path().filename().string() : mp.filename().string();
+    model_id = p.alias.empty() ? stem : p.alias;
+    aliases = {model_id, stem, mp.filename().string(), p.model_path};
+  }
+
+  State st() const { return static_cast<State>(state.load()); }
+
+  bool model_matches(const std::string& m) const {
+    if (std::find(aliases.begin(), aliases.end(), m) != aliases.end()) return true;
+    // Names from the model file: written by attach() before the state leaves Loading.
+    return st() != State::Loading && std::find(model_names.begin(), model_names.end(), m) != model_names.end();
+  }
+
+  void cancel_job(const std::shared_ptr<Job>& job) {
+    job->cancelled = true;
+    uint64_t id = job->sched_id.load();
+    Scheduler* s = sched.load();
+    if (id && s) s->cancel(id);
+  }
+
+  void finish_job(const std::shared_ptr<Job>& job) {
+    {
+      std::lock_guard<std::mutex> lk(jobs_mu);
+      jobs.erase(job);
+    }
+    n_active--;
+  }
+
+  void setup_routes();
+  void handle_generate(const httplib::Request& req, httplib::Response& res, Endpoint kind);
+  void handle_models(const httplib::Request& req, httplib::Response& res);
+  ojson model_card() const;
+  std::optional<ApiError> build_prompt(const ParsedRequest& pr, std::vector<int32_t>& tokens, size_t& text_base);
+  std::string chunk_json(const Job& job, const Piece* piece, const std::string* finish, bool first_chat) const;
+};
+
+ojson Server::Impl::model_card() const {
+  ojson m = ojson::object();
+  m["id"] = model_id;
+  m["object"] = "model";
+  m["created"] = created;
+  m["owned_by"] = "larder";
+  if (Scheduler* s = sched.load()) m["max_model_len"] = s->max_seq_len();
+  return m;
+}
+
+void Server::Impl::handle_models(const httplib::Request& req, httplib::Response& res) {
+  if (req.matches.size() > 1) {
+    std::string want = req.matches[1];
+    if (!model_matches(want)) {
+      reply_error(res, make_api_error(404, "The model '" + want + "' does not exist.", "invalid_request_error",
+                                      "model_not_found", "model"));
+      return;
+    }
+    reply_json(res, 200, model_card());
+    return;
+  }
+  ojson j = ojson::object();
+  j["object"] = "list";
+  j["data"] = ojson::array({model_card()});
+  reply_json(res, 200, j);
+}
+
+std::optional<ApiError> Server::Impl::build_prompt(const ParsedRequest& pr, std::vector<int32_t>& tokens,
+                                                   size_t& text_base) {
+  const Model& m = *model.load();
+  const Tokenizer& tok = *m.tokenizer;
+  if (pr.kind == Endpoint::Completions) {
+    if (pr.prompt_is_tokens) {
+      for (int32_t t : pr.prompt_tokens)
+        if (t >= tok.n_vocab())
+          return make_api_error(400, "Token id " + std::to_string(t) + " is out of range (vocabulary size " +
+                                         std::to_string(tok.n_vocab()) + ").",
+                                "invalid_request_error", "invalid_value", "prompt");
+      tokens = pr.prompt_tokens;
+      text_base = tok.decode(tokens).size();
+    } else {
+      tokens = tok.encode(pr.prompt_text, /*add_bos=*/true);
+      text_base = pr.prompt_text.size();
+    }
+    return std::nullopt;
+  }
+  const Vocab& v = tok.vocab();
+  std::string bos = v.bos >= 0 && v.bos < tok.n_vocab() ? v.tokens[v.bos] : "";
+  std::string eos = v.eos >= 0 && v.eos < tok.n_vocab() ? v.tokens[v.eos] : "";
+  std::string text;
+  if (!pr.tools.is_null() && !(chat_template && template_has_tools))
+    return make_api_error(400, "This model's chat template does not support tools.", "invalid_request_error",
+                          "unsupported_parameter", "tools");
+  if (chat_template) {
+    ojson extra = ojson::object();
+    extra["bos_token"] = bos;
+    extra["eos_token"] = eos;
+    if (!pr.tools.is_null()) extra["tools"] = pr.tools;
+    auto r = chat_template->apply(pr.messages, /*add_generation_prompt=*/true, extra);
+    if (!r.ok())
+      return make_api_error(400, "The chat template could not be applied to these messages: " + r.error(),
+                            "invalid_request_error", "invalid_value", "messages");
+    text = std::move(r.value());
+    // Templates usually write the BOS text themselves; add the token only when they don't.
+    bool has_bos_text = !bos.empty() && text.rfind(bos, 0) == 0;
+    tokens = tok.encode(text, /*add_bos=*/!has_bos_text, /*parse_special=*/true);
+  } else {
+    text = fallback_chat_prompt(pr.messages);
+    tokens = tok.encode(text, /*add_bos=*/true);
+  }
+  text_base = 0;
+  return std::nullopt;
+}
+
+std::string Server::Impl::chunk_json(const Job& job, const Piece* piece, const std::string* finish,
+                                     bool first_chat) const {
+  ojson j = ojson::object();
+  j["id"] = job.id;
+  j["object"] = job.kind == Endpoint::Chat ? "chat.completion.chunk" : "text_completion";
+  j["created"] = job.created;
+  j["model"] = job.model_id;
+  ojson c = ojson::object();
+  c["index"] = 0;
+  const Tokenizer& tok = *job.tok;
+  ojson lp = nullptr;
+  if (piece && job.n_top >= 0 && !piece->toks.empty())
+    lp = job.kind == Endpoint::Chat ? chat_logprobs_json(tok, piece->toks, job.n_top)
+                                    : completion_logprobs_json(tok, piece->toks, job.n_top);
+  if (job.kind == Endpoint::Chat) {
+    ojson d = ojson::object();
+    if (first_chat) {
+      d["role"] = "assistant";
+      d["content"] = "";
+    } else if (piece) {
+      d["content"] = piece->text;
+    }
+    c["delta"] = std::move(d);
+  } else {
+    c["text"] = piece ? piece->text : std::string();
+  }
+  c["logprobs"] = std::move(lp);
+  c["finish_reason"] = finish ? ojson(*finish) : ojson();
+  j["choices"] = ojson::array({std::move(c)});
+  if (job.include_usage) j["usage"] = nullptr;
+  return "data: " + dump_json(j) + "\n\n";
+}
+
+void Server::Impl::handle_generate(const httplib::Request& req, httplib::Response& res, Endpoint kind) {
+  State s = st();
+  if (s == State::Loading) {
+    reply_error(res, make_api_error(503, "The model is loading; try again shortly.", "unavailable_error",
+                                    "model_loading"));
+    res.set_header("Retry-After", "1");
+    return;
+  }
+  if (s == State::Draining) {
+    reply_error(res, make_api_error(503, "The server is shutting down.", "unavailable_error", "shutting_down"));
+    return;
+  }
+  Scheduler& sch = *sched.load();
+  const Model& mdl = *model.load();
+
+  ojson body = ojson::parse(req.body, nullptr, /*allow_exceptions=*/false);
+  if (body.is_discarded()) {
+    reply_error(res, make_api_error(400,
+                                    "We could not parse the JSON body of your request. (HINT: This likely means you "
+                                    "aren't using your HTTP library correctly.)",
+                                    "invalid_request_error", "invalid_json"));
+    return;
+  }
+  ParsedRequest pr;
+  auto perr = kind == Endpoint::Chat ? parse_chat_request(body, pr) : parse_completion_request(body, pr);
+  if (perr) {
+    reply_error(res, *perr);
+    return;
+  }
+  if (!pr.model.empty() && !model_matches(pr.model)) {
+    reply_error(res, make_api_error(404, "The model '" + pr.model + "' does not exist or you do not have access to it.",
+                                    "invalid_request_error", "model_not_found", "model"));
+    return;
+  }
+  std::vector<int32_t> tokens;
+  size_t text_base = 0;
+  if (auto e = build_prompt(pr, tokens, text_base)) {
+    reply_error(res, *e);
+    return;
+  }
+  const int n_prompt = static_cast<int>(tokens.size());
+  const int max_seq = sch.max_seq_len();
+  auto ctx_error = [&](int requested) {
+    char buf[400];
+    if (requested > 0)
+      std::snprintf(buf, sizeof buf,
+                    "This model's maximum context length is %d tokens. However, you requested %d tokens (%d in the "
+                    "prompt, %d for the completion). Please reduce the prompt or the completion length.",
+                    max_seq, n_prompt + requested, n_prompt, requested);
+    else
+      std::snprintf(buf, sizeof buf,
+                    "This model's maximum context length is %d tokens. However, your prompt is %d tokens, which "
+                    "leaves no room for a completion. Please reduce the prompt.",
+                    max_seq, n_prompt);
+    reply_error(res, make_api_error(400, buf, "invalid_request_error", "context_length_exceeded",
+                                    kind == Endpoint::Chat ? "messages" : "prompt"));
+  };
+  if (n_prompt == 0) {
+    reply_error(res, make_api_error(400, "The prompt is empty.", "invalid_request_error", "invalid_value", "prompt"));
+    return;
+  }
+  if (n_prompt >= max_seq) {
+    ctx_error(pr.max_tokens.value_or(0));
+    return;
+  }
+  int max_tokens;
+  if (pr.max_tokens) {
+    if (static_cast<int64_t>(n_prompt) + *pr.max_tokens > max_seq) {
+      ctx_error(*pr.max_tokens);
+      return;
+    }
+    max_tokens = *pr.max_tokens;
+  } else {
+    max_tokens = kind == Endpoint::Completions ? std::min(16, max_seq - n_prompt) : max_seq - n_prompt;
+  }
+
+  auto job = std::make_shared<Job>();
+  job->kind = kind;
+  job->stream = pr.stream;
+  job->include_usage = pr.include_usage;
+  job->n_top = pr.logprobs;
+  job->id = random_id(kind == Endpoint::Chat ? "chatcmpl-" : "cmpl-");
+  job->model_id = model_id;
+  job->created = unix_now();
+  job->tok = mdl.tokenizer.get();
+  job->metrics = &metrics;
+  job->prompt_tokens = n_prompt;
+  job->usage.prompt_tokens = n_prompt;
+  job->text_base = text_base;
+  job->t_start = Clock::now();
+  // Completions continue the prompt (keep the leading space); chat replies start fresh.
+  job->dec.emplace(*mdl.tokenizer, /*strip_first_space=*/kind == Endpoint::Chat);
+  job->stop = StopMatcher(pr.stop);
+
+  GenRequest g;
+  g.prompt = std::move(tokens);
+  g.sampling = pr.sampling;
+  g.max_tokens = max_tokens;
+  g.ignore_eos = pr.ignore_eos;
+  g.n_logprobs = pr.logprobs < 0 ? 0 : std::max(1, pr.logprobs);
+
+  n_active++;
+  {
+    std::lock_guard<std::mutex> lk(jobs_mu);
+    jobs.insert(job);
+  }
+  auto id = sch.submit(std::move(g), [job](const TokenEvent& ev) { return job->on_event(ev); });
+  if (!id.ok()) {
+    finish_job(job);
+    std::string msg = lower(id.error());
+    if (st() == State::Draining || msg.find("shut") != std::string::npos || msg.find("stopp") != std::string::npos)
+      reply_error(res, make_api_error(503, "The server is shutting down.", "unavailable_error", "shutting_down"));
+    else if (msg.find("queue") != std::string::npos || msg.find("full") != std::string::npos)
+      reply_error(res, make_api_error(429, "The server is busy: the request queue is full. Retry shortly.",
+                                      "rate_limit_error", "rate_limit_exceeded"));
+    else
+      reply_error(res, make_api_error(400, id.error(), "invalid_request_error", "invalid_value"));
+    return;
+  }
+  job->sched_id = id.value();
+
+  if (!job->stream) {
+    {
+      std::unique_lock<std::mutex> lk(job->mu);
+      job->cv.wait(lk, [&] { return job->finished; });
+    }
+    Piece all;
+    for (auto& p : job->out) {
+      all.text += p.text;
+      for (auto& t : p.toks) all.toks.push_back(std::move(t));
+    }
+    Usage u = job->usage;
+    std::string reason = job->finish_reason, err = job->error;
+    finish_job(job);
+    if (reason == "error") {
+      reply_error(res, make_api_error(500, "Generation failed: " + err, "server_error", "internal_error"));
+      return;
+    }
+    ojson j = ojson::object();
+    j["id"] = job->id;
+    j["object"] = kind == Endpoint::Chat ? "chat.completion" : "text_completion";
+    j["created"] = job->created;
+    j["model"] = job->model_id;
+    ojson c = ojson::object();
+    c["index"] = 0;
+    ojson lp = nullptr;
+    if (job->n_top >= 0)
+      lp = kind == Endpoint::Chat ? chat_logprobs_json(*job->tok, all.toks, job->n_top)
+                                  : completion_logprobs_json(*job->tok, all.toks, job->n_top);
+    if (kind == Endpoint::Chat) {
+      ojson msg = ojson::object();
+      msg["role"] = "assistant";
+      msg["content"] = all.text;
+      msg["refusal"] = nullptr;
+      c["message"] = std::move(msg);
+    } else {
+      c["text"] = all.text;
+    }
+    c["logprobs"] = std::move(lp);
+    c["finish_reason"] = reason;
+    j["choices"] = ojson::array({std::move(c)});
+    j["usage"] = usage_json(u);
+    reply_json(res, 200, j);
+    return;
+  }
+
+  // Streaming: server-sent events, one `data: {...}` per piece of text, then [DONE].
+  struct StreamState {
+    bool started = false;
+  };
+  auto ss = std::make_shared<StreamState>();
+  res.set_header("Cache-Control", "no-cache");
+  res.set_header("X-Accel-Buffering", "no");
+  res.set_chunked_content_provider(
+      "text/event-stream",
+      [this, job, ss](size_t, httplib::DataSink& sink) -> bool {
+        std::string buf;
+        if (!ss->started) {
+          ss->started = true;
+          if (job->kind == Endpoint::Chat) {
+            buf = chunk_json(*job, nullptr, nullptr, /*first_chat=*/true);
+            if (!sink.write(buf.data(), buf.size())) {
+              cancel_job(job);
+              return false;
+            }
+            return true;
+          }
+        }
+        std::deque<Piece> pieces;
+        bool fin;
+        {
+          std::unique_lock<std::mutex> lk(job->mu);
+          job->cv.wait_for(lk, std::chrono::milliseconds(100), [&] { return job->finished || !job->out.empty(); });
+          pieces.swap(job->out);
+          fin = job->finished;
+        }
+        if (pieces.empty() && !fin) {
+          if (!sink.is_writable()) {
+            cancel_job(job);
+            return false;
+          }
+          return true;
+        }
+        for (auto& p : pieces)
+          if (!p.text.empty() || !p.toks.empty()) buf += chunk_json(*job, &p, nullptr, false);
+        if (fin) {
+          if (job->finish_reason == "error") {
+            ApiError e = make_api_error(500, "Generation failed: " + job->error, "server_error", "internal_error");
+            buf += "data: " + dump_json(error_body(e)) + "\n\n";
+          } else {
+            buf += chunk_json(*job, nullptr, &job->finish_reason, false);
+            if (job->include_usage) {
+              ojson u = ojson::object();
+              u["id"] = job->id;
+              u["object"] = job->kind == Endpoint::Chat ? "chat.completion.chunk" : "text_completion";
+              u["created"] = job->created;
+              u["model"] = job->model_id;
+              u["choices"] = ojson::array();
+              u["usage"] = usage_json(job->usage);
+              buf += "data: " + dump_json(u) + "\n\n";
+            }
+          }
+          buf += "data: [DONE]\n\n";
+        }
+        if (!buf.empty() && !sink.write(buf.data(), buf.size())) {
+          cancel_job(job);
+          return false;
+        }
+        if (fin) sink.done();
+        return true;
+      },
+      [this, job](bool /*success*/) {
+        bool done;
+        {
+          std::lock_guard<std::mutex> lk(job->mu);
+          done = job->finished;
+        }
+        if (!done) cancel_job(job);  // the client went away mid-stream
+        finish_job(job);
+      });
+}
+
+void Server::Impl::setup_routes() {
+  http.set_payload_max_length(p.max_body_bytes);
+  http.set_keep_alive_max_count(1000);
+  http.set_tcp_nodelay(true);  // SSE events are small writes: no Nagle delay per token
+  // Not httplib's default SO_REUSEPORT: a second server on a taken port must fail, not
+  // silently share it. The fd is kept to widen the listen backlog after bind (see start()).
+  http.set_socket_options([this](int sock) {
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    listen_fd = sock;
+  });
+  // cpp-httplib holds a thread per connection, idle keep-alive ones included: keep idle
+  // connections short (clients see "Keep-Alive: timeout=3") and the pool large enough for
+  // every running and queued request plus as many idle connections again.
+  http.set_keep_alive_timeout(3);
+  http.set_read_timeout(30, 0);
+  http.set_write_timeout(10, 0);
+  int n_threads = p.http_threads > 0 ? p.http_threads : std::max(64, 2 * (p.parallel + p.max_queue) + 32);
+  n_threads = std::min(n_threads, 2048);
+  http.new_task_queue = [n_threads] { return new httplib::ThreadPool(static_cast<size_t>(n_threads)); };
+
+  http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+    if (p.api_key.empty()) return httplib::Server::HandlerResponse::Unhandled;
+    const std::string& path = req.path;
+    bool protected_path = path.rfind("/v1/", 0) == 0 || path == "/completions" || path == "/chat/completions" ||
+                          path == "/models";
+    if (!protected_path) return httplib::Server::HandlerResponse::Unhandled;
+    if (req.get_header_value("Authorization") == "Bearer " + p.api_key)
+      return httplib::Server::HandlerResponse::Unhandled;
+    reply_error(res, make_api_error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"));
+    return httplib::Server::HandlerResponse::Handled;
+  });
+
+  http.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
+    if (!res.body.empty()) return;
+    ApiError e;
+    e.status = res.status;
+    switch (res.status) {
+      case 404:
+        e.message = "Invalid URL (" + req.method + " " + req.path + ")";
+        e.code = "unknown_url";
+        break;
+      case 413:
+        e.message = "The request body is too large.";
+        e.code = "request_too_large";
+        break;
+      case 400:
+        e.message = "Malformed HTTP request.";
+        break;
+      default:
+        e.message = "HTTP error " + std::to_string(res.status) + ".";
+        if (res.status >= 500) e.type = "server_error";
+    }
+    reply_json(res, e.status, error_body(e));
+  });
+
+  http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+    std::string what = "internal error";
+    try {
+      if (ep) std::rethrow_exception(ep);
+    } catch (const std::exception& ex) {
+      what = ex.what();
+    } catch (...) {
+    }
+    reply_error(res, make_api_error(500, what, "server_error", "internal_error"));
+  });
+
+  http.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
+    metrics.count_request(endpoint_label(req.path), res.status);
+  });
+
+  auto method_not_allowed = [](const char* allow) {
+    return [allow](const httplib::Request& req, httplib::Response& res) {
+      reply_error(res, make_api_error(405, "Method " + req.method + " is not allowed for " + req.path + ".",
+                                      "invalid_request_error", "method_not_allowed"));
+      res.set_header("Allow", allow);
+    };
+  };
+  auto get_only = [&](const std::string& path, httplib::Server::Handler h) {
+    http.Get(path, h);
+    auto na = method_not_allowed("GET");
+    http.Post(path, na);
+    http.Put(path, na);
+    http.Patch(path, na);
+    http.Delete(path, na);
+  };
+  auto post_only = [&](const std::string& path, httplib::Server::Handler h) {
+    http.Post(path, h);
+    auto na = method_not_allowed("POST");
+    http.Get(path, na);
+    http.Put(path, na);
+    http.Patch(path, na);
+    http.Delete(path, na);
+  };
+
+  get_only("/health", [this](const httplib::Request&, httplib::Response& res) {
+    State s = st();
+    ojson j = ojson::object();
+    j["status"] = s == State::Ready ? "ok" : s == State::Loading ? "loading" : "draining";
+    reply_json(res, s == State::Ready ? 200 : 503, j);
+  });
+  get_only("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    std::optional<SchedulerStats> stats;
+    if (Scheduler* s = sched.load()) stats = s->stats();
+    res.status = 200;
+    res.set_content(metrics.render(stats ? &*stats : nullptr, n_active.load()), "text/plain; version=0.0.4");
+  });
+  for (const char* path : {"/v1/models", "/models", R"(/v1/models/(.+))"})
+    get_only(path, [this](const httplib::Request& req, httplib::Response& res) { handle_models(req, res); });
+  for (const char* path : {"/v1/completions", "/completions"})
+    post_only(path, [this](const httplib::Request& req, httplib::Response& res) {
+      handle_generate(req, res, Endpoint::Completions);
+    });
+  for (const char* path : {"/v1/chat/completions", "/chat/completions"})
+    post_only(path, [this](const httplib::Request& req, httplib::Response& res) {
+      handle_generate(req, res, Endpoint::Chat);
+    });
+}
+
+Server::Server(ServerParams p) : impl_(std::make_unique<Impl>(std::move(p))) {}
+
+Server::~Server() { stop(); }
+
+Status Server::start() {
+  Impl& I = *impl_;
+  I.setup_routes();
+  int port = I.p.port;
+  if (port == 0) {
+    port = I.http.bind_to_any_port(I.p.host);
+    if (port <= 0) return make_error("cannot bind %s: no free port", I.p.host.c_str());
+  } else if (!I.http.bind_to_port(I.p.host, port)) {
+    return make_error("cannot listen on %s:%d (address in use or not available)", I.p.host.c_str(), port);
+  }
+  I.bound_port = port;
+  // cpp-httplib 0.11 listens with a backlog of 5: a burst of new connections (64 clients at
+  // once) would overflow it and wait for SYN retransmits (1 s). Linux lets listen() raise it.
+  if (I.listen_fd >= 0) ::listen(I.listen_fd, SOMAXCONN);
+  I.http_thread = std::thread([&I] { I.http.listen_after_bind(); });
+  return Status::Ok();
+}
+
+int Server::port() const { return impl_->bound_port; }
+
+void Server::attach(const Model& model, Scheduler& sched) {
+  Impl& I = *impl_;
+  if (model.gguf) {
+    if (auto src = model.gguf->get_string("tokenizer.chat_template"); src && !src->empty()) {
+      auto t = ChatTemplate::parse(*src);
+      if (t.ok()) {
+        I.chat_template.emplace(std::move(t.value()));
+        I.template_has_tools = src->find("tools") != std::string::npos;
+      } else {
+        std::fprintf(stderr, "larder serve: warning: chat template not usable (%s); using the fallback format\n",
+                     t.error().c_str());
+      }
+    }
+    if (auto name = model.gguf->get_string("general.name"); name && !name->empty()) I.model_names.push_back(*name);
+  }
+  if (!model.cfg.name.empty()) I.model_names.push_back(model.cfg.name);
+  I.model.store(&model);
+  I.sched.store(&sched);
+  I.state.store(static_cast<int>(State::Ready));
+}
+
+void Server::begin_drain() { impl_->state.store(static_cast<int>(State::Draining)); }
+
+int Server::active() const { return impl_->n_active.load(); }
+
+void Server::cancel_all() {
+  std::vector<std::shared_ptr<Job>> jobs;
+  {
+    std::lock_guard<std::mutex> lk(impl_->jobs_mu);
+    jobs.assign(impl_->jobs.begin(), impl_->jobs.end());
+  }
+  for (auto& j : jobs) {
+    impl_->cancel_job(j);
+    // The scheduler may be gone or never call back: end the request ourselves.
+    j->force_finish();
+  }
+}
+
+void Server::stop() {
+  Impl& I = *impl_;
+  if (I.http_thread.joinable()) {
+    I.http.stop();
+    I.http_thread.join();
+  }
+}
+
+}  // namespace larder::server

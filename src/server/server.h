@@ -1,0 +1,78 @@
+// `larder serve`: an OpenAI-compatible HTTP server over the continuous-batching
+// Scheduler (cpp-httplib; its thread pool handles the connections).
+//
+// Endpoints
+//   POST /v1/completions        prompt: string | [token ids] | [string] | [[token ids]]
+//   POST /v1/chat/completions   messages -> chat template (GGUF tokenizer.chat_template) -> tokens
+//   GET  /v1/models, /v1/models/{id}
+//   GET  /health                200 {"status":"ok"}; 503 {"status":"loading"|"draining"}
+//   GET  /metrics               Prometheus text format (see metrics.h)
+// (/completions, /chat/completions and /models are accepted without the /v1 prefix, as llama.cpp does.)
+//
+// Models without a chat template (e.g. stories260K) use the fallback format
+//   "System: ...\nUser: ...\nAssistant: ...\n" per message, then "Assistant:".
+//
+// The `model` field may be omitted; when given it must be the served id (the file
+// name without extension, or --alias), the file name, the path given to -m, or the
+// model's general.name; anything else is 404 model_not_found.
+//
+// Lifecycle: start() binds and answers /health with 503 "loading"; attach() makes it
+// ready; begin_drain() answers 503 to new work while in-flight requests finish;
+// wait_idle() returns when none is left; stop() closes the listener.
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/result.h"
+
+namespace larder {
+class Scheduler;
+struct Model;
+}  // namespace larder
+
+namespace larder::server {
+
+struct ServerParams {
+  std::string host = "127.0.0.1";
+  int port = 8080;                     // 0: any free port (see port())
+  std::string api_key;                 // non-empty: /v1/* need "Authorization: Bearer KEY"
+  std::string model_path;              // as given to -m (the default id and aliases derive from it)
+  std::string alias;                   // served model id (default: file name without extension)
+  size_t max_body_bytes = 8u << 20;    // larger request bodies get 413
+  int http_threads = 0;                // 0: 2 * (parallel + queue) + 32 (at least 64)
+  int parallel = 4;                    // only used to size the HTTP thread pool
+  int max_queue = 64;                  // ditto
+};
+
+class Server {
+ public:
+  explicit Server(ServerParams p);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Binds host:port and starts serving on a background thread (health: 503 loading).
+  Status start();
+  int port() const;
+  // Makes generation endpoints live. model and sched must outlive stop().
+  void attach(const Model& model, Scheduler& sched);
+  // New generation requests get 503 and /health 503 "draining"; in-flight ones go on.
+  void begin_drain();
+  // Requests still being generated or written (streams included).
+  int active() const;
+  // Cancels every in-flight request (a second SIGTERM while draining).
+  void cancel_all();
+  // Closes the listener and joins the HTTP threads.
+  void stop();
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace larder::server
