@@ -64,6 +64,9 @@ Scheduler::Scheduler(const Model& m, const SchedulerParams& p, std::unique_ptr<C
                                                 p.block_size}),
       max_seq_len_(max_seq_len) {
   params_.step_tokens = std::max(p.step_tokens, p.parallel);
+  auto bs = blocks_.stats();  // so /metrics is right before the first request
+  st_.kv_blocks = bs.n_blocks;
+  st_.kv_free = bs.free;
 }
 
 Scheduler::~Scheduler() { shutdown(false); }

@@ -79,8 +79,8 @@ class Scheduler {
   static Result<std::unique_ptr<Scheduler>> create(const Model& model, const SchedulerParams& p);
   ~Scheduler();
 
-  // Queues a request. Errors: queue full (`queue_full()` true afterwards for the
-  // message), prompt empty or longer than the limit, bad parameters.
+  // Queues a request. Errors: "queue full ..." (HTTP 429), "... shutting down" (503),
+  // prompt empty or longer than the limit, bad parameters (400).
   Result<uint64_t> submit(GenRequest req, TokenCallback cb);
   void cancel(uint64_t id);
   // Stops accepting work; with drain, finishes running and queued requests first.
