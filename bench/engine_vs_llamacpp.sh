@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Side-by-side prompt/generation throughput of Larder and llama.cpp on the same GGUF
+# files (written by larder synth / larder quantize), same threads, one run.
+#   LLAMA_BENCH=/path/to/llama-bench bench/engine_vs_llamacpp.sh [MODEL_DIR]
+# Prints one markdown table per engine (llama-bench's own output for the peer).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+LARDER="${LARDER_BIN:-$ROOT/build/bin/larder}"
+DIR="${1:-/tmp/larder-bench-models}"
+THREADS="${THREADS:-2}"
+SHAPES="${SHAPES:-stories15M stories110M llama-3.2-1b}"
+TYPES="${TYPES:-f32 q8_0 q4_0 Q4_K_M}"
+VOCAB="${LARDER_SHARED:-$ROOT/../shared}/tokenizers/ggml-vocab-llama-spm.gguf"
+mkdir -p "$DIR"
+models=()
+for s in $SHAPES; do
+  base="$DIR/$s-f32.gguf"
+  if [ ! -f "$base" ]; then
+    extra=()
+    case "$s" in stories*) [ -f "$VOCAB" ] && extra=(--vocab-from "$VOCAB");; esac
+    "$LARDER" synth --shape "$s" --dtype f32 -o "$base" "${extra[@]}" >&2
+  fi
+  for t in $TYPES; do
+    f="$DIR/$s-$t.gguf"
+    [ "$t" = f32 ] || [ -f "$f" ] || "$LARDER" quantize "$base" "$f" "$t" >&2
+    models+=("$f")
+  done
+done
+for m in "${models[@]}"; do
+  reps=3
+  case "$m" in *llama-3.2-1b*) reps=2;; esac
+  echo "== $m" >&2
+  "$LARDER" bench -m "$m" -p 512 -n 128 -t "$THREADS" -r "$reps" | tail -n +3
+  [ -n "${W8A8:-}" ] && case "$m" in *q8_0*) "$LARDER" bench -m "$m" -p 512 -n 0 -t "$THREADS" -r "$reps" --w8a8 | tail -n +3;; esac
+  if [ -n "${LLAMA_BENCH:-}" ]; then "$LLAMA_BENCH" -m "$m" -p 512 -n 128 -t "$THREADS" -r "$reps" 2>/dev/null | grep -E "pp512|tg128"; fi
+done
