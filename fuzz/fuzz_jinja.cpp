@@ -5,9 +5,8 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "server/chat_template.h"
 
@@ -43,8 +42,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto t = larder::ChatTemplate::parse(src);
   if (!t.ok()) return 0;
   auto& o = t->render_options();
-  o.max_output_bytes = 1 << 16;
-  o.max_steps = 200000;
+  o.max_output_bytes = 1 << 14;
+  o.max_steps = 50000;
+  o.max_list_items = 1 << 12;
   o.max_call_depth = 40;
   t->set_clock([] { return std::chrono::system_clock::from_time_t(1721997296); });
   auto r = t->apply(messages(), size % 2 == 0, extra());

@@ -655,3 +655,28 @@ TEST(Quants, DequantizeSameBitsOnEveryPath) {
     }
   }
 }
+
+// The AVX-512 scale searches of the K-quant quantizers produce the scalar reference's bytes
+// (which are GGML's) on varied data: Gaussian at several scales, heavy tails, sparse rows and
+// values on a coarse grid (many exact ties).
+TEST(Quants, QuantizeSameBytesOnEveryPath) {
+  IsaGuard guard;
+  const int n = 256 * 6;
+  for (int kind = 0; kind < 5; ++kind) {
+    std::vector<float> x = gaussian(n, kind == 1 ? 1e-3f : kind == 2 ? 50.f : 1.f, 40 + kind);
+    if (kind == 3)
+      for (size_t i = 0; i < x.size(); ++i) x[i] = i % 7 ? 0.f : x[i] * x[i] * x[i];
+    if (kind == 4)
+      for (auto& v : x) v = std::round(v * 4) / 4;
+    for (DType t : kWeightTypes) {
+      std::vector<uint8_t> ref(row_bytes(t, n)), got(ref.size());
+      set_isa(Isa::Scalar);
+      quantize_row(t, x.data(), ref.data(), n);
+      for (Isa isa : paths()) {
+        set_isa(isa);
+        quantize_row(t, x.data(), got.data(), n);
+        EXPECT_EQ(std::memcmp(ref.data(), got.data(), ref.size()), 0) << dtype_name(t) << " " << isa_name(isa) << " kind " << kind;
+      }
+    }
+  }
+}

@@ -3,8 +3,10 @@
 // so quantization produces the same bytes as llama-quantize (without an importance matrix)
 // and dequantization the same floats. Dot products per ISA against q8_K activations.
 //
-// As in quants_legacy.cpp, the (de)quantizers are baseline scalar code so that no FMA
-// contraction changes GGML's rounding.
+// The scalar (de)quantizers are baseline code, so no FMA contraction changes GGML's rounding;
+// their AVX2 / AVX-512 versions (dequantization, the scale searches of the quantizers, the q8_K
+// activation quantizer) perform the same float operations in the same order with contraction
+// disabled, and the tests check that every path gives the same bits.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -186,7 +188,7 @@ LARDER_TARGET_AVX512 void qkx2_eval16(const float* x, const float* w, int n, int
   _mm512_storeu_ps(oMad, mad);
 }
 
-// make_qkx2_quants (use_mad = false, nstep < 32) with the candidate loop vectorized.
+// make_qkx2_quants (use_mad = false, nstep < 32, n <= 32) with the candidate loop vectorized.
 LARDER_TARGET_AVX512 float make_qkx2_quants_avx512(int n, int nmax, const float* x, const float* weights, uint8_t* L,
                                                    float* the_min, float rmin, float rdelta, int nstep) {
   float mn = x[0], mx = x[0];
@@ -220,13 +222,13 @@ LARDER_TARGET_AVX512 float make_qkx2_quants_avx512(int n, int nmax, const float*
     return scale;
   }
   const int C = nstep + 1;
-  alignas(64) float isc[32], D[32], S[32], M[32], MAD[32];
+  alignas(64) float isc[48], D[48], S[48], M[48], MAD[48];  // lanes up to start + 31 < 48
   int start = 0;
   float best_isc = 0, best_mn = 0;
   bool found = false;
   while (start < C) {
     for (int is = start; is < C; ++is) isc[is] = (rmin + rdelta * is + nmax) / (mx - mn);
-    for (int is = C; is < start + 32 && is < 32; ++is) isc[is] = isc[C - 1];  // padding lanes (ignored)
+    for (int is = C; is < 48; ++is) isc[is] = isc[C - 1];  // padding lanes (results ignored)
     for (int v = start; v < C; v += 16) qkx2_eval16(x, weights, n, nmax, mn, sum_w, sum_x, isc + v, D + v, S + v, M + v, MAD + v);
     int k = start;
     while (k < C && !(D[k] > 0 && MAD[k] < best_mad)) ++k;

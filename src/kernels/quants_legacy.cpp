@@ -2,8 +2,9 @@
 // Reference converters (bit-exact with GGML's dequantize_row_* / quantize_row_*_ref) and
 // dot products against activations quantized to q8_0 / q8_1, per ISA.
 //
-// Dequantization is plain scalar code on purpose: it is compiled for baseline x86-64, so
-// the compiler cannot contract d * q + m into an FMA, which would change the last bit.
+// The scalar reference dequantizers are baseline x86-64 code, so the compiler cannot contract
+// d * q + m into an FMA (which would change the last bit); their AVX2 versions (for prefill and
+// embeddings) do the same operations with contraction disabled and give the same bits.
 #include <immintrin.h>
 
 #include <algorithm>

@@ -1,12 +1,13 @@
 // Hugging Face chat templates: renders a conversation into the prompt text a model was
 // trained on, with the same result transformers' apply_chat_template gives (jinja2 with
 // trim_blocks/lstrip_blocks, loopcontrols, raise_exception, strftime_now, its tojson).
+// apply() is const and keeps no state between calls: one parsed template may serve many
+// threads at once (set the clock/options before sharing it).
 #pragma once
 #include <chrono>
 #include <functional>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "core/result.h"
 #include "server/jinja/jinja.h"

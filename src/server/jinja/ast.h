@@ -23,17 +23,17 @@ struct Expr;
 using ExprPtr = std::unique_ptr<Expr>;
 
 enum class EK {
-  Const,     // value
-  Name,      // name
-  List,      // kids: items
-  Tuple,     // kids: items
-  Dict,      // kids: k0, v0, k1, v1, ...
-  GetAttr,   // kids[0].name
-  GetItem,   // kids[0][kids[1]]
-  Slice,     // kids[0][kids[1]:kids[2]:kids[3]] (null kids for omitted parts)
-  Call,      // kids[0](kids[1..], kwargs)
-  Filter,    // kids[0] | name(kids[1..], kwargs); kids[0] null means the filter-block input
-  Test,      // kids[0] is name(kids[1..], kwargs)
+  Const,    // value
+  Name,     // name
+  List,     // kids: items
+  Tuple,    // kids: items
+  Dict,     // kids: k0, v0, k1, v1, ...
+  GetAttr,  // kids[0].name
+  GetItem,  // kids[0][kids[1]]
+  Slice,    // kids[0][kids[1]:kids[2]:kids[3]] (null kids for omitted parts)
+  Call,     // kids[0](kids[1..], kwargs)
+  Filter,   // kids[0] | name(kids[1..], kwargs); kids[0] null means the filter-block input
+  Test,     // kids[0] is name(kids[1..], kwargs)
   Neg,
   Pos,
   Not,

@@ -1,12 +1,13 @@
 // Attribute and item lookup as jinja2's sandbox does it (methods shadow dict keys for `.`,
 // keys win for `[]`, misses become Undefined, mutating methods are unsafe), the methods of
 // str/dict/list/loop objects, and the global functions.
+#include "server/jinja/builtins.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <ctime>
 
-#include "server/jinja/builtins.h"
 #include "server/jinja/interpreter.h"
 #include "server/jinja/params.h"
 #include "server/jinja/pystr.h"
@@ -16,11 +17,12 @@ namespace larder::jinja {
 namespace {
 
 const char* const kStrMethods[] = {
-    "capitalize", "casefold", "center", "count", "encode", "endswith", "expandtabs", "find", "format", "format_map",
-    "index", "isalnum", "isalpha", "isascii", "isdecimal", "isdigit", "isidentifier", "islower", "isnumeric",
-    "isprintable", "isspace", "istitle", "isupper", "join", "ljust", "lower", "lstrip", "maketrans", "partition",
-    "removeprefix", "removesuffix", "replace", "rfind", "rindex", "rjust", "rpartition", "rsplit", "rstrip", "split",
-    "splitlines", "startswith", "strip", "swapcase", "title", "translate", "upper", "zfill"};
+    "capitalize",   "casefold",   "center",    "count",       "encode",    "endswith",     "expandtabs",   "find",
+    "format",       "format_map", "index",     "isalnum",     "isalpha",   "isascii",      "isdecimal",    "isdigit",
+    "isidentifier", "islower",    "isnumeric", "isprintable", "isspace",   "istitle",      "isupper",      "join",
+    "ljust",        "lower",      "lstrip",    "maketrans",   "partition", "removeprefix", "removesuffix", "replace",
+    "rfind",        "rindex",     "rjust",     "rpartition",  "rsplit",    "rstrip",       "split",        "splitlines",
+    "startswith",   "strip",      "swapcase",  "title",       "translate", "upper",        "zfill"};
 const char* const kDictSafe[] = {"copy", "fromkeys", "get", "items", "keys", "values"};
 const char* const kDictUnsafe[] = {"clear", "pop", "popitem", "setdefault", "update"};
 const char* const kListSafe[] = {"copy", "count", "index"};
@@ -83,7 +85,8 @@ Value loop_attr(const Value& obj, const std::string& name) {
 // getattr(obj, name) without dict-key lookup: methods and object attributes only.
 Value attribute(const Value& obj, const std::string& name) {
   switch (obj.kind()) {
-    case Kind::Undefined: fail_undefined(obj);
+    case Kind::Undefined:
+      fail_undefined(obj);
     case Kind::Dict:
       if (one_of(name, kDictSafe)) return method(obj, name);
       if (one_of(name, kDictUnsafe)) return unsafe(obj, name);
@@ -103,8 +106,10 @@ Value attribute(const Value& obj, const std::string& name) {
     case Kind::Namespace:
       if (const Value* v = obj.ns().find(name)) return *v;
       break;
-    case Kind::Loop: return loop_attr(obj, name);
-    default: break;
+    case Kind::Loop:
+      return loop_attr(obj, name);
+    default:
+      break;
   }
   return missing_attr(obj, name);
 }
@@ -195,8 +200,8 @@ Value str_method(Interp& in, const std::string& s, const std::string& m, CallArg
     Params p(fname, a, {"old", "new", "count"});
     if (!p.has(1)) fail("replace expected at least 2 arguments");
     int64_t count = p.has(2) ? int_arg(p[2], "count") : -1;
-    return Value::string(py_replace(s, str_arg(p[0], "replace() argument 1"), str_arg(p[1], "replace() argument 2"), count,
-                                    in.opts().max_output_bytes));
+    return Value::string(py_replace(s, str_arg(p[0], "replace() argument 1"), str_arg(p[1], "replace() argument 2"),
+                                    count, in.opts().max_output_bytes));
   }
   if (m == "find" || m == "rfind" || m == "index" || m == "rindex" || m == "count") {
     Params p(fname, a, {"sub", "start", "end"});
@@ -234,7 +239,8 @@ Value str_method(Interp& in, const std::string& s, const std::string& m, CallArg
   }
   if (m == "isdigit" || m == "isdecimal" || m == "isnumeric") return Value::boolean(all_chars(s, uni::is_digit));
   if (m == "isalpha") return Value::boolean(all_chars(s, uni::is_alpha));
-  if (m == "isalnum") return Value::boolean(all_chars(s, [](uint32_t c) { return uni::is_alpha(c) || uni::is_digit(c); }));
+  if (m == "isalnum")
+    return Value::boolean(all_chars(s, [](uint32_t c) { return uni::is_alpha(c) || uni::is_digit(c); }));
   if (m == "isspace") return Value::boolean(all_chars(s, uni::is_space));
   if (m == "isascii") return Value::boolean(uni::is_ascii(s));
   if (m == "isupper" || m == "islower") {
@@ -284,7 +290,8 @@ Value str_method(Interp& in, const std::string& s, const std::string& m, CallArg
     std::vector<Value> parts;
     if (f == std::string::npos) {
       Value e = Value::string("");
-      parts = m == "partition" ? std::vector<Value>{Value::string(s), e, e} : std::vector<Value>{e, e, Value::string(s)};
+      parts =
+          m == "partition" ? std::vector<Value>{Value::string(s), e, e} : std::vector<Value>{e, e, Value::string(s)};
     } else {
       parts = {Value::string(s.substr(0, f)), Value::string(sep), Value::string(s.substr(f + sep.size()))};
     }
@@ -341,7 +348,8 @@ Value list_method(const Value& self, const std::string& m, CallArgs& a) {
   }
   for (size_t k = 0; k < items.size(); ++k)
     if (equals(items[k], p[0])) return Value::integer(static_cast<int64_t>(k));
-  fail(std::string(self.list().tuple ? "tuple" : "list") + ".index(x): x not in " + (self.list().tuple ? "tuple" : "list"));
+  fail(std::string(self.list().tuple ? "tuple" : "list") + ".index(x): x not in " +
+       (self.list().tuple ? "tuple" : "list"));
 }
 
 // ---------------------------------------------------------------- globals
@@ -380,7 +388,8 @@ Value g_dict(Interp& in, CallArgs& a) {
     } else {
       for (const Value& pair : in.iter(src)) {
         std::vector<Value> kv = in.iter(pair);
-        if (kv.size() != 2) fail("dictionary update sequence element has length " + std::to_string(kv.size()) + "; 2 is required");
+        if (kv.size() != 2)
+          fail("dictionary update sequence element has length " + std::to_string(kv.size()) + "; 2 is required");
         d->set(kv[0], kv[1]);
       }
     }
@@ -440,10 +449,11 @@ void def(Scope& g, const char* name, BuiltinFn fn) {
 }
 
 // Markup methods that return Markup; join/format also escape what they take in.
-const char* const kMarkupMethods[] = {"capitalize", "center", "expandtabs", "format", "join", "ljust", "lower",
-                                      "lstrip", "partition", "removeprefix", "removesuffix", "replace", "rjust",
-                                      "rpartition", "rsplit", "rstrip", "split", "splitlines", "strip", "swapcase",
-                                      "title", "translate", "upper", "zfill", "casefold"};
+const char* const kMarkupMethods[] = {"capitalize",   "center",    "expandtabs", "format",     "join",
+                                      "ljust",        "lower",     "lstrip",     "partition",  "removeprefix",
+                                      "removesuffix", "replace",   "rjust",      "rpartition", "rsplit",
+                                      "rstrip",       "split",     "splitlines", "strip",      "swapcase",
+                                      "title",        "translate", "upper",      "zfill",      "casefold"};
 
 Value as_markup(const Value& v) {
   if (v.is_string()) return v.is_markup() ? v : Value::markup(v.str());
@@ -491,7 +501,8 @@ Value get_attr(Interp& in, const Value& obj, const std::string& name) {
 
 Value get_item(Interp& in, const Value& obj, const Value& key) {
   switch (obj.kind()) {
-    case Kind::Undefined: fail_undefined(obj);
+    case Kind::Undefined:
+      fail_undefined(obj);
     case Kind::Dict:
       if (hash_key(key))
         if (const Value* v = obj.dict().find(key)) return *v;
@@ -522,7 +533,8 @@ Value get_item(Interp& in, const Value& obj, const Value& key) {
         return Value::undefined("'str object' has no element " + std::to_string(key.i()));
       }
       break;
-    default: break;
+    default:
+      break;
   }
   if (key.is_string()) return attribute(obj, key.str());
   return Value::undefined("'" + object_repr(obj) + "' has no element " + to_str(key));
@@ -581,14 +593,17 @@ Value call_method(Interp& in, const CallableObj& m, CallArgs& args) {
     case Kind::String:
       if (self.is_markup()) return markup_method(in, self, m.name, args);
       return str_method(in, self.str(), m.name, args);
-    case Kind::Dict: return dict_method(self, m.name, args);
-    case Kind::List: return list_method(self, m.name, args);
+    case Kind::Dict:
+      return dict_method(self, m.name, args);
+    case Kind::List:
+      return list_method(self, m.name, args);
     case Kind::Loop: {
       if (!args.kw.empty()) fail("loop.cycle() takes no keyword arguments");
       if (args.pos.empty()) fail("no items for cycling given");
       return args.pos[static_cast<size_t>(self.loop().index0) % args.pos.size()];
     }
-    default: fail("'" + m.name + "' is not callable");
+    default:
+      fail("'" + m.name + "' is not callable");
   }
 }
 

@@ -69,7 +69,8 @@ std::vector<AttrGetter> multi_attrgetter(const Value& attribute, bool lower) {
     size_t start = 0;
     for (;;) {
       size_t comma = s.find(',', start);
-      out.push_back(attrgetter(Value::string(s.substr(start, comma == std::string::npos ? std::string::npos : comma - start)), lower));
+      out.push_back(attrgetter(
+          Value::string(s.substr(start, comma == std::string::npos ? std::string::npos : comma - start)), lower));
       if (comma == std::string::npos) break;
       start = comma + 1;
     }
@@ -81,13 +82,17 @@ std::vector<AttrGetter> multi_attrgetter(const Value& attribute, bool lower) {
 
 int64_t py_len(const Value& v) {
   switch (v.kind()) {
-    case Kind::Undefined: return 0;
-    case Kind::String: return static_cast<int64_t>(uni::length(v.str()));
+    case Kind::Undefined:
+      return 0;
+    case Kind::String:
+      return static_cast<int64_t>(uni::length(v.str()));
     case Kind::List:
       if (v.list().generator) break;
       return static_cast<int64_t>(v.list().items.size());
-    case Kind::Dict: return static_cast<int64_t>(v.dict().items.size());
-    default: break;
+    case Kind::Dict:
+      return static_cast<int64_t>(v.dict().items.size());
+    default:
+      break;
   }
   fail(std::string("object of type '") + type_name(v) + "' has no len()");
 }
@@ -150,7 +155,9 @@ Value f_dictsort(Interp& in, const Value& v, Args& a) {
   if (!v.is_dict()) fail(std::string("'") + type_name(v) + "' object has no attribute 'items'");
   std::vector<std::pair<Value, Value>> items = v.dict().items;
   size_t pos = by == "key" ? 0 : 1;
-  auto key = [&](const std::pair<Value, Value>& kv) { return cs ? (pos ? kv.second : kv.first) : lower_if_str(pos ? kv.second : kv.first); };
+  auto key = [&](const std::pair<Value, Value>& kv) {
+    return cs ? (pos ? kv.second : kv.first) : lower_if_str(pos ? kv.second : kv.first);
+  };
   std::stable_sort(items.begin(), items.end(), [&](const auto& x, const auto& y) {
     return rev ? compare(key(y), key(x)) < 0 : compare(key(x), key(y)) < 0;
   });
@@ -173,7 +180,6 @@ Value f_forceescape(Interp& in, const Value& v, Args& a) {
   in.check_string(r.size());
   return Value::markup(std::move(r));
 }
-
 
 Value f_first(Interp& in, const Value& v, Args& a) {
   Params p("first", a, {});
@@ -337,7 +343,8 @@ Value f_map(Interp& in, const Value& v, Args& a) {
   std::vector<Value> items = in.iter(v);
   std::vector<Value> out;
   out.reserve(items.size());
-  bool by_attr = a.pos.empty() && std::any_of(a.kw.begin(), a.kw.end(), [](const auto& kv) { return kv.first == "attribute"; });
+  bool by_attr =
+      a.pos.empty() && std::any_of(a.kw.begin(), a.kw.end(), [](const auto& kv) { return kv.first == "attribute"; });
   if (by_attr) {
     Value attribute, def = Value::none();
     for (auto& [k, x] : a.kw) {
@@ -528,7 +535,8 @@ Value f_sum(Interp& in, const Value& v, Args& a) {
       acc = Value::integer(r);
     } else if (acc.is_number() && x.is_number()) {
       acc = Value::number(acc.f() + x.f());
-    } else if (acc.is_list() && x.is_list() && !acc.list().generator && !x.list().generator && acc.list().tuple == x.list().tuple) {
+    } else if (acc.is_list() && x.is_list() && !acc.list().generator && !x.list().generator &&
+               acc.list().tuple == x.list().tuple) {
       std::vector<Value> items = acc.list().items;
       items.insert(items.end(), x.list().items.begin(), x.list().items.end());
       in.check_list(items.size());
@@ -565,7 +573,8 @@ Value f_tojson(Interp& in, const Value& v, Args& a) {
   }
   Value seps = p.get(2, Value::none());
   if (!seps.is_none()) {
-    if (!seps.is_list() || seps.list().items.size() != 2 || !seps.list().items[0].is_string() || !seps.list().items[1].is_string())
+    if (!seps.is_list() || seps.list().items.size() != 2 || !seps.list().items[0].is_string() ||
+        !seps.list().items[1].is_string())
       fail("separators must be a (item_separator, key_separator) pair of strings");
     o.item_sep = seps.list().items[0].str();
     o.key_sep = seps.list().items[1].str();
@@ -675,7 +684,8 @@ Value f_slice(Interp& in, const Value& v, Args& a) {
 
 double num_mod(const Value& v, const Value& m) {
   if (v.is_undefined()) fail_undefined(v);
-  if (!v.is_number() || !m.is_number()) fail(std::string("unsupported operand type(s) for %: '") + type_name(v) + "' and '" + type_name(m) + "'");
+  if (!v.is_number() || !m.is_number())
+    fail(std::string("unsupported operand type(s) for %: '") + type_name(v) + "' and '" + type_name(m) + "'");
   if (v.is_int_like() && m.is_int_like()) {
     if (m.i() == 0) fail("integer division or modulo by zero");
     if (m.i() == -1) return 0;
@@ -741,11 +751,16 @@ bool t_sameas(Interp&, const Value& v, Args& a) {
   const Value& o = arg0(a, "sameas");
   if (v.kind() != o.kind()) return false;
   switch (v.kind()) {
-    case Kind::None: return true;
-    case Kind::Bool: return v.b() == o.b();
-    case Kind::Int: return v.i() == o.i() && v.i() >= -5 && v.i() <= 256;  // CPython's small-int cache
-    case Kind::Float: return false;
-    default: return v.identity() == o.identity();
+    case Kind::None:
+      return true;
+    case Kind::Bool:
+      return v.b() == o.b();
+    case Kind::Int:
+      return v.i() == o.i() && v.i() >= -5 && v.i() <= 256;  // CPython's small-int cache
+    case Kind::Float:
+      return false;
+    default:
+      return v.identity() == o.identity();
   }
 }
 bool t_escaped(Interp&, const Value&, Args&) { return false; }
@@ -762,18 +777,52 @@ struct FilterEntry {
   FilterFn fn;
 };
 const FilterEntry kFilters[] = {
-    {"abs", f_abs},         {"attr", f_attr},         {"batch", f_batch},           {"slice", f_slice},
-    {"truncate", f_truncate},         {"capitalize", f_capitalize}, {"center", f_center},
-    {"count", f_length},    {"d", f_default},         {"default", f_default},       {"dictsort", f_dictsort},
-    {"e", f_escape},        {"escape", f_escape},     {"first", f_first},           {"float", f_float},
-    {"forceescape", f_forceescape}, {"format", f_format},  {"indent", f_indent},         {"int", f_int},
-    {"items", f_items},     {"join", f_join},         {"last", f_last},             {"length", f_length},
-    {"list", f_list},       {"lower", f_lower},       {"map", f_map},               {"max", f_max},
-    {"min", f_min},         {"pprint", f_pprint},     {"reject", f_reject},         {"rejectattr", f_rejectattr},
-    {"replace", f_replace}, {"reverse", f_reverse},   {"round", f_round},           {"safe", f_safe},
-    {"select", f_select},   {"selectattr", f_selectattr}, {"sort", f_sort},         {"string", f_string},
-    {"sum", f_sum},         {"title", f_title},       {"tojson", f_tojson},         {"trim", f_trim},
-    {"unique", f_unique},   {"upper", f_upper},       {"wordcount", f_wordcount},
+    {"abs", f_abs},
+    {"attr", f_attr},
+    {"batch", f_batch},
+    {"slice", f_slice},
+    {"truncate", f_truncate},
+    {"capitalize", f_capitalize},
+    {"center", f_center},
+    {"count", f_length},
+    {"d", f_default},
+    {"default", f_default},
+    {"dictsort", f_dictsort},
+    {"e", f_escape},
+    {"escape", f_escape},
+    {"first", f_first},
+    {"float", f_float},
+    {"forceescape", f_forceescape},
+    {"format", f_format},
+    {"indent", f_indent},
+    {"int", f_int},
+    {"items", f_items},
+    {"join", f_join},
+    {"last", f_last},
+    {"length", f_length},
+    {"list", f_list},
+    {"lower", f_lower},
+    {"map", f_map},
+    {"max", f_max},
+    {"min", f_min},
+    {"pprint", f_pprint},
+    {"reject", f_reject},
+    {"rejectattr", f_rejectattr},
+    {"replace", f_replace},
+    {"reverse", f_reverse},
+    {"round", f_round},
+    {"safe", f_safe},
+    {"select", f_select},
+    {"selectattr", f_selectattr},
+    {"sort", f_sort},
+    {"string", f_string},
+    {"sum", f_sum},
+    {"title", f_title},
+    {"tojson", f_tojson},
+    {"trim", f_trim},
+    {"unique", f_unique},
+    {"upper", f_upper},
+    {"wordcount", f_wordcount},
 };
 
 struct TestEntry {
@@ -781,16 +830,45 @@ struct TestEntry {
   TestFn fn;
 };
 const TestEntry kTests[] = {
-    {"odd", t_odd},         {"even", t_even},       {"divisibleby", t_divisibleby}, {"defined", t_defined},
-    {"undefined", t_undefined}, {"filter", t_filter}, {"test", t_test},             {"none", t_none},
-    {"boolean", t_boolean}, {"false", t_false},     {"true", t_true},             {"integer", t_integer},
-    {"float", t_float},     {"lower", t_lower},     {"upper", t_upper},           {"string", t_string},
-    {"mapping", t_mapping}, {"number", t_number},   {"sequence", t_sequence},     {"iterable", t_iterable},
-    {"callable", t_callable}, {"sameas", t_sameas}, {"escaped", t_escaped},       {"in", t_in},
-    {"==", t_eq},           {"eq", t_eq},           {"equalto", t_eq},            {"!=", t_ne},
-    {"ne", t_ne},           {">", t_gt},            {"gt", t_gt},                 {"greaterthan", t_gt},
-    {"ge", t_ge},           {">=", t_ge},           {"<", t_lt},                  {"lt", t_lt},
-    {"lessthan", t_lt},     {"<=", t_le},           {"le", t_le},
+    {"odd", t_odd},
+    {"even", t_even},
+    {"divisibleby", t_divisibleby},
+    {"defined", t_defined},
+    {"undefined", t_undefined},
+    {"filter", t_filter},
+    {"test", t_test},
+    {"none", t_none},
+    {"boolean", t_boolean},
+    {"false", t_false},
+    {"true", t_true},
+    {"integer", t_integer},
+    {"float", t_float},
+    {"lower", t_lower},
+    {"upper", t_upper},
+    {"string", t_string},
+    {"mapping", t_mapping},
+    {"number", t_number},
+    {"sequence", t_sequence},
+    {"iterable", t_iterable},
+    {"callable", t_callable},
+    {"sameas", t_sameas},
+    {"escaped", t_escaped},
+    {"in", t_in},
+    {"==", t_eq},
+    {"eq", t_eq},
+    {"equalto", t_eq},
+    {"!=", t_ne},
+    {"ne", t_ne},
+    {">", t_gt},
+    {"gt", t_gt},
+    {"greaterthan", t_gt},
+    {"ge", t_ge},
+    {">=", t_ge},
+    {"<", t_lt},
+    {"lt", t_lt},
+    {"lessthan", t_lt},
+    {"<=", t_le},
+    {"le", t_le},
 };
 
 }  // namespace

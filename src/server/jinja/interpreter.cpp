@@ -14,7 +14,6 @@ namespace {
 // are all bounded separately; this catches their product (deep blocks in deep recursion).
 constexpr size_t kStackBudget = 2u << 20;
 
-
 struct DepthGuard {
   int& d;
   explicit DepthGuard(int& depth) : d(depth) { ++d; }
@@ -144,7 +143,9 @@ Interp::Flow Interp::exec_stmt(const Stmt& st, const std::shared_ptr<Scope>& s, 
   check_stack();
   line_ = st.line;
   switch (st.k) {
-    case SK::Text: append(out, st.text); break;
+    case SK::Text:
+      append(out, st.text);
+      break;
     case SK::Output: {
       Value v = eval(*st.exprs[0], *s);
       if (v.is_string()) {
@@ -159,8 +160,12 @@ Interp::Flow Interp::exec_stmt(const Stmt& st, const std::shared_ptr<Scope>& s, 
         if (truthy(eval(*st.exprs[k], *s))) return exec(st.bodies[k], s, out);
       if (st.bodies.size() > st.exprs.size()) return exec(st.bodies.back(), s, out);
       break;
-    case SK::For: exec_for(st, s, out); break;
-    case SK::Set: assign(*st.exprs[0], eval(*st.exprs[1], *s), *s); break;
+    case SK::For:
+      exec_for(st, s, out);
+      break;
+    case SK::Set:
+      assign(*st.exprs[0], eval(*st.exprs[1], *s), *s);
+      break;
     case SK::SetBlock: {  // the body runs in an inner scope: its own sets stay inside
       std::string buf;
       auto inner = std::make_shared<Scope>();
@@ -172,7 +177,9 @@ Interp::Flow Interp::exec_stmt(const Stmt& st, const std::shared_ptr<Scope>& s, 
       assign(*st.exprs[0], v, *s);
       break;
     }
-    case SK::Macro: s->vars[st.name] = make_macro(st, s, st.name); break;
+    case SK::Macro:
+      s->vars[st.name] = make_macro(st, s, st.name);
+      break;
     case SK::CallBlock: {
       const Expr& call_expr = *st.exprs[0];
       Value callee = eval(*call_expr.kids[0], *s);
@@ -206,8 +213,10 @@ Interp::Flow Interp::exec_stmt(const Stmt& st, const std::shared_ptr<Scope>& s, 
       exec(st.bodies[0], child, out);
       break;
     }
-    case SK::Break: return Flow::Break;
-    case SK::Continue: return Flow::Continue;
+    case SK::Break:
+      return Flow::Break;
+    case SK::Continue:
+      return Flow::Continue;
   }
   return Flow::Normal;
 }
@@ -258,7 +267,9 @@ void Interp::exec_for(const Stmt& st, const std::shared_ptr<Scope>& s, std::stri
 
 void Interp::assign(const Expr& target, const Value& v, Scope& s) {
   switch (target.k) {
-    case EK::Name: s.vars[target.name] = v; return;
+    case EK::Name:
+      s.vars[target.name] = v;
+      return;
     case EK::Tuple: {
       if (!(v.is_list() || v.is_dict() || v.is_string() || v.is_undefined()))
         fail(std::string("cannot unpack non-iterable ") + type_name(v) + " object");
@@ -266,7 +277,8 @@ void Interp::assign(const Expr& target, const Value& v, Scope& s) {
       size_t n = target.kids.size();
       if (items.size() > n) fail("too many values to unpack (expected " + std::to_string(n) + ")");
       if (items.size() < n)
-        fail("not enough values to unpack (expected " + std::to_string(n) + ", got " + std::to_string(items.size()) + ")");
+        fail("not enough values to unpack (expected " + std::to_string(n) + ", got " + std::to_string(items.size()) +
+             ")");
       for (size_t k = 0; k < n; ++k) assign(*target.kids[k], items[k], s);
       return;
     }
@@ -276,7 +288,8 @@ void Interp::assign(const Expr& target, const Value& v, Scope& s) {
       ns->ns().set(target.value.str(), v);
       return;
     }
-    default: fail("invalid assignment target");
+    default:
+      fail("invalid assignment target");
   }
 }
 
@@ -349,9 +362,12 @@ Value Interp::call(const Value& callee, CallArgs& args) {
   if (callee.kind() != Kind::Callable) fail(std::string("'") + type_name(callee) + "' object is not callable");
   const CallableObj& c = callee.fn();
   switch (c.type) {
-    case CallableObj::Type::Builtin: return c.builtin(*this, args);
-    case CallableObj::Type::Macro: return call_macro(c, args);
-    case CallableObj::Type::Method: return call_method(*this, c, args);
+    case CallableObj::Type::Builtin:
+      return c.builtin(*this, args);
+    case CallableObj::Type::Macro:
+      return call_macro(c, args);
+    case CallableObj::Type::Method:
+      return call_method(*this, c, args);
   }
   return Value();
 }
@@ -418,7 +434,8 @@ Value Interp::eval(const Expr& e, Scope& s) {
   check_stack();
   line_ = e.line;
   switch (e.k) {
-    case EK::Const: return e.value;
+    case EK::Const:
+      return e.value;
     case EK::Name: {
       const Value* v = s.find(e.name);
       if (v) return *v;
@@ -439,7 +456,8 @@ Value Interp::eval(const Expr& e, Scope& s) {
       }
       return Value::dict(std::move(d));
     }
-    case EK::GetAttr: return get_attr(*this, eval(*e.kids[0], s), e.name);
+    case EK::GetAttr:
+      return get_attr(*this, eval(*e.kids[0], s), e.name);
     case EK::GetItem: {
       Value obj = eval(*e.kids[0], s);
       return get_item(*this, obj, eval(*e.kids[1], s));
@@ -483,7 +501,8 @@ Value Interp::eval(const Expr& e, Scope& s) {
       if (v.kind() == Kind::Float) return Value::number(e.k == EK::Neg ? -v.f() : v.f());
       fail(std::string("bad operand type for unary ") + op + ": '" + type_name(v) + "'");
     }
-    case EK::Not: return Value::boolean(!truthy(eval(*e.kids[0], s)));
+    case EK::Not:
+      return Value::boolean(!truthy(eval(*e.kids[0], s)));
     case EK::And: {
       Value a = eval(*e.kids[0], s);
       if (!truthy(a)) return a;
@@ -527,7 +546,8 @@ Value Interp::eval(const Expr& e, Scope& s) {
       if (truthy(eval(*e.kids[0], s))) return eval(*e.kids[1], s);
       if (e.kids[2]) return eval(*e.kids[2], s);
       return Value::undefined("the inline if-expression evaluated to false and no else section was defined.");
-    case EK::NSRef: fail("namespace reference used as a value");
+    case EK::NSRef:
+      fail("namespace reference used as a value");
   }
   return Value();
 }
@@ -549,8 +569,7 @@ bool Interp::eval_compare(const std::string& op, const Value& a, const Value& b)
 bool contains(const Value& seq, const Value& item) {
   switch (seq.kind()) {
     case Kind::String:
-      if (!item.is_string())
-        fail(std::string("'in <string>' requires string as left operand, not ") + type_name(item));
+      if (!item.is_string()) fail(std::string("'in <string>' requires string as left operand, not ") + type_name(item));
       return seq.str().find(item.str()) != std::string::npos;
     case Kind::List:
       for (const auto& v : seq.list().items)
@@ -561,8 +580,10 @@ bool contains(const Value& seq, const Value& item) {
       return seq.dict().find(item) != nullptr;
     }
     case Kind::Undefined:
-    case Kind::Loop: return false;
-    default: fail(std::string("argument of type '") + type_name(seq) + "' is not iterable");
+    case Kind::Loop:
+      return false;
+    default:
+      fail(std::string("argument of type '") + type_name(seq) + "' is not iterable");
   }
 }
 
@@ -578,7 +599,8 @@ Value Interp::eval_binary(const std::string& op, const Value& a, const Value& b)
     if (a.is_string() && b.is_string()) {
       check_string(a.str().size() + b.str().size());
       if (a.is_markup() || b.is_markup()) {  // Markup.__add__/__radd__ escape the plain str
-        std::string r = (a.is_markup() ? a.str() : html_escape(a.str())) + (b.is_markup() ? b.str() : html_escape(b.str()));
+        std::string r =
+            (a.is_markup() ? a.str() : html_escape(a.str())) + (b.is_markup() ? b.str() : html_escape(b.str()));
         check_string(r.size());
         return Value::markup(std::move(r));
       }

@@ -85,17 +85,18 @@ class Interp {
   }
   // Every string a template builds is charged to the step budget and bounded by the output limit.
   void check_string(size_t n) {
-    if (n > opts_.max_output_bytes) fail("template output exceeds the limit of " + std::to_string(opts_.max_output_bytes) + " bytes");
+    if (n > opts_.max_output_bytes)
+      fail("template output exceeds the limit of " + std::to_string(opts_.max_output_bytes) + " bytes");
     tick(n / 16);
   }
   void check_list(size_t n) {
     if (n > opts_.max_list_items) fail("list exceeds " + std::to_string(opts_.max_list_items) + " items");
-    tick(n / 16);
+    tick(n / 4);  // 32-byte values: the step budget also bounds what a template can allocate
   }
   // iterate() under the list-size limit, charged to the step budget.
   std::vector<Value> iter(const Value& v) {
     std::vector<Value> items = iterate(v, opts_.max_list_items);
-    tick(items.size() / 16);
+    tick(items.size() / 4);
     return items;
   }
   const RenderOptions& opts() const { return opts_; }

@@ -186,7 +186,8 @@ class Lexer {
     push(block ? Tok::BlockBegin : Tok::VarBegin, "");
     std::string balance;
     for (;;) {
-      if (pos_ >= s_.size()) error(block ? "unexpected end of template, expected '%}'" : "unexpected end of template, expected '}}'");
+      if (pos_ >= s_.size())
+        error(block ? "unexpected end of template, expected '%}'" : "unexpected end of template, expected '}}'");
       if (balance.empty()) {
         size_t end = 0;
         if (block) {
@@ -367,17 +368,38 @@ class Lexer {
       }
       i += 2;
       switch (e) {
-        case '\n': break;
-        case '\\': out += '\\'; break;
-        case '\'': out += '\''; break;
-        case '"': out += '"'; break;
-        case 'a': out += '\a'; break;
-        case 'b': out += '\b'; break;
-        case 'f': out += '\f'; break;
-        case 'n': out += '\n'; break;
-        case 'r': out += '\r'; break;
-        case 't': out += '\t'; break;
-        case 'v': out += '\v'; break;
+        case '\n':
+          break;
+        case '\\':
+          out += '\\';
+          break;
+        case '\'':
+          out += '\'';
+          break;
+        case '"':
+          out += '"';
+          break;
+        case 'a':
+          out += '\a';
+          break;
+        case 'b':
+          out += '\b';
+          break;
+        case 'f':
+          out += '\f';
+          break;
+        case 'n':
+          out += '\n';
+          break;
+        case 'r':
+          out += '\r';
+          break;
+        case 't':
+          out += '\t';
+          break;
+        case 'v':
+          out += '\v';
+          break;
         case 'x':
         case 'u':
         case 'U': {
@@ -393,11 +415,13 @@ class Lexer {
           uni::append(out, cp);
           break;
         }
-        case 'N': error("\\N{...} escapes are not supported");
+        case 'N':
+          error("\\N{...} escapes are not supported");
         default:
           if (e >= '0' && e <= '7') {
             uint32_t cp = e - '0';
-            for (int k = 0; k < 2 && i < body.size() && body[i] >= '0' && body[i] <= '7'; ++k) cp = cp * 8 + (body[i++] - '0');
+            for (int k = 0; k < 2 && i < body.size() && body[i] >= '0' && body[i] <= '7'; ++k)
+              cp = cp * 8 + (body[i++] - '0');
             uni::append(out, cp);
           } else {
             out += '\\';

@@ -15,7 +15,8 @@ class Params {
     vals_.resize(n.size());
     set_.resize(n.size(), false);
     if (a.pos.size() > n.size())
-      fail(fname + "() takes at most " + std::to_string(n.size()) + " argument(s) (" + std::to_string(a.pos.size()) + " given)");
+      fail(fname + "() takes at most " + std::to_string(n.size()) + " argument(s) (" + std::to_string(a.pos.size()) +
+           " given)");
     for (size_t k = 0; k < a.pos.size(); ++k) {
       vals_[k] = a.pos[k];
       set_[k] = true;

@@ -59,16 +59,26 @@ class Parser {
 
   static std::string describe(const Token& t) {
     switch (t.type) {
-      case Tok::VarEnd: return "end of print statement";
-      case Tok::BlockEnd: return "end of statement block";
-      case Tok::Eof: return "end of template";
-      case Tok::VarBegin: return "begin of print statement";
-      case Tok::BlockBegin: return "begin of statement block";
-      case Tok::Data: return "template data";
-      case Tok::String: return "string";
-      case Tok::Int: return "integer";
-      case Tok::Float: return "float";
-      default: return t.text;
+      case Tok::VarEnd:
+        return "end of print statement";
+      case Tok::BlockEnd:
+        return "end of statement block";
+      case Tok::Eof:
+        return "end of template";
+      case Tok::VarBegin:
+        return "begin of print statement";
+      case Tok::BlockBegin:
+        return "begin of statement block";
+      case Tok::Data:
+        return "template data";
+      case Tok::String:
+        return "string";
+      case Tok::Int:
+        return "integer";
+      case Tok::Float:
+        return "float";
+      default:
+        return t.text;
     }
   }
 
@@ -137,7 +147,8 @@ class Parser {
           s->k = SK::Output;
           s->line = line;
           s->exprs.push_back(parse_tuple(false, true, {}));
-          if (cur().type != Tok::VarEnd) error("expected token 'end of print statement', got '" + describe(cur()) + "'");
+          if (cur().type != Tok::VarEnd)
+            error("expected token 'end of print statement', got '" + describe(cur()) + "'");
           next();
           body.push_back(std::move(s));
           break;
@@ -157,7 +168,8 @@ class Parser {
           }
           return body;
         }
-        default: error("unexpected '" + describe(tk) + "'");
+        default:
+          error("unexpected '" + describe(tk) + "'");
       }
     }
   }
@@ -289,10 +301,14 @@ class Parser {
 
   static std::string describe_expr(const Expr& e) {
     switch (e.k) {
-      case EK::Const: return "Const";
-      case EK::Tuple: return "Tuple";
-      case EK::List: return "List";
-      default: return "expression";
+      case EK::Const:
+        return "Const";
+      case EK::Tuple:
+        return "Tuple";
+      case EK::List:
+        return "List";
+      default:
+        return "expression";
     }
   }
 
@@ -416,7 +432,8 @@ class Parser {
     return cur().type == Tok::Name && std::find(extra.begin(), extra.end(), cur().text) != extra.end();
   }
 
-  ExprPtr parse_tuple(bool simplified, bool with_condexpr, std::vector<std::string> extra, bool explicit_parens = false) {
+  ExprPtr parse_tuple(bool simplified, bool with_condexpr, std::vector<std::string> extra,
+                      bool explicit_parens = false) {
     int line = cur().line;
     std::vector<ExprPtr> args;
     bool is_tuple = false;
@@ -499,8 +516,8 @@ class Parser {
     std::vector<ExprPtr> operands;
     std::vector<std::string> ops;
     for (;;) {
-      if (cur().type == Tok::Op && (cur().text == "==" || cur().text == "!=" || cur().text == "<" || cur().text == ">" ||
-                                    cur().text == "<=" || cur().text == ">=")) {
+      if (cur().type == Tok::Op && (cur().text == "==" || cur().text == "!=" || cur().text == "<" ||
+                                    cur().text == ">" || cur().text == "<=" || cur().text == ">=")) {
         ops.push_back(cur().text);
         next();
       } else if (is_name("in")) {
@@ -644,7 +661,8 @@ class Parser {
         if (tk.text == "[") return parse_list();
         if (tk.text == "{") return parse_dict();
         break;
-      default: break;
+      default:
+        break;
     }
     error("unexpected '" + describe(tk) + "'");
   }
@@ -843,7 +861,7 @@ class Parser {
     while (is_op(".")) {
       next();
       name += '.';
-        name += expect_name();
+      name += expect_name();
     }
     TestFn fn = find_test(name);
     if (!fn) error("No test named '" + name + "'.");

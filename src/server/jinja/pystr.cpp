@@ -132,13 +132,15 @@ std::vector<std::string> py_splitlines(const std::string& s, bool keepends) {
   return out;
 }
 
-std::string py_replace(const std::string& s, const std::string& old, const std::string& rep, int64_t count, size_t max_bytes) {
+std::string py_replace(const std::string& s, const std::string& old, const std::string& rep, int64_t count,
+                       size_t max_bytes) {
   std::string out;
   if (old.empty()) {
     std::vector<uint32_t> cps = uni::decode(s);
     int64_t slots = static_cast<int64_t>(cps.size()) + 1;
     int64_t n = count < 0 ? slots : std::min(count, slots);
-    if (static_cast<double>(n) * rep.size() + s.size() > static_cast<double>(max_bytes)) fail("string result too large");
+    if (static_cast<double>(n) * rep.size() + s.size() > static_cast<double>(max_bytes))
+      fail("string result too large");
     for (size_t k = 0; k < cps.size(); ++k) {
       if (static_cast<int64_t>(k) < n) out += rep;
       uni::append(out, cps[k]);
@@ -147,8 +149,10 @@ std::string py_replace(const std::string& s, const std::string& old, const std::
     return out;
   }
   int64_t hits = 0;
-  for (size_t p = s.find(old); p != std::string::npos && (count < 0 || hits < count); p = s.find(old, p + old.size())) ++hits;
-  if (static_cast<double>(s.size()) + static_cast<double>(hits) * (static_cast<double>(rep.size()) - old.size()) > max_bytes)
+  for (size_t p = s.find(old); p != std::string::npos && (count < 0 || hits < count); p = s.find(old, p + old.size()))
+    ++hits;
+  if (static_cast<double>(s.size()) + static_cast<double>(hits) * (static_cast<double>(rep.size()) - old.size()) >
+      max_bytes)
     fail("string result too large");
   size_t pos = 0;
   for (int64_t k = 0; k < hits; ++k) {
@@ -268,7 +272,8 @@ std::string fmt_number(const char* spec_flags, int width, int prec, char type, c
     } else {
       // Python prints negative hex/octal with a sign, not two's complement.
       std::string body = spec;
-      std::snprintf(buf, sizeof buf, body.c_str(), static_cast<unsigned long long>(x < 0 ? -static_cast<unsigned long long>(x) : x));
+      std::snprintf(buf, sizeof buf, body.c_str(),
+                    static_cast<unsigned long long>(x < 0 ? -static_cast<unsigned long long>(x) : x));
       if (x < 0) {
         std::string neg = "-";
         neg += buf;
@@ -290,7 +295,8 @@ std::string percent_format(const std::string& fmt, const Value& args) {
   const DictObj* mapping = nullptr;
   // CPython treats any non-tuple argument with __getitem__ (dict, list, jinja2's Undefined) as
   // a mapping: "%s" uses it whole, and unconsumed arguments are no error.
-  bool mapping_like = args.is_dict() || args.is_undefined() || (args.is_list() && !args.list().tuple && !args.list().generator);
+  bool mapping_like =
+      args.is_dict() || args.is_undefined() || (args.is_list() && !args.list().tuple && !args.list().generator);
   if (args.is_list() && args.list().tuple) {
     vals = args.list().items;
   } else {
@@ -408,18 +414,21 @@ std::string apply_spec(const Value& v, const std::string& spec) {
     ++i;
   }
   int width = 0, prec = -1;
-  while (i < cps.size() && cps[i] >= '0' && cps[i] <= '9') width = std::min(width * 10 + static_cast<int>(cps[i++] - '0'), 100000);
+  while (i < cps.size() && cps[i] >= '0' && cps[i] <= '9')
+    width = std::min(width * 10 + static_cast<int>(cps[i++] - '0'), 100000);
   if (i < cps.size() && cps[i] == '.') {
     ++i;
     prec = 0;
-    while (i < cps.size() && cps[i] >= '0' && cps[i] <= '9') prec = std::min(prec * 10 + static_cast<int>(cps[i++] - '0'), 100000);
+    while (i < cps.size() && cps[i] >= '0' && cps[i] <= '9')
+      prec = std::min(prec * 10 + static_cast<int>(cps[i++] - '0'), 100000);
   }
   char type = 0;
   if (i < cps.size()) type = static_cast<char>(cps[i++]);
   if (i != cps.size()) fail("Invalid format specifier");
   std::string body;
   if (v.is_string() || v.is_none() || v.is_list() || v.is_dict() || v.is_undefined()) {
-    if (type && type != 's') fail(std::string("Unknown format code '") + type + "' for object of type '" + type_name(v) + "'");
+    if (type && type != 's')
+      fail(std::string("Unknown format code '") + type + "' for object of type '" + type_name(v) + "'");
     body = to_str(v);
     if (prec >= 0) body = uni::encode(uni::decode(body), 0, static_cast<size_t>(prec));
     if (!align) align = '<';
@@ -433,8 +442,8 @@ std::string apply_spec(const Value& v, const std::string& spec) {
       body = fmt_number(flags.c_str(), 0, prec < 0 ? 6 : prec, 'f', Value::number(v.f() * 100)) + "%";
     } else if (std::string("dxXoeEfFgG").find(type) != std::string::npos) {
       if (type == 'd' && !v.is_int_like()) fail("Unknown format code 'd' for object of type 'float'");
-      body = fmt_number(flags.c_str(), 0, (type == 'f' || type == 'F' || type == 'e' || type == 'E') && prec < 0 ? 6 : prec,
-                        type, v);
+      body = fmt_number(flags.c_str(), 0,
+                        (type == 'f' || type == 'F' || type == 'e' || type == 'E') && prec < 0 ? 6 : prec, type, v);
     } else {
       fail(std::string("Unknown format code '") + type + "'");
     }
@@ -498,11 +507,13 @@ std::string str_format(const std::string& fmt, const CallArgs& args) {
     }
     const Value* v = nullptr;
     if (field.empty()) {
-      if (auto_idx >= args.pos.size()) fail("Replacement index " + std::to_string(auto_idx) + " out of range for positional args tuple");
+      if (auto_idx >= args.pos.size())
+        fail("Replacement index " + std::to_string(auto_idx) + " out of range for positional args tuple");
       v = &args.pos[auto_idx++];
     } else if (field.find_first_not_of("0123456789") == std::string::npos) {
       size_t idx = std::strtoul(field.c_str(), nullptr, 10);
-      if (field.size() > 6 || idx >= args.pos.size()) fail("Replacement index " + field + " out of range for positional args tuple");
+      if (field.size() > 6 || idx >= args.pos.size())
+        fail("Replacement index " + field + " out of range for positional args tuple");
       v = &args.pos[idx];
     } else {
       for (const auto& [k, val] : args.kw)

@@ -18,13 +18,14 @@ std::string py_strip(const std::string& s, const Value& chars, bool left, bool r
 std::vector<std::string> py_split(const std::string& s, const Value& sep, int64_t maxsplit, bool from_right);
 std::vector<std::string> py_splitlines(const std::string& s, bool keepends);
 // Throws when the result would exceed max_bytes.
-std::string py_replace(const std::string& s, const std::string& old, const std::string& rep, int64_t count, size_t max_bytes);
+std::string py_replace(const std::string& s, const std::string& old, const std::string& rep, int64_t count,
+                       size_t max_bytes);
 std::string py_title(const std::string& s);       // str.title()
 std::string py_capitalize(const std::string& s);  // str.capitalize()
 std::string py_swapcase(const std::string& s);
-std::string jinja_title(const std::string& s);    // the |title filter (word starts after - space ( { [ <)
+std::string jinja_title(const std::string& s);  // the |title filter (word starts after - space ( { [ <)
 std::string py_pad(const std::string& s, int64_t width, uint32_t fill, char align);  // '<' '>' '^' (str.center rule)
-int64_t py_find(const std::string& s, const std::string& sub, bool from_right);  // code point index or -1
+int64_t py_find(const std::string& s, const std::string& sub, bool from_right);      // code point index or -1
 int64_t py_count(const std::string& s, const std::string& sub);
 
 std::string percent_format(const std::string& fmt, const Value& args);  // str % args

@@ -25,8 +25,6 @@ inline uintptr_t stack_floor() {
   return floor;
 }
 
-inline bool stack_exhausted() {
-  return reinterpret_cast<uintptr_t>(__builtin_frame_address(0)) < stack_floor();
-}
+inline bool stack_exhausted() { return reinterpret_cast<uintptr_t>(__builtin_frame_address(0)) < stack_floor(); }
 
 }  // namespace larder::jinja

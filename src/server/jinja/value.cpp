@@ -112,11 +112,16 @@ const std::string& Value::undefined_hint() const {
 
 int Value::depth() const {
   switch (kind_) {
-    case Kind::List: return list().depth;
-    case Kind::Dict: return dict().depth;
-    case Kind::Namespace: return ns().depth;
-    case Kind::Loop: return loop().items ? loop().items->depth + 1 : 1;
-    default: return 0;
+    case Kind::List:
+      return list().depth;
+    case Kind::Dict:
+      return dict().depth;
+    case Kind::Namespace:
+      return ns().depth;
+    case Kind::Loop:
+      return loop().items ? loop().items->depth + 1 : 1;
+    default:
+      return 0;
   }
 }
 
@@ -169,17 +174,28 @@ void NamespaceObj::set(const std::string& name, Value v) {
 
 const char* type_name(const Value& v) {
   switch (v.kind()) {
-    case Kind::Undefined: return "Undefined";
-    case Kind::None: return "NoneType";
-    case Kind::Bool: return "bool";
-    case Kind::Int: return "int";
-    case Kind::Float: return "float";
-    case Kind::String: return "str";
-    case Kind::List: return v.list().generator ? "generator" : v.list().tuple ? "tuple" : "list";
-    case Kind::Dict: return "dict";
-    case Kind::Namespace: return "Namespace";
-    case Kind::Loop: return "LoopContext";
-    case Kind::Callable: return "function";
+    case Kind::Undefined:
+      return "Undefined";
+    case Kind::None:
+      return "NoneType";
+    case Kind::Bool:
+      return "bool";
+    case Kind::Int:
+      return "int";
+    case Kind::Float:
+      return "float";
+    case Kind::String:
+      return "str";
+    case Kind::List:
+      return v.list().generator ? "generator" : v.list().tuple ? "tuple" : "list";
+    case Kind::Dict:
+      return "dict";
+    case Kind::Namespace:
+      return "Namespace";
+    case Kind::Loop:
+      return "LoopContext";
+    case Kind::Callable:
+      return "function";
   }
   return "object";
 }
@@ -192,14 +208,22 @@ void fail_undefined(const Value& v) {
 bool truthy(const Value& v) {
   switch (v.kind()) {
     case Kind::Undefined:
-    case Kind::None: return false;
-    case Kind::Bool: return v.b();
-    case Kind::Int: return v.i() != 0;
-    case Kind::Float: return v.f() != 0.0;
-    case Kind::String: return !v.str().empty();
-    case Kind::List: return v.list().generator || !v.list().items.empty();
-    case Kind::Dict: return !v.dict().items.empty();
-    default: return true;
+    case Kind::None:
+      return false;
+    case Kind::Bool:
+      return v.b();
+    case Kind::Int:
+      return v.i() != 0;
+    case Kind::Float:
+      return v.f() != 0.0;
+    case Kind::String:
+      return !v.str().empty();
+    case Kind::List:
+      return v.list().generator || !v.list().items.empty();
+    case Kind::Dict:
+      return !v.dict().items.empty();
+    default:
+      return true;
   }
 }
 
@@ -282,12 +306,23 @@ std::string html_escape(const std::string& s) {
   out.reserve(s.size());
   for (char c : s) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&#34;"; break;
-      case '\'': out += "&#39;"; break;
-      default: out += c;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&#34;";
+        break;
+      case '\'':
+        out += "&#39;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
@@ -328,14 +363,29 @@ void dict_into(std::string& out, const std::vector<std::pair<Value, Value>>& ite
 void str_into(std::string& out, const Value& v, int depth) {
   check_depth(depth);
   switch (v.kind()) {
-    case Kind::Undefined: return;
-    case Kind::None: out += "None"; return;
-    case Kind::Bool: out += v.b() ? "True" : "False"; return;
-    case Kind::Int: out += std::to_string(v.i()); return;
-    case Kind::Float: out += py_float_repr(v.f()); return;
-    case Kind::String: out += v.str(); return;
-    case Kind::List: seq_into(out, v, depth); return;
-    case Kind::Dict: dict_into(out, v.dict().items, depth); return;
+    case Kind::Undefined:
+      return;
+    case Kind::None:
+      out += "None";
+      return;
+    case Kind::Bool:
+      out += v.b() ? "True" : "False";
+      return;
+    case Kind::Int:
+      out += std::to_string(v.i());
+      return;
+    case Kind::Float:
+      out += py_float_repr(v.f());
+      return;
+    case Kind::String:
+      out += v.str();
+      return;
+    case Kind::List:
+      seq_into(out, v, depth);
+      return;
+    case Kind::Dict:
+      dict_into(out, v.dict().items, depth);
+      return;
     case Kind::Namespace: {
       out += "<Namespace {";
       bool first = true;
@@ -351,7 +401,9 @@ void str_into(std::string& out, const Value& v, int depth) {
     case Kind::Loop:
       out += "<LoopContext " + std::to_string(v.loop().index0 + 1) + "/" + std::to_string(v.loop().length) + ">";
       return;
-    case Kind::Callable: out += "<function>"; return;
+    case Kind::Callable:
+      out += "<function>";
+      return;
   }
 }
 
@@ -388,8 +440,10 @@ bool equals(const Value& a, const Value& b, int depth) {
   if (a.kind() != b.kind()) return false;
   switch (a.kind()) {
     case Kind::Undefined:
-    case Kind::None: return true;
-    case Kind::String: return a.str() == b.str();
+    case Kind::None:
+      return true;
+    case Kind::String:
+      return a.str() == b.str();
     case Kind::List: {
       const ListObj &x = a.list(), &y = b.list();
       if (x.generator || y.generator) return a.identity() == b.identity();
@@ -407,7 +461,8 @@ bool equals(const Value& a, const Value& b, int depth) {
       }
       return true;
     }
-    default: return a.identity() == b.identity();
+    default:
+      return a.identity() == b.identity();
   }
 }
 
@@ -437,17 +492,22 @@ int compare(const Value& a, const Value& b, int depth) {
 std::optional<std::string> hash_key(const Value& v, int depth) {
   check_depth(depth);
   switch (v.kind()) {
-    case Kind::Undefined: return std::string("U");
-    case Kind::None: return std::string("N");
+    case Kind::Undefined:
+      return std::string("U");
+    case Kind::None:
+      return std::string("N");
     case Kind::Bool:
-    case Kind::Int: return "i" + std::to_string(v.i());
+    case Kind::Int:
+      return "i" + std::to_string(v.i());
     case Kind::Float: {
       double d = v.f();
       // 1 == 1.0 == True in Python, so integral floats share the int's key.
-      if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.2e18) return "i" + std::to_string(static_cast<int64_t>(d));
+      if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.2e18)
+        return "i" + std::to_string(static_cast<int64_t>(d));
       return "f" + py_float_repr(d);
     }
-    case Kind::String: return "s" + v.str();
+    case Kind::String:
+      return "s" + v.str();
     case Kind::List: {
       if (!v.list().tuple || v.list().generator) return std::nullopt;
       std::string k = "t" + std::to_string(v.list().items.size());
@@ -458,7 +518,8 @@ std::optional<std::string> hash_key(const Value& v, int depth) {
       }
       return k;
     }
-    case Kind::Dict: return std::nullopt;
+    case Kind::Dict:
+      return std::nullopt;
     default: {
       char buf[32];
       std::snprintf(buf, sizeof buf, "p%p", v.identity());
@@ -478,14 +539,29 @@ void json_string(std::string& out, const std::string& s, bool ensure_ascii) {
     uint32_t c = uni::next(s, i);
     char buf[16];
     switch (c) {
-      case '"': out += "\\\""; continue;
-      case '\\': out += "\\\\"; continue;
-      case '\n': out += "\\n"; continue;
-      case '\r': out += "\\r"; continue;
-      case '\t': out += "\\t"; continue;
-      case '\b': out += "\\b"; continue;
-      case '\f': out += "\\f"; continue;
-      default: break;
+      case '"':
+        out += "\\\"";
+        continue;
+      case '\\':
+        out += "\\\\";
+        continue;
+      case '\n':
+        out += "\\n";
+        continue;
+      case '\r':
+        out += "\\r";
+        continue;
+      case '\t':
+        out += "\\t";
+        continue;
+      case '\b':
+        out += "\\b";
+        continue;
+      case '\f':
+        out += "\\f";
+        continue;
+      default:
+        break;
     }
     if (c < 0x20 || (ensure_ascii && c >= 0x7F)) {
       if (c >= 0x10000) {
@@ -520,11 +596,21 @@ void json_into(std::string& out, const Value& v, const JsonOptions& o, int level
     for (int k = 0; k < lv; ++k) out += o.indent;
   };
   switch (v.kind()) {
-    case Kind::None: out += "null"; return;
-    case Kind::Bool: out += v.b() ? "true" : "false"; return;
-    case Kind::Int: out += std::to_string(v.i()); return;
-    case Kind::Float: out += json_float(v.f()); return;
-    case Kind::String: json_string(out, v.str(), o.ensure_ascii); return;
+    case Kind::None:
+      out += "null";
+      return;
+    case Kind::Bool:
+      out += v.b() ? "true" : "false";
+      return;
+    case Kind::Int:
+      out += std::to_string(v.i());
+      return;
+    case Kind::Float:
+      out += json_float(v.f());
+      return;
+    case Kind::String:
+      json_string(out, v.str(), o.ensure_ascii);
+      return;
     case Kind::List: {
       if (v.list().generator) not_serializable(v);
       const auto& items = v.list().items;
@@ -553,12 +639,23 @@ void json_into(std::string& out, const Value& v, const JsonOptions& o, int level
       for (const auto& [k, val] : items) {
         std::string key;
         switch (k.kind()) {
-          case Kind::String: key = k.str(); break;
-          case Kind::None: key = "null"; break;
-          case Kind::Bool: key = k.b() ? "true" : "false"; break;
-          case Kind::Int: key = std::to_string(k.i()); break;
-          case Kind::Float: key = json_float(k.f()); break;
-          default: fail(std::string("keys must be str, int, float, bool or None, not ") + type_name(k));
+          case Kind::String:
+            key = k.str();
+            break;
+          case Kind::None:
+            key = "null";
+            break;
+          case Kind::Bool:
+            key = k.b() ? "true" : "false";
+            break;
+          case Kind::Int:
+            key = std::to_string(k.i());
+            break;
+          case Kind::Float:
+            key = json_float(k.f());
+            break;
+          default:
+            fail(std::string("keys must be str, int, float, bool or None, not ") + type_name(k));
         }
         kv.emplace_back(std::move(key), &val);
       }
@@ -577,7 +674,8 @@ void json_into(std::string& out, const Value& v, const JsonOptions& o, int level
       out += '}';
       return;
     }
-    default: not_serializable(v);
+    default:
+      not_serializable(v);
   }
 }
 
@@ -592,16 +690,21 @@ std::string to_json(const Value& v, const JsonOptions& opts) {
 Value from_json(const nlohmann::ordered_json& j, int depth) {
   check_depth(depth + 1);
   switch (j.type()) {
-    case nlohmann::ordered_json::value_t::null: return Value::none();
-    case nlohmann::ordered_json::value_t::boolean: return Value::boolean(j.get<bool>());
-    case nlohmann::ordered_json::value_t::number_integer: return Value::integer(j.get<int64_t>());
+    case nlohmann::ordered_json::value_t::null:
+      return Value::none();
+    case nlohmann::ordered_json::value_t::boolean:
+      return Value::boolean(j.get<bool>());
+    case nlohmann::ordered_json::value_t::number_integer:
+      return Value::integer(j.get<int64_t>());
     case nlohmann::ordered_json::value_t::number_unsigned: {
       uint64_t u = j.get<uint64_t>();
       if (u <= static_cast<uint64_t>(INT64_MAX)) return Value::integer(static_cast<int64_t>(u));
       return Value::number(static_cast<double>(u));
     }
-    case nlohmann::ordered_json::value_t::number_float: return Value::number(j.get<double>());
-    case nlohmann::ordered_json::value_t::string: return Value::string(j.get<std::string>());
+    case nlohmann::ordered_json::value_t::number_float:
+      return Value::number(j.get<double>());
+    case nlohmann::ordered_json::value_t::string:
+      return Value::string(j.get<std::string>());
     case nlohmann::ordered_json::value_t::array: {
       std::vector<Value> items;
       items.reserve(j.size());
@@ -613,14 +716,17 @@ Value from_json(const nlohmann::ordered_json& j, int depth) {
       for (const auto& [k, e] : j.items()) d->set(Value::string(k), from_json(e, depth + 1));
       return Value::dict(std::move(d));
     }
-    default: return Value::none();
+    default:
+      return Value::none();
   }
 }
 
 std::vector<Value> iterate(const Value& v, size_t max_items) {
   switch (v.kind()) {
-    case Kind::Undefined: return {};
-    case Kind::List: return v.list().items;
+    case Kind::Undefined:
+      return {};
+    case Kind::List:
+      return v.list().items;
     case Kind::Dict: {
       std::vector<Value> keys;
       keys.reserve(v.dict().items.size());
@@ -639,7 +745,8 @@ std::vector<Value> iterate(const Value& v, size_t max_items) {
       }
       return chars;
     }
-    default: fail(std::string("'") + type_name(v) + "' object is not iterable");
+    default:
+      fail(std::string("'") + type_name(v) + "' object is not iterable");
   }
 }
 

@@ -5,13 +5,12 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace larder::jinja {
 
@@ -62,7 +61,7 @@ class Value {
   bool is_number() const { return kind_ == Kind::Int || kind_ == Kind::Bool || kind_ == Kind::Float; }
 
   bool b() const { return b_; }
-  int64_t i() const { return kind_ == Kind::Bool ? (b_ ? 1 : 0) : i_; }  // Bool or Int
+  int64_t i() const { return kind_ == Kind::Bool ? (b_ ? 1 : 0) : i_; }              // Bool or Int
   double f() const { return kind_ == Kind::Float ? f_ : static_cast<double>(i()); }  // any number
   const std::string& str() const { return *static_cast<const std::string*>(p_.get()); }
   const ListObj& list() const { return *static_cast<const ListObj*>(p_.get()); }
