@@ -34,7 +34,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"logits", "--chunk", "", "feed the input in chunks of this many tokens (0 = all at once)", &a.chunk},
       {"logits", "--greedy", "", "print a JSON array of this many greedy continuation ids", &a.greedy},
       {"synth", "--shape", "", "stories15M | stories42M | stories110M | llama-3.2-1b | qwen2.5-0.5b | custom", &a.shape},
-      {"synth", "--dtype", "", "type of 2-D weights: f32 f16 bf16 q8_0 q4_0", &a.dtype},
+      {"synth", "--dtype", "", "type of 2-D weights: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_K q5_K q6_K", &a.dtype},
       {"synth", "-o,--output", "", "output GGUF path", &a.out},
       {"synth", "--scale", "", "multiply the init std (larger = more peaked outputs)", &a.scale},
       {"synth", "--arch", "", "custom: llama | qwen2", &a.arch},

@@ -26,7 +26,7 @@ Status check_tensor(const Tensor& t, const char* what, int layer, int64_t cols, 
   if (!info) return make_error("tensor %s has unknown type", name);
   if (must_f32 && t.type != DType::F32) return make_error("tensor %s must be f32, got %s", name, info->name);
   if (!info->computable)
-    return make_error("tensor %s has type %s, which this engine cannot compute with yet (supported: f32, f16, bf16, q8_0, q4_0)",
+    return make_error("tensor %s has type %s, which this engine cannot compute with yet (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_K q5_K q6_K)",
                       name, info->name);
   if (t.cols() != cols || t.rows() != rows)
     return make_error("tensor %s has shape [%lld x %lld], expected [%lld x %lld]", name, (long long)t.rows(),
