@@ -199,11 +199,11 @@ def conversations():
     return c
 
 
-def render(env, source, messages, agp, extra):
+def render(template, messages, agp, extra):
     ctx = dict(copy.deepcopy(extra))
     ctx["messages"] = copy.deepcopy(messages)
     ctx["add_generation_prompt"] = agp
-    return env.from_string(source).render(**ctx)
+    return template.render(**ctx)
 
 
 def main():
@@ -222,12 +222,13 @@ def main():
         name = os.path.basename(path)[:-len(".jinja")]
         with open(path, encoding="utf-8") as f:
             source = f.read()
+        template = env.from_string(source)
         for conv, messages, extra in conversations():
             for agp in (False, True):
                 case = {"template": name, "source": source, "case": f"{conv}/agp={int(agp)}", "messages": messages,
                         "add_generation_prompt": agp, "extra": extra, "now": NOW}
                 try:
-                    case["expected"] = render(env, source, messages, agp, extra)
+                    case["expected"] = render(template, messages, agp, extra)
                 except Exception as e:  # jinja2 raised: larder must return an error too
                     case["error"] = f"{type(e).__name__}: {e}"
                 cases.append(case)

@@ -323,6 +323,8 @@ TEST(JinjaLimits, OutputAndStringSizeAreBounded) {
   // Lists: built ones and the characters of a long string.
   EXPECT_FALSE(render("{{ ('x' * 2000000)|list|length }}").ok());
   EXPECT_FALSE(render("{% for c in 'x' * 2000000 %}{% endfor %}").ok());
+  EXPECT_FALSE(render("{{ ('x ' * 2000000).split()|length }}").ok());
+  EXPECT_FALSE(render("{{ ('x\n' * 2000000).splitlines()|length }}").ok());
   o.max_list_items = 10;
   EXPECT_FALSE(render("{{ range(11)|list }}", ordered_json::object(), o).ok());
   EXPECT_EQ(*render("{{ range(10)|list|length }}", ordered_json::object(), o), "10");
@@ -335,6 +337,15 @@ TEST(JinjaLimits, WorkIsBounded) {
   auto r = render("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", ordered_json::object(), o);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.error().find("step limit"), std::string::npos) << r.error();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+  // Work on long strings is charged by size, with the default budget too: a few passes over
+  // a 16 MB string, not 100000.
+  t0 = std::chrono::steady_clock::now();
+  auto s = render(
+      "{% macro m(x) %}{{ x }}{% endmacro %}{% set big = 'x ' * 8000000 %}{% for i in range(100000) %}"
+      "{{ big|trim|length }}{{ big.strip()|length }}{% set _ = m(big) %}{% endfor %}");
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().find("step limit"), std::string::npos) << s.error();
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
 }
 

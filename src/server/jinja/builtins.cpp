@@ -173,13 +173,13 @@ Value str_method(Interp& in, const std::string& s, const std::string& m, CallArg
   if (m == "split" || m == "rsplit") {
     Params p(fname, a, {"sep", "maxsplit"});
     int64_t maxsplit = p.has(1) ? int_arg(p[1], "maxsplit") : -1;
-    auto parts = py_split(s, p.get(0, Value::none()), maxsplit, m == "rsplit");
+    auto parts = py_split(s, p.get(0, Value::none()), maxsplit, m == "rsplit", in.opts().max_list_items);
     in.check_list(parts.size());
     return list_of_strings(std::move(parts));
   }
   if (m == "splitlines") {
     Params p(fname, a, {"keepends"});
-    auto parts = py_splitlines(s, truthy(p.get(0, Value::boolean(false))));
+    auto parts = py_splitlines(s, truthy(p.get(0, Value::boolean(false))), in.opts().max_list_items);
     in.check_list(parts.size());
     return list_of_strings(std::move(parts));
   }
@@ -519,6 +519,7 @@ Value get_item(Interp& in, const Value& obj, const Value& key) {
     case Kind::String:
       if (key.is_int_like()) {
         const std::string& s = obj.str();
+        in.tick(s.size() / 16);  // code-point indexing decodes the string
         int64_t i = key.i();
         if (uni::is_ascii(s)) {
           int64_t n = static_cast<int64_t>(s.size());
@@ -558,7 +559,10 @@ Value get_slice(Interp& in, const Value& obj, const Value& start, const Value& s
   int64_t s = st.value_or(1);
   if (s == 0) fail("slice step cannot be zero");
   std::vector<uint32_t> cps;
-  if (obj.is_string()) cps = chars_of(obj.str());
+  if (obj.is_string()) {
+    in.tick(obj.str().size() / 16);
+    cps = chars_of(obj.str());
+  }
   int64_t n = obj.is_string() ? static_cast<int64_t>(cps.size()) : static_cast<int64_t>(obj.list().items.size());
   auto adjust = [&](std::optional<int64_t> v, int64_t def) {
     if (!v) return def;
@@ -589,6 +593,7 @@ Value get_slice(Interp& in, const Value& obj, const Value& start, const Value& s
 
 Value call_method(Interp& in, const CallableObj& m, CallArgs& args) {
   const Value& self = m.self;
+  if (self.is_string()) in.tick(self.str().size() / 16);  // str methods are linear in the string
   switch (self.kind()) {
     case Kind::String:
       if (self.is_markup()) return markup_method(in, self, m.name, args);

@@ -127,6 +127,7 @@ void Interp::check_stack() {
 void Interp::append(std::string& out, const std::string& text) {
   if (out.size() + text.size() > opts_.max_output_bytes)
     fail("template output exceeds the limit of " + std::to_string(opts_.max_output_bytes) + " bytes");
+  tick(text.size() / 16);  // output a macro or set-block discards still costs time
   out += text;
 }
 
@@ -479,6 +480,7 @@ Value Interp::eval(const Expr& e, Scope& s) {
       CallArgs args;
       eval_args(e, 1, s, args);
       line_ = e.line;
+      if (input.is_string()) tick(input.str().size() / 16);  // string filters are linear in their input
       return e.filter(*this, input, args);
     }
     case EK::Test: {
@@ -556,6 +558,7 @@ bool Interp::eval_compare(const std::string& op, const Value& a, const Value& b)
   if (op == "==") return equals(a, b);
   if (op == "!=") return !equals(a, b);
   if (op == "in" || op == "notin") {
+    if (b.is_string()) tick(b.str().size() / 16);
     bool r = contains(b, a);
     return op == "in" ? r : !r;
   }

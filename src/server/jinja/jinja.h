@@ -21,7 +21,7 @@ struct Program;
 
 struct RenderOptions {
   size_t max_output_bytes = 16u << 20;  // also the largest string a template may build
-  uint64_t max_steps = 10'000'000;      // steps: nodes, loop iterations, list items/4, string bytes/16
+  uint64_t max_steps = 4'000'000;       // steps: nodes, loop iterations, list items/4, string bytes/16
   size_t max_list_items = 1u << 20;     // largest list a template may build
   int max_call_depth = 100;             // nested macro calls
   // Clock for strftime_now(); the system clock when empty. Formatted in local time, as Python's

@@ -31,6 +31,11 @@ int64_t to_index(const Value& v, const char* what) {
   fail(std::string("an integer is required for ") + what + ", not " + type_name(v));
 }
 
+void add_part(std::vector<std::string>& out, size_t max_parts, std::string part) {
+  if (out.size() >= max_parts) fail("list exceeds " + std::to_string(max_parts) + " items");
+  out.push_back(std::move(part));
+}
+
 }  // namespace
 
 std::string py_strip(const std::string& s, const Value& chars, bool left, bool right) {
@@ -47,7 +52,8 @@ std::string py_strip(const std::string& s, const Value& chars, bool left, bool r
   return uni::encode(cps, b, e);
 }
 
-std::vector<std::string> py_split(const std::string& s, const Value& sep, int64_t maxsplit, bool from_right) {
+std::vector<std::string> py_split(const std::string& s, const Value& sep, int64_t maxsplit, bool from_right,
+                                  size_t max_parts) {
   std::vector<std::string> out;
   if (sep.is_none() || sep.is_undefined()) {
     std::vector<uint32_t> cps = uni::decode(s);
@@ -58,12 +64,12 @@ std::vector<std::string> py_split(const std::string& s, const Value& sep, int64_
         while (i < n && uni::is_space(cps[i])) ++i;
         if (i >= n) break;
         if (maxsplit >= 0 && static_cast<int64_t>(out.size()) == maxsplit) {
-          out.push_back(uni::encode(cps, i, n));  // the remainder keeps its trailing whitespace
+          add_part(out, max_parts, uni::encode(cps, i, n));  // the remainder keeps its trailing whitespace
           break;
         }
         size_t j = i;
         while (j < n && !uni::is_space(cps[j])) ++j;
-        out.push_back(uni::encode(cps, i, j));
+        add_part(out, max_parts, uni::encode(cps, i, j));
         i = j;
       }
     } else {
@@ -72,12 +78,12 @@ std::vector<std::string> py_split(const std::string& s, const Value& sep, int64_
         while (i > 0 && uni::is_space(cps[i - 1])) --i;
         if (i == 0) break;
         if (maxsplit >= 0 && static_cast<int64_t>(out.size()) == maxsplit) {
-          out.push_back(uni::encode(cps, 0, i));
+          add_part(out, max_parts, uni::encode(cps, 0, i));
           break;
         }
         size_t j = i;
         while (j > 0 && !uni::is_space(cps[j - 1])) --j;
-        out.push_back(uni::encode(cps, j, i));
+        add_part(out, max_parts, uni::encode(cps, j, i));
         i = j;
       }
       std::reverse(out.begin(), out.end());
@@ -93,10 +99,10 @@ std::vector<std::string> py_split(const std::string& s, const Value& sep, int64_
       if (maxsplit >= 0 && static_cast<int64_t>(out.size()) == maxsplit) break;
       size_t f = s.find(d, pos);
       if (f == std::string::npos) break;
-      out.push_back(s.substr(pos, f - pos));
+      add_part(out, max_parts, s.substr(pos, f - pos));
       pos = f + d.size();
     }
-    out.push_back(s.substr(pos));
+    add_part(out, max_parts, s.substr(pos));
   } else {
     size_t end = s.size();
     for (;;) {
@@ -104,16 +110,16 @@ std::vector<std::string> py_split(const std::string& s, const Value& sep, int64_
       if (end < d.size()) break;
       size_t f = s.rfind(d, end - d.size());
       if (f == std::string::npos) break;
-      out.push_back(s.substr(f + d.size(), end - f - d.size()));
+      add_part(out, max_parts, s.substr(f + d.size(), end - f - d.size()));
       end = f;
     }
-    out.push_back(s.substr(0, end));
+    add_part(out, max_parts, s.substr(0, end));
     std::reverse(out.begin(), out.end());
   }
   return out;
 }
 
-std::vector<std::string> py_splitlines(const std::string& s, bool keepends) {
+std::vector<std::string> py_splitlines(const std::string& s, bool keepends, size_t max_parts) {
   std::vector<std::string> out;
   std::vector<uint32_t> cps = uni::decode(s);
   size_t i = 0, start = 0, n = cps.size();
@@ -125,10 +131,10 @@ std::vector<std::string> py_splitlines(const std::string& s, bool keepends) {
     size_t eol = i;
     if (cps[i] == '\r' && i + 1 < n && cps[i + 1] == '\n') ++i;
     ++i;
-    out.push_back(uni::encode(cps, start, keepends ? i : eol));
+    add_part(out, max_parts, uni::encode(cps, start, keepends ? i : eol));
     start = i;
   }
-  if (start < n) out.push_back(uni::encode(cps, start, n));
+  if (start < n) add_part(out, max_parts, uni::encode(cps, start, n));
   return out;
 }
 

@@ -14,9 +14,11 @@ struct CallArgs;
 
 // chars: None/Undefined strips whitespace, a string strips those characters.
 std::string py_strip(const std::string& s, const Value& chars, bool left, bool right);
-// sep None/Undefined splits on whitespace runs; maxsplit < 0 means no limit.
-std::vector<std::string> py_split(const std::string& s, const Value& sep, int64_t maxsplit, bool from_right);
-std::vector<std::string> py_splitlines(const std::string& s, bool keepends);
+// sep None/Undefined splits on whitespace runs; maxsplit < 0 means no limit. Both throw
+// once the result would hold more than max_parts strings.
+std::vector<std::string> py_split(const std::string& s, const Value& sep, int64_t maxsplit, bool from_right,
+                                  size_t max_parts = SIZE_MAX);
+std::vector<std::string> py_splitlines(const std::string& s, bool keepends, size_t max_parts = SIZE_MAX);
 // Throws when the result would exceed max_bytes.
 std::string py_replace(const std::string& s, const std::string& old, const std::string& rep, int64_t count,
                        size_t max_bytes);
