@@ -64,9 +64,7 @@ Scheduler::Scheduler(const Model& m, const SchedulerParams& p, std::unique_ptr<C
                                                 p.block_size}),
       max_seq_len_(max_seq_len) {
   params_.step_tokens = std::max(p.step_tokens, p.parallel);
-  auto bs = blocks_.stats();  // so /metrics is right before the first request
-  st_.kv_blocks = bs.n_blocks;
-  st_.kv_free = bs.free;
+  refresh_stats_locked();  // so /metrics is right before the first request (no other thread yet)
 }
 
 Scheduler::~Scheduler() { shutdown(false); }
@@ -224,13 +222,7 @@ bool Scheduler::step() {
   }
   if (running_.empty()) {
     std::lock_guard<std::mutex> lk(mu_);
-    st_.running = 0;
-    st_.waiting = static_cast<int>(waiting_.size());
-    auto bs = blocks_.stats();
-    st_.kv_blocks = bs.n_blocks;
-    st_.kv_used = bs.used;
-    st_.kv_cached = bs.cached;
-    st_.kv_free = bs.free;
+    refresh_stats_locked();
     return false;
   }
   // 3. The batch: decode tokens first, then prompt chunks by age, under the budget.
@@ -363,14 +355,18 @@ bool Scheduler::step() {
   std::lock_guard<std::mutex> lk(mu_);
   st_.steps++;
   st_.computed_prompt_tokens += computed_prompt;
+  refresh_stats_locked();
+  return true;
+}
+
+void Scheduler::refresh_stats_locked() {
   st_.running = static_cast<int>(running_.size());
   st_.waiting = static_cast<int>(waiting_.size());
-  auto bs = blocks_.stats();
+  const auto bs = blocks_.stats();
   st_.kv_blocks = bs.n_blocks;
   st_.kv_used = bs.used;
   st_.kv_cached = bs.cached;
   st_.kv_free = bs.free;
-  return true;
 }
 
 }  // namespace larder

@@ -95,6 +95,7 @@ class Scheduler {
   void loop();
   bool step();  // returns false when idle
   void finish(Seq& s, FinishReason r, const std::string& err = {});
+  void refresh_stats_locked();  // caller holds mu_ (or no other thread exists yet)
 
   const Model& model_;
   SchedulerParams params_;
