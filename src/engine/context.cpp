@@ -63,6 +63,8 @@ Context::Context(const Model& m, const ContextParams& p, int n_ctx, int n_thread
   scores_.resize(static_cast<size_t>(n_threads) * kQBlock * max_seq_len_);
   pos_.resize(n_batch);
   tok_seq_.resize(n_batch);
+  tiles_.reserve(n_batch);
+  mask_seen_.resize(n_threads);
   last_logits_.resize(c.n_vocab);
   // Largest activation format is q8_0-like (34 bytes per 32 values); reserve once.
   scratch_.xq.reserve(static_cast<size_t>(n_batch) * (std::max(c.n_embd, c.n_ff) / 32 + 1) * 40);
@@ -187,14 +189,10 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
   const float* kc = k_cache_.data() + static_cast<size_t>(layer) * n_slots_ * kv_dim;
   const float* vc = v_cache_.data() + static_cast<size_t>(layer) * n_slots_ * kv_dim;
   const kernels::Isa isa = kernels::active_isa();
-  // Work items: (sequence, query tile, head).
-  std::vector<int>& seq_off = seq_off_;
-  int64_t n_items = 0;
-  std::vector<std::pair<int, int>> tiles;  // (sequence, first local token)
-  tiles.reserve(batch.size() * 4);
-  for (size_t s = 0; s < batch.size(); ++s)
-    for (int t = 0; t < static_cast<int>(batch[s].tokens.size()); t += kQBlock) tiles.emplace_back(static_cast<int>(s), t);
-  n_items = static_cast<int64_t>(tiles.size()) * n_head;
+  // Work items: (sequence, query tile, head); the tiles are the same for every layer.
+  const std::vector<int>& seq_off = seq_off_;
+  const std::vector<std::pair<int, int>>& tiles = tiles_;
+  const int64_t n_items = static_cast<int64_t>(tiles.size()) * n_head;
   const int ld = max_seq_len_;
   pool_.parallel_for(n_items, [&](int64_t wb, int64_t we, int tid) {
     float* sc = scores_.data() + static_cast<size_t>(tid) * kQBlock * ld;  // [kQBlock][max_seq_len]
@@ -234,7 +232,8 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
           float mx = -INFINITY;
           for (auto [b, e] : vis)
             for (int p = b; p < e; ++p) mx = std::max(mx, row[p] * scale);
-          std::vector<char> seen;  // ranges may overlap: mark to count each entry once
+          // Ranges may overlap: mark to count each entry once (buffer reused per thread).
+          std::vector<char>& seen = mask_seen_[tid];
           seen.assign(len, 0);
           double sum = 0;
           for (auto [b, e] : vis)
@@ -274,6 +273,9 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
   const int half = hd / 2;
   seq_off_.assign(batch.size() + 1, 0);
   for (size_t s = 0; s < batch.size(); ++s) seq_off_[s + 1] = seq_off_[s] + static_cast<int>(batch[s].tokens.size());
+  tiles_.clear();
+  for (size_t s = 0; s < batch.size(); ++s)
+    for (int t = 0; t < static_cast<int>(batch[s].tokens.size()); t += kQBlock) tiles_.emplace_back(static_cast<int>(s), t);
   for (size_t s = 0; s < batch.size(); ++s) {
     const SeqBatch& sb = batch[s];
     for (int i = 0; i < static_cast<int>(sb.tokens.size()); ++i) {

@@ -106,6 +106,8 @@ class Context {
   std::vector<int> pos_;          // [n_batch] positions of the batch's tokens
   std::vector<int> tok_seq_;      // [n_batch] index of the sequence each token belongs to
   std::vector<int> seq_off_;      // [batch size + 1] first token of each sequence
+  std::vector<std::pair<int, int>> tiles_;  // attention tiles of the batch: (sequence, first local token)
+  std::vector<std::vector<char>> mask_seen_;  // [n_threads] scratch for masked attention
   std::vector<float> out_rows_;   // [n_batch][n_vocab] logits staging when rows are gathered
   std::vector<float> last_logits_;  // [n_vocab]
   struct LayerW8 {

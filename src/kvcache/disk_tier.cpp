@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstring>
+#include <type_traits>
 
 namespace larder::kvcache {
 
@@ -36,10 +37,12 @@ static_assert(sizeof(RecHeader) == 64);
 
 uint64_t header_sum(const RecHeader& h) { return XXH3_64bits(&h, offsetof(RecHeader, header_checksum)); }
 
-bool read_full(int fd, void* buf, size_t n, uint64_t off) {
-  auto* p = static_cast<uint8_t*>(buf);
+// pread/pwrite until n bytes are done (short transfers and EINTR retried).
+template <class Buf, class Op>
+bool io_full(int fd, Buf* buf, size_t n, uint64_t off, Op op) {
+  auto* p = reinterpret_cast<std::conditional_t<std::is_const_v<Buf>, const uint8_t, uint8_t>*>(buf);
   while (n > 0) {
-    ssize_t r = pread(fd, p, n, static_cast<off_t>(off));
+    ssize_t r = op(fd, p, n, static_cast<off_t>(off));
     if (r <= 0) {
       if (r < 0 && errno == EINTR) continue;
       return false;
@@ -50,21 +53,8 @@ bool read_full(int fd, void* buf, size_t n, uint64_t off) {
   }
   return true;
 }
-
-bool write_full(int fd, const void* buf, size_t n, uint64_t off) {
-  auto* p = static_cast<const uint8_t*>(buf);
-  while (n > 0) {
-    ssize_t r = pwrite(fd, p, n, static_cast<off_t>(off));
-    if (r <= 0) {
-      if (r < 0 && errno == EINTR) continue;
-      return false;
-    }
-    p += r;
-    n -= static_cast<size_t>(r);
-    off += static_cast<uint64_t>(r);
-  }
-  return true;
-}
+bool read_full(int fd, void* buf, size_t n, uint64_t off) { return io_full(fd, buf, n, off, ::pread); }
+bool write_full(int fd, const void* buf, size_t n, uint64_t off) { return io_full(fd, buf, n, off, ::pwrite); }
 
 // Calls fn(header, payload_offset, valid) for each record; stops at a torn tail.
 template <class F>

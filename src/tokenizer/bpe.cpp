@@ -66,13 +66,6 @@ class BpeTokenizer final : public Tokenizer {
     return out;
   }
 
-  std::string token_bytes(int32_t id, bool render_special) const override {
-    if (id < 0 || id >= n_vocab()) return {};
-    const TokenType t = vocab_.types[id];
-    if (t == TokenType::CONTROL || t == TokenType::UNKNOWN) return render_special ? vocab_.tokens[id] : std::string();
-    return bytes_[id];
-  }
-
  private:
   struct Merge {
     int32_t rank, result;
@@ -173,7 +166,6 @@ class BpeTokenizer final : public Tokenizer {
   std::unordered_map<std::string_view, int32_t> token_to_id_;
   std::unordered_map<uint64_t, Merge> merges_;
   int32_t byte_ids_[256];
-  std::vector<std::string> bytes_;
   SpecialMatcher special_;
 };
 

@@ -83,13 +83,6 @@ class SpmTokenizer final : public Tokenizer {
     return out;
   }
 
-  std::string token_bytes(int32_t id, bool render_special) const override {
-    if (id < 0 || id >= n_vocab()) return {};
-    const TokenType t = vocab_.types[id];
-    if (t == TokenType::CONTROL || t == TokenType::UNKNOWN) return render_special ? vocab_.tokens[id] : std::string();
-    return bytes_[id];
-  }
-
  private:
   struct Sym {
     int32_t prev, next;
@@ -208,7 +201,6 @@ class SpmTokenizer final : public Tokenizer {
   SpmOptions opt_;
   std::unordered_map<std::string_view, int32_t> pieces_;
   int32_t byte_ids_[256];
-  std::vector<std::string> bytes_;
   SpecialMatcher special_;
 };
 

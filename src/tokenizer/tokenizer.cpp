@@ -254,6 +254,13 @@ Status normalize_vocab(Vocab& v) {
 
 // ---- Tokenizer -----------------------------------------------------------------
 
+std::string Tokenizer::token_bytes(int32_t id, bool render_special) const {
+  if (id < 0 || id >= n_vocab() || static_cast<size_t>(id) >= bytes_.size()) return {};
+  const TokenType t = vocab_.types[id];
+  if (t == TokenType::CONTROL || t == TokenType::UNKNOWN) return render_special ? vocab_.tokens[id] : std::string();
+  return bytes_[id];
+}
+
 std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool render_special) const {
   std::string out;
   bool strip = vocab_.kind == TokenizerKind::SPM && vocab_.add_space_prefix;

@@ -50,7 +50,7 @@ class Tokenizer {
 
   // Raw bytes a token stands for (byte tokens become their byte; SPM U+2581 becomes ' ';
   // byte-level BPE unicode mapping undone). Control tokens give "" unless render_special.
-  virtual std::string token_bytes(int32_t id, bool render_special = false) const = 0;
+  std::string token_bytes(int32_t id, bool render_special = false) const;
 
   // Whole-sequence decode. For SPM, the leading space added by the space prefix is removed
   // when the first token is after BOS/at the start (like SentencePiece's decode).
@@ -58,6 +58,7 @@ class Tokenizer {
 
  protected:
   Vocab vocab_;
+  std::vector<std::string> bytes_;  // [n_vocab] decoded bytes of each token, filled by the subclass
 };
 
 // Streams token bytes as valid UTF-8: holds back an incomplete multi-byte sequence
