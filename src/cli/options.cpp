@@ -65,6 +65,19 @@ std::vector<OptSpec> option_table(Args& a) {
       {"serve", "--queue", "", "waiting requests beyond this are refused with 429", &a.queue},
       {"serve", "--api-key", "LARDER_API_KEY", "require 'Authorization: Bearer KEY' on /v1/*", &a.api_key},
       {"serve", "--alias", "", "model id to serve under (default: the model file name without extension)", &a.alias},
+      {"serve", "--kv-dram", "LARDER_KV_DRAM", "DRAM tier (L2) for KV blocks evicted from the engine's pool, e.g. 2G (empty = off)", &a.kv_dram},
+      {"serve", "--kv-dram-q8", "", "keep L2 blocks as 8-bit (about twice as many blocks; small accuracy cost)", &a.kv_dram_q8},
+      {"serve", "--kv-disk", "LARDER_KV_DISK", "SSD tier (L3): directory of KV segment files, kept across restarts (empty = off)", &a.kv_disk},
+      {"serve", "--kv-disk-size", "LARDER_KV_DISK_SIZE", "capacity of the SSD tier", &a.kv_disk_size},
+      {"serve", "--kv-policy", "", "eviction policy of the L2/L3 tiers: lru | lfu", &a.kv_policy},
+      {"serve", "--kv-always-load", "", "always load cached blocks from L2/L3 (skip the load-vs-recompute decision)", &a.kv_no_load_decision},
+      {"kv", "--dir", "LARDER_KV_DISK", "the SSD tier's directory", &a.kv_dir},
+      {"replay", "--trace", "", "request trace (JSONL: timestamp, input_length, output_length, hash_ids)", &a.trace},
+      {"replay", "--scale", "", "each 512-token hash block becomes 512/K tokens", &a.replay_scale},
+      {"replay", "--speed", "", "arrivals sped up by this factor", &a.replay_speed},
+      {"replay", "--limit", "", "replay only the first N requests (0 = all)", &a.replay_limit},
+      {"replay", "--url", "LARDER_URL", "server to drive", &a.url},
+      {"replay", "--json", "", "print the report as one JSON object", &a.json},
   };
 }
 

@@ -69,6 +69,20 @@ struct Args {
   int queue = 64;
   std::string api_key;
   std::string alias;
+  // tiered KV store (serve, kv)
+  std::string kv_dram;          // L2 DRAM tier size ("" = off)
+  bool kv_dram_q8 = false;      // L2 holds blocks as 8-bit (twice as many)
+  std::string kv_disk;          // L3 SSD tier directory ("" = off)
+  std::string kv_disk_size = "16G";
+  std::string kv_policy = "lru";  // lru | lfu (eviction in L2/L3)
+  bool kv_no_load_decision = false;  // always load from tiers (no load-vs-recompute check)
+  std::string kv_dir;           // kv stats|verify|clear --dir
+  // replay
+  std::string trace;
+  int replay_scale = 16;
+  double replay_speed = 1.0;
+  int replay_limit = 0;
+  std::string url = "http://127.0.0.1:8080";
   // positional
   std::string positional;
 };
