@@ -70,6 +70,7 @@ int cmd_serve(Args& a) {
   sigaddset(&sigs, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
+  std::signal(SIGXFSZ, SIG_IGN);  // a file-size limit must fail the write (the SSD tier turns off), not kill us
 
   server::ServerParams sp;
   sp.host = a.host;
@@ -102,6 +103,24 @@ int cmd_serve(Args& a) {
     if (n < 1) return fail("--kv-mem " + a.kv_mem + " is less than one KV block (" + std::to_string(per_block) + " bytes)");
     p.kv_blocks = static_cast<int>(std::min<int64_t>(n, 1 << 30));
   }
+  if (!a.kv_dram.empty()) {
+    const int64_t n = parse_size(a.kv_dram);
+    if (n <= 0) return fail("--kv-dram: cannot read size '" + a.kv_dram + "' (e.g. 512M, 2G)");
+    p.store.dram_bytes = static_cast<uint64_t>(n);
+    p.store.dram_q8 = a.kv_dram_q8;
+  } else if (a.kv_dram_q8) {
+    return fail("--kv-dram-q8 needs --kv-dram SIZE");
+  }
+  if (!a.kv_disk.empty()) {
+    const int64_t n = parse_size(a.kv_disk_size);
+    if (n <= 0) return fail("--kv-disk-size: cannot read size '" + a.kv_disk_size + "' (e.g. 512M, 20G)");
+    p.store.disk_dir = a.kv_disk;
+    p.store.disk_bytes = static_cast<uint64_t>(n);
+  }
+  auto pol = kvcache::parse_policy(a.kv_policy);
+  if (!pol.ok()) return fail("--kv-policy: " + pol.error());
+  p.store.policy = *pol;
+  p.always_load = a.kv_no_load_decision;
   auto sched = Scheduler::create(m, p);
   if (!sched.ok()) return fail(sched.error());
   Scheduler& s = **sched;
@@ -113,6 +132,10 @@ int cmd_serve(Args& a) {
                "larder serve: ready: model %s, %d KV blocks of %d tokens, up to %d tokens per request, %d parallel, "
                "queue %d\n",
                a.model.c_str(), kv_blocks, p.block_size, s.max_seq_len(), p.parallel, p.max_queue);
+  if (st0.has_store)
+    std::fprintf(stderr, "larder serve: kv tiers: DRAM %s%s, SSD %s (%lld blocks found)\n",
+                 a.kv_dram.empty() ? "off" : a.kv_dram.c_str(), a.kv_dram_q8 ? " (8-bit)" : "",
+                 a.kv_disk.empty() ? "off" : a.kv_disk.c_str(), static_cast<long long>(st0.store.disk.blocks));
   std::fflush(stderr);
 
   int sig = 0;
@@ -132,6 +155,7 @@ int cmd_serve(Args& a) {
     }
   }
   s.shutdown(/*drain=*/!forced);
+  if (Status fl = s.flush_store(); !fl.ok()) std::fprintf(stderr, "larder serve: kv store: %s\n", fl.error().c_str());
   srv.stop();
   std::fprintf(stderr, "larder serve: stopped\n");
   return 0;

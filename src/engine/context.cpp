@@ -91,6 +91,35 @@ void Context::copy_block(int32_t src, int32_t dst) {
   }
 }
 
+size_t Context::block_bytes() const {
+  return static_cast<size_t>(model_.cfg.n_layer) * 2 * block_size_ * model_.cfg.n_head_kv * model_.cfg.head_dim *
+         sizeof(float);
+}
+
+void Context::read_block(int32_t b, uint8_t* out) const {
+  LARDER_ASSERT(b >= 0 && b < n_blocks_);
+  const size_t kv_dim = static_cast<size_t>(model_.cfg.n_head_kv) * model_.cfg.head_dim;
+  const size_t n = block_size_ * kv_dim;
+  float* o = reinterpret_cast<float*>(out);
+  for (int l = 0; l < model_.cfg.n_layer; ++l, o += 2 * n) {
+    const size_t base = static_cast<size_t>(l) * n_slots_ * kv_dim + static_cast<size_t>(b) * n;
+    std::memcpy(o, &k_cache_[base], n * sizeof(float));
+    std::memcpy(o + n, &v_cache_[base], n * sizeof(float));
+  }
+}
+
+void Context::write_block(int32_t b, const uint8_t* in) {
+  LARDER_ASSERT(b >= 0 && b < n_blocks_);
+  const size_t kv_dim = static_cast<size_t>(model_.cfg.n_head_kv) * model_.cfg.head_dim;
+  const size_t n = block_size_ * kv_dim;
+  const float* p = reinterpret_cast<const float*>(in);
+  for (int l = 0; l < model_.cfg.n_layer; ++l, p += 2 * n) {
+    const size_t base = static_cast<size_t>(l) * n_slots_ * kv_dim + static_cast<size_t>(b) * n;
+    std::memcpy(&k_cache_[base], p, n * sizeof(float));
+    std::memcpy(&v_cache_[base], p + n, n * sizeof(float));
+  }
+}
+
 Status Context::decode(std::span<const int32_t> tokens, float* all_logits) {
   if (tokens.empty()) return make_error("decode: no tokens");
   if (n_past_ + static_cast<int64_t>(tokens.size()) > n_ctx_)

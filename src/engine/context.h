@@ -66,6 +66,11 @@ class Context {
 
   // Copies one pool block's K/V (all layers) to another (copy-on-write).
   void copy_block(int32_t src, int32_t dst);
+  // A block's K/V as one payload for lower tiers: per layer, K [block_size][kv_dim]
+  // then V [block_size][kv_dim], f32. block_bytes() long.
+  size_t block_bytes() const;
+  void read_block(int32_t b, uint8_t* out) const;
+  void write_block(int32_t b, const uint8_t* in);
 
   int n_vocab() const { return model_.cfg.n_vocab; }
   int n_ctx() const { return n_ctx_; }

@@ -30,6 +30,11 @@ struct Scheduler::Seq {
   std::unique_ptr<Sampler> sampler;
   std::vector<float> logits;    // [vocab] logits after the last computed token
   uint64_t arrival = 0;         // admission order for "youngest"
+  // Blocks coming from L2/L3: job->keys[i] goes into block load_block0 + i.
+  std::shared_ptr<kvcache::LoadJob> load;
+  size_t load_next = 0;
+  int load_block0 = 0;
+  bool count_hits = false;      // first admission: loaded tokens count as cached
 };
 
 Result<std::unique_ptr<Scheduler>> Scheduler::create(const Model& model, const SchedulerParams& p) {
@@ -51,6 +56,25 @@ Result<std::unique_ptr<Scheduler>> Scheduler::create(const Model& model, const S
   cp.w8a8 = p.w8a8;
   LARDER_TRY(ctx, Context::create(model, cp));
   auto s = std::unique_ptr<Scheduler>(new Scheduler(model, p, std::move(ctx), max_seq, kv_blocks));
+  if (p.store.dram_bytes > 0 || !p.store.disk_dir.empty()) {
+    kvcache::KvLayout layout;
+    layout.model_id = s->blocks_identity_;
+    layout.n_layer = model.cfg.n_layer;
+    layout.kv_dim = model.cfg.n_head_kv * model.cfg.head_dim;
+    layout.block_size = p.block_size;
+    layout.group = model.cfg.head_dim;
+    LARDER_TRY(store, kvcache::KvStore::open(layout, p.store));
+    s->store_ = std::move(store);
+    Scheduler* raw = s.get();
+    s->store_->set_notify([raw] { raw->cv_.notify_all(); });
+    if (s->store_->has_dram())
+      s->blocks_.set_evict_hook([raw](kvcache::BlockId b, const kvcache::BlockHash& h) {
+        std::vector<uint8_t> payload(raw->ctx_->block_bytes());
+        raw->ctx_->read_block(b, payload.data());
+        raw->store_->put_evicted(h, payload);
+      });
+    s->refresh_stats_locked();
+  }
   s->thread_ = std::thread([raw = s.get()] { raw->loop(); });
   return s;
 }
@@ -60,8 +84,8 @@ Scheduler::Scheduler(const Model& m, const SchedulerParams& p, std::unique_ptr<C
     : model_(m),
       params_(p),
       ctx_(std::move(ctx)),
-      blocks_(kv_blocks, kvcache::CacheIdentity{m.path + "#" + m.cfg.name + "#" + std::to_string(m.weight_bytes()), "f32",
-                                                p.block_size}),
+      blocks_identity_(m.cfg.name + "#" + m.fingerprint() + "#" + std::to_string(m.weight_bytes())),
+      blocks_(kv_blocks, kvcache::CacheIdentity{blocks_identity_, "f32", p.block_size}),
       max_seq_len_(max_seq_len) {
   params_.step_tokens = std::max(p.step_tokens, p.parallel);
   refresh_stats_locked();  // so /metrics is right before the first request (no other thread yet)
@@ -128,6 +152,10 @@ void Scheduler::finish(Seq& s, FinishReason r, const std::string& err) {
     ev.cached_tokens = s.cached_tokens;
     ev.completion_tokens = s.n_generated;
     s.cb(ev);
+  }
+  if (s.load) {
+    s.load->cancelled = true;
+    s.load.reset();
   }
   if (s.in_cache) blocks_.release(static_cast<kvcache::SeqId>(s.id));
   s.in_cache = false;
@@ -210,6 +238,7 @@ bool Scheduler::step() {
       LARDER_ASSERT(st.ok());
       s->in_cache = true;
       s->n_computed = plan->n_cached_tokens;
+      s->count_hits = !s->admitted_once;
       if (!s->admitted_once) {
         s->cached_tokens = plan->n_cached_tokens;
         s->admitted_once = true;
@@ -217,6 +246,7 @@ bool Scheduler::step() {
         st_.prompt_tokens += s->n_prompt;
       }
       s->arrival = ++admissions_;
+      if (store_) start_tier_load(*s, plan->root, plan->n_cached_tokens);
     }
     running_.push_back(std::move(s));
   }
@@ -225,9 +255,14 @@ bool Scheduler::step() {
     refresh_stats_locked();
     return false;
   }
+  // Blocks that arrived from L2/L3 go into the pool; sequences still loading sit out.
+  bool loading = false;
+  for (auto& s : running_)
+    if (s->load) loading |= install_loaded(*s);
   // 3. The batch: decode tokens first, then prompt chunks by age, under the budget.
   std::vector<Seq*> order;
-  for (auto& s : running_) order.push_back(s.get());
+  for (auto& s : running_)
+    if (!s->load) order.push_back(s.get());
   std::stable_sort(order.begin(), order.end(), [](Seq* a, Seq* b) {
     const bool da = a->tokens.size() - a->n_computed == 1, db = b->tokens.size() - b->n_computed == 1;
     if (da != db) return da;
@@ -251,7 +286,26 @@ bool Scheduler::step() {
     in_batch.push_back(s);
     n_take.push_back(k);
   }
+  if (batch.empty()) {
+    // Everything runnable is waiting for loads: sleep until a reader reports.
+    std::unique_lock<std::mutex> lk(mu_);
+    if (loading) cv_.wait_for(lk, std::chrono::milliseconds(2));
+    refresh_stats_locked();
+    return true;
+  }
+  int batch_tokens = 0, batch_prompt = 0;
+  for (size_t i = 0; i < in_batch.size(); ++i) {
+    batch_tokens += n_take[i];
+    if (in_batch[i]->n_computed < in_batch[i]->n_prompt) batch_prompt += n_take[i];
+  }
+  const auto t_step = std::chrono::steady_clock::now();
   Status st = ctx_->decode_batch(batch);
+  if (st.ok() && batch_tokens >= 32 && 2 * batch_prompt >= batch_tokens) {
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_step).count();
+    const double rate = batch_tokens / std::max(dt, 1e-6);
+    prefill_rate_ = prefill_rate_ > 0 ? 0.8 * prefill_rate_ + 0.2 * rate : rate;
+  }
+  std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>> named;
   int computed_prompt = 0;
   std::vector<Seq*> done;
   std::vector<Seq*> evicted;  // preempted during this step: their results are void
@@ -266,7 +320,7 @@ bool Scheduler::step() {
     const int before = s->n_computed;
     s->n_computed += n_take[i];
     computed_prompt += std::max(0, std::min(s->n_computed, s->n_prompt) - before);
-    blocks_.mark_computed(static_cast<kvcache::SeqId>(s->id), s->n_computed);
+    blocks_.mark_computed(static_cast<kvcache::SeqId>(s->id), s->n_computed, store_ ? &named : nullptr);
     if (s->n_computed < static_cast<int>(s->tokens.size())) continue;  // still prefilling
     // 4. Sample, report, and make room for the new token.
     const int32_t tok = s->sampler->sample(s->logits.data(), s->tokens);
@@ -335,6 +389,10 @@ bool Scheduler::step() {
         std::unique_ptr<Seq> v = std::move(*it);
         running_.erase(it);
         blocks_.release(static_cast<kvcache::SeqId>(v->id));
+        if (v->load) {
+          v->load->cancelled = true;
+          v->load.reset();
+        }
         v->in_cache = false;
         v->n_computed = 0;
         std::lock_guard<std::mutex> lk(mu_);
@@ -352,12 +410,93 @@ bool Scheduler::step() {
   running_.erase(std::remove_if(running_.begin(), running_.end(),
                                 [&](auto& r) { return std::find(done.begin(), done.end(), r.get()) != done.end(); }),
                  running_.end());
+  if (store_) write_back(named);
   std::lock_guard<std::mutex> lk(mu_);
   st_.steps++;
   st_.computed_prompt_tokens += computed_prompt;
   refresh_stats_locked();
   return true;
 }
+
+void Scheduler::start_tier_load(Seq& s, const kvcache::BlockHash& root, int n_l1_cached) {
+  const int bs = params_.block_size;
+  const int n_blocks = (static_cast<int>(s.tokens.size()) - 1) / bs;  // at least one token is left to compute
+  const int b0 = n_l1_cached / bs;
+  kvcache::BlockHash h = root;
+  for (int j = 0; j < b0; ++j) h = kvcache::chain_hash(h, std::span<const int32_t>(s.tokens).subspan(j * bs, bs));
+  // Load while a block comes back faster than it is recomputed; the first block that
+  // does not (or is in no tier) ends the loaded run, and the rest is computed.
+  const double compute_s = prefill_rate_ > 0 ? bs / prefill_rate_ : 1e30;
+  std::vector<kvcache::BlockHash> keys;
+  std::vector<kvcache::Tier> tiers;
+  int64_t recompute = 0;
+  for (int j = b0; j < n_blocks; ++j) {
+    h = kvcache::chain_hash(h, std::span<const int32_t>(s.tokens).subspan(j * bs, bs));
+    const kvcache::Tier t = store_->where(h);
+    if (t == kvcache::Tier::None) break;
+    if (recompute > 0 || (!params_.always_load && store_->load_seconds(t) >= compute_s)) {
+      recompute++;
+      continue;
+    }
+    keys.push_back(h);
+    tiers.push_back(t);
+  }
+  if (!keys.empty()) store_->count_decision(true, static_cast<int64_t>(keys.size()));
+  if (recompute > 0) store_->count_decision(false, recompute);
+  if (keys.empty()) return;
+  s.load_block0 = b0;
+  s.load_next = 0;
+  s.load = store_->get_async(std::move(keys), std::move(tiers));
+}
+
+bool Scheduler::install_loaded(Seq& s) {
+  kvcache::LoadJob& job = *s.load;
+  const auto& table = blocks_.block_table(static_cast<kvcache::SeqId>(s.id));
+  const int bs = params_.block_size;
+  int loaded = 0;
+  bool failed = false;
+  while (s.load_next < job.keys.size()) {
+    const int state = job.state[s.load_next].load();
+    if (state == 0) break;
+    if (state == 2) {
+      failed = true;  // unreadable or gone: this block and the rest are recomputed
+      break;
+    }
+    ctx_->write_block(table[s.load_block0 + s.load_next], job.data[s.load_next].data());
+    std::vector<uint8_t>().swap(job.data[s.load_next]);
+    s.load_next++;
+    loaded += bs;
+  }
+  if (loaded > 0) {
+    s.n_computed += loaded;
+    std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>> named;
+    blocks_.mark_computed(static_cast<kvcache::SeqId>(s.id), s.n_computed, &named);
+    if (!named.empty()) write_back(named);  // e.g. from DRAM, not yet on SSD
+    std::lock_guard<std::mutex> lk(mu_);
+    if (s.count_hits) {
+      s.cached_tokens += loaded;
+      st_.prefix_hit_tokens += loaded;
+      st_.tier_hit_tokens += loaded;
+    }
+  }
+  if (failed || s.load_next == job.keys.size()) {
+    job.cancelled = true;
+    s.load.reset();
+    return false;
+  }
+  return true;
+}
+
+void Scheduler::write_back(const std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>>& named) {
+  for (const auto& [b, h] : named) {
+    if (!store_->wants_write(h)) continue;
+    std::vector<uint8_t> payload(ctx_->block_bytes());
+    ctx_->read_block(b, payload.data());
+    store_->put_async(h, std::move(payload));
+  }
+}
+
+Status Scheduler::flush_store() { return store_ ? store_->flush() : Status::Ok(); }
 
 void Scheduler::refresh_stats_locked() {
   st_.running = static_cast<int>(running_.size());
@@ -367,6 +506,9 @@ void Scheduler::refresh_stats_locked() {
   st_.kv_used = bs.used;
   st_.kv_cached = bs.cached;
   st_.kv_free = bs.free;
+  st_.prefill_tokens_per_s = prefill_rate_;
+  st_.has_store = store_ != nullptr;
+  if (store_) st_.store = store_->stats();
 }
 
 }  // namespace larder

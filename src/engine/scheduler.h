@@ -23,6 +23,7 @@
 #include "engine/context.h"
 #include "engine/sampler.h"
 #include "kvcache/block_manager.h"
+#include "kvcache/kv_store.h"
 #include "model/model.h"
 
 namespace larder {
@@ -36,6 +37,9 @@ struct SchedulerParams {
   int max_queue = 64;         // waiting requests beyond this are refused (server: 429/503)
   int step_tokens = 256;      // per-step token budget (decode tokens + prompt chunks)
   bool w8a8 = false;
+  // Tiers below the pool (L2 DRAM, L3 SSD); none when both are off.
+  kvcache::KvStoreParams store;
+  bool always_load = false;   // load every tier hit (skip the load-vs-recompute decision)
 };
 
 enum class FinishReason { None, Stop, Length, Cancelled, Error };
@@ -72,6 +76,10 @@ struct SchedulerStats {
   int64_t prefix_hit_tokens = 0, prompt_tokens = 0;  // totals since start
   int64_t computed_prompt_tokens = 0;                // prompt tokens actually prefilled
   int64_t generated_tokens = 0, requests_done = 0, preemptions = 0, steps = 0;
+  int64_t tier_hit_tokens = 0;      // prompt tokens whose KV came from L2/L3 (part of prefix_hit_tokens)
+  double prefill_tokens_per_s = 0;  // measured, drives load-vs-recompute
+  bool has_store = false;
+  kvcache::KvStoreStats store;
 };
 
 class Scheduler {
@@ -87,6 +95,8 @@ class Scheduler {
   void shutdown(bool drain);
   SchedulerStats stats() const;
   int max_seq_len() const { return max_seq_len_; }
+  // Drains the write-back queue and makes the SSD tier durable (also done at destruction).
+  Status flush_store();
   const Model& model() const { return model_; }
 
  private:
@@ -96,10 +106,14 @@ class Scheduler {
   bool step();  // returns false when idle
   void finish(Seq& s, FinishReason r, const std::string& err = {});
   void refresh_stats_locked();  // caller holds mu_ (or no other thread exists yet)
+  void start_tier_load(Seq& s, const kvcache::BlockHash& root, int n_l1_cached);
+  bool install_loaded(Seq& s);  // true while blocks are still loading
+  void write_back(const std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>>& named);
 
   const Model& model_;
   SchedulerParams params_;
   std::unique_ptr<Context> ctx_;
+  std::string blocks_identity_;  // model content identity: roots every block name
   kvcache::BlockManager blocks_;
   int max_seq_len_;
   mutable std::mutex mu_;
@@ -111,6 +125,9 @@ class Scheduler {
   uint64_t admissions_ = 0;  // scheduler thread only
   bool stopping_ = false, draining_ = false;
   SchedulerStats st_;
+  double prefill_rate_ = 0;  // prompt tokens/s measured on prefill-heavy steps (scheduler thread)
+  // Declared after cv_/mu_: destroyed (flushed) first, while what its callbacks touch lives.
+  std::unique_ptr<kvcache::KvStore> store_;
   std::thread thread_;
 };
 

@@ -133,6 +133,7 @@ BlockId BlockManager::take_block() {
     Block& blk = blocks_[b];
     blk.in_lru = false;
     LARDER_ASSERT(blk.named);
+    if (evict_hook_) evict_hook_(b, blk.hash);
     by_hash_.erase(blk.hash);
     blk.named = false;
     ++evictions_;
@@ -190,7 +191,7 @@ Status BlockManager::apply(const Plan& p, const std::function<void(BlockId, Bloc
   return Status::Ok();
 }
 
-void BlockManager::mark_computed(SeqId seq, int n_computed) {
+void BlockManager::mark_computed(SeqId seq, int n_computed, std::vector<std::pair<BlockId, BlockHash>>* named) {
   Seq& s = seqs_.at(seq);
   LARDER_ASSERT(n_computed >= 0 && n_computed <= static_cast<int>(s.tokens.size()));
   s.n_computed = std::max(s.n_computed, n_computed);
@@ -207,6 +208,7 @@ void BlockManager::mark_computed(SeqId seq, int n_computed) {
         blk.named = true;
         blk.hash = h;
         by_hash_.emplace(h, s.table[i]);
+        if (named) named->emplace_back(s.table[i], h);
       }
       // else: an identical block exists already (computed concurrently); ours stays
       // anonymous and is freed on release.

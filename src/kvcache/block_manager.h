@@ -94,7 +94,12 @@ class BlockManager {
 
   // Call after the KV of a sequence's tokens [0, n_computed) has been written: names
   // the blocks that became full so other sequences can find them.
-  void mark_computed(SeqId seq, int n_computed);
+  // Blocks named by this call are appended to *named (for write-back to lower tiers).
+  void mark_computed(SeqId seq, int n_computed, std::vector<std::pair<BlockId, BlockHash>>* named = nullptr);
+
+  // Called with a cached block about to be evicted (inside apply(), before the block is
+  // reused), so its KV can be kept by a lower tier.
+  void set_evict_hook(std::function<void(BlockId, const BlockHash&)> f) { evict_hook_ = std::move(f); }
 
   // Drops a sequence; its named blocks stay cached (evictable), others become free.
   void release(SeqId seq);
@@ -142,6 +147,7 @@ class BlockManager {
   std::unordered_map<BlockHash, BlockId, BlockHashHasher> by_hash_;
   std::unordered_map<SeqId, Seq> seqs_;
   uint64_t generation_ = 0;
+  std::function<void(BlockId, const BlockHash&)> evict_hook_;
   int64_t evictions_ = 0, hit_tokens_ = 0, lookup_tokens_ = 0;
 };
 

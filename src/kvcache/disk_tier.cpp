@@ -230,14 +230,21 @@ Status DiskTier::append(const BlockHash& key, std::span<const uint8_t> payload, 
 }
 
 bool DiskTier::get(const BlockHash& key, std::vector<uint8_t>& out) {
-  std::lock_guard<std::mutex> lk(mu_);
-  auto it = index_.find(key);
-  if (it == index_.end()) {
-    st_.misses++;
-    return false;
+  Loc loc;
+  std::string path;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = index_.find(key);
+    if (it == index_.end()) {
+      st_.misses++;
+      return false;
+    }
+    loc = it->second;
+    path = seg_path(loc.segment);
   }
-  const Loc loc = it->second;
-  int fd = ::open(seg_path(loc.segment).c_str(), O_RDONLY | O_CLOEXEC);
+  // The read runs outside the lock so readers overlap each other and the writer. A
+  // segment evicted meanwhile fails to open: a miss.
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   bool ok = fd >= 0;
   RecHeader h{};
   if (ok) ok = read_full(fd, &h, sizeof h, loc.offset - sizeof h);
@@ -248,11 +255,16 @@ bool DiskTier::get(const BlockHash& key, std::vector<uint8_t>& out) {
     ok = read_full(fd, out.data(), loc.length, loc.offset) && XXH3_64bits(out.data(), loc.length) == loc.checksum;
   }
   if (fd >= 0) ::close(fd);
+  std::lock_guard<std::mutex> lk(mu_);
   if (!ok) {
     // Flipped bits or a truncated file: a miss (recompute), never a wrong block.
-    st_.corrupt_records++;
+    auto it = index_.find(key);
+    const bool still = it != index_.end() && it->second.segment == loc.segment && it->second.offset == loc.offset;
+    if (still) {
+      st_.corrupt_records++;
+      index_.erase(it);
+    }
     st_.misses++;
-    index_.erase(key);
     return false;
   }
   st_.hits++;
@@ -291,19 +303,40 @@ DiskTierStats DiskTier::stats() const {
 
 Result<DiskTierStats> DiskTier::verify() const {
   std::lock_guard<std::mutex> lk(mu_);
+  return inspect(dir_, /*check_payloads=*/true);
+}
+
+Result<DiskTierStats> DiskTier::inspect(const std::string& dir, bool check_payloads, std::map<uint64_t, int64_t>* layouts) {
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return make_error("cannot read KV directory '%s': %s", dir.c_str(), std::strerror(errno));
+  std::vector<std::string> names;
+  while (dirent* e = ::readdir(d)) {
+    unsigned id;
+    char tail[8];
+    if (std::sscanf(e->d_name, "seg-%8u.%3s", &id, tail) == 2 && std::strcmp(tail, "lkv") == 0) names.push_back(e->d_name);
+  }
+  ::closedir(d);
+  std::sort(names.begin(), names.end());
   DiskTierStats s;
   std::vector<uint8_t> buf;
-  for (auto& [id, size] : segments_) {
-    int fd = ::open(seg_path(id).c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return make_error("cannot open segment %u", id);
+  for (const auto& name : names) {
+    const std::string path = dir + "/" + name;
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return make_error("cannot open segment %s: %s", path.c_str(), std::strerror(errno));
     struct stat sb {};
     ::fstat(fd, &sb);
     s.corrupt_records += walk_segment(fd, static_cast<uint64_t>(sb.st_size), [&](const RecHeader& h, uint64_t poff) {
-      buf.resize(h.length);
-      if (!read_full(fd, buf.data(), h.length, poff) || XXH3_64bits(buf.data(), h.length) != h.payload_checksum)
-        s.corrupt_records++;
-      else if (!(h.flags & kFlagTombstone))
+      if (check_payloads) {
+        buf.resize(h.length);
+        if (!read_full(fd, buf.data(), h.length, poff) || XXH3_64bits(buf.data(), h.length) != h.payload_checksum) {
+          s.corrupt_records++;
+          return;
+        }
+      }
+      if (!(h.flags & kFlagTombstone)) {
         s.blocks++;
+        if (layouts) (*layouts)[h.layout]++;
+      }
     });
     s.bytes += sb.st_size;
     s.segments++;

@@ -51,6 +51,11 @@ class DiskTier {
   DiskTierStats stats() const;
   // Walks every record of every segment and checks its checksums.
   Result<DiskTierStats> verify() const;
+  // The same walk over a directory without opening it as a tier (no index, nothing
+  // changed): records (blocks), bytes, segments, corrupt/torn records; with
+  // check_payloads the payload checksums too. layouts: records per layout fingerprint.
+  static Result<DiskTierStats> inspect(const std::string& dir, bool check_payloads,
+                                       std::map<uint64_t, int64_t>* layouts = nullptr);
   // Deletes all segments.
   Status clear();
 

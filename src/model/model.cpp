@@ -1,5 +1,10 @@
 #include "model/model.h"
 
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cstdio>
+
 #include <cmath>
 #include <cstring>
 
@@ -14,6 +19,38 @@ size_t Model::weight_bytes() const {
                             &l.ffn_up, &l.ffn_down})
       n += t->nbytes;
   return n;
+}
+
+std::string Model::fingerprint() const {
+  // Weights decide what a KV block means: hash the config and a sample of every tensor
+  // (first and last 4 KiB), so a re-synthesized or re-quantized file at the same path
+  // never reuses another model's blocks, while hashing stays cheap for large files.
+  XXH3_state_t* st = XXH3_createState();
+  XXH3_64bits_reset(st);
+  char cfgs[256];
+  int n = std::snprintf(cfgs, sizeof cfgs, "%s|%d|%d|%d|%d|%d|%d|%d|%g|%g", cfg.arch.c_str(), cfg.n_vocab, cfg.n_embd,
+                        cfg.n_ff, cfg.n_layer, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.rope_theta, cfg.rms_eps);
+  XXH3_64bits_update(st, cfgs, static_cast<size_t>(n));
+  auto add = [&](const Tensor& t) {
+    if (!t.data) return;
+    const auto* p = static_cast<const uint8_t*>(t.data);
+    const size_t k = std::min<size_t>(t.nbytes, 4096);
+    XXH3_64bits_update(st, &t.type, sizeof t.type);
+    XXH3_64bits_update(st, p, k);
+    XXH3_64bits_update(st, p + t.nbytes - k, k);
+  };
+  add(tok_embd);
+  add(output_norm);
+  add(output);
+  for (const auto& l : layers)
+    for (const Tensor* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.ffn_norm, &l.ffn_gate,
+                            &l.ffn_up, &l.ffn_down})
+      add(*t);
+  const uint64_t h = XXH3_64bits_digest(st);
+  XXH3_freeState(st);
+  char out[32];
+  std::snprintf(out, sizeof out, "%016llx", static_cast<unsigned long long>(h));
+  return out;
 }
 
 namespace {

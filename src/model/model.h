@@ -68,6 +68,8 @@ struct Model {
   std::shared_ptr<GgufFile> gguf;                // set for GGUF models
   std::vector<std::shared_ptr<void>> keepalive;  // mmaps and owned buffers backing the tensors
   size_t weight_bytes() const;
+  // Content fingerprint (config + sampled tensor bytes), hex: the identity of KV blocks.
+  std::string fingerprint() const;
 };
 
 // Checks every tensor against the config (shapes, types, sizes); a clear error otherwise.

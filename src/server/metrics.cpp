@@ -49,6 +49,57 @@ std::string escape_label(const std::string& s) {
   return r;
 }
 
+// Per-tier series of the KV store (L2 DRAM, L3 SSD), labelled tier="dram"|"disk".
+void render_store(std::string& out, const SchedulerStats& st) {
+  const auto& k = st.store;
+  struct Row {
+    const char* tier;
+    bool on;
+    double blocks, bytes, cap, hits, misses, evictions, load_bytes, load_s;
+  };
+  const Row rows[] = {
+      {"dram", k.has_dram, double(k.dram.blocks), double(k.dram.bytes), double(k.dram.capacity), double(k.dram.hits),
+       double(k.dram.misses), double(k.dram.evictions), double(k.dram_load_bytes), k.dram_load_seconds},
+      {"disk", k.has_disk, double(k.disk.blocks), double(k.disk.bytes), 0, double(k.disk.hits), double(k.disk.misses),
+       double(k.disk.evicted_blocks), double(k.disk_load_bytes), k.disk_load_seconds},
+  };
+  auto series = [&](const char* name, const char* type, const char* help, double Row::*field) {
+    header(out, name, type, help);
+    for (const Row& r : rows)
+      if (r.on) out += std::string(name) + "{tier=\"" + r.tier + "\"} " + fmt_double(r.*field) + "\n";
+  };
+  series("larder_kv_tier_blocks", "gauge", "KV blocks held by a tier below the engine's pool.", &Row::blocks);
+  series("larder_kv_tier_bytes", "gauge", "Bytes held by a tier (SSD: segment files).", &Row::bytes);
+  series("larder_kv_tier_hits_total", "counter", "Blocks read from a tier.", &Row::hits);
+  series("larder_kv_tier_misses_total", "counter", "Lookups a tier could not serve.", &Row::misses);
+  series("larder_kv_tier_evictions_total", "counter", "Blocks dropped by a tier for capacity.", &Row::evictions);
+  series("larder_kv_tier_load_bytes_total", "counter", "Bytes loaded from a tier into the pool.", &Row::load_bytes);
+  series("larder_kv_tier_load_seconds_total", "counter", "Time spent reading those bytes (bandwidth = bytes / seconds).",
+         &Row::load_s);
+  if (k.has_dram) scalar(out, "larder_kv_dram_capacity_bytes", "gauge", "Capacity of the DRAM tier.", double(k.dram.capacity));
+  if (k.has_disk) {
+    scalar(out, "larder_kv_disk_store_bytes_total", "counter", "Bytes written back to the SSD tier.",
+           double(k.disk_store_bytes));
+    scalar(out, "larder_kv_disk_store_seconds_total", "counter", "Time spent writing them.", k.disk_store_seconds);
+    scalar(out, "larder_kv_disk_writeback_dropped_total", "counter", "Completed blocks not written (SSD behind).",
+           double(k.write_dropped));
+    scalar(out, "larder_kv_disk_corrupt_records_total", "counter", "Corrupt or torn SSD records found (served as misses).",
+           double(k.disk.corrupt_records));
+    scalar(out, "larder_kv_disk_write_errors_total", "counter", "SSD write errors.", double(k.disk.write_errors));
+    scalar(out, "larder_kv_disk_disabled", "gauge", "1 when the SSD tier turned itself off (disk full or unwritable).",
+           k.disk.disabled ? 1 : 0);
+  }
+  header(out, "larder_kv_load_decisions_total", "counter", "Per block found in a tier: loaded or recomputed.");
+  out += "larder_kv_load_decisions_total{decision=\"load\"} " + fmt_double(double(k.decide_load)) + "\n";
+  out += "larder_kv_load_decisions_total{decision=\"recompute\"} " + fmt_double(double(k.decide_recompute)) + "\n";
+  scalar(out, "larder_kv_load_failed_total", "counter", "Tier blocks that could not be read back (recomputed).",
+         double(k.load_failed));
+  scalar(out, "larder_kv_tier_hit_tokens_total", "counter", "Prompt tokens whose KV was loaded from DRAM/SSD tiers.",
+         double(st.tier_hit_tokens));
+  scalar(out, "larder_prefill_tokens_per_second", "gauge", "Measured prefill speed (drives load-vs-recompute).",
+         st.prefill_tokens_per_s);
+}
+
 }  // namespace
 
 Histogram::Histogram(std::vector<double> bounds) : bounds_(std::move(bounds)), counts_(bounds_.size() + 1, 0) {}
@@ -135,6 +186,7 @@ std::string Metrics::render(const SchedulerStats* st, int active_requests) const
          static_cast<double>(st->preemptions));
   scalar(out, "larder_scheduler_steps_total", "counter", "Batched forward passes (steps) run by the scheduler.",
          static_cast<double>(st->steps));
+  if (st->has_store) render_store(out, *st);
   header(out, "larder_ttft_seconds", "histogram", "Time from request to first generated token.");
   ttft_.render(out, "larder_ttft_seconds");
   header(out, "larder_tpot_seconds", "histogram", "Mean time per output token after the first, per request.");
