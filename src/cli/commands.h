@@ -11,6 +11,8 @@ int cmd_bench(Args& a);
 int cmd_quantize(Args& a);    // src/cli/quantize.cpp
 int cmd_perplexity(Args& a);  // src/cli/perplexity.cpp
 int cmd_serve(Args& a);       // src/cli/serve.cpp
+int cmd_replay(Args& a);      // src/cli/replay.cpp
+int cmd_kv(Args& a);          // src/cli/kv.cpp
 // Prints "larder: error: <msg>" on one line and returns 1.
 int fail(const std::string& msg);
 }  // namespace larder::cli

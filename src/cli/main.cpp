@@ -47,6 +47,8 @@ int main(int argc, char** argv) {
       {"perplexity", "perplexity over non-overlapping CTX-token windows (each starts with BOS; the second half of each is scored, as llama.cpp does); --kl-base adds KL(base || model)", cmd_perplexity},
       {"bench", "measure prompt and generation tokens/s (llama-bench style)", cmd_bench},
       {"serve", "OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics", cmd_serve},
+      {"replay", "drive a server with a request trace (--trace FILE --scale K --speed X) and report hit rate, TTFT, TPOT", cmd_replay},
+      {"kv", "look after an SSD KV tier: larder kv stats|verify|clear --dir DIR", cmd_kv},
       {"logits", "dump logits / greedy ids for token ids (for reference tests)", cmd_logits},
   };
   std::vector<std::pair<CLI::App*, const Cmd*>> subs;
@@ -55,6 +57,7 @@ int main(int argc, char** argv) {
     bind_options(sub, c.name, table);
     if (std::string(c.name) == "info") sub->add_option("file", a.positional, "model file (or use -m)");
     if (std::string(c.name) == "tokenize") sub->add_option("text", a.positional, "text to tokenize");
+    if (std::string(c.name) == "kv") sub->add_option("action", a.positional, "stats | verify | clear");
     if (std::string(c.name) == "quantize") sub->add_option("args", a.quant_args, "IN OUT TYPE")->expected(3);
     subs.emplace_back(sub, &c);
   }

@@ -78,6 +78,9 @@ std::vector<OptSpec> option_table(Args& a) {
       {"replay", "--limit", "", "replay only the first N requests (0 = all)", &a.replay_limit},
       {"replay", "--url", "LARDER_URL", "server to drive", &a.url},
       {"replay", "--json", "", "print the report as one JSON object", &a.json},
+      {"replay", "--vocab", "", "draw prompt token ids from [3, N) (0 = the server's vocabulary size)", &a.replay_vocab},
+      {"replay", "--dump-prompts", "", "write every request (token ids, max_tokens) to FILE as JSONL", &a.replay_dump},
+      {"replay", "--api-key", "LARDER_API_KEY", "send 'Authorization: Bearer KEY'", &a.api_key},
   };
 }
 

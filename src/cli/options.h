@@ -83,6 +83,8 @@ struct Args {
   double replay_speed = 1.0;
   int replay_limit = 0;
   std::string url = "http://127.0.0.1:8080";
+  int replay_vocab = 0;            // token ids drawn from [3, N) (0 = ask the server)
+  std::string replay_dump;         // --dump-prompts FILE (JSONL, one request a line)
   // positional
   std::string positional;
 };
