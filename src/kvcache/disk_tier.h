@@ -4,9 +4,11 @@
 // Record = header {magic, version, key (128 bit), layout fingerprint, payload length,
 // payload checksum (XXH3-64), header checksum} + payload. A record becomes visible
 // only after it has been written completely (two-phase put: write, then index), and on
-// open the index is rebuilt by scanning the segments: a torn or corrupt record (bad
-// length, bad checksum, truncated tail after a crash) is skipped and counted, never
-// served. A block written under another layout (model, dtype, shape) is a miss.
+// open the index is rebuilt by scanning the segment headers: a torn or corrupt header
+// (bad length, bad checksum, truncated tail after a crash) ends that segment's scan and
+// is counted; a payload's checksum is verified on every read, and a corrupt one is a
+// miss (counted, dropped from the index), never served. A block written under another
+// layout (model, dtype, shape) is a miss.
 // Capacity is enforced by dropping whole oldest segments (log-structured: the oldest
 // writes go first; promotion of hot blocks is the tier manager's job).
 #pragma once
