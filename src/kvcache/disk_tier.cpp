@@ -142,6 +142,9 @@ Status DiskTier::scan() {
 Status DiskTier::roll_segment() {
   if (cur_fd_ >= 0) {
     ::fsync(cur_fd_);
+    // The page cache must not become a hidden, unbounded DRAM tier: a full segment
+    // leaves memory once it is durable (reads below drop what they pulled in, too).
+    ::posix_fadvise(cur_fd_, 0, 0, POSIX_FADV_DONTNEED);
     ::close(cur_fd_);
     cur_fd_ = -1;
   }
@@ -250,7 +253,11 @@ bool DiskTier::get(const BlockHash& key, std::vector<uint8_t>& out) {
     out.resize(loc.length);
     ok = read_full(fd, out.data(), loc.length, loc.offset) && XXH3_64bits(out.data(), loc.length) == loc.checksum;
   }
-  if (fd >= 0) ::close(fd);
+  if (fd >= 0) {
+    ::posix_fadvise(fd, static_cast<off_t>(loc.offset - sizeof h), static_cast<off_t>(loc.length + sizeof h),
+                    POSIX_FADV_DONTNEED);
+    ::close(fd);
+  }
   std::lock_guard<std::mutex> lk(mu_);
   if (!ok) {
     // Flipped bits or a truncated file: a miss (recompute), never a wrong block.
