@@ -188,20 +188,37 @@ Status Context::decode_batch(std::span<const SeqBatch> batch) {
 }
 
 // Rotates q or k rows in place: x is [n_tok][n_heads][hd].
-void Context::rope(float* x, int n_tok, int n_heads) {
+// x += xb, then xb = rmsnorm(x) * w, row by row while the row is in L1.
+void Context::add_rmsnorm(int n, const float* w) {
+  const int E = model_.cfg.n_embd;
+  const float eps = model_.cfg.rms_eps;
+  pool_.parallel_for(
+      n,
+      [&](int64_t b, int64_t e, int) {
+        for (int64_t t = b; t < e; ++t) {
+          float* x = &x_[static_cast<size_t>(t) * E];
+          float* y = &xb_[static_cast<size_t>(t) * E];
+          kernels::axpy(x, y, 1.f, E);
+          kernels::rmsnorm(y, x, w, E, eps);
+        }
+      },
+      32);
+}
+
+// RoPE of one token's heads (position of batch token t), from src into dst (may alias).
+void Context::rope_row(const float* src, float* dst, int t, int n_heads) const {
   const int hd = model_.cfg.head_dim, half = hd / 2;
   const bool neox = model_.cfg.rope_type == RopeType::NEOX;
-  for (int t = 0; t < n_tok; ++t) {
-    const float* cs = cos_.data() + static_cast<size_t>(t) * half;
-    const float* sn = sin_.data() + static_cast<size_t>(t) * half;
-    for (int h = 0; h < n_heads; ++h) {
-      float* v = x + (static_cast<size_t>(t) * n_heads + h) * hd;
-      for (int i = 0; i < half; ++i) {
-        int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
-        float x0 = v[a], x1 = v[b];
-        v[a] = x0 * cs[i] - x1 * sn[i];
-        v[b] = x0 * sn[i] + x1 * cs[i];
-      }
+  const float* cs = cos_.data() + static_cast<size_t>(t) * half;
+  const float* sn = sin_.data() + static_cast<size_t>(t) * half;
+  for (int h = 0; h < n_heads; ++h) {
+    const float* v = src + static_cast<size_t>(h) * hd;
+    float* o = dst + static_cast<size_t>(h) * hd;
+    for (int i = 0; i < half; ++i) {
+      const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+      const float x0 = v[a], x1 = v[b];
+      o[a] = x0 * cs[i] - x1 * sn[i];
+      o[b] = x0 * sn[i] + x1 * cs[i];
     }
   }
 }
@@ -324,11 +341,14 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
     }
   }
 
+  bool fused_norm = false;  // xb_ already holds this layer's normed input
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& L = model_.layers[l];
     const LayerW8* W8 = w8_.empty() ? nullptr : &w8_[l];
     const float* an = static_cast<const float*>(L.attn_norm.data);
-    for (int t = 0; t < n; ++t) kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], an, E, c.rms_eps);
+    if (!fused_norm)
+      for (int t = 0; t < n; ++t) kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], an, E, c.rms_eps);
+    fused_norm = false;
     mm(L.wq, W8 ? W8->wq.get() : nullptr, xb_.data(), n, q_.data(), q_dim);
     mm(L.wk, W8 ? W8->wk.get() : nullptr, xb_.data(), n, k_.data(), kv_dim);
     mm(L.wv, W8 ? W8->wv.get() : nullptr, xb_.data(), n, v_.data(), kv_dim);
@@ -339,27 +359,37 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
         kernels::axpy(&v_[static_cast<size_t>(t) * kv_dim], static_cast<const float*>(L.bv.data), 1.f, kv_dim);
       }
     }
-    rope(q_.data(), n, c.n_head);
-    rope(k_.data(), n, c.n_head_kv);
+    // Fused, per token: RoPE of q in place, RoPE of k written straight into its cache
+    // slot, v copied — one pass instead of three.
     float* kc = k_cache_.data() + static_cast<size_t>(l) * n_slots_ * kv_dim;
     float* vc = v_cache_.data() + static_cast<size_t>(l) * n_slots_ * kv_dim;
-    for (int t = 0; t < n; ++t) {
-      const SeqBatch& sb = batch[tok_seq_[t]];
-      const size_t sl = slot(sb, sb.n_kv + (t - seq_off_[tok_seq_[t]]));
-      std::memcpy(kc + sl * kv_dim, &k_[static_cast<size_t>(t) * kv_dim], kv_dim * sizeof(float));
-      std::memcpy(vc + sl * kv_dim, &v_[static_cast<size_t>(t) * kv_dim], kv_dim * sizeof(float));
-    }
+    pool_.parallel_for(
+        n,
+        [&](int64_t b, int64_t e, int) {
+          for (int t = static_cast<int>(b); t < e; ++t) {
+            const SeqBatch& sb = batch[tok_seq_[t]];
+            const size_t sl = slot(sb, sb.n_kv + (t - seq_off_[tok_seq_[t]]));
+            const size_t r = static_cast<size_t>(t);
+            rope_row(&q_[r * q_dim], &q_[r * q_dim], t, c.n_head);
+            rope_row(&k_[r * kv_dim], kc + sl * kv_dim, t, c.n_head_kv);
+            std::memcpy(vc + sl * kv_dim, &v_[r * kv_dim], kv_dim * sizeof(float));
+          }
+        },
+        32);
     attention(l, batch);
     mm(L.wo, W8 ? W8->wo.get() : nullptr, att_.data(), n, xb_.data(), E);
-    for (int t = 0; t < n; ++t) kernels::axpy(&x_[static_cast<size_t>(t) * E], &xb_[static_cast<size_t>(t) * E], 1.f, E);
-
-    const float* fn = static_cast<const float*>(L.ffn_norm.data);
-    for (int t = 0; t < n; ++t) kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], fn, E, c.rms_eps);
+    add_rmsnorm(n, static_cast<const float*>(L.ffn_norm.data));
     mm(L.ffn_gate, W8 ? W8->gate.get() : nullptr, xb_.data(), n, hb_.data(), F);
     mm(L.ffn_up, W8 ? W8->up.get() : nullptr, xb_.data(), n, hb2_.data(), F);
     kernels::swiglu(hb_.data(), hb_.data(), hb2_.data(), static_cast<int64_t>(n) * F);
     mm(L.ffn_down, W8 ? W8->down.get() : nullptr, hb_.data(), n, xb_.data(), E);
-    for (int t = 0; t < n; ++t) kernels::axpy(&x_[static_cast<size_t>(t) * E], &xb_[static_cast<size_t>(t) * E], 1.f, E);
+    if (l + 1 < c.n_layer) {
+      // The residual add fused with the next layer's attention norm (one pass per row).
+      add_rmsnorm(n, static_cast<const float*>(model_.layers[l + 1].attn_norm.data));
+      fused_norm = true;
+    } else {
+      for (int t = 0; t < n; ++t) kernels::axpy(&x_[static_cast<size_t>(t) * E], &xb_[static_cast<size_t>(t) * E], 1.f, E);
+    }
   }
   // Output: all rows of all_logits sequences go straight to their buffers; the last
   // rows of the others are gathered into one product.

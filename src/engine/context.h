@@ -86,7 +86,8 @@ class Context {
   Context(const Model& m, const ContextParams& p, int n_ctx, int n_threads, int n_batch);
   Status validate(std::span<const SeqBatch> batch, int* n_total) const;
   void forward(std::span<const SeqBatch> batch, int n);
-  void rope(float* x, int n_tok, int n_heads);
+  void rope_row(const float* src, float* dst, int t, int n_heads) const;
+  void add_rmsnorm(int n, const float* w);
   void attention(int layer, std::span<const SeqBatch> batch);
   // One way into every weight product: picks W8A8, GEMM or dot-product kernels.
   void mm(const Tensor& W, const kernels::W8Tensor* w8, const float* x, int n, float* y, int64_t ldy);
