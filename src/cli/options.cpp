@@ -65,6 +65,8 @@ std::vector<OptSpec> option_table(Args& a) {
       {"serve", "--queue", "", "waiting requests beyond this are refused with 429", &a.queue},
       {"serve", "--api-key", "LARDER_API_KEY", "require 'Authorization: Bearer KEY' on /v1/*", &a.api_key},
       {"serve", "--alias", "", "model id to serve under (default: the model file name without extension)", &a.alias},
+      {"serve", "--prompt-cache", "", "finished requests whose prompt + reply token ids are kept for the next chat turn (0 = off)", &a.prompt_cache},
+      {"serve", "--prompt-cache-strict", "", "reuse a reply's ids only where they decode exactly to the text sent back", &a.prompt_cache_strict},
       {"serve", "--kv-dram", "LARDER_KV_DRAM", "DRAM tier (L2) for KV blocks evicted from the engine's pool, e.g. 2G (empty = off)", &a.kv_dram},
       {"serve", "--kv-dram-q8", "", "keep L2 blocks as 8-bit (about twice as many blocks; small accuracy cost)", &a.kv_dram_q8},
       {"serve", "--kv-disk", "LARDER_KV_DISK", "SSD tier (L3): directory of KV segment files, kept across restarts (empty = off)", &a.kv_disk},

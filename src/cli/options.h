@@ -69,6 +69,8 @@ struct Args {
   int queue = 64;
   std::string api_key;
   std::string alias;
+  int prompt_cache = 256;
+  bool prompt_cache_strict = false;
   // tiered KV store (serve, kv)
   std::string kv_dram;          // L2 DRAM tier size ("" = off)
   bool kv_dram_q8 = false;      // L2 holds blocks as 8-bit (twice as many)

@@ -21,6 +21,7 @@
 #include "server/chat_template.h"
 #include "server/metrics.h"
 #include "server/openai_api.h"
+#include "server/prompt_cache.h"
 #include "tokenizer/tokenizer.h"
 
 namespace larder::server {
@@ -87,6 +88,11 @@ struct Job {
   Metrics* metrics = nullptr;
   int prompt_tokens = 0;
   size_t text_base = 0;  // completions text_offset of the first generated character
+  // Prompt cache: the prompt text, its tokenization and how it was made (text prompts only).
+  bool cacheable = false, add_bos = false, parse_special = false;
+  std::string prompt_text;
+  PromptCache::Encoded prompt_enc;
+  std::atomic<bool> remembered{false};
   Clock::time_point t_start;
 
   // Scheduler-thread state.
@@ -106,6 +112,7 @@ struct Job {
   std::string finish_reason;
   std::string error;
   Usage usage;
+  std::vector<int32_t> gen_ids;  // every generated token, end-of-generation included
 
   std::atomic<bool> cancelled{false};
   std::atomic<uint64_t> sched_id{0};
@@ -148,6 +155,7 @@ struct Job {
       if (ev.prompt_tokens > 0) usage.prompt_tokens = ev.prompt_tokens;
       if (ev.cached_tokens > 0) usage.cached_tokens = ev.cached_tokens;
       if (ev.completion_tokens > 0) usage.completion_tokens = std::max(usage.completion_tokens, ev.completion_tokens);
+      if (ev.token >= 0) gen_ids.push_back(ev.token);
     }
     if (cancelled.load()) {
       ended = true;
@@ -206,6 +214,13 @@ struct Job {
   }
 };
 
+// How a text prompt was tokenized (for the prompt cache).
+struct PromptMode {
+  bool cacheable = false, add_bos = false, parse_special = false;
+  std::string text;
+  PromptCache::Encoded enc;
+};
+
 const char* kKnownRoutes[] = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
                               "/models", "/completions", "/chat/completions"};
 
@@ -235,6 +250,7 @@ struct Server::Impl {
   std::atomic<int> n_active{0};
   std::mutex jobs_mu;
   std::set<std::shared_ptr<Job>> jobs;
+  std::unique_ptr<PromptCache> prompt_cache;  // set by attach() unless disabled
   int bound_port = -1;
   int listen_fd = -1;
 
@@ -263,6 +279,7 @@ struct Server::Impl {
   }
 
   void finish_job(const std::shared_ptr<Job>& job) {
+    remember(*job);
     {
       std::lock_guard<std::mutex> lk(jobs_mu);
       jobs.erase(job);
@@ -270,11 +287,40 @@ struct Server::Impl {
     n_active--;
   }
 
+  // A finished request's prompt + generated ids go to the prompt cache, so that the next
+  // turn of the conversation reuses them (and their KV blocks) instead of re-tokenizing.
+  // Runs before the client gets the end of the reply (it may send the next turn at once).
+  void remember(Job& job) {
+    if (!prompt_cache || !job.cacheable || job.remembered.exchange(true)) return;
+    std::vector<int32_t> gen;
+    {
+      std::lock_guard<std::mutex> lk(job.mu);
+      if (!job.finished || job.finish_reason == "error") return;
+      gen = job.gen_ids;
+    }
+    // Chat replies reach the client without their first space (see the StreamDecoder).
+    prompt_cache->insert(job.prompt_text, job.prompt_enc, gen, job.add_bos, job.parse_special,
+                         /*strip_first_space=*/job.kind == Endpoint::Chat);
+  }
+
+  // tok.encode(text, add_bos, parse_special), through the prompt cache when there is one.
+  std::vector<int32_t> encode_prompt(const Tokenizer& tok, const std::string& text, bool add_bos, bool parse_special,
+                                     PromptMode& mode) {
+    if (!prompt_cache) return tok.encode(text, add_bos, parse_special);
+    mode.cacheable = true;
+    mode.add_bos = add_bos;
+    mode.parse_special = parse_special;
+    mode.text = text;
+    mode.enc = prompt_cache->encode(text, add_bos, parse_special);
+    return mode.enc.ids;
+  }
+
   void setup_routes();
   void handle_generate(const httplib::Request& req, httplib::Response& res, Endpoint kind);
   void handle_models(const httplib::Request& req, httplib::Response& res);
   ojson model_card() const;
-  std::optional<ApiError> build_prompt(const ParsedRequest& pr, std::vector<int32_t>& tokens, size_t& text_base);
+  std::optional<ApiError> build_prompt(const ParsedRequest& pr, std::vector<int32_t>& tokens, size_t& text_base,
+                                      PromptMode& mode);
   std::string chunk_json(const Job& job, const Piece* piece, const std::string* finish, bool first_chat) const;
 };
 
@@ -306,7 +352,7 @@ void Server::Impl::handle_models(const httplib::Request& req, httplib::Response&
 }
 
 std::optional<ApiError> Server::Impl::build_prompt(const ParsedRequest& pr, std::vector<int32_t>& tokens,
-                                                   size_t& text_base) {
+                                                   size_t& text_base, PromptMode& mode) {
   const Model& m = *model.load();
   const Tokenizer& tok = *m.tokenizer;
   if (pr.kind == Endpoint::Completions) {
@@ -319,7 +365,7 @@ std::optional<ApiError> Server::Impl::build_prompt(const ParsedRequest& pr, std:
       tokens = pr.prompt_tokens;
       text_base = tok.decode(tokens).size();
     } else {
-      tokens = tok.encode(pr.prompt_text, /*add_bos=*/true);
+      tokens = encode_prompt(tok, pr.prompt_text, /*add_bos=*/true, /*parse_special=*/false, mode);
       text_base = pr.prompt_text.size();
     }
     return std::nullopt;
@@ -343,10 +389,10 @@ std::optional<ApiError> Server::Impl::build_prompt(const ParsedRequest& pr, std:
     text = std::move(r.value());
     // Templates usually write the BOS text themselves; add the token only when they don't.
     bool has_bos_text = !bos.empty() && text.rfind(bos, 0) == 0;
-    tokens = tok.encode(text, /*add_bos=*/!has_bos_text, /*parse_special=*/true);
+    tokens = encode_prompt(tok, text, /*add_bos=*/!has_bos_text, /*parse_special=*/true, mode);
   } else {
     text = fallback_chat_prompt(pr.messages);
-    tokens = tok.encode(text, /*add_bos=*/true);
+    tokens = encode_prompt(tok, text, /*add_bos=*/true, /*parse_special=*/false, mode);
   }
   text_base = 0;
   return std::nullopt;
@@ -421,7 +467,8 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
   }
   std::vector<int32_t> tokens;
   size_t text_base = 0;
-  if (auto e = build_prompt(pr, tokens, text_base)) {
+  PromptMode mode;
+  if (auto e = build_prompt(pr, tokens, text_base, mode)) {
     reply_error(res, *e);
     return;
   }
@@ -474,6 +521,13 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
   job->prompt_tokens = n_prompt;
   job->usage.prompt_tokens = n_prompt;
   job->text_base = text_base;
+  job->cacheable = mode.cacheable && prompt_cache != nullptr;
+  job->add_bos = mode.add_bos;
+  job->parse_special = mode.parse_special;
+  if (job->cacheable) {
+    job->prompt_text = std::move(mode.text);
+    job->prompt_enc = std::move(mode.enc);
+  }
   job->t_start = Clock::now();
   // Completions continue the prompt (keep the leading space); chat replies start fresh.
   job->dec.emplace(*mdl.tokenizer, /*strip_first_space=*/kind == Endpoint::Chat);
@@ -588,6 +642,7 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
           }
           return true;
         }
+        if (fin) remember(*job);
         for (auto& p : pieces)
           if (!p.text.empty() || !p.toks.empty()) buf += chunk_json(*job, &p, nullptr, false);
         if (fin) {
@@ -786,6 +841,13 @@ void Server::attach(const Model& model, Scheduler& sched) {
     if (auto name = model.gguf->get_string("general.name"); name && !name->empty()) I.model_names.push_back(*name);
   }
   if (!model.cfg.name.empty()) I.model_names.push_back(model.cfg.name);
+  if (I.p.prompt_cache_entries > 0 && model.tokenizer) {
+    PromptCacheParams pc;
+    pc.max_entries = I.p.prompt_cache_entries;
+    pc.echo_replies = I.p.prompt_cache_echo;
+    I.prompt_cache = std::make_unique<PromptCache>(*model.tokenizer, pc);
+    if (!I.prompt_cache->enabled()) I.prompt_cache.reset();
+  }
   I.model.store(&model);
   I.sched.store(&sched);
   I.state.store(static_cast<int>(State::Ready));

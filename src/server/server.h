@@ -9,6 +9,11 @@
 //   GET  /metrics               Prometheus text format (see metrics.h)
 // (/completions, /chat/completions and /models are accepted without the /v1 prefix, as llama.cpp does.)
 //
+// Multi-turn reuse: a finished request's prompt + generated token ids are kept with the
+// text they stand for (prompt_cache.h); a later prompt that starts with that text (the
+// conversation resent with the reply) reuses those ids, and so their KV blocks, instead of
+// a re-tokenization of the reply that need not match what was generated.
+//
 // Models without a chat template (e.g. stories260K) use the fallback format
 //   "System: ...\nUser: ...\nAssistant: ...\n" per message, then "Assistant:".
 //
@@ -46,6 +51,14 @@ struct ServerParams {
   int http_threads = 0;                // 0: 2 * (parallel + queue) + 32 (at least 64)
   int parallel = 4;                    // only used to size the HTTP thread pool
   int max_queue = 64;                  // ditto
+  // Token-level reuse of finished requests' prompt + reply ids (multi-turn chat; see
+  // prompt_cache.h): how many to keep, LRU (0: off, every prompt is tokenized afresh).
+  size_t prompt_cache_entries = 256;
+  // ... and let a reply sent back verbatim stand for the ids generated for it even where
+  // they do not decode to its text (invalid UTF-8, control tokens, the template's space):
+  // the model then sees its earlier turn as it produced it. On by default (a client cannot
+  // send back bytes that were not valid text); --prompt-cache-strict turns it off.
+  bool prompt_cache_echo = true;
 };
 
 class Server {
