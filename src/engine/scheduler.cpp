@@ -306,7 +306,16 @@ bool Scheduler::step() {
     prefill_rate_ = prefill_rate_ > 0 ? 0.8 * prefill_rate_ + 0.2 * rate : rate;
   }
   std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>> named;
-  int computed_prompt = 0;
+  if (st.ok()) {
+    // Counted before any callback runs, so a client that reads /metrics right after its
+    // answer sees its own prompt tokens.
+    int computed_prompt = 0;
+    for (size_t i = 0; i < in_batch.size(); ++i)
+      computed_prompt += std::max(0, std::min(in_batch[i]->n_computed + n_take[i], in_batch[i]->n_prompt) -
+                                         in_batch[i]->n_computed);
+    std::lock_guard<std::mutex> lk(mu_);
+    st_.computed_prompt_tokens += computed_prompt;
+  }
   std::vector<Seq*> done;
   std::vector<Seq*> evicted;  // preempted during this step: their results are void
   for (size_t i = 0; i < in_batch.size(); ++i) {
@@ -317,9 +326,7 @@ bool Scheduler::step() {
       done.push_back(s);
       continue;
     }
-    const int before = s->n_computed;
     s->n_computed += n_take[i];
-    computed_prompt += std::max(0, std::min(s->n_computed, s->n_prompt) - before);
     blocks_.mark_computed(static_cast<kvcache::SeqId>(s->id), s->n_computed, store_ ? &named : nullptr);
     if (s->n_computed < static_cast<int>(s->tokens.size())) continue;  // still prefilling
     // 4. Sample, report, and make room for the new token.
@@ -413,7 +420,6 @@ bool Scheduler::step() {
   if (store_) write_back(named);
   std::lock_guard<std::mutex> lk(mu_);
   st_.steps++;
-  st_.computed_prompt_tokens += computed_prompt;
   refresh_stats_locked();
   return true;
 }

@@ -163,6 +163,7 @@ Status BlockManager::apply(const Plan& p, const std::function<void(BlockId, Bloc
       s.tokens = p.tokens;
       s.n_computed = p.n_cached_tokens;
       s.n_named = static_cast<int>(p.reuse.size());
+      s.tail_hash = p.reuse.empty() ? p.root : blocks_[p.reuse.back()].hash;
       lookup_tokens_ += static_cast<int64_t>(p.tokens.size());
       hit_tokens_ += p.n_cached_tokens;
       seqs_.emplace(p.seq, std::move(s));
@@ -196,8 +197,7 @@ void BlockManager::mark_computed(SeqId seq, int n_computed, std::vector<std::pai
   LARDER_ASSERT(n_computed >= 0 && n_computed <= static_cast<int>(s.tokens.size()));
   s.n_computed = std::max(s.n_computed, n_computed);
   // Name every block that is now full and computed.
-  BlockHash h = s.root;
-  for (int i = 0; i < s.n_named; ++i) h = chain_hash(h, std::span<const int32_t>(s.tokens).subspan(i * block_size_, block_size_));
+  BlockHash h = s.tail_hash;  // name of the last named block (or the root): no re-hash from block 0
   while ((s.n_named + 1) * block_size_ <= s.n_computed) {
     const int i = s.n_named;
     h = chain_hash(h, std::span<const int32_t>(s.tokens).subspan(i * block_size_, block_size_));
@@ -214,6 +214,7 @@ void BlockManager::mark_computed(SeqId seq, int n_computed, std::vector<std::pai
       // anonymous and is freed on release.
     }
     s.n_named++;
+    s.tail_hash = h;
   }
 }
 

@@ -132,6 +132,7 @@ class BlockManager {
     int n_computed = 0;
     int n_named = 0;  // leading blocks already named
     BlockHash root;
+    BlockHash tail_hash;  // chain hash of block n_named-1 (root when none)
   };
 
   Result<int> blocks_needed(const Seq& s, size_t n_more) const;
