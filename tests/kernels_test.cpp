@@ -94,7 +94,8 @@ TEST(Kernels, MatmulAllPathsAllTypes) {
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0, 1);
   const int rows_grid[] = {1, 3, 16, 17, 37, 70};
-  // Below kGemmMinTokens: dot products on converted activations; from it on: f32 GEMM tiles.
+  // Below kGemmMinTokens: dot products on converted activations; from it on: f32 GEMM tiles,
+  // except for types with their own matmul (matmul_activation_type says which format).
   const int toks_grid[] = {1, 2, 5, static_cast<int>(kGemmMinTokens), 13, 23};
   ASSERT_GE(kernel_types().size(), 5u);
   for (Isa isa : paths()) {
@@ -104,8 +105,6 @@ TEST(Kernels, MatmulAllPathsAllTypes) {
       std::vector<int> cols_grid;
       if (bs == 1) cols_grid = {1, 7, 16, 17, 33, 64, 172, 288};
       else for (int m : {1, 2, 3, 9, 43}) cols_grid.push_back(m * bs);
-      const TypeTraits* tr = type_traits(t);
-      const DType at = tr->vec_dot_type;
       for (int rows : rows_grid)
         for (int cols : cols_grid)
           for (int nt : toks_grid) {
@@ -125,11 +124,12 @@ TEST(Kernels, MatmulAllPathsAllTypes) {
             matmul(W, x.data(), nt, y.data(), rows, pool, sc);
             // Reference: dequantized weights times the activations as the kernel contract
             // says they are consumed (converted to the type's activation format and back).
+            const DType at = matmul_activation_type(t, nt, isa);
             std::vector<float> wd(cols), xd(cols);
             std::vector<uint8_t> xq(row_bytes(at, cols));
             for (int tk = 0; tk < nt; ++tk) {
               const float* xt = &x[static_cast<size_t>(tk) * cols];
-              if (nt < kGemmMinTokens) {
+              if (at != DType::F32) {
                 quantize_row(at, xt, xq.data(), cols);
                 dequantize_row(at, xq.data(), xd.data(), cols);
               } else {

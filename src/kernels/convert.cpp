@@ -1,12 +1,15 @@
 // Scalar conversions and row (de)quantization. These are also the plain references
-// the fast paths are tested against.
+// the fast paths are tested against (the AVX-512 q8_0 quantizer here and the AVX2 q4_0
+// dequantizer in q4_0.cpp give the same bits).
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "core/result.h"
 
-#include "kernels/kernels.h"
+#include "kernels/kernels_internal.h"
 
 namespace larder::kernels {
 
@@ -78,7 +81,31 @@ uint16_t fp32_to_bf16(float f) {
   return static_cast<uint16_t>(x >> 16);
 }
 
+namespace {
+// quantize_row_q8_0 below, 32 values at a time: the same float operations, so the same bytes
+// (cvtps rounds to nearest even like nearbyint; NaN -> 0).
+LARDER_TARGET_AVX512 void quantize_row_q8_0_avx512(const float* x, BlockQ8_0* y, int64_t n) {
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const __m512 x0 = _mm512_loadu_ps(x + b * 32), x1 = _mm512_loadu_ps(x + b * 32 + 16);
+    // std::max(amax, |x|) keeps amax when |x| is NaN; vmaxps returns its second operand then.
+    const float amax = _mm512_reduce_max_ps(
+        _mm512_max_ps(_mm512_abs_ps(x1), _mm512_max_ps(_mm512_abs_ps(x0), _mm512_setzero_ps())));
+    const float d = amax / 127.f;
+    const __m512 id = _mm512_set1_ps(d != 0 ? 1.f / d : 0.f);
+    y[b].d = fp32_to_fp16(d);
+    for (int h = 0; h < 2; ++h) {
+      const __m512 v = _mm512_mul_ps(h ? x1 : x0, id);
+      __m512i q = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(v), hi), lo);
+      q = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), q);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y[b].qs + 16 * h), _mm512_cvtepi32_epi8(q));
+    }
+  }
+}
+}  // namespace
+
 void quantize_row_q8_0(const float* x, BlockQ8_0* y, int64_t n) {
+  if (active_isa() == Isa::AVX512) return quantize_row_q8_0_avx512(x, y, n);
   for (int64_t b = 0; b < n / 32; ++b) {
     const float* xb = x + b * 32;
     float amax = 0;
@@ -86,7 +113,10 @@ void quantize_row_q8_0(const float* x, BlockQ8_0* y, int64_t n) {
     float d = amax / 127.f;
     float id = d != 0 ? 1.f / d : 0.f;
     y[b].d = fp32_to_fp16(d);
-    for (int j = 0; j < 32; ++j) y[b].qs[j] = static_cast<int8_t>(std::nearbyint(xb[j] * id));
+    for (int j = 0; j < 32; ++j) {
+      const float v = std::nearbyint(xb[j] * id);  // |v| <= 127 for finite x; NaN -> 0
+      y[b].qs[j] = static_cast<int8_t>(v >= -127.f && v <= 127.f ? static_cast<int>(v) : v > 0 ? 127 : v < 0 ? -127 : 0);
+    }
   }
 }
 
@@ -139,6 +169,7 @@ void row_q8_0_to_float(const void* src, float* dst, int64_t n) {
 }
 void row_float_to_q8_0(const float* src, void* dst, int64_t n) { quantize_row_q8_0(src, static_cast<BlockQ8_0*>(dst), n); }
 void row_q4_0_to_float(const void* src, float* dst, int64_t n) {
+  if (active_isa() >= Isa::AVX2) return q4_0_to_float_avx2(src, dst, n);
   auto* b = static_cast<const BlockQ4_0*>(src);
   for (int64_t k = 0; k < n / 32; ++k) {
     float d = fp16_to_fp32(b[k].d);

@@ -31,7 +31,8 @@ uint16_t fp32_to_bf16(float f);  // round to nearest even
 void dequantize_row(DType t, const void* src, float* dst, int64_t n);
 void quantize_row(DType t, const float* src, void* dst, int64_t n);
 
-// Reference q8_0 quantizer (also the activation format of q8_0/q4_0 weights).
+// q8_0 quantizer (also the activation format of q8_0/q4_0 weights); every path gives the
+// bytes of the scalar reference.
 void quantize_row_q8_0(const float* x, BlockQ8_0* y, int64_t n);
 
 // Per-type kernels, like GGML's type traits. A weight type names the format its
@@ -41,12 +42,21 @@ using VecDotFn = float (*)(const void* w, const void* x, int64_t n);
 // r < nr, t < nt (small nr/nt); w/x are row-major with byte strides wrb/xrb.
 using GemmTileFn = void (*)(const uint8_t* w, size_t wrb, int nr, const uint8_t* x, size_t xrb, int nt, int64_t n,
                             float* y, int64_t ldy);
+struct MatmulScratch;
+// Optional whole-matmul kernel (see matmul below for the contract; w: rows x cols, row stride
+// wrb bytes). It converts the f32 activations itself, to vec_dot_type's values for every batch
+// size, in whatever layout its dot products want.
+using MatmulFn = void (*)(const void* w, size_t wrb, int64_t rows, int64_t cols, const float* x, int64_t n_tokens,
+                          float* y, int64_t ldy, ThreadPool& pool, MatmulScratch& scratch);
 struct TypeTraits {
   DType vec_dot_type = DType::F32;
   void (*to_float)(const void* src, float* dst, int64_t n) = nullptr;
   void (*from_float)(const float* src, void* dst, int64_t n) = nullptr;
   VecDotFn vec_dot[3] = {nullptr, nullptr, nullptr};  // indexed by Isa; nullptr = use a lower path
   GemmTileFn gemm_tile[3] = {nullptr, nullptr, nullptr};  // optional; nullptr = vec_dot loop
+  // Used on exactly the path it is given for (no fallback to a lower path, whose generic
+  // kernels may be faster); nullptr = the generic matmul below.
+  MatmulFn matmul[3] = {nullptr, nullptr, nullptr};
 };
 // nullptr when the engine has no kernels for the type.
 const TypeTraits* type_traits(DType t);
@@ -61,12 +71,19 @@ float dot_row(DType t, const void* w, const void* x, int64_t n);
 struct MatmulScratch {
   std::vector<uint8_t> xq;                // activations converted to the weight's vec_dot_type
   std::vector<std::vector<float>> wbuf;   // [thread] weight rows dequantized to f32 for prefill
+                                          // (q4_0: a panel of weight rows unpacked to bytes)
 };
 
 // Batches of at least this many tokens use the GEMM path: weight rows are dequantized
 // to f32 chunk by chunk and multiplied with unquantized f32 activations by register
 // tiles. Smaller batches (decode) use the type's dot product on quantized activations.
+// Types with their own TypeTraits::matmul on the active path choose for themselves and
+// quantize activations to vec_dot_type for every batch size (q4_0: integer GEMM from 2 tokens).
 constexpr int64_t kGemmMinTokens = 8;
+
+// The format matmul converts a weight type's activations to for a batch of n_tokens on the
+// given path (F32 = used as they are): what the result is exact for, up to rounding.
+DType matmul_activation_type(DType t, int64_t n_tokens, Isa isa);
 
 // y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < W.rows().
 // x: [n_tokens][W.cols()] f32, y: [n_tokens][ldy] f32 (ldy >= W.rows()).

@@ -36,4 +36,15 @@ float vec_dot_q4_0_scalar(const void* w, const void* x, int64_t n);
 float vec_dot_q4_0_avx2(const void* w, const void* x, int64_t n);
 float vec_dot_q4_0_avx512(const void* w, const void* x, int64_t n);
 
+// Same bits as the scalar row_q4_0_to_float (q4_0.cpp).
+void q4_0_to_float_avx2(const void* src, float* dst, int64_t n);
+
+// Whole-matmul kernels of q4_0 (q4_0.cpp): q8_0 activations for every batch size.
+void matmul_q4_0_scalar(const void* w, size_t wrb, int64_t rows, int64_t cols, const float* x, int64_t n_tokens,
+                        float* y, int64_t ldy, ThreadPool& pool, MatmulScratch& scratch);
+void matmul_q4_0_avx2(const void* w, size_t wrb, int64_t rows, int64_t cols, const float* x, int64_t n_tokens,
+                      float* y, int64_t ldy, ThreadPool& pool, MatmulScratch& scratch);
+void matmul_q4_0_avx512(const void* w, size_t wrb, int64_t rows, int64_t cols, const float* x, int64_t n_tokens,
+                        float* y, int64_t ldy, ThreadPool& pool, MatmulScratch& scratch);
+
 }  // namespace larder::kernels
