@@ -30,7 +30,11 @@ for m in "${models[@]}"; do
   reps=3
   case "$m" in *llama-3.2-1b*) reps=2;; esac
   echo "== $m" >&2
-  "$LARDER" bench -m "$m" -p 512 -n 128 -t "$THREADS" -r "$reps" | tail -n +3
+  # Peak RSS of each whole process, measured the same way for both (GNU time, KiB).
+  /usr/bin/time -f "larder peak RSS %M KiB" "$LARDER" bench -m "$m" -p 512 -n 128 -t "$THREADS" -r "$reps" 2>&1 | tail -n +3
   [ -n "${W8A8:-}" ] && case "$m" in *q8_0*) "$LARDER" bench -m "$m" -p 512 -n 0 -t "$THREADS" -r "$reps" --w8a8 | tail -n +3;; esac
-  if [ -n "${LLAMA_BENCH:-}" ]; then "$LLAMA_BENCH" -m "$m" -p 512 -n 128 -t "$THREADS" -r "$reps" 2>/dev/null | grep -E "pp512|tg128"; fi
+  if [ -n "${LLAMA_BENCH:-}" ]; then
+    /usr/bin/time -f "llama-bench peak RSS %M KiB" "$LLAMA_BENCH" -m "$m" -p 512 -n 128 -t "$THREADS" -r "$reps" 2>&1 |
+      grep -E "pp512|tg128|peak RSS"
+  fi
 done
