@@ -31,23 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_server_test as base  # noqa: E402  (Server, req, metrics helpers)
 
 BIN = base.BIN
-passed = 0
-failures = []
-T0 = time.time()
-
-
-def log(msg):
-    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
-
-
-def check(cond, what):
-    global passed
-    if cond:
-        passed += 1
-    else:
-        failures.append(what)
-        log(f"FAIL: {what}")
-    return cond
+log, check = base.log, base.check  # one pass/fail tally (base.passed, base.failures)
 
 
 class Srv(base.Server):
@@ -250,10 +234,10 @@ def main():
         check(rc != 0 and "larder: error:" in out, f"bad action: {out}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{passed} passed, {len(failures)} failed")
-    for f in failures:
+    print(f"{base.passed} passed, {len(base.failures)} failed")
+    for f in base.failures:
         print("  " + f)
-    return 1 if failures else 0
+    return 1 if base.failures else 0
 
 
 if __name__ == "__main__":

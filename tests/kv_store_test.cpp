@@ -17,6 +17,7 @@
 #include "engine/scheduler.h"
 #include "kvcache/kv_store.h"
 #include "model/synth.h"
+#include "test_model.h"
 
 using namespace larder;
 using namespace larder::kvcache;
@@ -181,28 +182,7 @@ TEST(KvStore, RandomizedWithRestartsAgainstModel) {
 
 namespace {
 
-struct Fixture {
-  std::string path;
-  std::unique_ptr<Model> model;
-  Fixture() {
-    SynthShape s;
-    s.n_embd = 64; s.n_ff = 128; s.n_layer = 2; s.n_head = 4; s.n_head_kv = 2; s.n_vocab = 400; s.n_ctx = 512;
-    path = std::filesystem::temp_directory_path() / ("larder_kvs_" + std::to_string(getpid()) + ".gguf");
-    SynthOptions o;
-    o.progress = false;
-    o.scale = 3.0f;
-    EXPECT_TRUE(synth_model(s, o, path).ok());
-    auto m = load_model(path);
-    EXPECT_TRUE(m.ok()) << m.error();
-    model = std::move(m).value();
-  }
-  ~Fixture() { std::filesystem::remove(path); }
-};
-
-Fixture& fx() {
-  static Fixture f;
-  return f;
-}
+larder::testing::SmallModel& fx() { return larder::testing::small_model(); }
 
 std::vector<int32_t> prompt(int n, int seed) {
   std::vector<int32_t> v(n);
