@@ -295,3 +295,26 @@ TEST(KvStore, EightBitDramStaysWithinItsBound) {
   EXPECT_LT(worst, 0.01f);
   std::printf("8-bit DRAM tier: max |d logprob| of the top-5 next tokens = %.5f\n", worst);
 }
+
+TEST(KvStore, RecomputesWhenLoadingWouldBeSlower) {
+  const std::string dir = tmpdir("decide");
+  const auto A = prompt(200, 7), B = prompt(220, 8), C = prompt(220, 9);
+  SchedulerParams p = small_pool();
+  p.store.disk_dir = dir;
+  p.store.guess_disk_bw = 1e3;  // an SSD this slow loses to recomputing any block
+  auto s = Scheduler::create(*fx().model, p);
+  ASSERT_TRUE(s.ok()) << s.error();
+  auto cold = run1(**s, A, 8);  // also measures the prefill speed
+  run1(**s, B, 8);
+  run1(**s, C, 8);  // A's blocks are now only on SSD
+  auto again = run1(**s, A, 8);
+  EXPECT_EQ(again.tokens, cold.tokens);
+  EXPECT_EQ(again.cached, 0);  // recomputed, not loaded
+  auto st = (*s)->stats();
+  EXPECT_GT(st.prefill_tokens_per_s, 0);
+  EXPECT_EQ(st.store.decide_load, 0);
+  EXPECT_EQ(st.store.decide_recompute, 12);  // every whole block of A but the last token's
+  EXPECT_EQ(st.store.disk.hits, 0);
+  s->reset();
+  std::filesystem::remove_all(dir);
+}

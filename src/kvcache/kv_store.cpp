@@ -198,11 +198,11 @@ double KvStore::load_seconds(Tier t) const {
   std::lock_guard<std::mutex> lk(mu_);
   const double bytes = static_cast<double>(layout_.block_bytes());
   if (t == Tier::Dram) {
-    const double bw = st_.dram_load_seconds > 1e-4 ? st_.dram_load_bytes / st_.dram_load_seconds : 4e9;
+    const double bw = st_.dram_load_seconds > 1e-4 ? st_.dram_load_bytes / st_.dram_load_seconds : params_.guess_dram_bw;
     return bytes / bw;
   }
   if (t == Tier::Disk) {
-    const double bw = st_.disk_load_seconds > 1e-3 ? st_.disk_load_bytes / st_.disk_load_seconds : 5e8;
+    const double bw = st_.disk_load_seconds > 1e-3 ? st_.disk_load_bytes / st_.disk_load_seconds : params_.guess_disk_bw;
     return bytes / bw;
   }
   return 1e30;

@@ -47,6 +47,8 @@ struct KvStoreParams {
   EvictPolicy policy = EvictPolicy::LRU;
   int readers = 2;                // reader threads
   uint64_t write_queue_bytes = 256ull << 20;  // write-back backlog beyond this is dropped (counted)
+  // Bandwidth assumed for a tier until loads from it have been measured (bytes/s).
+  double guess_dram_bw = 4e9, guess_disk_bw = 5e8;
 };
 
 enum class Tier { None = 0, Dram = 1, Disk = 2 };
