@@ -41,7 +41,9 @@ std::vector<int32_t> greedy_alone(const std::vector<int32_t>& p, int n) {
     for (int v = 1; v < V; ++v)
       if (lg[v] > lg[b]) b = v;
     out.push_back(b);
-    if (i + 1 < n) EXPECT_TRUE((*c)->decode(std::span<const int32_t>(&b, 1)).ok());
+    if (i + 1 < n) {
+      EXPECT_TRUE((*c)->decode(std::span<const int32_t>(&b, 1)).ok());
+    }
   }
   return out;
 }
