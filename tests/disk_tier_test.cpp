@@ -132,7 +132,9 @@ TEST(DiskTier, TruncationAtEveryOffsetKeepsEarlierRecords) {
       ASSERT_TRUE((*t)->get(key(i), out)) << cut;
       ASSERT_EQ(out, payload(i, 200));
     }
-    if (cut > 2 * rec) EXPECT_EQ((*t)->stats().corrupt_records, 1) << cut;
+    if (cut > 2 * rec) {
+      EXPECT_EQ((*t)->stats().corrupt_records, 1) << cut;
+    }
     for (auto& p : segments(d.path))
       if (p != seg) fs::remove(p);  // drop the fresh segment each open created
   }
@@ -208,7 +210,9 @@ TEST(DiskTier, RandomizedWithRestartsAgainstModel) {
       std::vector<uint8_t> out;
       const bool hit = (*t)->get(key(k), out);
       ASSERT_EQ(hit, model.count(k) != 0) << "step " << step;
-      if (hit) ASSERT_EQ(out, model[k]);
+      if (hit) {
+        ASSERT_EQ(out, model[k]);
+      }
     } else if (op == 8) {
       (*t)->remove(key(k));
       model.erase(k);

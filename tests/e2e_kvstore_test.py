@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -35,26 +34,7 @@ log, check = base.log, base.check  # one pass/fail tally (base.passed, base.fail
 
 
 class Srv(base.Server):
-    """base.Server with an optional pre-exec hook (resource limits)."""
-
-    def __init__(self, args, name, preexec=None):
-        if preexec is None:
-            super().__init__(args, name)
-            return
-        self.name = name
-        self.lines = []
-        self.port = None
-        self.proc = subprocess.Popen([BIN, "serve", "--host", "127.0.0.1", "--port", "0"] + args,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, preexec_fn=preexec)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        t = time.time()
-        while self.port is None and time.time() - t < 30 and self.proc.poll() is None:
-            time.sleep(0.02)
-        if self.port is None:
-            self.kill()
-            raise RuntimeError(f"{name}: server did not start: {''.join(self.lines)}")
+    """base.Server that is stopped with SIGTERM and must exit 0."""
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)

@@ -25,27 +25,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e_server_test as base  # noqa: E402
 from e2e_server_test import BIN, MODEL, Server, open_stream, read_events, req  # noqa: E402
 
 BLOCK = 16
 SLACK = BLOCK + 1 + 3
-T_START = time.time()
-passed = 0
-failures = []
-
-
-def log(msg):
-    print(f"[{time.time() - T_START:6.1f}s] {msg}", flush=True)
-
-
-def check(cond, what):
-    global passed
-    if cond:
-        passed += 1
-    else:
-        failures.append(what)
-        log(f"FAIL: {what}")
-    return cond
+T_START = base.T_START
+log, check = base.log, base.check  # one pass/fail tally (base.passed, base.failures)
 
 
 def post(port, path, body):
@@ -141,15 +127,15 @@ def main():
     except Exception as e:  # a crash of the test itself is a failure, with the server's log
         import traceback
         traceback.print_exc()
-        failures.append(f"exception: {e!r}")
+        base.failures.append(f"exception: {e!r}")
         print(f"--- server stderr ---\n{''.join(srv.lines)[-3000:]}")
     finally:
         srv.kill()
     log(f"done in {time.time() - T_START:.1f}s")
-    for f in failures:
+    for f in base.failures:
         print("FAILED: " + f)
-    print(f"{passed} passed, {len(failures)} failed")
-    return 0 if not failures else 1
+    print(f"{base.passed} passed, {len(base.failures)} failed")
+    return 0 if not base.failures else 1
 
 
 if __name__ == "__main__":

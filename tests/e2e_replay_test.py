@@ -21,16 +21,13 @@ the documented scaling, clipping, token mapping and offline bounds:
 
 Environment: LARDER_BIN, LARDER_SHARED (default ../shared). Exit 77 when the trace is missing.
 """
-import http.client
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,79 +38,14 @@ T_START = time.time()
 
 SCALE, LIMIT, CTX, KEY = 64, 80, 768, "sk-replay-test"
 
-passed = 0
-failures = []
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e_server_test as base  # noqa: E402  (server start, /metrics, one pass/fail tally)
 
-
-def log(msg):
-    print(f"[{time.time() - T_START:6.1f}s] {msg}", flush=True)
-
-
-def check(cond, what):
-    global passed
-    if cond:
-        passed += 1
-    else:
-        failures.append(what)
-        log(f"FAIL: {what}")
-    return cond
-
-
-class Server:
-    def __init__(self, args):
-        self.lines = []
-        self.port = None
-        self.proc = subprocess.Popen([BIN, "serve", "--host", "127.0.0.1", "--port", "0"] + args,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        t0 = time.time()
-        while self.port is None and time.time() - t0 < 30 and self.proc.poll() is None:
-            time.sleep(0.02)
-        if self.port is None:
-            self.kill()
-            raise RuntimeError(f"server did not start: {''.join(self.lines)}")
-        while time.time() - t0 < 60:
-            try:
-                if get(self.port, "/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"/health never became 200: {''.join(self.lines)}")
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-def get(port, path):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        c.request("GET", path)
-        r = c.getresponse()
-        return r.status, r.read()
-    finally:
-        c.close()
+log, check = base.log, base.check
 
 
 def metrics(port):
-    st, body = get(port, "/metrics")
-    assert st == 200
-    out = {}
-    for line in body.decode().splitlines():
-        if line and not line.startswith("#"):
-            k, v = line.rsplit(" ", 1)
-            out[k] = float(v)
-    return out
+    return base.metrics(port)[0]
 
 
 def replay(port, *extra, key=KEY, timeout=60):
@@ -217,7 +149,9 @@ def main():
                            capture_output=True, text=True, timeout=120)
         if not check(r.returncode == 0, f"synth failed: {r.stderr[-500:]}"):
             return 1
-        server = Server(["-m", model, "-c", str(CTX), "--kv-blocks", "4096", "--queue", "256", "-t", "2", "--api-key", KEY])
+        server = base.Server(["-m", model, "-c", str(CTX), "--kv-blocks", "4096", "--queue", "256", "-t", "2",
+                              "--api-key", KEY], "replay")
+        server.wait_ready()
         port = server.port
         log(f"server on port {port}")
 
@@ -319,7 +253,7 @@ def main():
     except Exception as e:
         import traceback
         traceback.print_exc()
-        failures.append(f"exception: {e!r}")
+        base.failures.append(f"exception: {e!r}")
         if server:
             print(f"--- server stderr ---\n{''.join(server.lines)[-3000:]}")
     finally:
@@ -327,10 +261,10 @@ def main():
             server.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"done in {time.time() - T_START:.1f}s")
-    for f in failures:
+    for f in base.failures:
         print("FAILED: " + f)
-    print(f"{passed} passed, {len(failures)} failed")
-    return 0 if not failures else 1
+    print(f"{base.passed} passed, {len(base.failures)} failed")
+    return 0 if not base.failures else 1
 
 
 if __name__ == "__main__":

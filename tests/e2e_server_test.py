@@ -60,13 +60,13 @@ def time_left():
 class Server:
     """`larder serve` on 127.0.0.1 with --port 0; the chosen port is read from stderr."""
 
-    def __init__(self, args, name):
+    def __init__(self, args, name, preexec=None):
         self.name = name
         self.lines = []
         self.port = None
         self.proc = subprocess.Popen([BIN, "serve", "--host", "127.0.0.1", "--port", "0"] + args,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, preexec_fn=preexec)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         t0 = time.time()

@@ -8,6 +8,7 @@
 #include <thread>
 #include <cstring>
 
+#include "test_util.h"
 #include "core/thread_pool.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
@@ -15,19 +16,11 @@
 using namespace larder;
 using namespace larder::kernels;
 
+using larder::testing::IsaGuard;
+using larder::testing::paths;
+
 namespace {
 
-std::vector<Isa> paths() {
-  std::vector<Isa> v{Isa::Scalar};
-  if (detected_isa() >= Isa::AVX2) v.push_back(Isa::AVX2);
-  if (detected_isa() >= Isa::AVX512) v.push_back(Isa::AVX512);
-  return v;
-}
-
-struct IsaGuard {
-  Isa saved = active_isa();
-  ~IsaGuard() { set_isa(saved); }
-};
 
 __attribute__((target("f16c"))) float hw_h2f(uint16_t h) { return _cvtsh_ss(h); }
 __attribute__((target("f16c"))) uint16_t hw_f2h(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }

@@ -136,13 +136,15 @@ TEST(KvStore, RandomizedWithRestartsAgainstModel) {
           keys.push_back(key(id));
         }
         ASSERT_TRUE((*store)->flush().ok());  // reads see every write issued before
-        auto job = (*store)->get_async(keys, {});
+        auto job = (*store)->get_async(keys);
         for (size_t i = 0; i < ids.size(); ++i) {
           while (job->state[i].load() == 0) std::this_thread::sleep_for(std::chrono::microseconds(50));
           const bool in_dram = std::find(dram.begin(), dram.end(), ids[i]) != dram.end();
           const bool want = in_dram || on_disk[ids[i]];
           ASSERT_EQ(job->state[i].load() == 1, want) << "step " << step << " key " << ids[i];
-          if (want) ASSERT_EQ(job->data[i], payload(ids[i], BB));
+          if (want) {
+            ASSERT_EQ(job->data[i], payload(ids[i], BB));
+          }
         }
         for (uint64_t id : ids) dram.remove(id);  // exclusive: a DRAM hit moved up to L1
         break;

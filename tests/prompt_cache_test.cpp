@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "test_util.h"
 #include "server/prompt_cache.h"
 #include "tokenizer/tokenizer.h"
 
@@ -24,18 +25,11 @@ using namespace larder;
 using larder::server::PromptCache;
 using larder::server::PromptCacheParams;
 
+using larder::testing::shared_dir;
+using larder::testing::shared_path;
+
 namespace {
 
-std::string shared_dir() {
-  if (const char* e = std::getenv("LARDER_SHARED"); e && *e) return e;
-#ifdef LARDER_SOURCE_DIR
-  return std::string(LARDER_SOURCE_DIR) + "/../shared";
-#else
-  return "../shared";
-#endif
-}
-
-std::string shared_path(const std::string& rel) { return shared_dir() + "/" + rel; }
 
 std::unique_ptr<Tokenizer> load(const std::string& rel) {
   const std::string p = shared_path(rel);

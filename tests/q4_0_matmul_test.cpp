@@ -12,6 +12,7 @@
 #include <cstring>
 #include <random>
 
+#include "test_util.h"
 #include "core/thread_pool.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
@@ -19,19 +20,11 @@
 using namespace larder;
 using namespace larder::kernels;
 
+using larder::testing::IsaGuard;
+using larder::testing::paths;
+
 namespace {
 
-std::vector<Isa> paths() {
-  std::vector<Isa> v{Isa::Scalar};
-  if (detected_isa() >= Isa::AVX2) v.push_back(Isa::AVX2);
-  if (detected_isa() >= Isa::AVX512) v.push_back(Isa::AVX512);
-  return v;
-}
-
-struct IsaGuard {
-  Isa saved = active_isa();
-  ~IsaGuard() { set_isa(saved); }
-};
 
 struct Q4Matrix {
   int rows, cols;

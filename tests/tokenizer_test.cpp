@@ -20,24 +20,18 @@
 #include <thread>
 #include <unordered_map>
 
+#include "test_util.h"
 #include "model/gguf.h"
 #include "tokenizer/tokenizer.h"
 
 namespace fs = std::filesystem;
 using namespace larder;
 
+using larder::testing::shared_dir;
+using larder::testing::shared_path;
+
 namespace {
 
-std::string shared_dir() {
-  if (const char* e = std::getenv("LARDER_SHARED"); e && *e) return e;
-#ifdef LARDER_SOURCE_DIR
-  return std::string(LARDER_SOURCE_DIR) + "/../shared";
-#else
-  return "../shared";
-#endif
-}
-
-std::string shared_path(const std::string& rel) { return shared_dir() + "/" + rel; }
 
 #define REQUIRE_FILE(p)                                                                          \
   do {                                                                                           \

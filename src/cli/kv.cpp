@@ -1,12 +1,9 @@
 // `larder kv stats|verify|clear --dir DIR`: look after an SSD KV tier directory.
 // stats and verify only read; clear deletes the segment files (nothing else).
-#include <dirent.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
-#include <cerrno>
+#include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <map>
 
 #include "cli/commands.h"
@@ -25,21 +22,13 @@ int cmd_kv(Args& a) {
   if (action == "clear") {
     auto before = kvcache::DiskTier::inspect(a.kv_dir, false);
     if (!before.ok()) return fail(before.error());
-    DIR* d = ::opendir(a.kv_dir.c_str());
-    if (!d) return fail("kv: cannot read '" + a.kv_dir + "': " + std::strerror(errno));
-    int removed = 0, errors = 0;
-    while (dirent* e = ::readdir(d)) {
-      unsigned id;
-      char tail[8];
-      if (std::sscanf(e->d_name, "seg-%8u.%3s", &id, tail) == 2 && std::strcmp(tail, "lkv") == 0) {
-        if (::unlink((a.kv_dir + "/" + e->d_name).c_str()) == 0) removed++;
-        else errors++;
-      }
-    }
-    ::closedir(d);
-    if (errors) return fail("kv clear: " + std::to_string(errors) + " segment file(s) could not be removed");
-    std::printf("cleared %s: %d segment(s), %lld block(s), %lld bytes\n", a.kv_dir.c_str(), removed,
-                static_cast<long long>(before->blocks), static_cast<long long>(before->bytes));
+    // Opened as a tier (any layout, no capacity limit: nothing is evicted on open), then emptied.
+    auto tier = kvcache::DiskTier::open(a.kv_dir, UINT64_MAX / 2, /*layout_fingerprint=*/0);
+    if (!tier.ok()) return fail(tier.error());
+    if (Status st = (*tier)->clear(); !st.ok()) return fail("kv clear: " + st.error());
+    std::printf("cleared %s: %lld segment(s), %lld block(s), %lld bytes\n", a.kv_dir.c_str(),
+                static_cast<long long>(before->segments), static_cast<long long>(before->blocks),
+                static_cast<long long>(before->bytes));
     return 0;
   }
   std::map<uint64_t, int64_t> layouts;

@@ -139,8 +139,14 @@ void Scheduler::shutdown(bool drain) {
 }
 
 SchedulerStats Scheduler::stats() const {
-  std::lock_guard<std::mutex> lk(mu_);
-  return st_;
+  SchedulerStats s;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    s = st_;
+  }
+  // Read when asked (e.g. /metrics), not on every step: the tiers have their own locks.
+  if (store_) s.store = store_->stats();
+  return s;
 }
 
 void Scheduler::finish(Seq& s, FinishReason r, const std::string& err) {
@@ -434,7 +440,6 @@ void Scheduler::start_tier_load(Seq& s, const kvcache::BlockHash& root, int n_l1
   // does not (or is in no tier) ends the loaded run, and the rest is computed.
   const double compute_s = prefill_rate_ > 0 ? bs / prefill_rate_ : 1e30;
   std::vector<kvcache::BlockHash> keys;
-  std::vector<kvcache::Tier> tiers;
   int64_t recompute = 0;
   for (int j = b0; j < n_blocks; ++j) {
     h = kvcache::chain_hash(h, std::span<const int32_t>(s.tokens).subspan(j * bs, bs));
@@ -445,14 +450,13 @@ void Scheduler::start_tier_load(Seq& s, const kvcache::BlockHash& root, int n_l1
       continue;
     }
     keys.push_back(h);
-    tiers.push_back(t);
   }
   if (!keys.empty()) store_->count_decision(true, static_cast<int64_t>(keys.size()));
   if (recompute > 0) store_->count_decision(false, recompute);
   if (keys.empty()) return;
   s.load_block0 = b0;
   s.load_next = 0;
-  s.load = store_->get_async(std::move(keys), std::move(tiers));
+  s.load = store_->get_async(std::move(keys));
 }
 
 bool Scheduler::install_loaded(Seq& s) {
@@ -514,7 +518,6 @@ void Scheduler::refresh_stats_locked() {
   st_.kv_free = bs.free;
   st_.prefill_tokens_per_s = prefill_rate_;
   st_.has_store = store_ != nullptr;
-  if (store_) st_.store = store_->stats();
 }
 
 }  // namespace larder

@@ -75,10 +75,26 @@ int64_t walk_segment(int fd, uint64_t file_size, F&& fn) {
 
 }  // namespace
 
-std::string DiskTier::seg_path(uint32_t id) const {
+std::string DiskTier::segment_name(uint32_t id) {
   char name[32];
   std::snprintf(name, sizeof name, "/seg-%08u.lkv", id);
-  return dir_ + name;
+  return name;
+}
+
+std::string DiskTier::seg_path(uint32_t id) const { return dir_ + segment_name(id); }
+
+Result<std::vector<uint32_t>> DiskTier::segment_ids(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return make_error("cannot read KV directory '%s': %s", dir.c_str(), std::strerror(errno));
+  std::vector<uint32_t> ids;
+  while (dirent* e = ::readdir(d)) {
+    unsigned id;
+    char tail[8];
+    if (std::sscanf(e->d_name, "seg-%8u.%3s", &id, tail) == 2 && std::strcmp(tail, "lkv") == 0) ids.push_back(id);
+  }
+  ::closedir(d);
+  std::sort(ids.begin(), ids.end());
+  return ids;
 }
 
 Result<std::unique_ptr<DiskTier>> DiskTier::open(const std::string& dir, uint64_t capacity_bytes,
@@ -103,16 +119,7 @@ DiskTier::~DiskTier() {
 }
 
 Status DiskTier::scan() {
-  DIR* d = ::opendir(dir_.c_str());
-  if (!d) return make_error("cannot read KV directory '%s': %s", dir_.c_str(), std::strerror(errno));
-  std::vector<uint32_t> ids;
-  while (dirent* e = ::readdir(d)) {
-    unsigned id;
-    char tail[8];
-    if (std::sscanf(e->d_name, "seg-%8u.%3s", &id, tail) == 2 && std::strcmp(tail, "lkv") == 0) ids.push_back(id);
-  }
-  ::closedir(d);
-  std::sort(ids.begin(), ids.end());
+  LARDER_TRY(ids, segment_ids(dir_));
   for (uint32_t id : ids) {
     int fd = ::open(seg_path(id).c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) continue;
@@ -310,20 +317,11 @@ Result<DiskTierStats> DiskTier::verify() const {
 }
 
 Result<DiskTierStats> DiskTier::inspect(const std::string& dir, bool check_payloads, std::map<uint64_t, int64_t>* layouts) {
-  DIR* d = ::opendir(dir.c_str());
-  if (!d) return make_error("cannot read KV directory '%s': %s", dir.c_str(), std::strerror(errno));
-  std::vector<std::string> names;
-  while (dirent* e = ::readdir(d)) {
-    unsigned id;
-    char tail[8];
-    if (std::sscanf(e->d_name, "seg-%8u.%3s", &id, tail) == 2 && std::strcmp(tail, "lkv") == 0) names.push_back(e->d_name);
-  }
-  ::closedir(d);
-  std::sort(names.begin(), names.end());
+  LARDER_TRY(ids, segment_ids(dir));
   DiskTierStats s;
   std::vector<uint8_t> buf;
-  for (const auto& name : names) {
-    const std::string path = dir + "/" + name;
+  for (uint32_t id : ids) {
+    const std::string path = dir + segment_name(id);
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return make_error("cannot open segment %s: %s", path.c_str(), std::strerror(errno));
     struct stat sb {};
@@ -354,9 +352,12 @@ Status DiskTier::clear() {
     ::close(cur_fd_);
     cur_fd_ = -1;
   }
-  for (auto& [id, b] : segments_) ::unlink(seg_path(id).c_str());
+  int failed = 0;
+  for (auto& [id, b] : segments_)
+    if (::unlink(seg_path(id).c_str()) != 0 && errno != ENOENT) failed++;
   segments_.clear();
   index_.clear();
+  if (failed) return make_error("%d KV segment file(s) could not be removed", failed);
   return Status::Ok();
 }
 

@@ -51,6 +51,10 @@ class DiskTier {
   // Makes everything written so far durable (fsync of the open segment).
   Status flush();
   DiskTierStats stats() const;
+  bool disabled() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return st_.disabled;
+  }
   // Walks every record of every segment and checks its checksums.
   Result<DiskTierStats> verify() const;
   // The same walk over a directory without opening it as a tier (no index, nothing
@@ -75,6 +79,9 @@ class DiskTier {
   Status append(const BlockHash& key, std::span<const uint8_t> payload, uint16_t flags);
   void evict_to(uint64_t bytes);
   std::string seg_path(uint32_t id) const;
+  static std::string segment_name(uint32_t id);  // "/seg-NNNNNNNN.lkv"
+  // Segment ids present in a directory, ascending.
+  static Result<std::vector<uint32_t>> segment_ids(const std::string& dir);
 
   std::string dir_;
   uint64_t capacity_, layout_, segment_bytes_;

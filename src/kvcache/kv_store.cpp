@@ -66,7 +66,7 @@ void KvStore::put_evicted(const BlockHash& key, std::span<const uint8_t> payload
 }
 
 bool KvStore::wants_write(const BlockHash& key) const {
-  if (!disk_ || disk_->stats().disabled) return false;
+  if (!disk_ || disk_->disabled()) return false;
   return !disk_->exists(key);
 }
 
@@ -118,12 +118,10 @@ void KvStore::writer_loop() {
   }
 }
 
-std::shared_ptr<LoadJob> KvStore::get_async(std::vector<BlockHash> keys, std::vector<Tier> tiers) {
+std::shared_ptr<LoadJob> KvStore::get_async(std::vector<BlockHash> keys) {
   auto job = std::make_shared<LoadJob>();
   const size_t n = keys.size();
   job->keys = std::move(keys);
-  job->tiers = std::move(tiers);
-  job->tiers.resize(n, Tier::None);
   job->data.resize(n);
   job->state = std::make_unique<std::atomic<int>[]>(n);
   for (size_t i = 0; i < n; ++i) job->state[i].store(0);
@@ -173,7 +171,6 @@ void KvStore::reader_loop() {
       }
       if (!ok && !job->cancelled.load()) st_.load_failed++;
     }
-    job->tiers[i] = from;
     job->state[i].store(ok ? 1 : 2);
     if (notify_) notify_();
   }

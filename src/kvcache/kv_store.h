@@ -70,7 +70,6 @@ struct KvStoreStats {
 // payload), 2 failed (recompute it and everything after it).
 struct LoadJob {
   std::vector<BlockHash> keys;
-  std::vector<Tier> tiers;
   std::vector<std::vector<uint8_t>> data;
   std::unique_ptr<std::atomic<int>[]> state;
   std::atomic<bool> cancelled{false};
@@ -94,7 +93,7 @@ class KvStore {
   void put_async(const BlockHash& key, std::vector<uint8_t> payload);
   bool wants_write(const BlockHash& key) const;  // disk tier on and block not on it
   // Reads the blocks in the background; notify() is called after each one finishes.
-  std::shared_ptr<LoadJob> get_async(std::vector<BlockHash> keys, std::vector<Tier> tiers);
+  std::shared_ptr<LoadJob> get_async(std::vector<BlockHash> keys);
   void remove(const BlockHash& key);
   // Drains the write-back queue and makes SSD contents durable.
   Status flush();
