@@ -871,8 +871,10 @@ LARDER_TARGET_AVX2 float vec_dot_q6_K_avx2(const void* vw, const void* vx, int64
 
 // ------------------------------------------------------------------ AVX-512 (VNNI)
 // Each 512-bit step handles 64 consecutive elements: two q4_K/q5_K sub-blocks or four q6_K
-// groups. maddubs (u8 x s8 -> pairs of i16; cannot saturate as quants are <= 63) then dpwssd
-// against the sub-block scales spread over the i16 lanes by vpermw, accumulating in i32.
+// groups. q6_K: maddubs (u8 x s8 -> pairs of i16; cannot saturate as quants are <= 63) then
+// dpwssd against the sub-block scales spread over the i16 lanes by vpermw, accumulating in i32.
+// q4_K/q5_K: dpbusd (u8 x s8, four products per i32 lane, |lane| <= 4 * 31 * 127 fits i16),
+// two steps packed to i16 and one madd against the scales: 6 multiplies per super-block, not 8.
 
 namespace {
 
@@ -881,12 +883,6 @@ namespace {
 struct alignas(64) V512 {
   int16_t v[32];
 };
-// vpermw indices: lanes [16k, 16k+16) <- a + k (two sub-blocks of 32 elements).
-constexpr V512 idx_pairs(int a) {
-  V512 r{};
-  for (int i = 0; i < 32; ++i) r.v[i] = static_cast<int16_t>(a + i / 16);
-  return r;
-}
 // lanes [8k, 8k+8) <- a + k, k < 4 (four groups of 16 elements).
 constexpr V512 idx_quads(int a) {
   V512 r{};
@@ -904,12 +900,40 @@ constexpr V512 hmask(int c) {
   const int lo = 1 << (2 * c), hi = 1 << (2 * c + 1);
   return halves(lo | lo << 8, static_cast<int16_t>(hi | hi << 8));
 }
-constexpr V512 kPairs[4] = {idx_pairs(0), idx_pairs(2), idx_pairs(4), idx_pairs(6)};
+struct alignas(64) B512 {
+  int8_t v[64];
+};
+// pshufb indices (the 16 scale/min bytes repeated in every 128-bit lane) giving the i16 scale
+// of each lane of packs(dpbusd of step c, dpbusd of step c + 1): 128-bit lane k holds lanes
+// 4k..4k+3 of step c then of step c + 1, and step c's i32 lanes 0..7 are sub-block 2c, 8..15 2c+1.
+constexpr B512 sc_pack_idx(int c) {
+  B512 r{};
+  for (int k = 0; k < 4; ++k)
+    for (int p = 0; p < 8; ++p) {
+      r.v[16 * k + 2 * p] = static_cast<int8_t>(2 * (c + p / 4) + k / 2);
+      r.v[16 * k + 2 * p + 1] = -1;  // zero high byte
+    }
+  return r;
+}
+// Words mn0, mn0, mn1, mn1, .., mn7, mn7 (the minimums are bytes 8..15) over 256 bits, for a
+// madd against the 16 bsums.
+constexpr B512 mins_dup_idx() {
+  B512 r{};
+  for (int k = 0; k < 4; ++k)
+    for (int p = 0; p < 8; ++p) {
+      r.v[16 * k + 2 * p] = static_cast<int8_t>(8 + 4 * (k & 1) + p / 2);
+      r.v[16 * k + 2 * p + 1] = -1;
+    }
+  return r;
+}
+constexpr B512 kScPack[2] = {sc_pack_idx(0), sc_pack_idx(2)};
+constexpr B512 kMinsDup = mins_dup_idx();
 constexpr V512 kQuads[4] = {idx_quads(0), idx_quads(4), idx_quads(8), idx_quads(12)};
 constexpr V512 kHmask[4] = {hmask(0), hmask(1), hmask(2), hmask(3)};
 constexpr V512 kShift04 = halves(0, 4), kShift42 = halves(4, 2), kShift02 = halves(0, 2);
 
 LARDER_TARGET_AVX512 inline __m512i vload(const V512& v) { return _mm512_load_si512(v.v); }
+LARDER_TARGET_AVX512 inline __m512i vload(const B512& v) { return _mm512_load_si512(v.v); }
 
 LARDER_TARGET_AVX512 inline __m512i bcast256(const void* p) {
   return _mm512_broadcast_i64x4(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
@@ -929,6 +953,31 @@ LARDER_TARGET_AVX512 inline __m512i q5k_quants(const uint8_t* q, int c, __m512i 
   return _mm512_mask_add_epi8(lo4, _mm512_test_epi8_mask(qh, hm), lo4, b4);
 }
 
+// The per-super-block parts shared by q4_K and q5_K. scb: the 16 scale/min bytes in every
+// 128-bit lane; q[c]: the quants of elements 64c .. 64c+63 (u8). Accumulates d * dx * sum_j sc_j *
+// (q . x over sub-block j) into acc and dmin * dx * sum_j mn_j * bsums_j into accm.
+struct K4Consts {
+  __m512i sc01, sc23;
+  __m256i mins;
+};
+LARDER_TARGET_AVX512 inline void k4_block(const uint16_t* dm, const BlockQ8_K& x, __m512i scb, const __m512i q[4], const K4Consts& k,
+                                         __m512& acc, __m256& accm) {
+  const __m512i z = _mm512_setzero_si512();
+  // 16 x i32 per step: lanes 0..7 sub-block 2c, 8..15 sub-block 2c+1
+  const __m512i a0 = _mm512_dpbusd_epi32(z, q[0], xv64(x.qs, 0)), a1 = _mm512_dpbusd_epi32(z, q[1], xv64(x.qs, 1));
+  const __m512i a2 = _mm512_dpbusd_epi32(z, q[2], xv64(x.qs, 2)), a3 = _mm512_dpbusd_epi32(z, q[3], xv64(x.qs, 3));
+  const __m512i s = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_packs_epi32(a0, a1), _mm512_shuffle_epi8(scb, k.sc01)),
+                                        _mm512_packs_epi32(a2, a3), _mm512_shuffle_epi8(scb, k.sc23));
+  const __m256i m = _mm256_madd_epi16(_mm256_shuffle_epi8(_mm512_castsi512_si256(scb), k.mins),
+                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bsums)));
+  // d, dmin (adjacent f16) times dx, converted together
+  uint32_t dbits;
+  std::memcpy(&dbits, dm, 4);
+  const __m128 dd = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dbits))), _mm_set1_ps(x.d));
+  acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(dd), _mm512_cvtepi32_ps(s), acc);
+  accm = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dd)), _mm256_cvtepi32_ps(m), accm);
+}
+
 }  // namespace
 
 LARDER_TARGET_AVX512 float vec_dot_q4_K_avx512(const void* vw, const void* vx, int64_t n) {
@@ -937,23 +986,16 @@ LARDER_TARGET_AVX512 float vec_dot_q4_K_avx512(const void* vw, const void* vx, i
   const __m512i m4 = _mm512_set1_epi8(0xF);
   // low 256 bits: low nibbles (shift 0), high 256 bits: high nibbles (shift 4)
   const __m512i shift = vload(kShift04);
-  const __m512i idx0 = vload(kPairs[0]), idx1 = vload(kPairs[1]), idx2 = vload(kPairs[2]), idx3 = vload(kPairs[3]);
+  const K4Consts k{vload(kScPack[0]), vload(kScPack[1]), _mm512_castsi512_si256(vload(kMinsDup))};
   __m512 acc = _mm512_setzero_ps();
-  __m128 accm = _mm_setzero_ps();
+  __m256 accm = _mm256_setzero_ps();
   for (int64_t i = 0; i < n / kQK_K; ++i) {
-    const __m128i scmn = unpack_scales_k4_vec(w[i].scales);
-    const float dx = x[i].d;
-    accm = _mm_fmadd_ps(_mm_set1_ps(_cvtsh_ss(w[i].dmin) * dx), _mm_cvtepi32_ps(mins_dot_bsums_vec(scmn, x[i].bsums)), accm);
-    const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(scmn));
-    const uint8_t* q = w[i].qs;
-    const int8_t* xq = x[i].qs;
-    __m512i s0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q4k_quants(q, 0, shift, m4), xv64(xq, 0)), _mm512_permutexvar_epi16(idx0, sc));
-    __m512i s1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q4k_quants(q, 1, shift, m4), xv64(xq, 1)), _mm512_permutexvar_epi16(idx1, sc));
-    s0 = _mm512_dpwssd_epi32(s0, _mm512_maddubs_epi16(q4k_quants(q, 2, shift, m4), xv64(xq, 2)), _mm512_permutexvar_epi16(idx2, sc));
-    s1 = _mm512_dpwssd_epi32(s1, _mm512_maddubs_epi16(q4k_quants(q, 3, shift, m4), xv64(xq, 3)), _mm512_permutexvar_epi16(idx3, sc));
-    acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(w[i].d) * dx), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc);
+    const __m512i scb = _mm512_broadcast_i32x4(unpack_scales_k4_vec(w[i].scales));
+    const __m512i q[4] = {q4k_quants(w[i].qs, 0, shift, m4), q4k_quants(w[i].qs, 1, shift, m4),
+                          q4k_quants(w[i].qs, 2, shift, m4), q4k_quants(w[i].qs, 3, shift, m4)};
+    k4_block(&w[i].d, x[i], scb, q, k, acc, accm);
   }
-  return _mm512_reduce_add_ps(acc) - hsum_ps_sse(accm);
+  return _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(_mm512_castps256_ps512(accm));
 }
 
 LARDER_TARGET_AVX512 float vec_dot_q5_K_avx512(const void* vw, const void* vx, int64_t n) {
@@ -961,26 +1003,20 @@ LARDER_TARGET_AVX512 float vec_dot_q5_K_avx512(const void* vw, const void* vx, i
   auto* x = static_cast<const BlockQ8_K*>(vx);
   const __m512i m4 = _mm512_set1_epi8(0xF), b4 = _mm512_set1_epi8(0x10);
   const __m512i shift = vload(kShift04);
-  const __m512i idx0 = vload(kPairs[0]), idx1 = vload(kPairs[1]), idx2 = vload(kPairs[2]), idx3 = vload(kPairs[3]);
   // chunk c tests bit 2c of qh in the low half and bit 2c+1 in the high half
   const __m512i hm0 = vload(kHmask[0]), hm1 = vload(kHmask[1]), hm2 = vload(kHmask[2]), hm3 = vload(kHmask[3]);
+  const K4Consts k{vload(kScPack[0]), vload(kScPack[1]), _mm512_castsi512_si256(vload(kMinsDup))};
   __m512 acc = _mm512_setzero_ps();
-  __m128 accm = _mm_setzero_ps();
+  __m256 accm = _mm256_setzero_ps();
   for (int64_t i = 0; i < n / kQK_K; ++i) {
-    const __m128i scmn = unpack_scales_k4_vec(w[i].scales);
-    const float dx = x[i].d;
-    accm = _mm_fmadd_ps(_mm_set1_ps(_cvtsh_ss(w[i].dmin) * dx), _mm_cvtepi32_ps(mins_dot_bsums_vec(scmn, x[i].bsums)), accm);
-    const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(scmn));
+    const __m512i scb = _mm512_broadcast_i32x4(unpack_scales_k4_vec(w[i].scales));
     const __m512i qh = bcast256(w[i].qh);
     const uint8_t* q = w[i].qs;
-    const int8_t* xq = x[i].qs;
-    __m512i s0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q5k_quants(q, 0, qh, hm0, shift, m4, b4), xv64(xq, 0)), _mm512_permutexvar_epi16(idx0, sc));
-    __m512i s1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q5k_quants(q, 1, qh, hm1, shift, m4, b4), xv64(xq, 1)), _mm512_permutexvar_epi16(idx1, sc));
-    s0 = _mm512_dpwssd_epi32(s0, _mm512_maddubs_epi16(q5k_quants(q, 2, qh, hm2, shift, m4, b4), xv64(xq, 2)), _mm512_permutexvar_epi16(idx2, sc));
-    s1 = _mm512_dpwssd_epi32(s1, _mm512_maddubs_epi16(q5k_quants(q, 3, qh, hm3, shift, m4, b4), xv64(xq, 3)), _mm512_permutexvar_epi16(idx3, sc));
-    acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(w[i].d) * dx), _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), acc);
+    const __m512i qv[4] = {q5k_quants(q, 0, qh, hm0, shift, m4, b4), q5k_quants(q, 1, qh, hm1, shift, m4, b4),
+                           q5k_quants(q, 2, qh, hm2, shift, m4, b4), q5k_quants(q, 3, qh, hm3, shift, m4, b4)};
+    k4_block(&w[i].d, x[i], scb, qv, k, acc, accm);
   }
-  return _mm512_reduce_add_ps(acc) - hsum_ps_sse(accm);
+  return _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(_mm512_castps256_ps512(accm));
 }
 
 LARDER_TARGET_AVX512 float vec_dot_q6_K_avx512(const void* vw, const void* vx, int64_t n) {
