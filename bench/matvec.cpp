@@ -2,7 +2,8 @@
 // streamed per second, for a matrix that stays in cache (the kernel's compute ceiling) and one
 // far larger than the caches (what DRAM allows). Decode is memory-bound only when the first
 // is well above larder-membw's figure.
-//   larder-bench-matvec [-t THREADS] [--types f32,q8_0,...] [--cols K] [--isa scalar|avx2|avx512]
+//   larder-bench-matvec [-t THREADS] [--types f32,q8_0,...] [--cols K] [--isa scalar|avx2|avx512] [--packed]
+// --packed: q8_0/q4_0 matrices repacked into panels first (what model loading does on AVX-512).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -23,15 +24,17 @@ int main(int argc, char** argv) {
   int threads = 2;
   int64_t cols = 2048;
   std::string types = "f32,f16,bf16,q8_0,q4_0,q4_1,q5_0,q5_1,q4_K,q5_K,q6_K";
+  bool packed = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "-t") && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--types") && i + 1 < argc) types = argv[++i];
     else if (!std::strcmp(argv[i], "--cols") && i + 1 < argc) cols = std::atoll(argv[++i]);
+    else if (!std::strcmp(argv[i], "--packed")) packed = true;
     else if (!std::strcmp(argv[i], "--isa") && i + 1 < argc) {
       std::string s = argv[++i];
       kernels::set_isa(s == "scalar" ? kernels::Isa::Scalar : s == "avx2" ? kernels::Isa::AVX2 : kernels::Isa::AVX512);
     } else {
-      std::fprintf(stderr, "usage: larder-bench-matvec [-t THREADS] [--types f32,q8_0,...] [--cols K] [--isa PATH]\n");
+      std::fprintf(stderr, "usage: larder-bench-matvec [-t THREADS] [--types f32,q8_0,...] [--cols K] [--isa PATH] [--packed]\n");
       return 2;
     }
   }
@@ -41,8 +44,8 @@ int main(int argc, char** argv) {
   }
   ThreadPool pool(threads);
   kernels::MatmulScratch scratch;
-  std::printf("path %s, %d threads, %lld columns\n", kernels::isa_name(kernels::active_isa()), threads,
-              static_cast<long long>(cols));
+  std::printf("path %s, %d threads, %lld columns%s\n", kernels::isa_name(kernels::active_isa()), threads,
+              static_cast<long long>(cols), packed ? ", q8_0/q4_0 packed" : "");
   std::printf("| type | in cache (%s) | from DRAM (%s) |\n|---|---:|---:|\n", "2,048 rows", "~1 GiB");
   std::stringstream ss(types);
   for (std::string name; std::getline(ss, name, ',');) {
@@ -72,6 +75,13 @@ int main(int argc, char** argv) {
       W.ne[1] = rows;
       W.data = w.data();
       W.nbytes = w.size();
+      std::vector<uint8_t> pk;
+      if (packed && kernels::packed_bytes(t, rows, cols)) {
+        pk.resize(kernels::packed_bytes(t, rows, cols) + 64);
+        uint8_t* p = pk.data() + (64 - reinterpret_cast<uintptr_t>(pk.data()) % 64) % 64;
+        kernels::pack_weights(t, w.data(), rb, rows, cols, p, pool);
+        W.packed = p;
+      }
       const double bytes = static_cast<double>(w.size());
       const int reps = std::max(3, static_cast<int>(2e9 / bytes));
       double best = 1e30;

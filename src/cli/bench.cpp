@@ -60,7 +60,7 @@ int cmd_bench(Args& a) {
     std::printf("| --- | ---: | ---: | ---: | --- | ---: | ---: |\n");
   }
   for (const auto& path : models) {
-    auto mr = load_model(path);
+    auto mr = load_model(path, "", !a.no_repack);
     if (!mr.ok()) return fail(mr.error());
     const Model& m = **mr;
     size_t n_params = 0;

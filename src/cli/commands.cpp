@@ -51,7 +51,7 @@ Result<std::vector<int32_t>> parse_ids(const std::string& s) {
 Result<std::unique_ptr<Model>> open_model(const Args& a) {
   std::string p = model_path(a);
   if (p.empty()) return make_error("no model given (use -m PATH or set LARDER_MODEL)");
-  return load_model(p, a.tokenizer);
+  return load_model(p, a.tokenizer, !a.no_repack);
 }
 
 }  // namespace
@@ -171,7 +171,7 @@ int cmd_info(Args& a) {
     std::printf("total tensor data: %.2f MiB\n", total / 1048576.0);
     if (!gf.get_string("general.architecture")) return 0;  // tokenizer-only file
   }
-  auto mr = load_model(p, a.tokenizer);
+  auto mr = load_model(p, a.tokenizer, false);
   if (!mr.ok()) return fail(mr.error());
   const Model& m = **mr;
   const ModelConfig& c = m.cfg;
@@ -221,7 +221,7 @@ Result<std::unique_ptr<Tokenizer>> open_tokenizer(const Args& a) {
     // A llama2.c checkpoint carries no vocabulary: load it as a model to find its tokenizer.
     std::string base = p.substr(p.find_last_of('/') + 1);
     if (base.size() > 4 && base.compare(base.size() - 4, 4, ".bin") == 0 && base.find("tok") == std::string::npos) {
-      LARDER_TRY(m, load_model(p, a.tokenizer));
+      LARDER_TRY(m, load_model(p, a.tokenizer, false));
       return std::move(m->tokenizer);
     }
   } else if (file_exists(p + "/config.json") && !file_exists(p + "/tokenizer.json") &&

@@ -28,6 +28,7 @@ struct Args {
   int64_t seed = -1;
   bool ignore_eos = false;
   bool w8a8 = false;
+  bool no_repack = false;
   bool no_display_prompt = false;
   // tokenize
   bool ids_only = false;

@@ -35,12 +35,12 @@ int cmd_perplexity(Args& a) {
   auto text = read_file(a.file);
   if (!text.ok()) return fail(text.error());
 
-  auto mr = load_model(a.model, a.tokenizer);
+  auto mr = load_model(a.model, a.tokenizer, !a.no_repack);
   if (!mr.ok()) return fail(mr.error());
   const Model& m = **mr;
   std::unique_ptr<Model> base;
   if (!a.kl_base.empty()) {
-    auto br = load_model(a.kl_base, a.tokenizer);
+    auto br = load_model(a.kl_base, a.tokenizer, !a.no_repack);
     if (!br.ok()) return fail("--kl-base: " + br.error());
     base = std::move(*br);
     Status st = check_same_vocab(m, *base);

@@ -88,7 +88,7 @@ int cmd_serve(Args& a) {
   std::fprintf(stderr, "larder serve: listening on http://%s:%d\n", a.host.c_str(), srv.port());
   std::fflush(stderr);
 
-  auto model = load_model(a.model, a.tokenizer);
+  auto model = load_model(a.model, a.tokenizer, !a.no_repack);
   if (!model.ok()) return fail(model.error());
   const Model& m = **model;
 

@@ -85,7 +85,19 @@ constexpr int64_t kGemmMinTokens = 8;
 // given path (F32 = used as they are): what the result is exact for, up to rounding.
 DType matmul_activation_type(DType t, int64_t n_tokens, Isa isa);
 
+// Panel-packed weights (packed.cpp): q8_0 and q4_0 rows repacked once at load so that the
+// AVX-512 integer kernels read 16 rows per vector with no per-token gathering (same bytes as
+// the GGUF rows, 64-byte aligned). packed_bytes is 0 for types/shapes without a packed form.
+size_t packed_bytes(DType t, int64_t rows, int64_t cols);
+// w: rows x cols of type t, row stride wrb; out: packed_bytes(t, rows, cols), 64-byte aligned.
+void pack_weights(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool);
+// matmul (below) on packed weights, activations quantized to q8_0 for every batch size; the
+// AVX-512 kernels on that path, the layout's scalar reference on the others.
+void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                   int64_t ldy, ThreadPool& pool, MatmulScratch& scratch, Isa isa);
+
 // y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < W.rows().
+// Uses W.packed when it is set.
 // x: [n_tokens][W.cols()] f32, y: [n_tokens][ldy] f32 (ldy >= W.rows()).
 void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool,
             MatmulScratch& scratch);

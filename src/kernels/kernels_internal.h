@@ -1,5 +1,8 @@
 // Declarations shared by the kernel translation units (not part of the public API).
 #pragma once
+#include <cstdint>
+#include <vector>
+
 #include "kernels/kernels.h"
 
 #define LARDER_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -46,5 +49,22 @@ void matmul_q4_0_avx2(const void* w, size_t wrb, int64_t rows, int64_t cols, con
                       float* y, int64_t ldy, ThreadPool& pool, MatmulScratch& scratch);
 void matmul_q4_0_avx512(const void* w, size_t wrb, int64_t rows, int64_t cols, const float* x, int64_t n_tokens,
                         float* y, int64_t ldy, ThreadPool& pool, MatmulScratch& scratch);
+
+
+// "x4" activation layout of the integer kernels (q4_0.cpp describes it): q8_0 values of a
+// row in groups of 4 blocks, 256 bytes each, with the scales and a per-block correction
+// -corr_mul * sum(q) for weights stored as unsigned q + corr_mul.
+constexpr int kX4GroupBytes = 256;
+inline int64_t x4_row_bytes(int64_t nb) { return (nb + 3) / 4 * kX4GroupBytes; }
+void quantize_x4(const float* x, uint8_t* out, int64_t nb, int corr_mul, Isa isa);
+
+// Scratch memory aligned to 64 bytes inside a vector.
+template <class T>
+uint8_t* aligned_bytes(std::vector<T>& v, size_t bytes) {
+  const size_t n = (bytes + 64 + sizeof(T) - 1) / sizeof(T);
+  if (v.size() < n) v.resize(n);
+  auto p = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<uint8_t*>((p + 63) & ~static_cast<uintptr_t>(63));
+}
 
 }  // namespace larder::kernels

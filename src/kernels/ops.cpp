@@ -17,6 +17,7 @@ void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t
   const size_t rb = row_bytes(W.type, cols);
   const auto* wbase = static_cast<const uint8_t*>(W.data);
   const Isa isa = active_isa();
+  if (W.packed) return matmul_packed(W.type, W.packed, rows, cols, x, n_tokens, y, ldy, pool, scratch, isa);
   if (const MatmulFn fn = tr->matmul[static_cast<int>(isa)]) return fn(W.data, rb, rows, cols, x, n_tokens, y, ldy, pool, scratch);
   if (n_tokens >= kGemmMinTokens) {
     // Chunks of rows sized to stay in L2 (f32) are reused for every token.

@@ -6,7 +6,8 @@
 //   [  0,  64)  int8   lo:   byte 16j + i = q[block 4g+j][i]        (i < 16)
 //   [ 64, 128)  int8   hi:   byte 16j + i = q[block 4g+j][16 + i]
 //   [128, 192)  float  d:    lane 4j + l  = scale of block 4g+j     (l < 4)
-//   [192, 256)  int32  corr: lane 4j      = -8 * sum(q[block 4g+j]), other lanes 0
+//   [192, 256)  int32  corr: lane 4j      = -corr_mul * sum(q[block 4g+j]), other lanes 0 (corr_mul:
+//                      8 here, for q4_0's nibbles q - 8; 128 for packed q8_0 stored as q + 128)
 // Blocks past the end of the row are all zero. The lo/hi split matches q4_0's nibbles: the low
 // nibble of qs[i] is element i, the high nibble element 16 + i, so one 16-byte qs load gives
 // both halves without shuffling across the block, and vpdpbusd (unsigned x signed bytes) can
@@ -34,7 +35,7 @@ namespace larder::kernels {
 
 namespace {
 
-constexpr int kGroupBytes = 256;      // one group of 4 blocks in the x4 activation layout
+constexpr int kGroupBytes = kX4GroupBytes;
 constexpr int kPanelRows = 32;        // prefill weight panel: 2 vectors of 16 rows
 constexpr int kPanelVecs = kPanelRows / 16;
 constexpr int kPanelBlockBytes = 8 * kPanelVecs * 64;  // one 32-block of a panel: 8 k-steps x 2 x 64 bytes
@@ -42,8 +43,6 @@ constexpr int kTokTile = 6;           // prefill tokens per register tile
 // The panel kernels beat the row-at-a-time decode kernel from 2 tokens on (2048 x 768 in cache,
 // 2 threads: 17 vs 22 us AVX-512, 28 vs 68 us AVX2), since a row's unpacking is shared.
 constexpr int64_t kPrefillMinTokens = 2;
-
-inline int64_t x4_row_bytes(int64_t nb) { return (nb + 3) / 4 * kGroupBytes; }
 
 inline uint16_t load_u16(const uint8_t* p) {
   uint16_t v;
@@ -69,18 +68,9 @@ inline int quant_q8(float v) {
   return r > 0 ? 127 : r < 0 ? -127 : 0;
 }
 
-// Scratch memory aligned to 64 bytes inside a vector.
-template <class T>
-uint8_t* aligned_bytes(std::vector<T>& v, size_t bytes) {
-  const size_t n = (bytes + 64 + sizeof(T) - 1) / sizeof(T);
-  if (v.size() < n) v.resize(n);
-  auto p = reinterpret_cast<uintptr_t>(v.data());
-  return reinterpret_cast<uint8_t*>((p + 63) & ~static_cast<uintptr_t>(63));
-}
-
 // ------------------------------------------------------------------ scalar (reference layouts)
 
-void quantize_x4_scalar(const float* x, uint8_t* out, int64_t nb) {
+void quantize_x4_scalar(const float* x, uint8_t* out, int64_t nb, int corr_mul) {
   std::memset(out, 0, x4_row_bytes(nb));
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * 32;
@@ -98,7 +88,7 @@ void quantize_x4_scalar(const float* x, uint8_t* out, int64_t nb) {
       g[(i < 16 ? 0 : 64) + 16 * j + (i & 15)] = static_cast<uint8_t>(static_cast<int8_t>(q));
     }
     for (int l = 0; l < 4; ++l) std::memcpy(g + 128 + 4 * (4 * j + l), &dh, 4);
-    const int32_t corr = -8 * sum;
+    const int32_t corr = -corr_mul * sum;
     std::memcpy(g + 192 + 16 * j, &corr, 4);
   }
 }
@@ -164,7 +154,7 @@ void tile_scalar(const uint8_t* pk, const float* ds, int64_t nb, int nrows, cons
 // ------------------------------------------------------------------ AVX-512
 
 // quantize_x4_scalar, 32 values at a time (same operations, so the same bytes).
-LARDER_TARGET_AVX512 void quantize_x4_avx512(const float* x, uint8_t* out, int64_t nb) {
+LARDER_TARGET_AVX512 void quantize_x4_avx512(const float* x, uint8_t* out, int64_t nb, int corr_mul) {
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   const int64_t ng = (nb + 3) / 4;
   for (int64_t gi = 0; gi < ng; ++gi) {
@@ -193,7 +183,7 @@ LARDER_TARGET_AVX512 void quantize_x4_avx512(const float* x, uint8_t* out, int64
       q1 = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(v1, v1, _CMP_ORD_Q), q1);
       const float dh = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
       for (int l = 0; l < 4; ++l) da[4 * j + l] = dh;
-      corr[4 * j] = -8 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      corr[4 * j] = -corr_mul * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
       _mm_store_si128(reinterpret_cast<__m128i*>(g + 16 * j), _mm512_cvtepi32_epi8(q0));
       _mm_store_si128(reinterpret_cast<__m128i*>(g + 64 + 16 * j), _mm512_cvtepi32_epi8(q1));
     }
@@ -326,7 +316,7 @@ TileFn avx512_tile(int rv, int nt) {
 // vpmaddwd (to i32); at most 16 products of 15 * 127 meet in an i16 lane, so no saturation.
 
 // quantize_x4_scalar, 32 values at a time (same operations, so the same bytes).
-LARDER_TARGET_AVX2 void quantize_x4_avx2(const float* x, uint8_t* out, int64_t nb) {
+LARDER_TARGET_AVX2 void quantize_x4_avx2(const float* x, uint8_t* out, int64_t nb, int corr_mul) {
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
   const __m256 sign = _mm256_set1_ps(-0.f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -361,7 +351,7 @@ LARDER_TARGET_AVX2 void quantize_x4_avx2(const float* x, uint8_t* out, int64_t n
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    const int32_t corr = -8 * _mm_cvtsi128_si32(s4);
+    const int32_t corr = -corr_mul * _mm_cvtsi128_si32(s4);
     const float dh = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
     _mm_storeu_ps(reinterpret_cast<float*>(g + 128 + 16 * j), _mm_set1_ps(dh));
     std::memcpy(g + 192 + 16 * j, &corr, 4);
@@ -464,7 +454,7 @@ LARDER_TARGET_AVX2 void tile_avx2(const uint8_t* pk, const float* ds, int64_t nb
 // ------------------------------------------------------------------ driver
 
 struct Paths {
-  void (*quantize)(const float*, uint8_t*, int64_t);
+  void (*quantize)(const float*, uint8_t*, int64_t, int);
   float (*decode)(const uint8_t* w, const uint8_t* x, int64_t nb);
   void (*pack)(const uint8_t* w, size_t rb, int nrows, int64_t nb, int v, uint8_t* pk, float* ds);
   // Panel rows [0, nrows) x tokens [0, nt).
@@ -518,7 +508,7 @@ void matmul_q4_0(const Paths& P, const uint8_t* w, size_t rb, int64_t rows, int6
   const int64_t nb = cols / 32, xs = x4_row_bytes(nb);
   uint8_t* xq = aligned_bytes(scratch.xq, static_cast<size_t>(n_tokens * xs));
   pool.parallel_for(n_tokens, [&](int64_t b, int64_t e, int) {
-    for (int64_t t = b; t < e; ++t) P.quantize(x + t * cols, xq + t * xs, nb);
+    for (int64_t t = b; t < e; ++t) P.quantize(x + t * cols, xq + t * xs, nb, 8);
   });
   if (n_tokens < kPrefillMinTokens) {
     // Rows split across threads in blocks of 16 (the loop also serves batches if
@@ -554,6 +544,11 @@ const Paths kAvx2 = {quantize_x4_avx2, decode_avx2, pack_vec_avx2, panel_avx2};
 const Paths kAvx512 = {quantize_x4_avx512, decode_avx512, pack_vec_avx512, panel_avx512};
 
 }  // namespace
+
+void quantize_x4(const float* x, uint8_t* out, int64_t nb, int corr_mul, Isa isa) {
+  const Paths& P = isa == Isa::AVX512 ? kAvx512 : isa == Isa::AVX2 ? kAvx2 : kScalar;
+  P.quantize(x, out, nb, corr_mul);
+}
 
 // d * (q - 8): one rounding, as in the scalar code.
 LARDER_TARGET_AVX2 void q4_0_to_float_avx2(const void* src, float* dst, int64_t n) {

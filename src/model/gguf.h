@@ -73,6 +73,11 @@ class GgufFile {
 
   size_t file_size() const { return size_; }
   const std::string& path() const { return path_; }
+  // True when [p, p + n) lies in this file's read-only mapping (not an in-memory image).
+  bool mapped(const void* p, size_t n) const {
+    const auto* b = static_cast<const uint8_t*>(p);
+    return map_ && b >= base_ && n <= size_ && b - base_ <= static_cast<std::ptrdiff_t>(size_ - n);
+  }
 
  private:
   GgufFile() = default;

@@ -8,9 +8,17 @@
 #include <cmath>
 #include <cstring>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "core/mmap_file.h"
+#include "core/thread_pool.h"
+#include "kernels/kernels.h"
+#include "model/gguf.h"
 
 namespace larder {
+
+static Result<std::unique_ptr<Model>> load_model_any(const std::string& path, const std::string& tokenizer_path);
 
 size_t Model::weight_bytes() const {
   size_t n = tok_embd.nbytes + output_norm.nbytes + (output.data != tok_embd.data ? output.nbytes : 0);
@@ -146,7 +154,58 @@ static bool ends_with(const std::string& s, const std::string& suf) {
   return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
 }
 
-Result<std::unique_ptr<Model>> load_model(const std::string& path, const std::string& tokenizer_path) {
+size_t pack_model_weights(Model& m) {
+  if (kernels::active_isa() != kernels::Isa::AVX512) return 0;  // the packed kernels are AVX-512 only
+  std::vector<Tensor*> ts;
+  for (auto& l : m.layers)
+    for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down}) ts.push_back(t);
+  ts.push_back(&m.output);
+  size_t total = 0;
+  for (Tensor* t : ts)
+    if (t->data && !t->packed) total += kernels::packed_bytes(t->type, t->rows(), t->cols());
+  if (total == 0) return 0;
+  // One anonymous mapping for all of them, in transparent huge pages where the kernel allows
+  // (fewer TLB misses while decode streams every weight once per token).
+  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return 0;  // keep the GGUF layout; the kernels handle both
+  madvise(base, total, MADV_HUGEPAGE);
+  m.keepalive.push_back(std::shared_ptr<void>(base, [total](void* p) { munmap(p, total); }));
+  ThreadPool pool(default_thread_count());
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  auto* out = static_cast<uint8_t*>(base);
+  for (Tensor* t : ts) {
+    const size_t n = t->data && !t->packed ? kernels::packed_bytes(t->type, t->rows(), t->cols()) : 0;
+    if (!n) continue;
+    // Slabs of 64-row groups, each slab's file pages given back as soon as it is packed, so the
+    // peak stays near one copy even for the output matrix (a quarter of a 1B model).
+    const size_t rb = row_bytes(t->type, t->cols());
+    const bool mapped = m.gguf && m.gguf->mapped(t->data, t->nbytes);
+    const int64_t slab = std::max<int64_t>(64, static_cast<int64_t>((16u << 20) / rb) / 64 * 64);
+    const auto* src = static_cast<const uint8_t*>(t->data);
+    for (int64_t r0 = 0; r0 < t->rows(); r0 += slab) {
+      const int64_t nr = std::min(slab, t->rows() - r0);
+      kernels::pack_weights(t->type, src + r0 * rb, rb, nr, t->cols(), out + kernels::packed_bytes(t->type, r0, t->cols()),
+                            pool);
+      if (mapped) {
+        const auto a = reinterpret_cast<uintptr_t>(src + r0 * rb);
+        const uintptr_t lo = (a + page - 1) / page * page, hi = (a + nr * rb) / page * page;
+        if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+      }
+    }
+    t->packed = out;
+    out += n;  // n is a multiple of 64, so every tensor stays 64-byte aligned
+  }
+  m.packed_bytes = total;
+  return total;
+}
+
+Result<std::unique_ptr<Model>> load_model(const std::string& path, const std::string& tokenizer_path, bool repack) {
+  auto r = load_model_any(path, tokenizer_path);
+  if (r.ok() && repack) pack_model_weights(**r);
+  return r;
+}
+
+Result<std::unique_ptr<Model>> load_model_any(const std::string& path, const std::string& tokenizer_path) {
   if (path.empty()) return make_error("no model given (use -m PATH or set LARDER_MODEL)");
   if (!file_exists(path)) return make_error("model file not found: %s", path.c_str());
   if (is_directory(path)) return load_model_hf(path);

@@ -43,6 +43,7 @@ struct Tensor {
   int64_t ne[2] = {0, 1};
   const void* data = nullptr;
   size_t nbytes = 0;
+  const void* packed = nullptr;  // panel-packed copy of data (kernels::pack_weights), used by matmul when set
   bool present() const { return data != nullptr; }
   int64_t cols() const { return ne[0]; }
   int64_t rows() const { return ne[1]; }
@@ -67,6 +68,7 @@ struct Model {
   std::unique_ptr<Tokenizer> tokenizer;
   std::shared_ptr<GgufFile> gguf;                // set for GGUF models
   std::vector<std::shared_ptr<void>> keepalive;  // mmaps and owned buffers backing the tensors
+  size_t packed_bytes = 0;  // weights repacked at load (pack_model_weights)
   size_t weight_bytes() const;
   // Content fingerprint (config + sampled tensor bytes), hex: the identity of KV blocks.
   std::string fingerprint() const;
@@ -77,7 +79,15 @@ Status validate_model(const Model& m);
 
 // Opens a GGUF file, a llama2.c checkpoint (.bin; tokenizer.bin looked up beside it unless
 // tokenizer_path is given) or a Hugging Face folder (config.json + *.safetensors + tokenizer.json).
-Result<std::unique_ptr<Model>> load_model(const std::string& path, const std::string& tokenizer_path = "");
+// repack: pack_model_weights after loading (the CLI's --no-repack turns it off).
+Result<std::unique_ptr<Model>> load_model(const std::string& path, const std::string& tokenizer_path = "",
+                                          bool repack = true);
+
+// Repacks the q8_0/q4_0 matmul weights into panels for the AVX-512 integer kernels
+// (kernels::pack_weights; Tensor::packed) when that path is active, and gives the mapped
+// file's pages of the packed tensors back to the kernel, so resident memory stays one copy
+// (embedding rows are faulted in again as they are looked up). Returns the bytes packed.
+size_t pack_model_weights(Model& m);
 
 // Format-specific loaders (used by load_model).
 Result<std::unique_ptr<Model>> load_model_gguf(const std::string& path);

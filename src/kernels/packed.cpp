@@ -1,0 +1,316 @@
+// q8_0 and q4_0 weights repacked once at load into row panels for the integer kernels.
+//
+// In GGUF a row's blocks follow one another, so a one-token product must gather every block's
+// quants and scale into vector lanes and reduce each row horizontally, on every token; on this
+// CPU that caps the row dot product near DRAM speed (in cache ~85-90 GB/s on 2 threads), so
+// decode cannot be memory-bound. Packed, 16 rows sit side by side in the lanes of a vector:
+//   panel p = rows 16p .. 16p+15 (rows past the end are zero); its blocks in pairs, each pair
+//   one 64-byte aligned record [qs of block 2q][qs of block 2q+1][16 f16 scales of 2q][of 2q+1]
+//   (an odd block count ends with a zero block); groups of 4 panels (64 rows) store their
+//   records pair by pair: [pair 0: panel 0, 1, 2, 3][pair 1: panel 0 ..] ..., so decode, which
+//   reads the 4 panels side by side, reads one sequential stream (measured: 4 streams per thread
+//   read DRAM ~25% slower here);
+//   q8_0 qs (512 bytes): step s (0..7) at 64s; lane i = row i's 4 quants + 128 (unsigned) for
+//     elements 4s..4s+3 (s < 4) or 16+4(s-4)..16+4(s-4)+3 (s >= 4), the x4 layout's lo/hi order;
+//   q4_0 qs (256 bytes): part s (0..3) at 64s; lane i = row i's qs[4s..4s+3] as stored (low
+//     nibbles are step s, high nibbles step s + 4).
+// Each vpdpbusd is then 16 rows x 4 k of one token against an activation dword broadcast from
+// memory; the unsigned offset (128 or 8) comes back through the x4 layout's per-block
+// correction. The same bytes serve decode (4 panels, two partial sums each, so 8 independent
+// chains) and prefill (2 panels x 6 tokens per register tile) with no per-call unpacking, and
+// they take as many bytes as the GGUF rows did.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#include "core/result.h"
+#include "core/thread_pool.h"
+#include "kernels/kernels_internal.h"
+
+namespace larder::kernels {
+
+namespace {
+
+// Lambdas do not inherit their function's target; the block body below is one.
+#define LARDER_TARGET_AVX512_LAMBDA __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"), always_inline))
+
+constexpr int kGroupPanels = 4;    // panels stored interleaved (64 rows)
+constexpr int kDecodePanels = 4;   // panels per decode call: one group
+constexpr int kPrefillPanels = 2;  // panels per prefill tile (32 rows)
+constexpr int kTokTile = 6;        // prefill tokens per register tile
+// q4_0 decode prefetches the records 2 pairs ahead: its 4 panels are 2.3 KB per pair and
+// hardware prefetch alone left it at ~39 of 47 GB/s (q8_0, twice the bytes per pair, is at the
+// read bandwidth without, and slower with).
+constexpr int kPrefetchPairs = 2;
+
+struct Layout {
+  bool q4;
+  int qs;      // bytes of one block's quants in a panel
+  size_t pair; // bytes of one record (2 blocks)
+  int corr_mul;
+};
+Layout layout_of(DType t) {
+  if (t == DType::Q8_0) return {false, 512, 2 * 512 + 64, 128};
+  return {true, 256, 2 * 256 + 64, 8};
+}
+inline int64_t n_pairs(int64_t cols) { return (cols / 32 + 1) / 2; }
+// Bytes of one group of 4 panels; panel p's record of pair q is at
+// (p / 4) * group_bytes + q * 4 * pair + (p % 4) * pair.
+inline size_t group_bytes(const Layout& L, int64_t cols) { return n_pairs(cols) * kGroupPanels * L.pair; }
+inline const uint8_t* panel_base(const Layout& L, const uint8_t* pw, size_t gb, int64_t p) {
+  return pw + (p / kGroupPanels) * gb + (p % kGroupPanels) * L.pair;
+}
+
+inline int32_t load_i32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline float load_f32(const uint8_t* p) {
+  float v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// Groups [g0, g1) of w (rows x cols, row stride wrb) into out.
+void pack_groups(const Layout& L, const uint8_t* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, int64_t g0,
+                 int64_t g1) {
+  const int64_t nb = cols / 32;
+  const size_t gb = group_bytes(L, cols);
+  const int bb = L.q4 ? 18 : 34;  // GGUF block bytes
+  std::memset(out + g0 * gb, 0, (g1 - g0) * gb);
+  for (int64_t p = g0 * kGroupPanels; p < g1 * kGroupPanels; ++p) {
+    uint8_t* panel = const_cast<uint8_t*>(panel_base(L, out, gb, p));
+    for (int i = 0; i < 16; ++i) {
+      const int64_t r = p * 16 + i;
+      if (r >= rows) break;
+      const uint8_t* row = w + r * wrb;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * bb;
+        uint8_t* rec = panel + (b >> 1) * kGroupPanels * L.pair;
+        uint8_t* qs = rec + (b & 1) * L.qs;
+        std::memcpy(rec + 2 * L.qs + 32 * (b & 1) + 2 * i, blk, 2);  // f16 scale
+        if (L.q4) {
+          for (int s = 0; s < 4; ++s) std::memcpy(qs + 64 * s + 4 * i, blk + 2 + 4 * s, 4);
+        } else {
+          for (int s = 0; s < 8; ++s) {
+            uint32_t v;
+            std::memcpy(&v, blk + 2 + (s < 4 ? 4 * s : 16 + 4 * (s - 4)), 4);
+            v ^= 0x80808080u;  // q + 128 in every byte
+            std::memcpy(qs + 64 * s + 4 * i, &v, 4);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ scalar (reference)
+
+// Rows [16p, 16p + nrows) x tokens [0, nt) from one panel; the AVX-512 tiles' exact arithmetic
+// (integer block sums, then acc = fma(sum, d_w * d_x, acc) per block).
+void panel_scalar(const Layout& L, const uint8_t* panel, int64_t nb, int nrows, const uint8_t* x, int64_t xs,
+                  int64_t nt, float* y, int64_t ldy) {
+  for (int64_t t = 0; t < nt; ++t)
+    for (int i = 0; i < nrows; ++i) {
+      float acc = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* rec = panel + (b >> 1) * kGroupPanels * L.pair;
+        const uint8_t* qs = rec + (b & 1) * L.qs;
+        const uint8_t* g = x + t * xs + (b >> 2) * kX4GroupBytes + 16 * (b & 3);
+        int32_t s = load_i32(g + 192);
+        for (int st = 0; st < 8; ++st)
+          for (int l = 0; l < 4; ++l) {
+            int wq;
+            if (L.q4) {
+              const uint8_t byte = qs[64 * (st & 3) + 4 * i + l];
+              wq = st < 4 ? byte & 0xF : byte >> 4;
+            } else {
+              wq = qs[64 * st + 4 * i + l];
+            }
+            s += wq * static_cast<int8_t>(g[(st < 4 ? 0 : 64) + 4 * (st & 3) + l]);
+          }
+        const float dw = fp16_to_fp32(load_u16(rec + 2 * L.qs + 32 * (b & 1) + 2 * i));
+        acc = std::fma(static_cast<float>(s), dw * load_f32(g + 128), acc);
+      }
+      y[t * ldy + i] = acc;
+    }
+}
+
+// ------------------------------------------------------------------ AVX-512
+
+// y[t*ldy + 16v + i] for panels v < RV of one group (pw: panel 0's first record), tokens t < T,
+// lanes masked by m[v].
+// Decode (T == 1) keeps two partial sums per panel so 2 * RV dpbusd chains run side by side.
+template <bool Q4, int RV, int T>
+LARDER_TARGET_AVX512 void tile_avx512(const uint8_t* pw, int64_t nb, const __mmask16* m, const uint8_t* x,
+                                      int64_t xs, float* y, int64_t ldy) {
+  constexpr int NS = T == 1 ? 2 : 1;
+  constexpr int QS = Q4 ? 256 : 512;
+  constexpr size_t PAIR = 2 * QS + 64;  // record; panel v's is v records on
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[RV][T];
+  for (int v = 0; v < RV; ++v)
+    for (int t = 0; t < T; ++t) acc[v][t] = _mm512_setzero_ps();
+  // Block b (its pair's H-th); called with constant H so every load has a fixed stride from one
+  // pair to the next, which the hardware prefetchers follow (measured: ~45 vs ~64 GB/s for q4_0).
+  auto block = [&](int64_t b, auto hc) LARDER_TARGET_AVX512_LAMBDA {
+    constexpr int H = decltype(hc)::value;
+    const uint8_t* rec = pw + (b >> 1) * kGroupPanels * PAIR;
+    const uint8_t* qs = rec + H * QS;
+    const uint8_t* xb = x + (b >> 2) * kX4GroupBytes + 16 * (b & 3);
+    if constexpr (T == 1 && Q4) {
+      const char* ahead = reinterpret_cast<const char*>(rec + kPrefetchPairs * kGroupPanels * PAIR + H * (RV * PAIR / 2));
+      for (int l = 0; l < static_cast<int>(RV * PAIR / 2); l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+    }
+    __m512i s[NS][RV][T];
+    for (int t = 0; t < T; ++t) {
+      const __m512i c = _mm512_set1_epi32(load_i32(xb + t * xs + 192));
+      for (int v = 0; v < RV; ++v) {
+        s[0][v][t] = c;
+        if constexpr (NS == 2) s[NS - 1][v][t] = _mm512_setzero_si512();
+      }
+    }
+    if constexpr (Q4) {
+      for (int st = 0; st < 4; ++st) {
+        __m512i lo[RV], hi[RV];
+        for (int v = 0; v < RV; ++v) {
+          const __m512i raw = _mm512_load_si512(qs + v * PAIR + 64 * st);
+          lo[v] = _mm512_and_si512(raw, m4);
+          hi[v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+        }
+        for (int t = 0; t < T; ++t) {
+          const __m512i xl = _mm512_set1_epi32(load_i32(xb + t * xs + 4 * st));
+          const __m512i xh = _mm512_set1_epi32(load_i32(xb + t * xs + 64 + 4 * st));
+          for (int v = 0; v < RV; ++v) {
+            s[0][v][t] = _mm512_dpbusd_epi32(s[0][v][t], lo[v], xl);
+            s[NS - 1][v][t] = _mm512_dpbusd_epi32(s[NS - 1][v][t], hi[v], xh);
+          }
+        }
+      }
+    } else {
+      for (int st = 0; st < 8; ++st) {
+        __m512i wv[RV];
+        for (int v = 0; v < RV; ++v) wv[v] = _mm512_load_si512(qs + v * PAIR + 64 * st);
+        const int off = (st < 4 ? 0 : 64) + 4 * (st & 3), k = NS == 2 ? (st & 1) : 0;
+        for (int t = 0; t < T; ++t) {
+          const __m512i xv = _mm512_set1_epi32(load_i32(xb + t * xs + off));
+          for (int v = 0; v < RV; ++v) s[k][v][t] = _mm512_dpbusd_epi32(s[k][v][t], wv[v], xv);
+        }
+      }
+    }
+    __m512 dv[RV];
+    for (int v = 0; v < RV; ++v)
+      dv[v] = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(rec + v * PAIR + 2 * QS + 32 * H)));
+    for (int t = 0; t < T; ++t) {
+      const __m512 xd = _mm512_set1_ps(load_f32(xb + t * xs + 128));
+      for (int v = 0; v < RV; ++v) {
+        const __m512i si = NS == 2 ? _mm512_add_epi32(s[0][v][t], s[NS - 1][v][t]) : s[0][v][t];
+        acc[v][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(dv[v], xd), acc[v][t]);
+      }
+    }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    block(b, std::integral_constant<int, 0>{});
+    block(b + 1, std::integral_constant<int, 1>{});
+  }
+  if (b < nb) block(b, std::integral_constant<int, 0>{});
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < RV; ++v) _mm512_mask_storeu_ps(y + t * ldy + 16 * v, m[v], acc[v][t]);
+}
+
+using TileFn = void (*)(const uint8_t*, int64_t, const __mmask16*, const uint8_t*, int64_t, float*, int64_t);
+
+template <bool Q4>
+TileFn decode_tile(int rv) {
+  static const TileFn tb[kDecodePanels] = {tile_avx512<Q4, 1, 1>, tile_avx512<Q4, 2, 1>, tile_avx512<Q4, 3, 1>,
+                                           tile_avx512<Q4, 4, 1>};
+  return tb[rv - 1];
+}
+template <bool Q4>
+TileFn prefill_tile(int rv, int nt) {
+  static const TileFn tb[kPrefillPanels][kTokTile] = {
+      {tile_avx512<Q4, 1, 1>, tile_avx512<Q4, 1, 2>, tile_avx512<Q4, 1, 3>, tile_avx512<Q4, 1, 4>, tile_avx512<Q4, 1, 5>,
+       tile_avx512<Q4, 1, 6>},
+      {tile_avx512<Q4, 2, 1>, tile_avx512<Q4, 2, 2>, tile_avx512<Q4, 2, 3>, tile_avx512<Q4, 2, 4>, tile_avx512<Q4, 2, 5>,
+       tile_avx512<Q4, 2, 6>},
+  };
+  return tb[rv - 1][nt - 1];
+}
+
+// Lane masks for the panels of a unit starting at row r0 (rows past `rows` are not stored).
+void unit_masks(int64_t r0, int64_t rows, int rv, __mmask16* m) {
+  for (int v = 0; v < rv; ++v) {
+    const int64_t left = std::clamp<int64_t>(rows - r0 - 16 * v, 0, 16);
+    m[v] = static_cast<__mmask16>((1u << left) - 1);
+  }
+}
+
+}  // namespace
+
+size_t packed_bytes(DType t, int64_t rows, int64_t cols) {
+  if ((t != DType::Q8_0 && t != DType::Q4_0) || cols <= 0 || cols % 32 || rows <= 0) return 0;
+  return static_cast<size_t>((rows + 16 * kGroupPanels - 1) / (16 * kGroupPanels)) * group_bytes(layout_of(t), cols);
+}
+
+void pack_weights(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool) {
+  LARDER_ASSERT(packed_bytes(t, rows, cols) > 0);
+  LARDER_ASSERT(reinterpret_cast<uintptr_t>(out) % 64 == 0);
+  const Layout L = layout_of(t);
+  pool.parallel_for((rows + 16 * kGroupPanels - 1) / (16 * kGroupPanels), [&](int64_t b, int64_t e, int) {
+    pack_groups(L, static_cast<const uint8_t*>(w), wrb, rows, cols, out, b, e);
+  });
+}
+
+void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                   int64_t ldy, ThreadPool& pool, MatmulScratch& scratch, Isa isa) {
+  LARDER_ASSERT(packed_bytes(t, rows, cols) > 0);
+  const Layout L = layout_of(t);
+  const auto* pw = static_cast<const uint8_t*>(packed);
+  const int64_t nb = cols / 32, xs = x4_row_bytes(nb), npanels = (rows + 15) / 16;
+  const size_t gb = group_bytes(L, cols);
+  uint8_t* xq = aligned_bytes(scratch.xq, static_cast<size_t>(n_tokens * xs));
+  const Isa qisa = isa == Isa::AVX512 ? Isa::AVX512 : Isa::Scalar;
+  pool.parallel_for(n_tokens, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) quantize_x4(x + i * cols, xq + i * xs, nb, L.corr_mul, qisa);
+  });
+  if (isa != Isa::AVX512) {  // the layout's reference; packing happens only where AVX-512 runs
+    pool.parallel_for(npanels, [&](int64_t b, int64_t e, int) {
+      for (int64_t p = b; p < e; ++p)
+        panel_scalar(L, panel_base(L, pw, gb, p), nb, static_cast<int>(std::min<int64_t>(16, rows - 16 * p)), xq, xs, n_tokens,
+                     y + 16 * p, ldy);
+    });
+    return;
+  }
+  const int unit = n_tokens == 1 ? kDecodePanels : kPrefillPanels;
+  const int64_t nunits = (npanels + unit - 1) / unit;
+  pool.parallel_for(nunits, [&](int64_t b, int64_t e, int) {
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t p0 = u * unit;
+      const int rv = static_cast<int>(std::min<int64_t>(unit, npanels - p0));
+      __mmask16 m[kDecodePanels];
+      unit_masks(16 * p0, rows, rv, m);
+      const uint8_t* w = panel_base(L, pw, gb, p0);  // units never cross a group
+      if (n_tokens == 1) {
+        (L.q4 ? decode_tile<true>(rv) : decode_tile<false>(rv))(w, nb, m, xq, xs, y + 16 * p0, ldy);
+        continue;
+      }
+      for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokTile) {
+        const int n = static_cast<int>(std::min<int64_t>(kTokTile, n_tokens - t0));
+        (L.q4 ? prefill_tile<true>(rv, n) : prefill_tile<false>(rv, n))(w, nb, m, xq + t0 * xs, xs,
+                                                                       y + t0 * ldy + 16 * p0, ldy);
+      }
+    }
+  });
+}
+
+}  // namespace larder::kernels
