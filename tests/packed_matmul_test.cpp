@@ -105,7 +105,7 @@ TEST(PackedMatmul, OnlyBlockTypesWithWholeBlocks) {
   EXPECT_GT(packed_bytes(DType::Q8_0, 64, 2048), 0u);
   EXPECT_GT(packed_bytes(DType::Q4_0, 1, 32), 0u);
   EXPECT_EQ(packed_bytes(DType::F32, 64, 2048), 0u);
-  EXPECT_EQ(packed_bytes(DType::Q4_K, 64, 2048), 0u);
+  EXPECT_EQ(packed_bytes(DType::Q4_1, 64, 2048), 0u);
   EXPECT_EQ(packed_bytes(DType::Q8_0, 64, 48), 0u);
   // Whole 64-row groups: the same bytes as the GGUF rows there.
   EXPECT_EQ(packed_bytes(DType::Q8_0, 128, 2048), row_bytes(DType::Q8_0, 2048) * 128);

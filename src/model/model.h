@@ -68,7 +68,7 @@ struct Model {
   std::unique_ptr<Tokenizer> tokenizer;
   std::shared_ptr<GgufFile> gguf;                // set for GGUF models
   std::vector<std::shared_ptr<void>> keepalive;  // mmaps and owned buffers backing the tensors
-  size_t packed_bytes = 0;  // weights repacked at load (pack_model_weights)
+  size_t packed_bytes = 0;  // weights moved / repacked at load (pack_model_weights)
   size_t weight_bytes() const;
   // Content fingerprint (config + sampled tensor bytes), hex: the identity of KV blocks.
   std::string fingerprint() const;
@@ -83,10 +83,12 @@ Status validate_model(const Model& m);
 Result<std::unique_ptr<Model>> load_model(const std::string& path, const std::string& tokenizer_path = "",
                                           bool repack = true);
 
-// Repacks the q8_0/q4_0 matmul weights into panels for the AVX-512 integer kernels
-// (kernels::pack_weights; Tensor::packed) when that path is active, and gives the mapped
-// file's pages of the packed tensors back to the kernel, so resident memory stays one copy
-// (embedding rows are faulted in again as they are looked up). Returns the bytes packed.
+// Moves the matmul weights into one huge-page-backed buffer when the AVX-512 path is active:
+// q8_0/q4_0 repacked into panels for the integer kernels (kernels::pack_weights, Tensor::packed),
+// other matrices of the mapped file copied as they are (Tensor::data then points at the copy).
+// The file's pages of those tensors are given back to the kernel as each slab is done, so
+// resident memory stays one copy (embedding rows are faulted in again as they are looked up).
+// Returns the bytes moved.
 size_t pack_model_weights(Model& m);
 
 // Format-specific loaders (used by load_model).
