@@ -259,3 +259,20 @@ TEST(PackedMatmul, PackedModelMatchesUnpacked) {
     std::remove(path.c_str());
   }
 }
+
+// Embedding lookups of a tied output matrix read rows back from the packed bytes: the same
+// floats as dequantizing the GGUF row, for every row of a ragged matrix.
+TEST(PackedMatmul, RowLookupEqualsDequantizedRow) {
+  ThreadPool pool(2);
+  std::mt19937 rng(24);
+  for (DType t : {DType::Q8_0, DType::Q4_0}) {
+    const int rows = 83, cols = 32 * 7;
+    const QMatrix W = make(t, rows, cols, rng, pool);
+    std::vector<float> got(cols);
+    for (int r = 0; r < rows; ++r) {
+      ASSERT_TRUE(packed_row_to_float(t, W.packed, rows, cols, r, got.data()));
+      for (int c = 0; c < cols; ++c) ASSERT_EQ(got[c], W.deq[static_cast<size_t>(r) * cols + c]) << dtype_name(t) << " r " << r << " c " << c;
+    }
+    EXPECT_FALSE(packed_row_to_float(t, W.packed, rows, cols, rows, got.data()));
+  }
+}

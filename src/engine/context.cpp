@@ -335,9 +335,10 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
         sin_[static_cast<size_t>(t) * half + k] = static_cast<float>(std::sin(ang));
       }
       // Embedding lookup: x [n][E]
-      const size_t erb = row_bytes(model_.tok_embd.type, E);
-      kernels::dequantize_row(model_.tok_embd.type, static_cast<const uint8_t*>(model_.tok_embd.data) + sb.tokens[i] * erb,
-                              x_.data() + static_cast<size_t>(t) * E, E);
+      const Tensor& te = model_.tok_embd;
+      float* xr = x_.data() + static_cast<size_t>(t) * E;
+      if (!te.packed || !kernels::packed_row_to_float(te.type, te.packed, te.rows(), E, sb.tokens[i], xr))
+        kernels::dequantize_row(te.type, static_cast<const uint8_t*>(te.data) + sb.tokens[i] * row_bytes(te.type, E), xr, E);
     }
   }
 

@@ -91,6 +91,10 @@ DType matmul_activation_type(DType t, int64_t n_tokens, Isa isa);
 size_t packed_bytes(DType t, int64_t rows, int64_t cols);
 // w: rows x cols of type t, row stride wrb; out: packed_bytes(t, rows, cols), 64-byte aligned.
 void pack_weights(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool);
+// Row r of packed weights as floats, the same values dequantize_row gives for the GGUF row
+// (embedding lookups when the output matrix is tied to the embedding); false when the type's
+// packed form has no row access.
+bool packed_row_to_float(DType t, const void* packed, int64_t rows, int64_t cols, int64_t r, float* out);
 // matmul (below) on packed weights, activations quantized to q8_0 for every batch size; the
 // AVX-512 kernels on that path, the layout's scalar reference on the others.
 void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,

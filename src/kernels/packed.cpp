@@ -314,3 +314,31 @@ void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, cons
 }
 
 }  // namespace larder::kernels
+
+namespace larder::kernels {
+
+bool packed_row_to_float(DType t, const void* packed, int64_t rows, int64_t cols, int64_t r, float* out) {
+  if ((t != DType::Q8_0 && t != DType::Q4_0) || r < 0 || r >= rows || !packed_bytes(t, rows, cols)) return false;
+  const Layout L = layout_of(t);
+  const uint8_t* panel = panel_base(L, static_cast<const uint8_t*>(packed), group_bytes(L, cols), r / 16);
+  const int i = static_cast<int>(r % 16);
+  for (int64_t b = 0; b < cols / 32; ++b) {
+    const uint8_t* rec = panel + (b >> 1) * kGroupPanels * L.pair;
+    const uint8_t* qs = rec + (b & 1) * L.qs;
+    const float d = fp16_to_fp32(load_u16(rec + 2 * L.qs + 32 * (b & 1) + 2 * i));
+    for (int st = 0; st < 8; ++st)
+      for (int l = 0; l < 4; ++l) {
+        int q;
+        if (L.q4) {
+          const uint8_t byte = qs[64 * (st & 3) + 4 * i + l];
+          q = (st < 4 ? byte & 0xF : byte >> 4) - 8;
+        } else {
+          q = qs[64 * st + 4 * i + l] - 128;
+        }
+        out[b * 32 + (st < 4 ? 4 * st : 16 + 4 * (st - 4)) + l] = d * static_cast<float>(q);
+      }
+  }
+  return true;
+}
+
+}  // namespace larder::kernels

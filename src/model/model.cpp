@@ -160,6 +160,12 @@ size_t pack_model_weights(Model& m) {
   for (auto& l : m.layers)
     for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down}) ts.push_back(t);
   ts.push_back(&m.output);
+  // The 1-D norms and biases too: they sit between the big tensors in the file, and reading one
+  // faults in the whole large folio around it (2 MiB on this ext4), which would bring back much
+  // of what was given back below.
+  for (auto& l : m.layers)
+    for (Tensor* t : {&l.attn_norm, &l.ffn_norm, &l.bq, &l.bk, &l.bv}) ts.push_back(t);
+  ts.push_back(&m.output_norm);
   // Packable types get the panel layout; other matrices in the mapped file are copied as they
   // are (moved, with the file pages given back below) so that they too sit in huge pages.
   auto packed_size = [](const Tensor* t) {
@@ -183,6 +189,7 @@ size_t pack_model_weights(Model& m) {
   ThreadPool pool(default_thread_count());
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   auto* out = static_cast<uint8_t*>(base);
+  std::vector<std::pair<const uint8_t*, size_t>> moved;  // file ranges now held in the buffer
   for (Tensor* t : ts) {
     const size_t np = packed_size(t), nc = copy_size(t);
     if (!np && !nc) continue;
@@ -192,6 +199,7 @@ size_t pack_model_weights(Model& m) {
     const bool mapped = m.gguf && m.gguf->mapped(t->data, t->nbytes);
     const int64_t slab = std::max<int64_t>(64, static_cast<int64_t>((16u << 20) / rb) / 64 * 64);
     const auto* src = static_cast<const uint8_t*>(t->data);
+    if (mapped) moved.emplace_back(src, t->nbytes);
     for (int64_t r0 = 0; r0 < t->rows(); r0 += slab) {
       const int64_t nr = std::min(slab, t->rows() - r0);
       if (np)
@@ -206,12 +214,22 @@ size_t pack_model_weights(Model& m) {
       }
     }
     if (np) {
+      // Tied: the embedding rows are read from the packed copy too (where the type allows), so
+      // lookups never fault the file's pages back in.
+      if (t == &m.output && m.tok_embd.data == t->data) m.tok_embd.packed = out;
       t->packed = out;
     } else {
       if (t == &m.output && m.tok_embd.data == t->data) m.tok_embd.data = out;  // tied: look rows up in the copy
       t->data = out;
     }
     out += np + nc;  // multiples of 64, so every tensor stays 64-byte aligned
+  }
+  // Again over each moved tensor as a whole: where the file is mapped in large folios, a slab's
+  // range only partly covers the folios at its ends, and reading the next slab maps them again.
+  for (const auto& [p, n] : moved) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t lo = (a + page - 1) / page * page, hi = (a + n) / page * page;
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
   }
   m.packed_bytes = total;
   return total;
