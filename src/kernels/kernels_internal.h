@@ -58,6 +58,17 @@ constexpr int kX4GroupBytes = 256;
 inline int64_t x4_row_bytes(int64_t nb) { return (nb + 3) / 4 * kX4GroupBytes; }
 void quantize_x4(const float* x, uint8_t* out, int64_t nb, int corr_mul, Isa isa);
 
+// Panel-packed q4_K / q6_K (packed_k.cpp), dispatched to by packed_bytes / pack_weights /
+// matmul_packed (packed.cpp); packed_k_bytes is 0 for other types and shapes.
+size_t packed_k_bytes(DType t, int64_t rows, int64_t cols);
+void pack_weights_k(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool);
+void matmul_packed_k(DType t, const void* packed, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                     int64_t ldy, ThreadPool& pool, MatmulScratch& scratch, Isa isa);
+// q6_K's AVX-512 kernels use GFNI where the CPU has it (and LARDER_NO_GFNI is unset); tests force
+// the shift-based fallback with false. Returns the previous setting.
+bool set_packed_k_gfni(bool use);
+bool packed_k_row_to_float(DType t, const void* packed, int64_t rows, int64_t cols, int64_t r, float* out);
+
 // Scratch memory aligned to 64 bytes inside a vector.
 template <class T>
 uint8_t* aligned_bytes(std::vector<T>& v, size_t bytes) {

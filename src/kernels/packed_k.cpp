@@ -1,0 +1,564 @@
+// q4_K and q6_K weights repacked once at load into 16-row panels (the K-quant side of
+// packed.cpp, whose header explains panels, groups and why decode reads one stream).
+//
+// Panel p = rows 16p .. 16p+15 (rows past the end are zero). Its super-blocks (256 columns) are
+// stored in records, groups of 4 panels (64 rows) interleave their records record by record
+// ([rec 0: panel 0, 1, 2, 3][rec 1: ...]), so decode reads one sequential stream. In every
+// 64-byte "step" vector lane i holds 4 bytes of row i for 4 consecutive columns: one vpdpbusd
+// is 16 rows x 4 columns of one token against an activation dword broadcast from memory.
+//
+// q4_K (one super-block per record, 2368 bytes = 37 x 64, +2.8% over the GGUF rows' 2304):
+//   [0, 2048)     qs: vector 8c + s (c = 0..3 pairs of sub-blocks, s = 0..7) lane i = row i's
+//                 qs[32c + 4s .. +3] as stored: low nibbles are columns 64c + 4s.. (sub-block 2c),
+//                 high nibbles columns 64c + 32 + 4s.. (sub-block 2c + 1);
+//   [2048, 2176)  scales: byte 16j + i = row i's 6-bit scale of sub-block j;
+//   [2176, 2304)  minimums: byte 32p + 2i + h = row i's minimum of sub-block 2p + h (vpmovzxbw
+//                 makes lane i the int16 pair of sub-blocks 2p, 2p + 1 for one vpdpwssd);
+//   [2304, 2336)  d, [2336, 2368) dmin: f16 per row.
+//   Decode prefetches the next super-block's records (hardware prefetch alone read DRAM at ~41
+//   of 50 GB/s, with it ~48). q6_K decode prefetches each panel's same sub-block one record
+//   pair ahead (DRAM ~49 -> ~58 of 83 GB/s; still below the GGUF-layout rows' ~64: open).
+//   The kernel masks the bytes with 0x0F (low nibble) and 0xF0 (16 x high nibble, so no shift):
+//   per pair c two int32 sums, the even sub-block's exact and the odd one's times 16, each
+//   multiplied by its sub-block's scale (vpmulld); the odd sums are divided by 16 (exact) once
+//   per super-block. The minimum term is a vpdpwssd of the minimums with the activations'
+//   per-32 sums.
+// q6_K (two super-blocks per record, 6720 bytes = 105 x 64, exactly the GGUF rows' bytes; an odd
+// super-block count ends with a zero one):
+//   [3072h, 3072h + 3072) quants of super-block h: sub-block g (16 columns, 4 steps) is 3
+//                 vectors at 192g: vector s (0..2) byte (i, l) = q(column 16g + 4s + l) << 2 |
+//                 bits 2s, 2s+1 of q(column 16g + 12 + l) (q = the unsigned 6-bit quant);
+//   [6144 + 256h) scales: byte 16g + i = row i's int8 scale of sub-block g;
+//   [6656 + 32h)  d: f16 per row.
+//   Steps 0..2 are the vectors masked with 0xFC (4q); step 3's 4q is built from the three low
+//   bit pairs (GFNI affine moves each into place; shifts where GFNI is missing) and ORed. The
+//   -32 offset comes back through the activations' per-16 correction -128 * sum(x) that starts
+//   each sub-block's sum, the factor 4 through the float scale.
+//
+// Activations (both types): one 384-byte record per super-block per token, from the q8_K
+// quantizer (same bytes, so results are exact for q8_K-rounded activations):
+//   [0, 256) int8 quants; [256, 320) int32 per-16 corrections -128 * bsum (q6_K);
+//   [320, 324) f32 scale; [324, 340) int16 per-32 sums (q4_K minimums).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "core/result.h"
+#include "core/thread_pool.h"
+#include "kernels/kernels_internal.h"
+#include "kernels/quants.h"
+
+namespace larder::kernels {
+
+namespace {
+
+#define LARDER_TARGET_AVX512_GFNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,gfni")))
+// Lambdas do not inherit their function's target.
+#define LARDER_TARGET_AVX512_GFNI_LAMBDA \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,gfni"), always_inline))
+
+constexpr int kGroupPanels = 4;  // panels stored interleaved (64 rows)
+constexpr int kDecodePanels = 4;
+constexpr int kPrefillPanels = 2;
+constexpr int kTokTile = 3;
+
+constexpr int kXRec = 384;  // activation bytes per super-block
+constexpr int kXCorr = 256, kXD = 320, kXSum32 = 324;
+
+// q4_K record
+constexpr size_t kQ4Rec = 2368;
+constexpr int kQ4Sc = 2048, kQ4Mn = 2176, kQ4D = 2304, kQ4Dmin = 2336;
+// q6_K record (2 super-blocks)
+constexpr size_t kQ6Rec = 6720;
+constexpr int kQ6Q = 3072, kQ6Sc = 6144, kQ6D = 6656;
+
+struct KLayout {
+  bool q6;
+  int per_rec;  // super-blocks per record
+  size_t rec;   // bytes per record per panel
+};
+KLayout klayout_of(DType t) {
+  if (t == DType::Q6_K) return {true, 2, kQ6Rec};
+  return {false, 1, kQ4Rec};
+}
+inline int64_t n_recs(const KLayout& L, int64_t nsb) { return (nsb + L.per_rec - 1) / L.per_rec; }
+inline size_t group_bytes(const KLayout& L, int64_t cols) { return n_recs(L, cols / kQK_K) * kGroupPanels * L.rec; }
+inline const uint8_t* panel_base(const KLayout& L, const uint8_t* pw, size_t gb, int64_t p) {
+  return pw + (p / kGroupPanels) * gb + (p % kGroupPanels) * L.rec;
+}
+
+inline int32_t load_i32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline int16_t load_i16(const uint8_t* p) {
+  int16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+inline float load_f32(const uint8_t* p) {
+  float v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// ------------------------------------------------------------------ packing
+
+void pack_q4k_row(const BlockQ4_K* row, int64_t nsb, int i, uint8_t* panel, size_t rec_stride) {
+  for (int64_t b = 0; b < nsb; ++b) {
+    const BlockQ4_K& blk = row[b];
+    uint8_t* rec = panel + b * rec_stride;
+    for (int c = 0; c < 4; ++c)
+      for (int s = 0; s < 8; ++s) std::memcpy(rec + (8 * c + s) * 64 + 4 * i, blk.qs + 32 * c + 4 * s, 4);
+    for (int j = 0; j < 8; ++j) {
+      uint8_t sc, mn;
+      get_scale_min_k4(j, blk.scales, &sc, &mn);
+      rec[kQ4Sc + 16 * j + i] = sc;
+      rec[kQ4Mn + 32 * (j / 2) + 2 * i + (j & 1)] = mn;
+    }
+    std::memcpy(rec + kQ4D + 2 * i, &blk.d, 2);
+    std::memcpy(rec + kQ4Dmin + 2 * i, &blk.dmin, 2);
+  }
+}
+
+void pack_q6k_row(const BlockQ6_K* row, int64_t nsb, int i, uint8_t* panel, size_t rec_stride) {
+  for (int64_t b = 0; b < nsb; ++b) {
+    const BlockQ6_K& blk = row[b];
+    uint8_t* rec = panel + (b >> 1) * rec_stride;
+    const int h = static_cast<int>(b & 1);
+    uint8_t q[kQK_K];
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* ql = blk.ql + 64 * half;
+      const uint8_t* qh = blk.qh + 32 * half;
+      uint8_t* y = q + 128 * half;
+      for (int l = 0; l < 32; ++l) {
+        y[l] = static_cast<uint8_t>((ql[l] & 0xF) | ((qh[l] >> 0) & 3) << 4);
+        y[l + 32] = static_cast<uint8_t>((ql[l + 32] & 0xF) | ((qh[l] >> 2) & 3) << 4);
+        y[l + 64] = static_cast<uint8_t>((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4);
+        y[l + 96] = static_cast<uint8_t>((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4);
+      }
+    }
+    uint8_t* qs = rec + kQ6Q * h;
+    for (int g = 0; g < 16; ++g) {
+      for (int s = 0; s < 3; ++s)
+        for (int l = 0; l < 4; ++l)
+          qs[192 * g + 64 * s + 4 * i + l] =
+              static_cast<uint8_t>(q[16 * g + 4 * s + l] << 2 | ((q[16 * g + 12 + l] >> (2 * s)) & 3));
+      rec[kQ6Sc + 256 * h + 16 * g + i] = static_cast<uint8_t>(blk.scales[g]);
+    }
+    std::memcpy(rec + kQ6D + 32 * h + 2 * i, &blk.d, 2);
+  }
+}
+
+void pack_groups(const KLayout& L, const uint8_t* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, int64_t g0,
+                 int64_t g1) {
+  const int64_t nsb = cols / kQK_K;
+  const size_t gb = group_bytes(L, cols);
+  std::memset(out + g0 * gb, 0, (g1 - g0) * gb);
+  for (int64_t p = g0 * kGroupPanels; p < g1 * kGroupPanels; ++p) {
+    uint8_t* panel = const_cast<uint8_t*>(panel_base(L, out, gb, p));
+    for (int i = 0; i < 16; ++i) {
+      const int64_t r = p * 16 + i;
+      if (r >= rows) break;
+      if (L.q6)
+        pack_q6k_row(reinterpret_cast<const BlockQ6_K*>(w + r * wrb), nsb, i, panel, kGroupPanels * L.rec);
+      else
+        pack_q4k_row(reinterpret_cast<const BlockQ4_K*>(w + r * wrb), nsb, i, panel, kGroupPanels * L.rec);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ activations
+
+// One token's row (nsb super-blocks) into the activation records.
+void quantize_xk(const float* x, uint8_t* out, int64_t nsb) {
+  BlockQ8_K blk;
+  for (int64_t b = 0; b < nsb; ++b) {
+    row_float_to_q8_K(x + b * kQK_K, &blk, kQK_K);
+    uint8_t* r = out + b * kXRec;
+    std::memcpy(r, blk.qs, kQK_K);
+    for (int g = 0; g < 16; ++g) {
+      const int32_t c = -128 * blk.bsums[g];
+      std::memcpy(r + kXCorr + 4 * g, &c, 4);
+    }
+    std::memcpy(r + kXD, &blk.d, 4);
+    for (int j = 0; j < 8; ++j) {
+      const int16_t s = static_cast<int16_t>(blk.bsums[2 * j] + blk.bsums[2 * j + 1]);
+      std::memcpy(r + kXSum32 + 2 * j, &s, 2);
+    }
+    std::memset(r + kXSum32 + 16, 0, kXRec - kXSum32 - 16);
+  }
+}
+
+// ------------------------------------------------------------------ scalar (reference)
+
+// Rows [16p, 16p + nrows) x tokens [0, nt) of one panel; the AVX-512 tiles' exact arithmetic
+// (integer super-block sums, then one or two fma per super-block in the same order).
+void panel_scalar(const KLayout& L, const uint8_t* panel, int64_t nsb, int nrows, const uint8_t* x, int64_t xs,
+                  int64_t nt, float* y, int64_t ldy) {
+  const size_t stride = kGroupPanels * L.rec;
+  for (int64_t t = 0; t < nt; ++t)
+    for (int i = 0; i < nrows; ++i) {
+      float acc = 0;
+      for (int64_t b = 0; b < nsb; ++b) {
+        const uint8_t* xb = x + t * xs + b * kXRec;
+        const auto* xq = reinterpret_cast<const int8_t*>(xb);
+        const float dx = load_f32(xb + kXD);
+        if (!L.q6) {
+          const uint8_t* rec = panel + b * stride;
+          int32_t sumi_e = 0, sumi_o = 0, summ = 0;
+          for (int c = 0; c < 4; ++c) {
+            int32_t lo = 0, hi16 = 0;
+            for (int s = 0; s < 8; ++s)
+              for (int l = 0; l < 4; ++l) {
+                const uint8_t byte = rec[(8 * c + s) * 64 + 4 * i + l];
+                lo += (byte & 0x0F) * xq[64 * c + 4 * s + l];
+                hi16 += (byte & 0xF0) * xq[64 * c + 32 + 4 * s + l];
+              }
+            sumi_e += rec[kQ4Sc + 16 * (2 * c) + i] * lo;
+            sumi_o += rec[kQ4Sc + 16 * (2 * c + 1) + i] * hi16;
+          }
+          for (int j = 0; j < 8; ++j) summ += rec[kQ4Mn + 32 * (j / 2) + 2 * i + (j & 1)] * load_i16(xb + kXSum32 + 2 * j);
+          const int32_t sumi = sumi_e + (sumi_o >> 4);
+          const float d = fp16_to_fp32(load_u16(rec + kQ4D + 2 * i));
+          const float dmin = fp16_to_fp32(load_u16(rec + kQ4Dmin + 2 * i));
+          acc = std::fma(static_cast<float>(sumi), d * dx, acc);
+          acc = std::fma(-static_cast<float>(summ), dmin * dx, acc);
+        } else {
+          const uint8_t* rec = panel + (b >> 1) * stride;
+          const int h = static_cast<int>(b & 1);
+          const uint8_t* qs = rec + kQ6Q * h;
+          int32_t sumi = 0;
+          for (int g = 0; g < 16; ++g) {
+            int32_t s4 = load_i32(xb + kXCorr + 4 * g);
+            for (int l = 0; l < 4; ++l) {
+              int q3 = 0;
+              for (int s = 0; s < 3; ++s) {
+                const uint8_t byte = qs[192 * g + 64 * s + 4 * i + l];
+                s4 += (byte & 0xFC) * xq[16 * g + 4 * s + l];
+                q3 |= (byte & 3) << (2 * s);
+              }
+              s4 += 4 * q3 * xq[16 * g + 12 + l];
+            }
+            sumi += static_cast<int8_t>(rec[kQ6Sc + 256 * h + 16 * g + i]) * s4;
+          }
+          const float d = fp16_to_fp32(load_u16(rec + kQ6D + 32 * h + 2 * i));
+          acc = std::fma(static_cast<float>(sumi), d * (dx * 0.25f), acc);
+        }
+      }
+      y[t * ldy + i] = acc;
+    }
+}
+
+// ------------------------------------------------------------------ AVX-512
+
+// y[t*ldy + 16v + i] for panels v < RV of one group (pw: panel 0's first record), tokens t < T,
+// lanes masked by m[v].
+template <int RV, int T>
+LARDER_TARGET_AVX512 void tile_q4k(const uint8_t* pw, int64_t nsb, const __mmask16* m, const uint8_t* x, int64_t xs,
+                                   float* y, int64_t ldy) {
+  constexpr size_t STRIDE = kGroupPanels * kQ4Rec;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[RV][T];
+  for (int v = 0; v < RV; ++v)
+    for (int t = 0; t < T; ++t) acc[v][t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nsb; ++b) {
+    const uint8_t* rec = pw + b * STRIDE;
+    const uint8_t* xb = x + b * kXRec;
+    __m512i se[RV][T], so[RV][T];
+    for (int v = 0; v < RV; ++v)
+      for (int t = 0; t < T; ++t) se[v][t] = so[v][t] = _mm512_setzero_si512();
+    for (int c = 0; c < 4; ++c) {
+      if constexpr (T == 1) {  // the next super-block's records, a quarter per pair of sub-blocks
+        const char* ahead = reinterpret_cast<const char*>(rec + STRIDE + c * (STRIDE / 4));
+        for (size_t l = 0; l < STRIDE / 4; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+      }
+      __m512i sl[RV][T], sh[RV][T];
+      for (int v = 0; v < RV; ++v)
+        for (int t = 0; t < T; ++t) sl[v][t] = sh[v][t] = _mm512_setzero_si512();
+      for (int s = 0; s < 8; ++s) {
+        __m512i lo[RV], hi[RV];
+        for (int v = 0; v < RV; ++v) {
+          const __m512i raw = _mm512_load_si512(rec + v * kQ4Rec + (8 * c + s) * 64);
+          lo[v] = _mm512_and_si512(raw, m4);
+          hi[v] = _mm512_andnot_si512(m4, raw);
+        }
+        for (int t = 0; t < T; ++t) {
+          const __m512i xl = _mm512_set1_epi32(load_i32(xb + t * xs + 64 * c + 4 * s));
+          const __m512i xh = _mm512_set1_epi32(load_i32(xb + t * xs + 64 * c + 32 + 4 * s));
+          for (int v = 0; v < RV; ++v) {
+            sl[v][t] = _mm512_dpbusd_epi32(sl[v][t], lo[v], xl);
+            sh[v][t] = _mm512_dpbusd_epi32(sh[v][t], hi[v], xh);
+          }
+        }
+      }
+      for (int v = 0; v < RV; ++v) {
+        const __m512i sce = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + v * kQ4Rec + kQ4Sc + 32 * c)));
+        const __m512i sco =
+            _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + v * kQ4Rec + kQ4Sc + 32 * c + 16)));
+        for (int t = 0; t < T; ++t) {
+          se[v][t] = _mm512_add_epi32(se[v][t], _mm512_mullo_epi32(sl[v][t], sce));
+          so[v][t] = _mm512_add_epi32(so[v][t], _mm512_mullo_epi32(sh[v][t], sco));
+        }
+      }
+    }
+    for (int v = 0; v < RV; ++v) {
+      const uint8_t* r = rec + v * kQ4Rec;
+      __m512i mn[4];
+      for (int p = 0; p < 4; ++p) mn[p] = _mm512_cvtepu8_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(r + kQ4Mn + 32 * p)));
+      const __m512 dv = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(r + kQ4D)));
+      const __m512 dm = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(r + kQ4Dmin)));
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* xt = xb + t * xs;
+        __m512i summ = _mm512_setzero_si512();
+        for (int p = 0; p < 4; ++p) summ = _mm512_dpwssd_epi32(summ, mn[p], _mm512_set1_epi32(load_i32(xt + kXSum32 + 4 * p)));
+        const __m512i sumi = _mm512_add_epi32(se[v][t], _mm512_srai_epi32(so[v][t], 4));
+        const __m512 xd = _mm512_set1_ps(load_f32(xt + kXD));
+        acc[v][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_mul_ps(dv, xd), acc[v][t]);
+        acc[v][t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dm, xd), acc[v][t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < RV; ++v) _mm512_mask_storeu_ps(y + t * ldy + 16 * v, m[v], acc[v][t]);
+}
+
+// 4q of step 3 of a q6_K sub-block from the low bit pairs of the three stored vectors.
+template <bool GFNI>
+LARDER_TARGET_AVX512_GFNI inline __m512i q6_step3(__m512i v0, __m512i v1, __m512i v2) {
+  if constexpr (GFNI) {
+    // Output bit k of a byte = parity(matrix byte 7-k & input): bits 0,1 -> 2,3 / 4,5 / 6,7.
+    const __m512i a0 = _mm512_set1_epi64(0x0000010200000000LL);
+    const __m512i a1 = _mm512_set1_epi64(0x0000000001020000LL);
+    const __m512i a2 = _mm512_set1_epi64(0x0000000000000102LL);
+    return _mm512_ternarylogic_epi32(_mm512_gf2p8affine_epi64_epi8(v0, a0, 0), _mm512_gf2p8affine_epi64_epi8(v1, a1, 0),
+                                     _mm512_gf2p8affine_epi64_epi8(v2, a2, 0), 0xFE);
+  } else {
+    const __m512i t0 = _mm512_slli_epi16(v0, 2), t1 = _mm512_slli_epi16(v1, 4), t2 = _mm512_slli_epi16(v2, 6);
+    // bits 2-3 from t0, 4-5 from t1, 6-7 from t2, then clear 0-1.
+    const __m512i u = _mm512_ternarylogic_epi32(_mm512_set1_epi8(0x0C), t0, t1, 0xCA);  // a ? b : c
+    const __m512i w = _mm512_ternarylogic_epi32(_mm512_set1_epi8(0x3C), u, t2, 0xCA);
+    return _mm512_and_si512(w, _mm512_set1_epi8(static_cast<char>(0xFC)));
+  }
+}
+
+template <bool GFNI, int RV, int T>
+LARDER_TARGET_AVX512_GFNI void tile_q6k(const uint8_t* pw, int64_t nsb, const __mmask16* m, const uint8_t* x,
+                                        int64_t xs, float* y, int64_t ldy) {
+  constexpr size_t STRIDE = kGroupPanels * kQ6Rec;
+  const __m512i mfc = _mm512_set1_epi8(static_cast<char>(0xFC));
+  __m512 acc[RV][T];
+  for (int v = 0; v < RV; ++v)
+    for (int t = 0; t < T; ++t) acc[v][t] = _mm512_setzero_ps();
+  auto sblock = [&](int64_t b, auto hc) LARDER_TARGET_AVX512_GFNI_LAMBDA {
+    constexpr int H = decltype(hc)::value;
+    const uint8_t* rec = pw + (b >> 1) * STRIDE;
+    const uint8_t* xb = x + b * kXRec;
+    __m512i sumi[RV][T];
+    for (int v = 0; v < RV; ++v)
+      for (int t = 0; t < T; ++t) sumi[v][t] = _mm512_setzero_si512();
+    for (int g = 0; g < 16; ++g) {
+      if constexpr (T == 1) {  // the same sub-block of the next record pair, per panel
+        for (int v = 0; v < RV; ++v) {
+          const char* ahead = reinterpret_cast<const char*>(rec + STRIDE + v * kQ6Rec + kQ6Q * H + 192 * g);
+          for (int l = 0; l < 192; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+          if (g < 9) _mm_prefetch(reinterpret_cast<const char*>(rec + STRIDE + v * kQ6Rec + kQ6Sc + (64 * (g + 9 * H)) % 576), _MM_HINT_T0);
+        }
+      }
+      __m512i q[RV][4];
+      for (int v = 0; v < RV; ++v) {
+        const uint8_t* qs = rec + v * kQ6Rec + kQ6Q * H + 192 * g;
+        const __m512i v0 = _mm512_load_si512(qs), v1 = _mm512_load_si512(qs + 64), v2 = _mm512_load_si512(qs + 128);
+        q[v][0] = _mm512_and_si512(v0, mfc);
+        q[v][1] = _mm512_and_si512(v1, mfc);
+        q[v][2] = _mm512_and_si512(v2, mfc);
+        q[v][3] = q6_step3<GFNI>(v0, v1, v2);
+      }
+      __m512i sc[RV];
+      for (int v = 0; v < RV; ++v)
+        sc[v] = _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + v * kQ6Rec + kQ6Sc + 256 * H + 16 * g)));
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* xt = xb + t * xs + 16 * g;
+        const __m512i c = _mm512_set1_epi32(load_i32(xb + t * xs + kXCorr + 4 * g));
+        for (int v = 0; v < RV; ++v) {
+          __m512i s = c;
+          for (int k = 0; k < 4; ++k) s = _mm512_dpbusd_epi32(s, q[v][k], _mm512_set1_epi32(load_i32(xt + 4 * k)));
+          sumi[v][t] = _mm512_add_epi32(sumi[v][t], _mm512_mullo_epi32(s, sc[v]));
+        }
+      }
+    }
+    for (int v = 0; v < RV; ++v) {
+      const __m512 dv = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(rec + v * kQ6Rec + kQ6D + 32 * H)));
+      for (int t = 0; t < T; ++t) {
+        const __m512 xd = _mm512_set1_ps(load_f32(xb + t * xs + kXD) * 0.25f);
+        acc[v][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[v][t]), _mm512_mul_ps(dv, xd), acc[v][t]);
+      }
+    }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= nsb; b += 2) {
+    sblock(b, std::integral_constant<int, 0>{});
+    sblock(b + 1, std::integral_constant<int, 1>{});
+  }
+  if (b < nsb) sblock(b, std::integral_constant<int, 0>{});
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < RV; ++v) _mm512_mask_storeu_ps(y + t * ldy + 16 * v, m[v], acc[v][t]);
+}
+
+using TileFn = void (*)(const uint8_t*, int64_t, const __mmask16*, const uint8_t*, int64_t, float*, int64_t);
+
+template <int RV>
+TileFn q4k_tile_t(int nt) {
+  static const TileFn tb[kTokTile] = {tile_q4k<RV, 1>, tile_q4k<RV, 2>, tile_q4k<RV, 3>};
+  return tb[nt - 1];
+}
+template <bool G, int RV>
+TileFn q6k_tile_t(int nt) {
+  static const TileFn tb[kTokTile] = {tile_q6k<G, RV, 1>, tile_q6k<G, RV, 2>, tile_q6k<G, RV, 3>};
+  return tb[nt - 1];
+}
+TileFn pick_tile(bool q6, bool gfni, int rv, int nt) {
+  if (!q6) {
+    switch (rv) {
+      case 1: return q4k_tile_t<1>(nt);
+      case 2: return q4k_tile_t<2>(nt);
+      case 3: return tile_q4k<3, 1>;
+      default: return tile_q4k<4, 1>;
+    }
+  }
+  if (gfni) {
+    switch (rv) {
+      case 1: return q6k_tile_t<true, 1>(nt);
+      case 2: return q6k_tile_t<true, 2>(nt);
+      case 3: return tile_q6k<true, 3, 1>;
+      default: return tile_q6k<true, 4, 1>;
+    }
+  }
+  switch (rv) {
+    case 1: return q6k_tile_t<false, 1>(nt);
+    case 2: return q6k_tile_t<false, 2>(nt);
+    case 3: return tile_q6k<false, 3, 1>;
+    default: return tile_q6k<false, 4, 1>;
+  }
+}
+
+std::atomic<bool> g_gfni{__builtin_cpu_supports("gfni") && std::getenv("LARDER_NO_GFNI") == nullptr};
+
+void unit_masks(int64_t r0, int64_t rows, int rv, __mmask16* m) {
+  for (int v = 0; v < rv; ++v) {
+    const int64_t left = std::clamp<int64_t>(rows - r0 - 16 * v, 0, 16);
+    m[v] = static_cast<__mmask16>((1u << left) - 1);
+  }
+}
+
+}  // namespace
+
+bool set_packed_k_gfni(bool use) { return g_gfni.exchange(use && __builtin_cpu_supports("gfni")); }
+
+size_t packed_k_bytes(DType t, int64_t rows, int64_t cols) {
+  if ((t != DType::Q4_K && t != DType::Q6_K) || cols <= 0 || cols % kQK_K || rows <= 0) return 0;
+  return static_cast<size_t>((rows + 16 * kGroupPanels - 1) / (16 * kGroupPanels)) * group_bytes(klayout_of(t), cols);
+}
+
+void pack_weights_k(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool) {
+  LARDER_ASSERT(packed_k_bytes(t, rows, cols) > 0);
+  LARDER_ASSERT(reinterpret_cast<uintptr_t>(out) % 64 == 0);
+  const KLayout L = klayout_of(t);
+  pool.parallel_for((rows + 16 * kGroupPanels - 1) / (16 * kGroupPanels), [&](int64_t b, int64_t e, int) {
+    pack_groups(L, static_cast<const uint8_t*>(w), wrb, rows, cols, out, b, e);
+  });
+}
+
+bool packed_k_row_to_float(DType t, const void* packed, int64_t rows, int64_t cols, int64_t r, float* out) {
+  if (r < 0 || r >= rows || !packed_k_bytes(t, rows, cols)) return false;
+  const KLayout L = klayout_of(t);
+  const uint8_t* panel = panel_base(L, static_cast<const uint8_t*>(packed), group_bytes(L, cols), r / 16);
+  const int i = static_cast<int>(r % 16);
+  const size_t stride = kGroupPanels * L.rec;
+  // The float operations of the GGUF dequantizers (q4_K: d * sc * q - dmin * mn; q6_K:
+  // d * sc * (q - 32)), so the values are the same bits.
+  for (int64_t b = 0; b < cols / kQK_K; ++b) {
+    float* y = out + b * kQK_K;
+    if (!L.q6) {
+      const uint8_t* rec = panel + b * stride;
+      const float d = fp16_to_fp32(load_u16(rec + kQ4D + 2 * i)), mn = fp16_to_fp32(load_u16(rec + kQ4Dmin + 2 * i));
+      for (int j = 0; j < 8; ++j) {
+        const float d1 = d * rec[kQ4Sc + 16 * j + i], m1 = mn * rec[kQ4Mn + 32 * (j / 2) + 2 * i + (j & 1)];
+        for (int s = 0; s < 8; ++s)
+          for (int l = 0; l < 4; ++l) {
+            const uint8_t byte = rec[(8 * (j / 2) + s) * 64 + 4 * i + l];
+            y[32 * j + 4 * s + l] = d1 * static_cast<float>((j & 1) ? byte >> 4 : byte & 0xF) - m1;
+          }
+      }
+    } else {
+      const uint8_t* rec = panel + (b >> 1) * stride;
+      const int h = static_cast<int>(b & 1);
+      const uint8_t* qs = rec + kQ6Q * h;
+      const float d = fp16_to_fp32(load_u16(rec + kQ6D + 32 * h + 2 * i));
+      for (int g = 0; g < 16; ++g) {
+        const float dsc = d * static_cast<int8_t>(rec[kQ6Sc + 256 * h + 16 * g + i]);
+        for (int l = 0; l < 4; ++l) {
+          int q3 = 0;
+          for (int s = 0; s < 3; ++s) {
+            const uint8_t byte = qs[192 * g + 64 * s + 4 * i + l];
+            y[16 * g + 4 * s + l] = dsc * static_cast<float>((byte >> 2) - 32);
+            q3 |= (byte & 3) << (2 * s);
+          }
+          y[16 * g + 12 + l] = dsc * static_cast<float>(q3 - 32);
+        }
+      }
+    }
+  }
+  return true;
+}
+
+void matmul_packed_k(DType t, const void* packed, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                     int64_t ldy, ThreadPool& pool, MatmulScratch& scratch, Isa isa) {
+  LARDER_ASSERT(packed_k_bytes(t, rows, cols) > 0);
+  const KLayout L = klayout_of(t);
+  const auto* pw = static_cast<const uint8_t*>(packed);
+  const int64_t nsb = cols / kQK_K, xs = nsb * kXRec, npanels = (rows + 15) / 16;
+  const size_t gb = group_bytes(L, cols);
+  uint8_t* xq = aligned_bytes(scratch.xq, static_cast<size_t>(n_tokens * xs));
+  pool.parallel_for(n_tokens, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) quantize_xk(x + i * cols, xq + i * xs, nsb);
+  });
+  if (isa != Isa::AVX512) {  // the layout's reference
+    pool.parallel_for(npanels, [&](int64_t b, int64_t e, int) {
+      for (int64_t p = b; p < e; ++p)
+        panel_scalar(L, panel_base(L, pw, gb, p), nsb, static_cast<int>(std::min<int64_t>(16, rows - 16 * p)), xq, xs,
+                     n_tokens, y + 16 * p, ldy);
+    });
+    return;
+  }
+  const bool gfni = g_gfni.load(std::memory_order_relaxed);
+  const int unit = n_tokens == 1 ? kDecodePanels : kPrefillPanels;
+  const int64_t nunits = (npanels + unit - 1) / unit;
+  pool.parallel_for(nunits, [&](int64_t b, int64_t e, int) {
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t p0 = u * unit;
+      const int rv = static_cast<int>(std::min<int64_t>(unit, npanels - p0));
+      __mmask16 m[kDecodePanels];
+      unit_masks(16 * p0, rows, rv, m);
+      const uint8_t* w = panel_base(L, pw, gb, p0);  // units never cross a group
+      for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokTile) {
+        const int n = static_cast<int>(std::min<int64_t>(kTokTile, n_tokens - t0));
+        pick_tile(L.q6, gfni, rv, n)(w, nsb, m, xq + t0 * xs, xs, y + t0 * ldy + 16 * p0, ldy);
+      }
+    }
+  });
+}
+
+}  // namespace larder::kernels
