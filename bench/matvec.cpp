@@ -4,7 +4,10 @@
 // is well above larder-membw's figure.
 //   larder-bench-matvec [-t THREADS] [--types f32,q8_0,...] [--cols K] [--isa scalar|avx2|avx512] [--packed]
 // --packed: q8_0/q4_0 matrices repacked into panels first (what model loading does on AVX-512).
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <memory>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +22,24 @@
 #include "model/model.h"
 
 using namespace larder;
+
+// Weights live in transparent huge pages, as model loading puts them (4 KiB pages cap DRAM reads).
+struct HugeBuf {
+  uint8_t* p = nullptr;
+  size_t n = 0;
+  explicit HugeBuf(size_t bytes) : n(bytes) {
+    void* m = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+      std::fprintf(stderr, "larder-bench-matvec: error: cannot map %zu bytes\n", n);
+      std::exit(1);
+    }
+    madvise(m, n, MADV_HUGEPAGE);
+    p = static_cast<uint8_t*>(m);
+  }
+  ~HugeBuf() { munmap(p, n); }
+  HugeBuf(const HugeBuf&) = delete;
+  HugeBuf& operator=(const HugeBuf&) = delete;
+};
 
 int main(int argc, char** argv) {
   int threads = 2;
@@ -58,31 +79,30 @@ int main(int argc, char** argv) {
     double gbs[2];
     for (int big = 0; big < 2; ++big) {
       const int64_t rows = big ? std::max<int64_t>(2048, (int64_t{1} << 30) / static_cast<int64_t>(rb)) : 2048;
-      std::vector<uint8_t> w(rb * rows);
+      HugeBuf w(rb * rows);
       std::mt19937 rng(1);
       std::normal_distribution<float> nd;
       std::vector<float> row(cols), x(cols), y(rows);
       // 512 distinct random rows, repeated: the values do not change the work.
       for (int64_t r = 0; r < std::min<int64_t>(rows, 512); ++r) {
         for (auto& v : row) v = nd(rng);
-        kernels::quantize_row(t, row.data(), w.data() + r * rb, cols);
+        kernels::quantize_row(t, row.data(), w.p + r * rb, cols);
       }
-      for (int64_t r = 512; r < rows; ++r) std::memcpy(w.data() + r * rb, w.data() + (r % 512) * rb, rb);
+      for (int64_t r = 512; r < rows; ++r) std::memcpy(w.p + r * rb, w.p + (r % 512) * rb, rb);
       for (auto& v : x) v = nd(rng);
       Tensor W;
       W.type = t;
       W.ne[0] = cols;
       W.ne[1] = rows;
-      W.data = w.data();
-      W.nbytes = w.size();
-      std::vector<uint8_t> pk;
+      W.data = w.p;
+      W.nbytes = w.n;
+      std::unique_ptr<HugeBuf> pk;
       if (packed && kernels::packed_bytes(t, rows, cols)) {
-        pk.resize(kernels::packed_bytes(t, rows, cols) + 64);
-        uint8_t* p = pk.data() + (64 - reinterpret_cast<uintptr_t>(pk.data()) % 64) % 64;
-        kernels::pack_weights(t, w.data(), rb, rows, cols, p, pool);
-        W.packed = p;
+        pk = std::make_unique<HugeBuf>(kernels::packed_bytes(t, rows, cols));
+        kernels::pack_weights(t, w.p, rb, rows, cols, pk->p, pool);
+        W.packed = pk->p;
       }
-      const double bytes = static_cast<double>(w.size());
+      const double bytes = static_cast<double>(w.n);
       const int reps = std::max(3, static_cast<int>(2e9 / bytes));
       double best = 1e30;
       for (int k = 0; k < 5; ++k) {

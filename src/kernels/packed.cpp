@@ -5,11 +5,15 @@
 // CPU that caps the row dot product near DRAM speed (in cache ~85-90 GB/s on 2 threads), so
 // decode cannot be memory-bound. Packed, 16 rows sit side by side in the lanes of a vector:
 //   panel p = rows 16p .. 16p+15 (rows past the end are zero); its blocks in pairs, each pair
-//   one 64-byte aligned record [qs of block 2q][qs of block 2q+1][16 f16 scales of 2q][of 2q+1]
-//   (an odd block count ends with a zero block); groups of 4 panels (64 rows) store their
-//   records pair by pair: [pair 0: panel 0, 1, 2, 3][pair 1: panel 0 ..] ..., so decode, which
-//   reads the 4 panels side by side, reads one sequential stream (measured: 4 streams per thread
-//   read DRAM ~25% slower here);
+//   64-byte aligned pieces: qs of block 2q, qs of block 2q+1, 16 f16 scales of 2q and of 2q+1
+//   (an odd block count ends with a zero block); groups of 4 panels (64 rows) store the pieces of
+//   a pair together, so decode, which reads the 4 panels side by side, reads one stream (4
+//   streams per thread read DRAM ~25% slower here). Within a group's pair record:
+//     q4_0: panel by panel, [panel 0: qs 2q, qs 2q+1, scales][panel 1: ...] (576 bytes each);
+//     q8_0: in read order, [qs 2q: panels 0..3][qs 2q+1: panels 0..3][scales: panel 0's two
+//     blocks, panel 1's, ...].
+//   Measured side by side from DRAM at ~84 GB/s: q8_0 72 vs 66 GB/s in read order, q4_0 77 vs
+//   66 GB/s panel by panel (each with its best software prefetch distance below).
 //   q8_0 qs (512 bytes): step s (0..7) at 64s; lane i = row i's 4 quants + 128 (unsigned) for
 //     elements 4s..4s+3 (s < 4) or 16+4(s-4)..16+4(s-4)+3 (s >= 4), the x4 layout's lo/hi order;
 //   q4_0 qs (256 bytes): part s (0..3) at 64s; lane i = row i's qs[4s..4s+3] as stored (low
@@ -41,27 +45,34 @@ constexpr int kGroupPanels = 4;    // panels stored interleaved (64 rows)
 constexpr int kDecodePanels = 4;   // panels per decode call: one group
 constexpr int kPrefillPanels = 2;  // panels per prefill tile (32 rows)
 constexpr int kTokTile = 6;        // prefill tokens per register tile
-// q4_0 decode prefetches the records 2 pairs ahead: its 4 panels are 2.3 KB per pair and
-// hardware prefetch alone left it at ~39 of 47 GB/s (q8_0, twice the bytes per pair, is at the
-// read bandwidth without, and slower with).
-constexpr int kPrefetchPairs = 2;
+// Decode prefetches each block's pieces 2 pairs ahead (from DRAM at ~84 GB/s, huge pages:
+// without it q4_0 read ~52 GB/s, q8_0 ~67; with it ~77 and ~75; 1 or 4 pairs were no better).
+constexpr int kPrefetchQ4 = 2, kPrefetchQ8 = 2;
 
 struct Layout {
   bool q4;
   int qs;      // bytes of one block's quants in a panel
   size_t pair; // bytes of one record (2 blocks)
   int corr_mul;
+  bool read_order;  // pair record in read order (q8_0) or panel by panel (q4_0)
 };
 Layout layout_of(DType t) {
-  if (t == DType::Q8_0) return {false, 512, 2 * 512 + 64, 128};
-  return {true, 256, 2 * 256 + 64, 8};
+  if (t == DType::Q8_0) return {false, 512, 2 * 512 + 64, 128, true};
+  return {true, 256, 2 * 256 + 64, 8, false};
 }
 inline int64_t n_pairs(int64_t cols) { return (cols / 32 + 1) / 2; }
-// Bytes of one group of 4 panels; panel p's record of pair q is at
-// (p / 4) * group_bytes + q * 4 * pair + (p % 4) * pair.
+// Bytes of one group of 4 panels (group p / 4 holds panel p as its panel p % 4).
 inline size_t group_bytes(const Layout& L, int64_t cols) { return n_pairs(cols) * kGroupPanels * L.pair; }
-inline const uint8_t* panel_base(const Layout& L, const uint8_t* pw, size_t gb, int64_t p) {
-  return pw + (p / kGroupPanels) * gb + (p % kGroupPanels) * L.pair;
+inline const uint8_t* group_of(const uint8_t* pw, size_t gb, int64_t p) { return pw + (p / kGroupPanels) * gb; }
+// Quants and scales of block b of panel v in group g.
+inline size_t rec_of(const Layout& L, int64_t b) { return static_cast<size_t>(b >> 1) * kGroupPanels * L.pair; }
+inline const uint8_t* qs_at(const Layout& L, const uint8_t* g, int v, int64_t b) {
+  if (L.read_order) return g + rec_of(L, b) + (b & 1) * kGroupPanels * L.qs + v * L.qs;
+  return g + rec_of(L, b) + v * L.pair + (b & 1) * L.qs;
+}
+inline const uint8_t* sc_at(const Layout& L, const uint8_t* g, int v, int64_t b) {
+  if (L.read_order) return g + rec_of(L, b) + 2 * kGroupPanels * L.qs + 64 * v + 32 * (b & 1);
+  return g + rec_of(L, b) + v * L.pair + 2 * L.qs + 32 * (b & 1);
 }
 
 inline int32_t load_i32(const uint8_t* p) {
@@ -88,24 +99,24 @@ void pack_groups(const Layout& L, const uint8_t* w, size_t wrb, int64_t rows, in
   const int bb = L.q4 ? 18 : 34;  // GGUF block bytes
   std::memset(out + g0 * gb, 0, (g1 - g0) * gb);
   for (int64_t p = g0 * kGroupPanels; p < g1 * kGroupPanels; ++p) {
-    uint8_t* panel = const_cast<uint8_t*>(panel_base(L, out, gb, p));
+    uint8_t* g = const_cast<uint8_t*>(group_of(out, gb, p));
+    const int v = static_cast<int>(p % kGroupPanels);
     for (int i = 0; i < 16; ++i) {
       const int64_t r = p * 16 + i;
       if (r >= rows) break;
       const uint8_t* row = w + r * wrb;
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = row + b * bb;
-        uint8_t* rec = panel + (b >> 1) * kGroupPanels * L.pair;
-        uint8_t* qs = rec + (b & 1) * L.qs;
-        std::memcpy(rec + 2 * L.qs + 32 * (b & 1) + 2 * i, blk, 2);  // f16 scale
+        uint8_t* qs = const_cast<uint8_t*>(qs_at(L, g, v, b));
+        std::memcpy(const_cast<uint8_t*>(sc_at(L, g, v, b)) + 2 * i, blk, 2);  // f16 scale
         if (L.q4) {
           for (int s = 0; s < 4; ++s) std::memcpy(qs + 64 * s + 4 * i, blk + 2 + 4 * s, 4);
         } else {
           for (int s = 0; s < 8; ++s) {
-            uint32_t v;
-            std::memcpy(&v, blk + 2 + (s < 4 ? 4 * s : 16 + 4 * (s - 4)), 4);
-            v ^= 0x80808080u;  // q + 128 in every byte
-            std::memcpy(qs + 64 * s + 4 * i, &v, 4);
+            uint32_t q;
+            std::memcpy(&q, blk + 2 + (s < 4 ? 4 * s : 16 + 4 * (s - 4)), 4);
+            q ^= 0x80808080u;  // q + 128 in every byte
+            std::memcpy(qs + 64 * s + 4 * i, &q, 4);
           }
         }
       }
@@ -115,16 +126,15 @@ void pack_groups(const Layout& L, const uint8_t* w, size_t wrb, int64_t rows, in
 
 // ------------------------------------------------------------------ scalar (reference)
 
-// Rows [16p, 16p + nrows) x tokens [0, nt) from one panel; the AVX-512 tiles' exact arithmetic
-// (integer block sums, then acc = fma(sum, d_w * d_x, acc) per block).
-void panel_scalar(const Layout& L, const uint8_t* panel, int64_t nb, int nrows, const uint8_t* x, int64_t xs,
+// Rows [16p, 16p + nrows) x tokens [0, nt) from panel v of group g; the AVX-512 tiles' exact
+// arithmetic (integer block sums, then acc = fma(sum, d_w * d_x, acc) per block).
+void panel_scalar(const Layout& L, const uint8_t* gp, int v, int64_t nb, int nrows, const uint8_t* x, int64_t xs,
                   int64_t nt, float* y, int64_t ldy) {
   for (int64_t t = 0; t < nt; ++t)
     for (int i = 0; i < nrows; ++i) {
       float acc = 0;
       for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* rec = panel + (b >> 1) * kGroupPanels * L.pair;
-        const uint8_t* qs = rec + (b & 1) * L.qs;
+        const uint8_t* qs = qs_at(L, gp, v, b);
         const uint8_t* g = x + t * xs + (b >> 2) * kX4GroupBytes + 16 * (b & 3);
         int32_t s = load_i32(g + 192);
         for (int st = 0; st < 8; ++st)
@@ -138,7 +148,7 @@ void panel_scalar(const Layout& L, const uint8_t* panel, int64_t nb, int nrows, 
             }
             s += wq * static_cast<int8_t>(g[(st < 4 ? 0 : 64) + 4 * (st & 3) + l]);
           }
-        const float dw = fp16_to_fp32(load_u16(rec + 2 * L.qs + 32 * (b & 1) + 2 * i));
+        const float dw = fp16_to_fp32(load_u16(sc_at(L, gp, v, b) + 2 * i));
         acc = std::fma(static_cast<float>(s), dw * load_f32(g + 128), acc);
       }
       y[t * ldy + i] = acc;
@@ -147,15 +157,18 @@ void panel_scalar(const Layout& L, const uint8_t* panel, int64_t nb, int nrows, 
 
 // ------------------------------------------------------------------ AVX-512
 
-// y[t*ldy + 16v + i] for panels v < RV of one group (pw: panel 0's first record), tokens t < T,
-// lanes masked by m[v].
+// y[t*ldy + 16v + i] for panels v0 + v (v < RV) of a group, tokens t < T, lanes masked by m[v];
+// gq / gs: the group's start moved to panel v0's quants / scales (unit_bases).
 // Decode (T == 1) keeps two partial sums per panel so 2 * RV dpbusd chains run side by side.
 template <bool Q4, int RV, int T>
-LARDER_TARGET_AVX512 void tile_avx512(const uint8_t* pw, int64_t nb, const __mmask16* m, const uint8_t* x,
+LARDER_TARGET_AVX512 void tile_avx512(const uint8_t* gq, const uint8_t* gs, int64_t nb, const __mmask16* m, const uint8_t* x,
                                       int64_t xs, float* y, int64_t ldy) {
   constexpr int NS = T == 1 ? 2 : 1;
   constexpr int QS = Q4 ? 256 : 512;
-  constexpr size_t PAIR = 2 * QS + 64;  // record; panel v's is v records on
+  constexpr size_t PAIR = 2 * QS + 64;
+  constexpr size_t GREC = kGroupPanels * PAIR;  // one pair's record of a group
+  constexpr bool RO = !Q4;                      // Layout::read_order
+  constexpr size_t VQ = RO ? QS : PAIR, VS = RO ? 64 : PAIR;  // panel to panel: quants, scales
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[RV][T];
   for (int v = 0; v < RV; ++v)
@@ -164,12 +177,22 @@ LARDER_TARGET_AVX512 void tile_avx512(const uint8_t* pw, int64_t nb, const __mma
   // pair to the next, which the hardware prefetchers follow (measured: ~45 vs ~64 GB/s for q4_0).
   auto block = [&](int64_t b, auto hc) LARDER_TARGET_AVX512_LAMBDA {
     constexpr int H = decltype(hc)::value;
-    const uint8_t* rec = pw + (b >> 1) * kGroupPanels * PAIR;
-    const uint8_t* qs = rec + H * QS;
+    // Panel v0 + v's quants at qs + v * VQ, its scales at sc + v * VS.
+    const uint8_t* rec = gq + (b >> 1) * GREC;
+    const uint8_t* qs = rec + H * (RO ? kGroupPanels * QS : QS);
+    const uint8_t* sc = gs + (b >> 1) * GREC + (RO ? 2 * kGroupPanels * QS : 2 * QS) + 32 * H;
     const uint8_t* xb = x + (b >> 2) * kX4GroupBytes + 16 * (b & 3);
-    if constexpr (T == 1 && Q4) {
-      const char* ahead = reinterpret_cast<const char*>(rec + kPrefetchPairs * kGroupPanels * PAIR + H * (RV * PAIR / 2));
-      for (int l = 0; l < static_cast<int>(RV * PAIR / 2); l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+    if constexpr (T == 1) {  // decode: the same piece a few pairs on (rec + PF * GREC)
+      constexpr int PF = Q4 ? kPrefetchQ4 : kPrefetchQ8;
+      if constexpr (RO) {  // this block's quants of the 4 panels; the scales with the first block
+        const char* ahead = reinterpret_cast<const char*>(rec + PF * GREC + H * kGroupPanels * QS);
+        for (int l = 0; l < kGroupPanels * QS; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+        if constexpr (H == 0)
+          for (int l = 0; l < kGroupPanels * 64; l += 64) _mm_prefetch(ahead + 2 * kGroupPanels * QS + l, _MM_HINT_T0);
+      } else {  // half the group's record per block
+        const char* ahead = reinterpret_cast<const char*>(rec + PF * GREC + H * (GREC / 2));
+        for (int l = 0; l < static_cast<int>(GREC / 2); l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+      }
     }
     __m512i s[NS][RV][T];
     for (int t = 0; t < T; ++t) {
@@ -183,7 +206,7 @@ LARDER_TARGET_AVX512 void tile_avx512(const uint8_t* pw, int64_t nb, const __mma
       for (int st = 0; st < 4; ++st) {
         __m512i lo[RV], hi[RV];
         for (int v = 0; v < RV; ++v) {
-          const __m512i raw = _mm512_load_si512(qs + v * PAIR + 64 * st);
+          const __m512i raw = _mm512_load_si512(qs + v * VQ + 64 * st);
           lo[v] = _mm512_and_si512(raw, m4);
           hi[v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
         }
@@ -199,7 +222,7 @@ LARDER_TARGET_AVX512 void tile_avx512(const uint8_t* pw, int64_t nb, const __mma
     } else {
       for (int st = 0; st < 8; ++st) {
         __m512i wv[RV];
-        for (int v = 0; v < RV; ++v) wv[v] = _mm512_load_si512(qs + v * PAIR + 64 * st);
+        for (int v = 0; v < RV; ++v) wv[v] = _mm512_load_si512(qs + v * VQ + 64 * st);
         const int off = (st < 4 ? 0 : 64) + 4 * (st & 3), k = NS == 2 ? (st & 1) : 0;
         for (int t = 0; t < T; ++t) {
           const __m512i xv = _mm512_set1_epi32(load_i32(xb + t * xs + off));
@@ -209,7 +232,7 @@ LARDER_TARGET_AVX512 void tile_avx512(const uint8_t* pw, int64_t nb, const __mma
     }
     __m512 dv[RV];
     for (int v = 0; v < RV; ++v)
-      dv[v] = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(rec + v * PAIR + 2 * QS + 32 * H)));
+      dv[v] = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sc + v * VS)));
     for (int t = 0; t < T; ++t) {
       const __m512 xd = _mm512_set1_ps(load_f32(xb + t * xs + 128));
       for (int v = 0; v < RV; ++v) {
@@ -228,7 +251,7 @@ LARDER_TARGET_AVX512 void tile_avx512(const uint8_t* pw, int64_t nb, const __mma
     for (int v = 0; v < RV; ++v) _mm512_mask_storeu_ps(y + t * ldy + 16 * v, m[v], acc[v][t]);
 }
 
-using TileFn = void (*)(const uint8_t*, int64_t, const __mmask16*, const uint8_t*, int64_t, float*, int64_t);
+using TileFn = void (*)(const uint8_t*, const uint8_t*, int64_t, const __mmask16*, const uint8_t*, int64_t, float*, int64_t);
 
 template <bool Q4>
 TileFn decode_tile(int rv) {
@@ -290,7 +313,7 @@ void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, cons
   if (isa != Isa::AVX512) {  // the layout's reference; packing happens only where AVX-512 runs
     pool.parallel_for(npanels, [&](int64_t b, int64_t e, int) {
       for (int64_t p = b; p < e; ++p)
-        panel_scalar(L, panel_base(L, pw, gb, p), nb, static_cast<int>(std::min<int64_t>(16, rows - 16 * p)), xq, xs, n_tokens,
+        panel_scalar(L, group_of(pw, gb, p), static_cast<int>(p % kGroupPanels), nb, static_cast<int>(std::min<int64_t>(16, rows - 16 * p)), xq, xs, n_tokens,
                      y + 16 * p, ldy);
     });
     return;
@@ -303,14 +326,17 @@ void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, cons
       const int rv = static_cast<int>(std::min<int64_t>(unit, npanels - p0));
       __mmask16 m[kDecodePanels];
       unit_masks(16 * p0, rows, rv, m);
-      const uint8_t* w = panel_base(L, pw, gb, p0);  // units never cross a group
+      const uint8_t* g = group_of(pw, gb, p0);  // units never cross a group
+      const int v0 = static_cast<int>(p0 % kGroupPanels);
+      const uint8_t* gq = g + v0 * (L.read_order ? L.qs : L.pair);
+      const uint8_t* gs = g + v0 * (L.read_order ? 64 : L.pair);
       if (n_tokens == 1) {
-        (L.q4 ? decode_tile<true>(rv) : decode_tile<false>(rv))(w, nb, m, xq, xs, y + 16 * p0, ldy);
+        (L.q4 ? decode_tile<true>(rv) : decode_tile<false>(rv))(gq, gs, nb, m, xq, xs, y + 16 * p0, ldy);
         continue;
       }
       for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokTile) {
         const int n = static_cast<int>(std::min<int64_t>(kTokTile, n_tokens - t0));
-        (L.q4 ? prefill_tile<true>(rv, n) : prefill_tile<false>(rv, n))(w, nb, m, xq + t0 * xs, xs,
+        (L.q4 ? prefill_tile<true>(rv, n) : prefill_tile<false>(rv, n))(gq, gs, nb, m, xq + t0 * xs, xs,
                                                                        y + t0 * ldy + 16 * p0, ldy);
       }
     }
@@ -325,12 +351,11 @@ bool packed_row_to_float(DType t, const void* packed, int64_t rows, int64_t cols
   if (t == DType::Q4_K || t == DType::Q6_K) return packed_k_row_to_float(t, packed, rows, cols, r, out);
   if ((t != DType::Q8_0 && t != DType::Q4_0) || r < 0 || r >= rows || !packed_bytes(t, rows, cols)) return false;
   const Layout L = layout_of(t);
-  const uint8_t* panel = panel_base(L, static_cast<const uint8_t*>(packed), group_bytes(L, cols), r / 16);
-  const int i = static_cast<int>(r % 16);
+  const uint8_t* g = group_of(static_cast<const uint8_t*>(packed), group_bytes(L, cols), r / 16);
+  const int v = static_cast<int>((r / 16) % kGroupPanels), i = static_cast<int>(r % 16);
   for (int64_t b = 0; b < cols / 32; ++b) {
-    const uint8_t* rec = panel + (b >> 1) * kGroupPanels * L.pair;
-    const uint8_t* qs = rec + (b & 1) * L.qs;
-    const float d = fp16_to_fp32(load_u16(rec + 2 * L.qs + 32 * (b & 1) + 2 * i));
+    const uint8_t* qs = qs_at(L, g, v, b);
+    const float d = fp16_to_fp32(load_u16(sc_at(L, g, v, b) + 2 * i));
     for (int st = 0; st < 8; ++st)
       for (int l = 0; l < 4; ++l) {
         int q;
