@@ -56,8 +56,8 @@ Context::Context(const Model& m, const ContextParams& p, int n_ctx, int n_thread
   k_.resize(static_cast<size_t>(n_batch) * kv_dim);
   v_.resize(static_cast<size_t>(n_batch) * kv_dim);
   att_.resize(static_cast<size_t>(n_batch) * q_dim);
-  hb_.resize(static_cast<size_t>(n_batch) * c.n_ff);
-  hb2_.resize(static_cast<size_t>(n_batch) * c.n_ff);
+  // [n_batch][2 * n_ff]: gate then up (fused or not), and the fused q|k|v rows.
+  hb_.resize(static_cast<size_t>(n_batch) * std::max(2 * c.n_ff, q_dim + 2 * kv_dim));
   cos_.resize(static_cast<size_t>(n_batch) * hd / 2);
   sin_.resize(static_cast<size_t>(n_batch) * hd / 2);
   scores_.resize(static_cast<size_t>(n_threads) * kQBlock * max_seq_len_);
@@ -313,6 +313,28 @@ void Context::mm(const Tensor& W, const kernels::W8Tensor* w8, const float* x, i
     kernels::matmul(W, x, n, y, ldy, pool_, scratch_);
 }
 
+namespace {
+// Weights packed back to back at load (pack_model_weights keeps a layer's tensors in order) are
+// one matrix: a single product, one pass and one activation quantization for q|k|v or gate|up.
+bool packed_concat(std::initializer_list<const Tensor*> ts, Tensor* out) {
+  const Tensor* first = *ts.begin();
+  const auto* next = static_cast<const uint8_t*>(first->packed);
+  int64_t rows = 0;
+  for (const Tensor* t : ts) {
+    if (!t->packed || t->packed != next || t->type != first->type || t->cols() != first->cols()) return false;
+    if (t != *(ts.end() - 1) && t->rows() % 64) return false;  // packed row groups are 64 rows
+    next += kernels::packed_bytes(t->type, t->rows(), t->cols());
+    rows += t->rows();
+  }
+  *out = Tensor{};
+  out->type = first->type;
+  out->ne[0] = first->cols();
+  out->ne[1] = rows;
+  out->packed = first->packed;
+  return true;
+}
+}  // namespace
+
 void Context::forward(std::span<const SeqBatch> batch, int n) {
   const ModelConfig& c = model_.cfg;
   const int E = c.n_embd, hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, F = c.n_ff;
@@ -350,14 +372,26 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
     if (!fused_norm)
       for (int t = 0; t < n; ++t) kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], an, E, c.rms_eps);
     fused_norm = false;
-    mm(L.wq, W8 ? W8->wq.get() : nullptr, xb_.data(), n, q_.data(), q_dim);
-    mm(L.wk, W8 ? W8->wk.get() : nullptr, xb_.data(), n, k_.data(), kv_dim);
-    mm(L.wv, W8 ? W8->wv.get() : nullptr, xb_.data(), n, v_.data(), kv_dim);
+    const bool w8_now = W8 && n >= kernels::kGemmMinTokens;
+    float *qs = q_.data(), *ks = k_.data(), *vs = v_.data();  // rows of q, k, v before RoPE
+    size_t qld = q_dim, kld = kv_dim;
+    Tensor fused;
+    if (!w8_now && packed_concat({&L.wq, &L.wk, &L.wv}, &fused)) {
+      kernels::matmul(fused, xb_.data(), n, hb_.data(), q_dim + 2 * kv_dim, pool_, scratch_);
+      qs = hb_.data();
+      ks = qs + q_dim;
+      vs = ks + kv_dim;
+      qld = kld = q_dim + 2 * kv_dim;
+    } else {
+      mm(L.wq, W8 ? W8->wq.get() : nullptr, xb_.data(), n, q_.data(), q_dim);
+      mm(L.wk, W8 ? W8->wk.get() : nullptr, xb_.data(), n, k_.data(), kv_dim);
+      mm(L.wv, W8 ? W8->wv.get() : nullptr, xb_.data(), n, v_.data(), kv_dim);
+    }
     if (c.qkv_bias) {
       for (int t = 0; t < n; ++t) {
-        kernels::axpy(&q_[static_cast<size_t>(t) * q_dim], static_cast<const float*>(L.bq.data), 1.f, q_dim);
-        kernels::axpy(&k_[static_cast<size_t>(t) * kv_dim], static_cast<const float*>(L.bk.data), 1.f, kv_dim);
-        kernels::axpy(&v_[static_cast<size_t>(t) * kv_dim], static_cast<const float*>(L.bv.data), 1.f, kv_dim);
+        kernels::axpy(qs + t * qld, static_cast<const float*>(L.bq.data), 1.f, q_dim);
+        kernels::axpy(ks + t * kld, static_cast<const float*>(L.bk.data), 1.f, kv_dim);
+        kernels::axpy(vs + t * kld, static_cast<const float*>(L.bv.data), 1.f, kv_dim);
       }
     }
     // Fused, per token: RoPE of q in place, RoPE of k written straight into its cache
@@ -371,18 +405,27 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
             const SeqBatch& sb = batch[tok_seq_[t]];
             const size_t sl = slot(sb, sb.n_kv + (t - seq_off_[tok_seq_[t]]));
             const size_t r = static_cast<size_t>(t);
-            rope_row(&q_[r * q_dim], &q_[r * q_dim], t, c.n_head);
-            rope_row(&k_[r * kv_dim], kc + sl * kv_dim, t, c.n_head_kv);
-            std::memcpy(vc + sl * kv_dim, &v_[r * kv_dim], kv_dim * sizeof(float));
+            rope_row(qs + r * qld, &q_[r * q_dim], t, c.n_head);
+            rope_row(ks + r * kld, kc + sl * kv_dim, t, c.n_head_kv);
+            std::memcpy(vc + sl * kv_dim, vs + r * kld, kv_dim * sizeof(float));
           }
         },
         32);
     attention(l, batch);
     mm(L.wo, W8 ? W8->wo.get() : nullptr, att_.data(), n, xb_.data(), E);
     add_rmsnorm(n, static_cast<const float*>(L.ffn_norm.data));
-    mm(L.ffn_gate, W8 ? W8->gate.get() : nullptr, xb_.data(), n, hb_.data(), F);
-    mm(L.ffn_up, W8 ? W8->up.get() : nullptr, xb_.data(), n, hb2_.data(), F);
-    kernels::swiglu(hb_.data(), hb_.data(), hb2_.data(), static_cast<int64_t>(n) * F);
+    if (!w8_now && packed_concat({&L.ffn_gate, &L.ffn_up}, &fused)) {
+      kernels::matmul(fused, xb_.data(), n, hb_.data(), 2 * F, pool_, scratch_);
+      // In place, row by row: row t's result [tF, tF + F) only covers inputs of rows < t.
+      for (int t = 0; t < n; ++t)
+        kernels::swiglu(&hb_[static_cast<size_t>(t) * F], &hb_[static_cast<size_t>(t) * 2 * F],
+                        &hb_[static_cast<size_t>(t) * 2 * F + F], F);
+    } else {
+      float* up = hb_.data() + static_cast<size_t>(n) * F;
+      mm(L.ffn_gate, W8 ? W8->gate.get() : nullptr, xb_.data(), n, hb_.data(), F);
+      mm(L.ffn_up, W8 ? W8->up.get() : nullptr, xb_.data(), n, up, F);
+      kernels::swiglu(hb_.data(), hb_.data(), up, static_cast<int64_t>(n) * F);
+    }
     mm(L.ffn_down, W8 ? W8->down.get() : nullptr, hb_.data(), n, xb_.data(), E);
     if (l + 1 < c.n_layer) {
       // The residual add fused with the next layer's attention norm (one pass per row).
