@@ -16,20 +16,22 @@
 //                 makes lane i the int16 pair of sub-blocks 2p, 2p + 1 for one vpdpwssd);
 //   [2304, 2336)  d, [2336, 2368) dmin: f16 per row.
 //   Decode prefetches the next super-block's records (hardware prefetch alone read DRAM at ~41
-//   of 50 GB/s, with it ~48). q6_K decode prefetches each panel's same sub-block one record
-//   pair ahead (DRAM ~49 -> ~58 of 83 GB/s; still below the GGUF-layout rows' ~64: open).
+//   of 50 GB/s, with it ~48). q6_K decode prefetches the next super-block's same sub-block of
+//   the 4 panels (from DRAM at ~84 GB/s: ~63, where the panel-by-panel records read ~58 and the
+//   GGUF rows ~64).
 //   The kernel masks the bytes with 0x0F (low nibble) and 0xF0 (16 x high nibble, so no shift):
 //   per pair c two int32 sums, the even sub-block's exact and the odd one's times 16, each
 //   multiplied by its sub-block's scale (vpmulld); the odd sums are divided by 16 (exact) once
 //   per super-block. The minimum term is a vpdpwssd of the minimums with the activations'
 //   per-32 sums.
-// q6_K (two super-blocks per record, 6720 bytes = 105 x 64, exactly the GGUF rows' bytes; an odd
-// super-block count ends with a zero one):
-//   [3072h, 3072h + 3072) quants of super-block h: sub-block g (16 columns, 4 steps) is 3
-//                 vectors at 192g: vector s (0..2) byte (i, l) = q(column 16g + 4s + l) << 2 |
+// q6_K (two super-blocks per record, 6720 bytes = 105 x 64 per panel, exactly the GGUF rows'
+// bytes; an odd super-block count ends with a zero one). A group's record of the 4 panels
+// (26880 bytes) is in decode's read order:
+//   quants of panel v, super-block h, sub-block g (16 columns, 4 steps) at q6_q(v, h, g): 3
+//                 vectors, vector s (0..2) byte (i, l) = q(column 16g + 4s + l) << 2 |
 //                 bits 2s, 2s+1 of q(column 16g + 12 + l) (q = the unsigned 6-bit quant);
-//   [6144 + 256h) scales: byte 16g + i = row i's int8 scale of sub-block g;
-//   [6656 + 32h)  d: f16 per row.
+//   scales at q6_s(v, h, g): byte i = row i's int8 scale of sub-block g;
+//   d at q6_d(v, h): f16 per row.
 //   Steps 0..2 are the vectors masked with 0xFC (4q); step 3's 4q is built from the three low
 //   bit pairs (GFNI affine moves each into place; shifts where GFNI is missing) and ORed. The
 //   -32 offset comes back through the activations' per-16 correction -128 * sum(x) that starts
@@ -75,8 +77,11 @@ constexpr int kXCorr = 256, kXD = 320, kXSum32 = 324;
 constexpr size_t kQ4Rec = 2368;
 constexpr int kQ4Sc = 2048, kQ4Mn = 2176, kQ4D = 2304, kQ4Dmin = 2336;
 // q6_K record (2 super-blocks)
-constexpr size_t kQ6Rec = 6720;
-constexpr int kQ6Q = 3072, kQ6Sc = 6144, kQ6D = 6656;
+constexpr size_t kQ6Rec = 6720;  // per panel
+constexpr size_t q6_q(int v, int h, int g) { return 12288 * h + 768 * g + 192 * v; }
+constexpr size_t q6_s(int v, int h, int g) { return 24576 + 1024 * h + 64 * g + 16 * v; }
+constexpr size_t q6_d(int v, int h) { return 26624 + 128 * h + 32 * v; }
+static_assert(q6_d(3, 1) + 32 == kGroupPanels * kQ6Rec);
 
 struct KLayout {
   bool q6;
@@ -89,9 +94,7 @@ KLayout klayout_of(DType t) {
 }
 inline int64_t n_recs(const KLayout& L, int64_t nsb) { return (nsb + L.per_rec - 1) / L.per_rec; }
 inline size_t group_bytes(const KLayout& L, int64_t cols) { return n_recs(L, cols / kQK_K) * kGroupPanels * L.rec; }
-inline const uint8_t* panel_base(const KLayout& L, const uint8_t* pw, size_t gb, int64_t p) {
-  return pw + (p / kGroupPanels) * gb + (p % kGroupPanels) * L.rec;
-}
+inline const uint8_t* group_of(const uint8_t* pw, size_t gb, int64_t p) { return pw + (p / kGroupPanels) * gb; }
 
 inline int32_t load_i32(const uint8_t* p) {
   int32_t v;
@@ -133,10 +136,10 @@ void pack_q4k_row(const BlockQ4_K* row, int64_t nsb, int i, uint8_t* panel, size
   }
 }
 
-void pack_q6k_row(const BlockQ6_K* row, int64_t nsb, int i, uint8_t* panel, size_t rec_stride) {
+void pack_q6k_row(const BlockQ6_K* row, int64_t nsb, int i, uint8_t* grp, int v, size_t rec_stride) {
   for (int64_t b = 0; b < nsb; ++b) {
     const BlockQ6_K& blk = row[b];
-    uint8_t* rec = panel + (b >> 1) * rec_stride;
+    uint8_t* rec = grp + (b >> 1) * rec_stride;
     const int h = static_cast<int>(b & 1);
     uint8_t q[kQK_K];
     for (int half = 0; half < 2; ++half) {
@@ -150,15 +153,14 @@ void pack_q6k_row(const BlockQ6_K* row, int64_t nsb, int i, uint8_t* panel, size
         y[l + 96] = static_cast<uint8_t>((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4);
       }
     }
-    uint8_t* qs = rec + kQ6Q * h;
     for (int g = 0; g < 16; ++g) {
       for (int s = 0; s < 3; ++s)
         for (int l = 0; l < 4; ++l)
-          qs[192 * g + 64 * s + 4 * i + l] =
+          rec[q6_q(v, h, g) + 64 * s + 4 * i + l] =
               static_cast<uint8_t>(q[16 * g + 4 * s + l] << 2 | ((q[16 * g + 12 + l] >> (2 * s)) & 3));
-      rec[kQ6Sc + 256 * h + 16 * g + i] = static_cast<uint8_t>(blk.scales[g]);
+      rec[q6_s(v, h, g) + i] = static_cast<uint8_t>(blk.scales[g]);
     }
-    std::memcpy(rec + kQ6D + 32 * h + 2 * i, &blk.d, 2);
+    std::memcpy(rec + q6_d(v, h) + 2 * i, &blk.d, 2);
   }
 }
 
@@ -168,14 +170,15 @@ void pack_groups(const KLayout& L, const uint8_t* w, size_t wrb, int64_t rows, i
   const size_t gb = group_bytes(L, cols);
   std::memset(out + g0 * gb, 0, (g1 - g0) * gb);
   for (int64_t p = g0 * kGroupPanels; p < g1 * kGroupPanels; ++p) {
-    uint8_t* panel = const_cast<uint8_t*>(panel_base(L, out, gb, p));
+    uint8_t* grp = const_cast<uint8_t*>(group_of(out, gb, p));
+    const int v = static_cast<int>(p % kGroupPanels);
     for (int i = 0; i < 16; ++i) {
       const int64_t r = p * 16 + i;
       if (r >= rows) break;
       if (L.q6)
-        pack_q6k_row(reinterpret_cast<const BlockQ6_K*>(w + r * wrb), nsb, i, panel, kGroupPanels * L.rec);
+        pack_q6k_row(reinterpret_cast<const BlockQ6_K*>(w + r * wrb), nsb, i, grp, v, kGroupPanels * L.rec);
       else
-        pack_q4k_row(reinterpret_cast<const BlockQ4_K*>(w + r * wrb), nsb, i, panel, kGroupPanels * L.rec);
+        pack_q4k_row(reinterpret_cast<const BlockQ4_K*>(w + r * wrb), nsb, i, grp + v * L.rec, kGroupPanels * L.rec);
     }
   }
 }
@@ -206,9 +209,10 @@ void quantize_xk(const float* x, uint8_t* out, int64_t nsb) {
 
 // Rows [16p, 16p + nrows) x tokens [0, nt) of one panel; the AVX-512 tiles' exact arithmetic
 // (integer super-block sums, then one or two fma per super-block in the same order).
-void panel_scalar(const KLayout& L, const uint8_t* panel, int64_t nsb, int nrows, const uint8_t* x, int64_t xs,
+void panel_scalar(const KLayout& L, const uint8_t* grp, int v, int64_t nsb, int nrows, const uint8_t* x, int64_t xs,
                   int64_t nt, float* y, int64_t ldy) {
   const size_t stride = kGroupPanels * L.rec;
+  const uint8_t* panel = grp + v * L.rec;  // q4_K: panel by panel
   for (int64_t t = 0; t < nt; ++t)
     for (int i = 0; i < nrows; ++i) {
       float acc = 0;
@@ -237,24 +241,24 @@ void panel_scalar(const KLayout& L, const uint8_t* panel, int64_t nsb, int nrows
           acc = std::fma(static_cast<float>(sumi), d * dx, acc);
           acc = std::fma(-static_cast<float>(summ), dmin * dx, acc);
         } else {
-          const uint8_t* rec = panel + (b >> 1) * stride;
+          const uint8_t* rec = grp + (b >> 1) * stride;
           const int h = static_cast<int>(b & 1);
-          const uint8_t* qs = rec + kQ6Q * h;
           int32_t sumi = 0;
           for (int g = 0; g < 16; ++g) {
+            const uint8_t* qs = rec + q6_q(v, h, g);
             int32_t s4 = load_i32(xb + kXCorr + 4 * g);
             for (int l = 0; l < 4; ++l) {
               int q3 = 0;
               for (int s = 0; s < 3; ++s) {
-                const uint8_t byte = qs[192 * g + 64 * s + 4 * i + l];
+                const uint8_t byte = qs[64 * s + 4 * i + l];
                 s4 += (byte & 0xFC) * xq[16 * g + 4 * s + l];
                 q3 |= (byte & 3) << (2 * s);
               }
               s4 += 4 * q3 * xq[16 * g + 12 + l];
             }
-            sumi += static_cast<int8_t>(rec[kQ6Sc + 256 * h + 16 * g + i]) * s4;
+            sumi += static_cast<int8_t>(rec[q6_s(v, h, g) + i]) * s4;
           }
-          const float d = fp16_to_fp32(load_u16(rec + kQ6D + 32 * h + 2 * i));
+          const float d = fp16_to_fp32(load_u16(rec + q6_d(v, h) + 2 * i));
           acc = std::fma(static_cast<float>(sumi), d * (dx * 0.25f), acc);
         }
       }
@@ -267,9 +271,10 @@ void panel_scalar(const KLayout& L, const uint8_t* panel, int64_t nsb, int nrows
 // y[t*ldy + 16v + i] for panels v < RV of one group (pw: panel 0's first record), tokens t < T,
 // lanes masked by m[v].
 template <int RV, int T>
-LARDER_TARGET_AVX512 void tile_q4k(const uint8_t* pw, int64_t nsb, const __mmask16* m, const uint8_t* x, int64_t xs,
-                                   float* y, int64_t ldy) {
+LARDER_TARGET_AVX512 void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, const __mmask16* m, const uint8_t* x,
+                                   int64_t xs, float* y, int64_t ldy) {
   constexpr size_t STRIDE = kGroupPanels * kQ4Rec;
+  const uint8_t* pw = grp + v0 * kQ4Rec;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[RV][T];
   for (int v = 0; v < RV; ++v)
@@ -355,31 +360,31 @@ LARDER_TARGET_AVX512_GFNI inline __m512i q6_step3(__m512i v0, __m512i v1, __m512
 }
 
 template <bool GFNI, int RV, int T>
-LARDER_TARGET_AVX512_GFNI void tile_q6k(const uint8_t* pw, int64_t nsb, const __mmask16* m, const uint8_t* x,
+LARDER_TARGET_AVX512_GFNI void tile_q6k(const uint8_t* grp, int v0, int64_t nsb, const __mmask16* m, const uint8_t* x,
                                         int64_t xs, float* y, int64_t ldy) {
-  constexpr size_t STRIDE = kGroupPanels * kQ6Rec;
+  constexpr size_t STRIDE = kGroupPanels * kQ6Rec;  // one group record
   const __m512i mfc = _mm512_set1_epi8(static_cast<char>(0xFC));
   __m512 acc[RV][T];
   for (int v = 0; v < RV; ++v)
     for (int t = 0; t < T; ++t) acc[v][t] = _mm512_setzero_ps();
   auto sblock = [&](int64_t b, auto hc) LARDER_TARGET_AVX512_GFNI_LAMBDA {
     constexpr int H = decltype(hc)::value;
-    const uint8_t* rec = pw + (b >> 1) * STRIDE;
+    const uint8_t* rec = grp + (b >> 1) * STRIDE;
     const uint8_t* xb = x + b * kXRec;
     __m512i sumi[RV][T];
     for (int v = 0; v < RV; ++v)
       for (int t = 0; t < T; ++t) sumi[v][t] = _mm512_setzero_si512();
     for (int g = 0; g < 16; ++g) {
-      if constexpr (T == 1) {  // the same sub-block of the next record pair, per panel
-        for (int v = 0; v < RV; ++v) {
-          const char* ahead = reinterpret_cast<const char*>(rec + STRIDE + v * kQ6Rec + kQ6Q * H + 192 * g);
-          for (int l = 0; l < 192; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
-          if (g < 9) _mm_prefetch(reinterpret_cast<const char*>(rec + STRIDE + v * kQ6Rec + kQ6Sc + (64 * (g + 9 * H)) % 576), _MM_HINT_T0);
-        }
+      if constexpr (T == 1) {  // the same sub-block of the next super-block: its 4 panels' quants and scales
+        const char* ahead = reinterpret_cast<const char*>(rec + (H == 1 ? STRIDE : 0));
+        constexpr int HN = 1 - H;
+        for (int l = 0; l < RV * 192; l += 64) _mm_prefetch(ahead + q6_q(v0, HN, g) + l, _MM_HINT_T0);
+        _mm_prefetch(ahead + q6_s(v0, HN, g), _MM_HINT_T0);
+        if (g == 0) _mm_prefetch(ahead + q6_d(v0, HN), _MM_HINT_T0);
       }
       __m512i q[RV][4];
       for (int v = 0; v < RV; ++v) {
-        const uint8_t* qs = rec + v * kQ6Rec + kQ6Q * H + 192 * g;
+        const uint8_t* qs = rec + q6_q(v0 + v, H, g);
         const __m512i v0 = _mm512_load_si512(qs), v1 = _mm512_load_si512(qs + 64), v2 = _mm512_load_si512(qs + 128);
         q[v][0] = _mm512_and_si512(v0, mfc);
         q[v][1] = _mm512_and_si512(v1, mfc);
@@ -388,7 +393,7 @@ LARDER_TARGET_AVX512_GFNI void tile_q6k(const uint8_t* pw, int64_t nsb, const __
       }
       __m512i sc[RV];
       for (int v = 0; v < RV; ++v)
-        sc[v] = _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + v * kQ6Rec + kQ6Sc + 256 * H + 16 * g)));
+        sc[v] = _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + q6_s(v0 + v, H, g))));
       for (int t = 0; t < T; ++t) {
         const uint8_t* xt = xb + t * xs + 16 * g;
         const __m512i c = _mm512_set1_epi32(load_i32(xb + t * xs + kXCorr + 4 * g));
@@ -400,7 +405,7 @@ LARDER_TARGET_AVX512_GFNI void tile_q6k(const uint8_t* pw, int64_t nsb, const __
       }
     }
     for (int v = 0; v < RV; ++v) {
-      const __m512 dv = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(rec + v * kQ6Rec + kQ6D + 32 * H)));
+      const __m512 dv = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(rec + q6_d(v0 + v, H))));
       for (int t = 0; t < T; ++t) {
         const __m512 xd = _mm512_set1_ps(load_f32(xb + t * xs + kXD) * 0.25f);
         acc[v][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[v][t]), _mm512_mul_ps(dv, xd), acc[v][t]);
@@ -417,7 +422,7 @@ LARDER_TARGET_AVX512_GFNI void tile_q6k(const uint8_t* pw, int64_t nsb, const __
     for (int v = 0; v < RV; ++v) _mm512_mask_storeu_ps(y + t * ldy + 16 * v, m[v], acc[v][t]);
 }
 
-using TileFn = void (*)(const uint8_t*, int64_t, const __mmask16*, const uint8_t*, int64_t, float*, int64_t);
+using TileFn = void (*)(const uint8_t*, int, int64_t, const __mmask16*, const uint8_t*, int64_t, float*, int64_t);
 
 template <int RV>
 TileFn q4k_tile_t(int nt) {
@@ -484,8 +489,9 @@ void pack_weights_k(DType t, const void* w, size_t wrb, int64_t rows, int64_t co
 bool packed_k_row_to_float(DType t, const void* packed, int64_t rows, int64_t cols, int64_t r, float* out) {
   if (r < 0 || r >= rows || !packed_k_bytes(t, rows, cols)) return false;
   const KLayout L = klayout_of(t);
-  const uint8_t* panel = panel_base(L, static_cast<const uint8_t*>(packed), group_bytes(L, cols), r / 16);
-  const int i = static_cast<int>(r % 16);
+  const uint8_t* grp = group_of(static_cast<const uint8_t*>(packed), group_bytes(L, cols), r / 16);
+  const int v = static_cast<int>((r / 16) % kGroupPanels), i = static_cast<int>(r % 16);
+  const uint8_t* panel = grp + v * L.rec;  // q4_K: panel by panel
   const size_t stride = kGroupPanels * L.rec;
   // The float operations of the GGUF dequantizers (q4_K: d * sc * q - dmin * mn; q6_K:
   // d * sc * (q - 32)), so the values are the same bits.
@@ -503,16 +509,16 @@ bool packed_k_row_to_float(DType t, const void* packed, int64_t rows, int64_t co
           }
       }
     } else {
-      const uint8_t* rec = panel + (b >> 1) * stride;
+      const uint8_t* rec = grp + (b >> 1) * stride;
       const int h = static_cast<int>(b & 1);
-      const uint8_t* qs = rec + kQ6Q * h;
-      const float d = fp16_to_fp32(load_u16(rec + kQ6D + 32 * h + 2 * i));
+      const float d = fp16_to_fp32(load_u16(rec + q6_d(v, h) + 2 * i));
       for (int g = 0; g < 16; ++g) {
-        const float dsc = d * static_cast<int8_t>(rec[kQ6Sc + 256 * h + 16 * g + i]);
+        const uint8_t* qs = rec + q6_q(v, h, g);
+        const float dsc = d * static_cast<int8_t>(rec[q6_s(v, h, g) + i]);
         for (int l = 0; l < 4; ++l) {
           int q3 = 0;
           for (int s = 0; s < 3; ++s) {
-            const uint8_t byte = qs[192 * g + 64 * s + 4 * i + l];
+            const uint8_t byte = qs[64 * s + 4 * i + l];
             y[16 * g + 4 * s + l] = dsc * static_cast<float>((byte >> 2) - 32);
             q3 |= (byte & 3) << (2 * s);
           }
@@ -538,7 +544,7 @@ void matmul_packed_k(DType t, const void* packed, int64_t rows, int64_t cols, co
   if (isa != Isa::AVX512) {  // the layout's reference
     pool.parallel_for(npanels, [&](int64_t b, int64_t e, int) {
       for (int64_t p = b; p < e; ++p)
-        panel_scalar(L, panel_base(L, pw, gb, p), nsb, static_cast<int>(std::min<int64_t>(16, rows - 16 * p)), xq, xs,
+        panel_scalar(L, group_of(pw, gb, p), static_cast<int>(p % kGroupPanels), nsb, static_cast<int>(std::min<int64_t>(16, rows - 16 * p)), xq, xs,
                      n_tokens, y + 16 * p, ldy);
     });
     return;
@@ -552,10 +558,11 @@ void matmul_packed_k(DType t, const void* packed, int64_t rows, int64_t cols, co
       const int rv = static_cast<int>(std::min<int64_t>(unit, npanels - p0));
       __mmask16 m[kDecodePanels];
       unit_masks(16 * p0, rows, rv, m);
-      const uint8_t* w = panel_base(L, pw, gb, p0);  // units never cross a group
+      const uint8_t* grp = group_of(pw, gb, p0);  // units never cross a group
+      const int v0 = static_cast<int>(p0 % kGroupPanels);
       for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokTile) {
         const int n = static_cast<int>(std::min<int64_t>(kTokTile, n_tokens - t0));
-        pick_tile(L.q6, gfni, rv, n)(w, nsb, m, xq + t0 * xs, xs, y + t0 * ldy + 16 * p0, ldy);
+        pick_tile(L.q6, gfni, rv, n)(grp, v0, nsb, m, xq + t0 * xs, xs, y + t0 * ldy + 16 * p0, ldy);
       }
     }
   });
