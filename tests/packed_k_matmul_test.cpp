@@ -173,7 +173,7 @@ TEST(PackedK, SizesAndTypes) {
 }
 
 // Ragged everything: rows around the 16-row panels and 64-row groups, 1..5 super-blocks (q6_K's
-// two-super-block records half empty for odd counts), one token (decode tiles) and counts
+// odd super-block counts), one token (decode tiles) and counts
 // around the 3-token prefill tile.
 TEST(PackedK, GridAllPathsAgainstReference) {
   IsaGuard guard;

@@ -53,10 +53,9 @@ Context::Context(const Model& m, const ContextParams& p, int n_ctx, int n_thread
   x_.resize(static_cast<size_t>(n_batch) * c.n_embd);
   xb_.resize(static_cast<size_t>(n_batch) * std::max(c.n_embd, q_dim));
   q_.resize(static_cast<size_t>(n_batch) * q_dim);
-  k_.resize(static_cast<size_t>(n_batch) * kv_dim);
-  v_.resize(static_cast<size_t>(n_batch) * kv_dim);
   att_.resize(static_cast<size_t>(n_batch) * q_dim);
-  // [n_batch][2 * n_ff]: gate then up (fused or not), and the fused q|k|v rows.
+  // [n_batch][2 * n_ff]: gate then up (fused or not); before that k and v (or the fused q|k|v
+  // rows) on their way into the KV cache, so they need no buffers of their own.
   hb_.resize(static_cast<size_t>(n_batch) * std::max(2 * c.n_ff, q_dim + 2 * kv_dim));
   cos_.resize(static_cast<size_t>(n_batch) * hd / 2);
   sin_.resize(static_cast<size_t>(n_batch) * hd / 2);
@@ -373,7 +372,8 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
       for (int t = 0; t < n; ++t) kernels::rmsnorm(&xb_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E], an, E, c.rms_eps);
     fused_norm = false;
     const bool w8_now = W8 && n >= kernels::kGemmMinTokens;
-    float *qs = q_.data(), *ks = k_.data(), *vs = v_.data();  // rows of q, k, v before RoPE
+    // Rows of q, k, v before RoPE; k and v only pass through hb_ on their way to the cache.
+    float *qs = q_.data(), *ks = hb_.data(), *vs = hb_.data() + static_cast<size_t>(n) * kv_dim;
     size_t qld = q_dim, kld = kv_dim;
     Tensor fused;
     if (!w8_now && packed_concat({&L.wq, &L.wk, &L.wv}, &fused)) {
@@ -384,8 +384,8 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
       qld = kld = q_dim + 2 * kv_dim;
     } else {
       mm(L.wq, W8 ? W8->wq.get() : nullptr, xb_.data(), n, q_.data(), q_dim);
-      mm(L.wk, W8 ? W8->wk.get() : nullptr, xb_.data(), n, k_.data(), kv_dim);
-      mm(L.wv, W8 ? W8->wv.get() : nullptr, xb_.data(), n, v_.data(), kv_dim);
+      mm(L.wk, W8 ? W8->wk.get() : nullptr, xb_.data(), n, ks, kv_dim);
+      mm(L.wv, W8 ? W8->wv.get() : nullptr, xb_.data(), n, vs, kv_dim);
     }
     if (c.qkv_bias) {
       for (int t = 0; t < n; ++t) {

@@ -105,7 +105,7 @@ class Context {
   std::vector<float> v_cache_;    // same
   std::vector<int32_t> identity_table_;  // blocks 0..n_blocks-1, for decode()
   // Activations, [n_batch][...] f32.
-  std::vector<float> x_, xb_, q_, k_, v_, att_, hb_;
+  std::vector<float> x_, xb_, q_, att_, hb_;
   std::vector<float> cos_, sin_;  // [n_batch][head_dim/2]
   static constexpr int kQBlock = 12;  // queries per attention tile
   std::vector<float> scores_;     // [n_threads][kQBlock][max_seq_len]

@@ -24,14 +24,13 @@
 //   multiplied by its sub-block's scale (vpmulld); the odd sums are divided by 16 (exact) once
 //   per super-block. The minimum term is a vpdpwssd of the minimums with the activations'
 //   per-32 sums.
-// q6_K (two super-blocks per record, 6720 bytes = 105 x 64 per panel, exactly the GGUF rows'
-// bytes; an odd super-block count ends with a zero one). A group's record of the 4 panels
-// (26880 bytes) is in decode's read order:
-//   quants of panel v, super-block h, sub-block g (16 columns, 4 steps) at q6_q(v, h, g): 3
+// q6_K (one record per super-block, 3360 bytes per panel, exactly the GGUF rows' bytes). A
+// group's record of the 4 panels (13440 bytes = 210 x 64) is in decode's read order:
+//   quants of panel v, sub-block g (16 columns, 4 steps) at q6_q(v, g): 3
 //                 vectors, vector s (0..2) byte (i, l) = q(column 16g + 4s + l) << 2 |
 //                 bits 2s, 2s+1 of q(column 16g + 12 + l) (q = the unsigned 6-bit quant);
-//   scales at q6_s(v, h, g): byte i = row i's int8 scale of sub-block g;
-//   d at q6_d(v, h): f16 per row.
+//   scales at q6_s(v, g): byte i = row i's int8 scale of sub-block g;
+//   d at q6_d(v): f16 per row.
 //   Steps 0..2 are the vectors masked with 0xFC (4q); step 3's 4q is built from the three low
 //   bit pairs (GFNI affine moves each into place; shifts where GFNI is missing) and ORed. The
 //   -32 offset comes back through the activations' per-16 correction -128 * sum(x) that starts
@@ -61,9 +60,6 @@ namespace {
 
 #define LARDER_TARGET_AVX512_GFNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,gfni")))
-// Lambdas do not inherit their function's target.
-#define LARDER_TARGET_AVX512_GFNI_LAMBDA \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,gfni"), always_inline))
 
 constexpr int kGroupPanels = 4;  // panels stored interleaved (64 rows)
 constexpr int kDecodePanels = 4;
@@ -77,11 +73,11 @@ constexpr int kXCorr = 256, kXD = 320, kXSum32 = 324;
 constexpr size_t kQ4Rec = 2368;
 constexpr int kQ4Sc = 2048, kQ4Mn = 2176, kQ4D = 2304, kQ4Dmin = 2336;
 // q6_K record (2 super-blocks)
-constexpr size_t kQ6Rec = 6720;  // per panel
-constexpr size_t q6_q(int v, int h, int g) { return 12288 * h + 768 * g + 192 * v; }
-constexpr size_t q6_s(int v, int h, int g) { return 24576 + 1024 * h + 64 * g + 16 * v; }
-constexpr size_t q6_d(int v, int h) { return 26624 + 128 * h + 32 * v; }
-static_assert(q6_d(3, 1) + 32 == kGroupPanels * kQ6Rec);
+constexpr size_t kQ6Rec = 3360;  // per panel and super-block
+constexpr size_t q6_q(int v, int g) { return 768 * g + 192 * v; }
+constexpr size_t q6_s(int v, int g) { return 12288 + 64 * g + 16 * v; }
+constexpr size_t q6_d(int v) { return 13312 + 32 * v; }
+static_assert(q6_d(3) + 32 == kGroupPanels * kQ6Rec && kGroupPanels * kQ6Rec % 64 == 0);
 
 struct KLayout {
   bool q6;
@@ -89,7 +85,7 @@ struct KLayout {
   size_t rec;   // bytes per record per panel
 };
 KLayout klayout_of(DType t) {
-  if (t == DType::Q6_K) return {true, 2, kQ6Rec};
+  if (t == DType::Q6_K) return {true, 1, kQ6Rec};
   return {false, 1, kQ4Rec};
 }
 inline int64_t n_recs(const KLayout& L, int64_t nsb) { return (nsb + L.per_rec - 1) / L.per_rec; }
@@ -139,8 +135,7 @@ void pack_q4k_row(const BlockQ4_K* row, int64_t nsb, int i, uint8_t* panel, size
 void pack_q6k_row(const BlockQ6_K* row, int64_t nsb, int i, uint8_t* grp, int v, size_t rec_stride) {
   for (int64_t b = 0; b < nsb; ++b) {
     const BlockQ6_K& blk = row[b];
-    uint8_t* rec = grp + (b >> 1) * rec_stride;
-    const int h = static_cast<int>(b & 1);
+    uint8_t* rec = grp + b * rec_stride;
     uint8_t q[kQK_K];
     for (int half = 0; half < 2; ++half) {
       const uint8_t* ql = blk.ql + 64 * half;
@@ -156,11 +151,11 @@ void pack_q6k_row(const BlockQ6_K* row, int64_t nsb, int i, uint8_t* grp, int v,
     for (int g = 0; g < 16; ++g) {
       for (int s = 0; s < 3; ++s)
         for (int l = 0; l < 4; ++l)
-          rec[q6_q(v, h, g) + 64 * s + 4 * i + l] =
+          rec[q6_q(v, g) + 64 * s + 4 * i + l] =
               static_cast<uint8_t>(q[16 * g + 4 * s + l] << 2 | ((q[16 * g + 12 + l] >> (2 * s)) & 3));
-      rec[q6_s(v, h, g) + i] = static_cast<uint8_t>(blk.scales[g]);
+      rec[q6_s(v, g) + i] = static_cast<uint8_t>(blk.scales[g]);
     }
-    std::memcpy(rec + q6_d(v, h) + 2 * i, &blk.d, 2);
+    std::memcpy(rec + q6_d(v) + 2 * i, &blk.d, 2);
   }
 }
 
@@ -241,11 +236,10 @@ void panel_scalar(const KLayout& L, const uint8_t* grp, int v, int64_t nsb, int 
           acc = std::fma(static_cast<float>(sumi), d * dx, acc);
           acc = std::fma(-static_cast<float>(summ), dmin * dx, acc);
         } else {
-          const uint8_t* rec = grp + (b >> 1) * stride;
-          const int h = static_cast<int>(b & 1);
+          const uint8_t* rec = grp + b * stride;
           int32_t sumi = 0;
           for (int g = 0; g < 16; ++g) {
-            const uint8_t* qs = rec + q6_q(v, h, g);
+            const uint8_t* qs = rec + q6_q(v, g);
             int32_t s4 = load_i32(xb + kXCorr + 4 * g);
             for (int l = 0; l < 4; ++l) {
               int q3 = 0;
@@ -256,9 +250,9 @@ void panel_scalar(const KLayout& L, const uint8_t* grp, int v, int64_t nsb, int 
               }
               s4 += 4 * q3 * xq[16 * g + 12 + l];
             }
-            sumi += static_cast<int8_t>(rec[q6_s(v, h, g) + i]) * s4;
+            sumi += static_cast<int8_t>(rec[q6_s(v, g) + i]) * s4;
           }
-          const float d = fp16_to_fp32(load_u16(rec + q6_d(v, h) + 2 * i));
+          const float d = fp16_to_fp32(load_u16(rec + q6_d(v) + 2 * i));
           acc = std::fma(static_cast<float>(sumi), d * (dx * 0.25f), acc);
         }
       }
@@ -367,24 +361,22 @@ LARDER_TARGET_AVX512_GFNI void tile_q6k(const uint8_t* grp, int v0, int64_t nsb,
   __m512 acc[RV][T];
   for (int v = 0; v < RV; ++v)
     for (int t = 0; t < T; ++t) acc[v][t] = _mm512_setzero_ps();
-  auto sblock = [&](int64_t b, auto hc) LARDER_TARGET_AVX512_GFNI_LAMBDA {
-    constexpr int H = decltype(hc)::value;
-    const uint8_t* rec = grp + (b >> 1) * STRIDE;
+  for (int64_t b = 0; b < nsb; ++b) {
+    const uint8_t* rec = grp + b * STRIDE;
     const uint8_t* xb = x + b * kXRec;
     __m512i sumi[RV][T];
     for (int v = 0; v < RV; ++v)
       for (int t = 0; t < T; ++t) sumi[v][t] = _mm512_setzero_si512();
     for (int g = 0; g < 16; ++g) {
       if constexpr (T == 1) {  // the same sub-block of the next super-block: its 4 panels' quants and scales
-        const char* ahead = reinterpret_cast<const char*>(rec + (H == 1 ? STRIDE : 0));
-        constexpr int HN = 1 - H;
-        for (int l = 0; l < RV * 192; l += 64) _mm_prefetch(ahead + q6_q(v0, HN, g) + l, _MM_HINT_T0);
-        _mm_prefetch(ahead + q6_s(v0, HN, g), _MM_HINT_T0);
-        if (g == 0) _mm_prefetch(ahead + q6_d(v0, HN), _MM_HINT_T0);
+        const char* ahead = reinterpret_cast<const char*>(rec + STRIDE);
+        for (int l = 0; l < RV * 192; l += 64) _mm_prefetch(ahead + q6_q(v0, g) + l, _MM_HINT_T0);
+        _mm_prefetch(ahead + q6_s(v0, g), _MM_HINT_T0);
+        if (g == 0) _mm_prefetch(ahead + q6_d(v0), _MM_HINT_T0);
       }
       __m512i q[RV][4];
       for (int v = 0; v < RV; ++v) {
-        const uint8_t* qs = rec + q6_q(v0 + v, H, g);
+        const uint8_t* qs = rec + q6_q(v0 + v, g);
         const __m512i v0 = _mm512_load_si512(qs), v1 = _mm512_load_si512(qs + 64), v2 = _mm512_load_si512(qs + 128);
         q[v][0] = _mm512_and_si512(v0, mfc);
         q[v][1] = _mm512_and_si512(v1, mfc);
@@ -393,7 +385,7 @@ LARDER_TARGET_AVX512_GFNI void tile_q6k(const uint8_t* grp, int v0, int64_t nsb,
       }
       __m512i sc[RV];
       for (int v = 0; v < RV; ++v)
-        sc[v] = _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + q6_s(v0 + v, H, g))));
+        sc[v] = _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + q6_s(v0 + v, g))));
       for (int t = 0; t < T; ++t) {
         const uint8_t* xt = xb + t * xs + 16 * g;
         const __m512i c = _mm512_set1_epi32(load_i32(xb + t * xs + kXCorr + 4 * g));
@@ -405,19 +397,13 @@ LARDER_TARGET_AVX512_GFNI void tile_q6k(const uint8_t* grp, int v0, int64_t nsb,
       }
     }
     for (int v = 0; v < RV; ++v) {
-      const __m512 dv = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(rec + q6_d(v0 + v, H))));
+      const __m512 dv = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(rec + q6_d(v0 + v))));
       for (int t = 0; t < T; ++t) {
         const __m512 xd = _mm512_set1_ps(load_f32(xb + t * xs + kXD) * 0.25f);
         acc[v][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[v][t]), _mm512_mul_ps(dv, xd), acc[v][t]);
       }
     }
-  };
-  int64_t b = 0;
-  for (; b + 2 <= nsb; b += 2) {
-    sblock(b, std::integral_constant<int, 0>{});
-    sblock(b + 1, std::integral_constant<int, 1>{});
   }
-  if (b < nsb) sblock(b, std::integral_constant<int, 0>{});
   for (int t = 0; t < T; ++t)
     for (int v = 0; v < RV; ++v) _mm512_mask_storeu_ps(y + t * ldy + 16 * v, m[v], acc[v][t]);
 }
@@ -509,12 +495,11 @@ bool packed_k_row_to_float(DType t, const void* packed, int64_t rows, int64_t co
           }
       }
     } else {
-      const uint8_t* rec = grp + (b >> 1) * stride;
-      const int h = static_cast<int>(b & 1);
-      const float d = fp16_to_fp32(load_u16(rec + q6_d(v, h) + 2 * i));
+      const uint8_t* rec = grp + b * stride;
+      const float d = fp16_to_fp32(load_u16(rec + q6_d(v) + 2 * i));
       for (int g = 0; g < 16; ++g) {
-        const uint8_t* qs = rec + q6_q(v, h, g);
-        const float dsc = d * static_cast<int8_t>(rec[q6_s(v, h, g) + i]);
+        const uint8_t* qs = rec + q6_q(v, g);
+        const float dsc = d * static_cast<int8_t>(rec[q6_s(v, g) + i]);
         for (int l = 0; l < 4; ++l) {
           int q3 = 0;
           for (int s = 0; s < 3; ++s) {
