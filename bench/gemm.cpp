@@ -1,11 +1,14 @@
 // larder-bench-gemm: prefill GEMM throughput (GFLOP/s) of Larder's f32 kernel on real
-// model shapes, side by side with OpenBLAS sgemm when it was found at build time.
+// model shapes, side by side with OpenBLAS sgemm and oneDNN's dnnl_sgemm when they were found at
+// build time (each with the same thread count: oneDNN's OpenMP team, and oneDNN called
+// single-threaded from each of Larder's pool threads on its share of the rows).
 //   larder-bench-gemm [-t THREADS] [-n TOKENS] [-r REPS]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "core/thread_pool.h"
@@ -14,6 +17,10 @@
 #ifdef LARDER_HAVE_OPENBLAS
 #include <cblas.h>
 extern "C" void openblas_set_num_threads(int);
+#endif
+#ifdef LARDER_HAVE_DNNL
+#include <dnnl.h>
+#include <omp.h>
 #endif
 
 using namespace larder;
@@ -38,13 +45,17 @@ int main(int argc, char** argv) {
     int rows, cols;
   } shapes[] = {{"stories110M q/k/v/o", 768, 768}, {"stories110M gate/up", 2048, 768},
                 {"stories110M down", 768, 2048}, {"llama-3.2-1B gate/up", 8192, 2048}, {"llama-3.2-1B down", 2048, 8192}};
+  // The "Larder" column is the own register tiles (matmul would otherwise hand f32 to oneDNN).
+  setenv("LARDER_NO_DNNL", "1", 1);
   ThreadPool pool(threads);
+
 #ifdef LARDER_HAVE_OPENBLAS
   openblas_set_num_threads(threads);
 #endif
   std::mt19937 rng(1);
   std::normal_distribution<float> nd;
-  std::printf("| shape | rows x cols | tokens | Larder GFLOP/s | OpenBLAS GFLOP/s |\n| --- | --- | ---: | ---: | ---: |\n");
+  std::printf("| shape | rows x cols | tokens | Larder tiles GFLOP/s | OpenBLAS GFLOP/s | oneDNN GFLOP/s | oneDNN per pool thread |\n"
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
   for (const Shape& sh : shapes) {
     std::vector<float> w(static_cast<size_t>(sh.rows) * sh.cols), x(static_cast<size_t>(T) * sh.cols),
         y(static_cast<size_t>(T) * sh.rows);
@@ -75,7 +86,27 @@ int main(int argc, char** argv) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, sh.rows, sh.cols, 1.f, x.data(), sh.cols, w.data(),
                   sh.cols, 0.f, y.data(), sh.rows);
     });
-    std::printf(" %.1f |\n", flop / blas / 1e9);
+    std::printf(" %.1f |", flop / blas / 1e9);
+#else
+    std::printf(" (not built) |");
+#endif
+#ifdef LARDER_HAVE_DNNL
+    omp_set_num_threads(threads);
+    const double dnnl = best([&] {
+      dnnl_sgemm('N', 'T', T, sh.rows, sh.cols, 1.f, x.data(), sh.cols, w.data(), sh.cols, 0.f, y.data(), sh.rows);
+    });
+    // One single-threaded call per pool thread on its share of the rows (no second thread pool).
+    const double dnnl_pt = best([&] {
+      pool.parallel_for(threads, [&](int64_t b, int64_t e, int) {
+        omp_set_num_threads(1);  // this thread's OpenMP setting: no team of its own
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t r0 = sh.rows * i / threads, r1 = sh.rows * (i + 1) / threads;
+          dnnl_sgemm('N', 'T', T, r1 - r0, sh.cols, 1.f, x.data(), sh.cols, w.data() + r0 * sh.cols, sh.cols, 0.f,
+                     y.data() + r0, sh.rows);
+        }
+      });
+    });
+    std::printf(" %.1f | %.1f |\n", flop / dnnl / 1e9, flop / dnnl_pt / 1e9);
 #else
     std::printf(" (not built) |\n");
 #endif

@@ -21,7 +21,7 @@ install_packages() {
   fi
 }
 
-BUILD_PACKAGES=(g++ cmake ninja-build pkg-config nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev libxxhash-dev libcpp-httplib-dev)
+BUILD_PACKAGES=(g++ cmake ninja-build pkg-config nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev libxxhash-dev libcpp-httplib-dev libdnnl-dev)
 TEST_PACKAGES=(python3 python3-numpy python3-torch python3-sentencepiece python3-jinja2 clang-14 libclang-rt-14-dev time)
 # Node.js (for the official openai client in the e2e tests): this machine image may ship NodeSource's
 # nodejs with npm bundled, which conflicts with Debian's npm package, so test for the command.

@@ -1,5 +1,10 @@
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#ifdef LARDER_HAVE_DNNL
+#include <dnnl.h>
+#include <omp.h>
+#endif
 
 #include "core/result.h"
 #include "core/thread_pool.h"
@@ -8,6 +13,45 @@
 #include "model/model.h"
 
 namespace larder::kernels {
+
+namespace {
+#ifdef LARDER_HAVE_DNNL
+// f32 prefill through oneDNN's sgemm: 1.5-2x the own register tiles on the 1B shapes
+// (larder-bench-gemm). Called single-threaded from each pool thread on its share of the rows,
+// so no OpenMP team competes with the pool for the cores. LARDER_NO_DNNL=1 keeps the own tiles.
+bool use_dnnl() {
+  static const bool on = [] {
+    const char* e = std::getenv("LARDER_NO_DNNL");
+    return !e || !*e || *e == '0';
+  }();
+  return on;
+}
+
+void gemm_dnnl(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y, int64_t ldy,
+               ThreadPool& pool) {
+  const int64_t parts = pool.size();
+  pool.parallel_for(parts, [&](int64_t b, int64_t e, int) {
+    omp_set_num_threads(1);  // this thread's OpenMP setting
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t r0 = rows * i / parts / 16 * 16, r1 = i + 1 == parts ? rows : rows * (i + 1) / parts / 16 * 16;
+      if (r1 <= r0) continue;
+      const dnnl_status_t st = dnnl_sgemm('N', 'T', n_tokens, r1 - r0, cols, 1.f, x, cols, w + r0 * cols, cols, 0.f,
+                                          y + r0, ldy);
+      LARDER_ASSERT(st == dnnl_success);
+    }
+  });
+}
+#endif
+}  // namespace
+
+bool matmul_uses_onednn(DType t, int64_t n_tokens, Isa isa) {
+#ifdef LARDER_HAVE_DNNL
+  return t == DType::F32 && n_tokens >= kGemmMinTokens && isa == Isa::AVX512 && use_dnnl();
+#else
+  (void)t, (void)n_tokens, (void)isa;
+  return false;
+#endif
+}
 
 void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool,
             MatmulScratch& scratch) {
@@ -19,6 +63,10 @@ void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t
   const Isa isa = active_isa();
   if (W.packed) return matmul_packed(W.type, W.packed, rows, cols, x, n_tokens, y, ldy, pool, scratch, isa);
   if (const MatmulFn fn = tr->matmul[static_cast<int>(isa)]) return fn(W.data, rb, rows, cols, x, n_tokens, y, ldy, pool, scratch);
+#ifdef LARDER_HAVE_DNNL
+  if (matmul_uses_onednn(W.type, n_tokens, isa))
+    return gemm_dnnl(static_cast<const float*>(W.data), rows, cols, x, n_tokens, y, ldy, pool);
+#endif
   if (n_tokens >= kGemmMinTokens) {
     // Chunks of rows sized to stay in L2 (f32) are reused for every token.
     int64_t chunk = std::clamp<int64_t>((256 * 1024) / (cols * 4), 4, 64) / 4 * 4;
