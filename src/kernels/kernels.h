@@ -100,9 +100,9 @@ bool packed_row_to_float(DType t, const void* packed, int64_t rows, int64_t cols
 void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
                    int64_t ldy, ThreadPool& pool, MatmulScratch& scratch, Isa isa);
 
-// Whether matmul hands this product to oneDNN's sgemm (f32 prefill on the AVX-512 path, when
-// built with libdnnl-dev and LARDER_NO_DNNL is unset).
-bool matmul_uses_onednn(DType t, int64_t n_tokens, Isa isa);
+// Whether matmul hands this product to oneDNN's sgemm: f32 prefill of a large matrix on the
+// AVX-512 path, when libdnnl.so.2 can be loaded and LARDER_NO_DNNL is unset.
+bool matmul_uses_onednn(DType t, int64_t rows, int64_t cols, int64_t n_tokens, Isa isa);
 
 // y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < W.rows().
 // Uses W.packed when it is set.

@@ -1,10 +1,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#ifdef LARDER_HAVE_DNNL
-#include <dnnl.h>
-#include <omp.h>
-#endif
+#include <dlfcn.h>
 
 #include "core/result.h"
 #include "core/thread_pool.h"
@@ -15,42 +12,59 @@
 namespace larder::kernels {
 
 namespace {
-#ifdef LARDER_HAVE_DNNL
-// f32 prefill through oneDNN's sgemm: 1.5-2x the own register tiles on the 1B shapes
-// (larder-bench-gemm). Called single-threaded from each pool thread on its share of the rows,
-// so no OpenMP team competes with the pool for the cores. LARDER_NO_DNNL=1 keeps the own tiles.
-bool use_dnnl() {
-  static const bool on = [] {
+// Large f32 prefill products go to oneDNN's sgemm: 1.5-1.9x the own register tiles on the 1B
+// shapes (larder-bench-gemm). It is loaded with dlopen on first use, from Debian's libdnnl2, and
+// only for matrices of at least kDnnlMinWeights: mapping the 40 MB library and its first calls
+// cost ~3-15 MB of resident memory, which small models would notice (stories15M f32 +17%) and
+// which buys little there (768-wide shapes: 349-486 vs 351-414 GFLOP/s). Called single-threaded
+// from each pool thread on its share of the rows, so no OpenMP team competes with the pool for
+// the cores. LARDER_NO_DNNL=1 keeps the own tiles.
+constexpr int64_t kDnnlMinWeights = int64_t{1} << 22;  // 2048 x 2048
+using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float,
+                        float*, int64_t);  // dnnl_sgemm (row-major); returns dnnl_success = 0
+using OmpSetFn = void (*)(int);
+
+struct Dnnl {
+  SgemmFn sgemm = nullptr;
+  OmpSetFn omp_set_num_threads = nullptr;
+};
+const Dnnl* dnnl() {
+  static const Dnnl d = [] {
+    Dnnl r;
     const char* e = std::getenv("LARDER_NO_DNNL");
-    return !e || !*e || *e == '0';
+    if (e && *e && *e != '0') return r;
+    void* h = dlopen("libdnnl.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (!h) return r;
+    auto sg = reinterpret_cast<SgemmFn>(dlsym(h, "dnnl_sgemm"));
+    void* g = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);  // libdnnl's OpenMP runtime, already mapped
+    auto os = g ? reinterpret_cast<OmpSetFn>(dlsym(g, "omp_set_num_threads")) : nullptr;
+    if (sg && os) {
+      r.sgemm = sg;
+      r.omp_set_num_threads = os;
+    }
+    return r;
   }();
-  return on;
+  return d.sgemm ? &d : nullptr;
 }
 
-void gemm_dnnl(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y, int64_t ldy,
-               ThreadPool& pool) {
+void gemm_dnnl(const Dnnl& d, const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+               int64_t ldy, ThreadPool& pool) {
   const int64_t parts = pool.size();
   pool.parallel_for(parts, [&](int64_t b, int64_t e, int) {
-    omp_set_num_threads(1);  // this thread's OpenMP setting
+    d.omp_set_num_threads(1);  // this thread's OpenMP setting
     for (int64_t i = b; i < e; ++i) {
       const int64_t r0 = rows * i / parts / 16 * 16, r1 = i + 1 == parts ? rows : rows * (i + 1) / parts / 16 * 16;
       if (r1 <= r0) continue;
-      const dnnl_status_t st = dnnl_sgemm('N', 'T', n_tokens, r1 - r0, cols, 1.f, x, cols, w + r0 * cols, cols, 0.f,
-                                          y + r0, ldy);
-      LARDER_ASSERT(st == dnnl_success);
+      const int st = d.sgemm('N', 'T', n_tokens, r1 - r0, cols, 1.f, x, cols, w + r0 * cols, cols, 0.f, y + r0, ldy);
+      LARDER_ASSERT(st == 0);
     }
   });
 }
-#endif
 }  // namespace
 
-bool matmul_uses_onednn(DType t, int64_t n_tokens, Isa isa) {
-#ifdef LARDER_HAVE_DNNL
-  return t == DType::F32 && n_tokens >= kGemmMinTokens && isa == Isa::AVX512 && use_dnnl();
-#else
-  (void)t, (void)n_tokens, (void)isa;
-  return false;
-#endif
+bool matmul_uses_onednn(DType t, int64_t rows, int64_t cols, int64_t n_tokens, Isa isa) {
+  return t == DType::F32 && n_tokens >= kGemmMinTokens && isa == Isa::AVX512 && rows * cols >= kDnnlMinWeights &&
+         dnnl() != nullptr;
 }
 
 void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool,
@@ -63,10 +77,8 @@ void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t
   const Isa isa = active_isa();
   if (W.packed) return matmul_packed(W.type, W.packed, rows, cols, x, n_tokens, y, ldy, pool, scratch, isa);
   if (const MatmulFn fn = tr->matmul[static_cast<int>(isa)]) return fn(W.data, rb, rows, cols, x, n_tokens, y, ldy, pool, scratch);
-#ifdef LARDER_HAVE_DNNL
-  if (matmul_uses_onednn(W.type, n_tokens, isa))
-    return gemm_dnnl(static_cast<const float*>(W.data), rows, cols, x, n_tokens, y, ldy, pool);
-#endif
+  if (matmul_uses_onednn(W.type, rows, cols, n_tokens, isa))
+    return gemm_dnnl(*dnnl(), static_cast<const float*>(W.data), rows, cols, x, n_tokens, y, ldy, pool);
   if (n_tokens >= kGemmMinTokens) {
     // Chunks of rows sized to stay in L2 (f32) are reused for every token.
     int64_t chunk = std::clamp<int64_t>((256 * 1024) / (cols * 4), 4, 64) / 4 * 4;
