@@ -5,18 +5,20 @@
 # bytes per token are the model's tensor bytes (larder bench's model_size; for a tied model
 # such as llama-3.2-1b every weight is read once per token, the embedding as the output
 # matrix). This VM's bandwidth moves by up to 2x from minute to minute, hence before/after.
-#   bench/roofline.sh MODEL.gguf [MODEL.gguf ...]     (THREADS=2 REPS=2 by default)
+#   bench/roofline.sh MODEL.gguf [MODEL.gguf ...]     (THREADS=2 REPS=2 NGEN=128 by default; a short
+#   NGEN keeps the window between the two bandwidth figures small)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${LARDER_BIN_DIR:-$ROOT/build/bin}"
 THREADS="${THREADS:-2}"
 REPS="${REPS:-2}"
+NGEN="${NGEN:-128}"
 bw() { "$BIN/larder-membw" -t "$THREADS" -r 3 | sed -E 's/read bandwidth: ([0-9.]+) GB.*/\1/'; }
-echo "| file | GB/token | bandwidth before / after (GB/s) | limit t/s (higher bw) | Larder tg128 t/s | fraction of limit |"
+echo "| file | GB/token | bandwidth before / after (GB/s) | limit t/s (higher bw) | Larder tg t/s | fraction of limit |"
 echo "|---|---:|---:|---:|---:|---:|"
 for m in "$@"; do
   b1=$(bw)
-  json=$("$BIN/larder" bench -m "$m" -p 0 -n 128 -t "$THREADS" -r "$REPS" -o json)
+  json=$("$BIN/larder" bench -m "$m" -p 0 -n "$NGEN" -t "$THREADS" -r "$REPS" -o json)
   b2=$(bw)
   python3 - "$m" "$b1" "$b2" "$json" <<'PY'
 import json, os, sys
