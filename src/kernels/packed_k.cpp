@@ -2,19 +2,22 @@
 // packed.cpp, whose header explains panels, groups and why decode reads one stream).
 //
 // Panel p = rows 16p .. 16p+15 (rows past the end are zero). Its super-blocks (256 columns) are
-// stored in records, groups of 4 panels (64 rows) interleave their records record by record
-// ([rec 0: panel 0, 1, 2, 3][rec 1: ...]), so decode reads one sequential stream. In every
+// stored in records; a group of 4 panels (64 rows) keeps its 4 records of a super-block together,
+// arranged in the order decode reads them, so decode reads one ascending stream. In every
 // 64-byte "step" vector lane i holds 4 bytes of row i for 4 consecutive columns: one vpdpbusd
 // is 16 rows x 4 columns of one token against an activation dword broadcast from memory.
 //
-// q4_K (one super-block per record, 2368 bytes = 37 x 64, +2.8% over the GGUF rows' 2304):
-//   [0, 2048)     qs: vector 8c + s (c = 0..3 pairs of sub-blocks, s = 0..7) lane i = row i's
+// q4_K (2368 bytes per panel and super-block = 37 x 64, +2.8% over the GGUF rows' 2304), at
+// offsets q4q / q4sc / q4mn / q4d / q4dmin of the group's record (quants of sub-block pair c for
+// panels 0..3, pair by pair, then each panel's scales, minimums, d, dmin; from DRAM at ~77 GB/s
+// ~71 GB/s, panel by panel ~68):
+//   qs: vector (v, c, s) (c = 0..3 pairs of sub-blocks, s = 0..7) lane i = row i's
 //                 qs[32c + 4s .. +3] as stored: low nibbles are columns 64c + 4s.. (sub-block 2c),
 //                 high nibbles columns 64c + 32 + 4s.. (sub-block 2c + 1);
-//   [2048, 2176)  scales: byte 16j + i = row i's 6-bit scale of sub-block j;
-//   [2176, 2304)  minimums: byte 32p + 2i + h = row i's minimum of sub-block 2p + h (vpmovzxbw
+//   scales: byte 16j + i = row i's 6-bit scale of sub-block j;
+//   minimums: byte 32p + 2i + h = row i's minimum of sub-block 2p + h (vpmovzxbw
 //                 makes lane i the int16 pair of sub-blocks 2p, 2p + 1 for one vpdpwssd);
-//   [2304, 2336)  d, [2336, 2368) dmin: f16 per row.
+//   d, dmin: f16 per row.
 //   Decode prefetches the next super-block's records (hardware prefetch alone read DRAM at ~41
 //   of 50 GB/s, with it ~48). q6_K decode prefetches the next super-block's same sub-block of
 //   the 4 panels (from DRAM at ~84 GB/s: ~63, where the panel-by-panel records read ~58 and the
@@ -71,7 +74,14 @@ constexpr int kXCorr = 256, kXD = 320, kXSum32 = 324;
 
 // q4_K record
 constexpr size_t kQ4Rec = 2368;
-constexpr int kQ4Sc = 2048, kQ4Mn = 2176, kQ4D = 2304, kQ4Dmin = 2336;
+// A group's record (4 panels, 9472 bytes) in decode's read order: the quants of sub-block pair c
+// of panels 0..3, pair by pair, then the scales, minimums, d and dmin of panels 0..3.
+constexpr size_t q4q(int v, int c, int s) { return 2048 * c + 512 * v + 64 * s; }
+constexpr size_t q4sc(int v) { return 8192 + 128 * v; }
+constexpr size_t q4mn(int v) { return 8704 + 128 * v; }
+constexpr size_t q4d(int v) { return 9216 + 32 * v; }
+constexpr size_t q4dmin(int v) { return 9344 + 32 * v; }
+static_assert(q4dmin(3) + 32 == kGroupPanels * kQ4Rec);
 // q6_K record (2 super-blocks)
 constexpr size_t kQ6Rec = 3360;  // per panel and super-block
 constexpr size_t q6_q(int v, int g) { return 768 * g + 192 * v; }
@@ -115,20 +125,20 @@ inline uint16_t load_u16(const uint8_t* p) {
 
 // ------------------------------------------------------------------ packing
 
-void pack_q4k_row(const BlockQ4_K* row, int64_t nsb, int i, uint8_t* panel, size_t rec_stride) {
+void pack_q4k_row(const BlockQ4_K* row, int64_t nsb, int i, uint8_t* grp, int v, size_t rec_stride) {
   for (int64_t b = 0; b < nsb; ++b) {
     const BlockQ4_K& blk = row[b];
-    uint8_t* rec = panel + b * rec_stride;
+    uint8_t* rec = grp + b * rec_stride;
     for (int c = 0; c < 4; ++c)
-      for (int s = 0; s < 8; ++s) std::memcpy(rec + (8 * c + s) * 64 + 4 * i, blk.qs + 32 * c + 4 * s, 4);
+      for (int s = 0; s < 8; ++s) std::memcpy(rec + q4q(v, c, s) + 4 * i, blk.qs + 32 * c + 4 * s, 4);
     for (int j = 0; j < 8; ++j) {
       uint8_t sc, mn;
       get_scale_min_k4(j, blk.scales, &sc, &mn);
-      rec[kQ4Sc + 16 * j + i] = sc;
-      rec[kQ4Mn + 32 * (j / 2) + 2 * i + (j & 1)] = mn;
+      rec[q4sc(v) + 16 * j + i] = sc;
+      rec[q4mn(v) + 32 * (j / 2) + 2 * i + (j & 1)] = mn;
     }
-    std::memcpy(rec + kQ4D + 2 * i, &blk.d, 2);
-    std::memcpy(rec + kQ4Dmin + 2 * i, &blk.dmin, 2);
+    std::memcpy(rec + q4d(v) + 2 * i, &blk.d, 2);
+    std::memcpy(rec + q4dmin(v) + 2 * i, &blk.dmin, 2);
   }
 }
 
@@ -173,7 +183,7 @@ void pack_groups(const KLayout& L, const uint8_t* w, size_t wrb, int64_t rows, i
       if (L.q6)
         pack_q6k_row(reinterpret_cast<const BlockQ6_K*>(w + r * wrb), nsb, i, grp, v, kGroupPanels * L.rec);
       else
-        pack_q4k_row(reinterpret_cast<const BlockQ4_K*>(w + r * wrb), nsb, i, grp + v * L.rec, kGroupPanels * L.rec);
+        pack_q4k_row(reinterpret_cast<const BlockQ4_K*>(w + r * wrb), nsb, i, grp, v, kGroupPanels * L.rec);
     }
   }
 }
@@ -207,7 +217,6 @@ void quantize_xk(const float* x, uint8_t* out, int64_t nsb) {
 void panel_scalar(const KLayout& L, const uint8_t* grp, int v, int64_t nsb, int nrows, const uint8_t* x, int64_t xs,
                   int64_t nt, float* y, int64_t ldy) {
   const size_t stride = kGroupPanels * L.rec;
-  const uint8_t* panel = grp + v * L.rec;  // q4_K: panel by panel
   for (int64_t t = 0; t < nt; ++t)
     for (int i = 0; i < nrows; ++i) {
       float acc = 0;
@@ -216,23 +225,23 @@ void panel_scalar(const KLayout& L, const uint8_t* grp, int v, int64_t nsb, int 
         const auto* xq = reinterpret_cast<const int8_t*>(xb);
         const float dx = load_f32(xb + kXD);
         if (!L.q6) {
-          const uint8_t* rec = panel + b * stride;
+          const uint8_t* rec = grp + b * stride;
           int32_t sumi_e = 0, sumi_o = 0, summ = 0;
           for (int c = 0; c < 4; ++c) {
             int32_t lo = 0, hi16 = 0;
             for (int s = 0; s < 8; ++s)
               for (int l = 0; l < 4; ++l) {
-                const uint8_t byte = rec[(8 * c + s) * 64 + 4 * i + l];
+                const uint8_t byte = rec[q4q(v, c, s) + 4 * i + l];
                 lo += (byte & 0x0F) * xq[64 * c + 4 * s + l];
                 hi16 += (byte & 0xF0) * xq[64 * c + 32 + 4 * s + l];
               }
-            sumi_e += rec[kQ4Sc + 16 * (2 * c) + i] * lo;
-            sumi_o += rec[kQ4Sc + 16 * (2 * c + 1) + i] * hi16;
+            sumi_e += rec[q4sc(v) + 16 * (2 * c) + i] * lo;
+            sumi_o += rec[q4sc(v) + 16 * (2 * c + 1) + i] * hi16;
           }
-          for (int j = 0; j < 8; ++j) summ += rec[kQ4Mn + 32 * (j / 2) + 2 * i + (j & 1)] * load_i16(xb + kXSum32 + 2 * j);
+          for (int j = 0; j < 8; ++j) summ += rec[q4mn(v) + 32 * (j / 2) + 2 * i + (j & 1)] * load_i16(xb + kXSum32 + 2 * j);
           const int32_t sumi = sumi_e + (sumi_o >> 4);
-          const float d = fp16_to_fp32(load_u16(rec + kQ4D + 2 * i));
-          const float dmin = fp16_to_fp32(load_u16(rec + kQ4Dmin + 2 * i));
+          const float d = fp16_to_fp32(load_u16(rec + q4d(v) + 2 * i));
+          const float dmin = fp16_to_fp32(load_u16(rec + q4dmin(v) + 2 * i));
           acc = std::fma(static_cast<float>(sumi), d * dx, acc);
           acc = std::fma(-static_cast<float>(summ), dmin * dx, acc);
         } else {
@@ -262,19 +271,17 @@ void panel_scalar(const KLayout& L, const uint8_t* grp, int v, int64_t nsb, int 
 
 // ------------------------------------------------------------------ AVX-512
 
-// y[t*ldy + 16v + i] for panels v < RV of one group (pw: panel 0's first record), tokens t < T,
-// lanes masked by m[v].
+// y[t*ldy + 16v + i] for panels v0 + v (v < RV) of group grp, tokens t < T, lanes masked by m[v].
 template <int RV, int T>
 LARDER_TARGET_AVX512 void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, const __mmask16* m, const uint8_t* x,
                                    int64_t xs, float* y, int64_t ldy) {
   constexpr size_t STRIDE = kGroupPanels * kQ4Rec;
-  const uint8_t* pw = grp + v0 * kQ4Rec;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[RV][T];
   for (int v = 0; v < RV; ++v)
     for (int t = 0; t < T; ++t) acc[v][t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nsb; ++b) {
-    const uint8_t* rec = pw + b * STRIDE;
+    const uint8_t* rec = grp + b * STRIDE;
     const uint8_t* xb = x + b * kXRec;
     __m512i se[RV][T], so[RV][T];
     for (int v = 0; v < RV; ++v)
@@ -290,7 +297,7 @@ LARDER_TARGET_AVX512 void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, cons
       for (int s = 0; s < 8; ++s) {
         __m512i lo[RV], hi[RV];
         for (int v = 0; v < RV; ++v) {
-          const __m512i raw = _mm512_load_si512(rec + v * kQ4Rec + (8 * c + s) * 64);
+          const __m512i raw = _mm512_load_si512(rec + q4q(v0 + v, c, s));
           lo[v] = _mm512_and_si512(raw, m4);
           hi[v] = _mm512_andnot_si512(m4, raw);
         }
@@ -304,9 +311,9 @@ LARDER_TARGET_AVX512 void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, cons
         }
       }
       for (int v = 0; v < RV; ++v) {
-        const __m512i sce = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + v * kQ4Rec + kQ4Sc + 32 * c)));
+        const __m512i sce = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + q4sc(v0 + v) + 32 * c)));
         const __m512i sco =
-            _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + v * kQ4Rec + kQ4Sc + 32 * c + 16)));
+            _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + q4sc(v0 + v) + 32 * c + 16)));
         for (int t = 0; t < T; ++t) {
           se[v][t] = _mm512_add_epi32(se[v][t], _mm512_mullo_epi32(sl[v][t], sce));
           so[v][t] = _mm512_add_epi32(so[v][t], _mm512_mullo_epi32(sh[v][t], sco));
@@ -314,11 +321,11 @@ LARDER_TARGET_AVX512 void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, cons
       }
     }
     for (int v = 0; v < RV; ++v) {
-      const uint8_t* r = rec + v * kQ4Rec;
       __m512i mn[4];
-      for (int p = 0; p < 4; ++p) mn[p] = _mm512_cvtepu8_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(r + kQ4Mn + 32 * p)));
-      const __m512 dv = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(r + kQ4D)));
-      const __m512 dm = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(r + kQ4Dmin)));
+      for (int p = 0; p < 4; ++p)
+        mn[p] = _mm512_cvtepu8_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(rec + q4mn(v0 + v) + 32 * p)));
+      const __m512 dv = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(rec + q4d(v0 + v))));
+      const __m512 dm = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(rec + q4dmin(v0 + v))));
       for (int t = 0; t < T; ++t) {
         const uint8_t* xt = xb + t * xs;
         __m512i summ = _mm512_setzero_si512();
@@ -477,20 +484,19 @@ bool packed_k_row_to_float(DType t, const void* packed, int64_t rows, int64_t co
   const KLayout L = klayout_of(t);
   const uint8_t* grp = group_of(static_cast<const uint8_t*>(packed), group_bytes(L, cols), r / 16);
   const int v = static_cast<int>((r / 16) % kGroupPanels), i = static_cast<int>(r % 16);
-  const uint8_t* panel = grp + v * L.rec;  // q4_K: panel by panel
   const size_t stride = kGroupPanels * L.rec;
   // The float operations of the GGUF dequantizers (q4_K: d * sc * q - dmin * mn; q6_K:
   // d * sc * (q - 32)), so the values are the same bits.
   for (int64_t b = 0; b < cols / kQK_K; ++b) {
     float* y = out + b * kQK_K;
     if (!L.q6) {
-      const uint8_t* rec = panel + b * stride;
-      const float d = fp16_to_fp32(load_u16(rec + kQ4D + 2 * i)), mn = fp16_to_fp32(load_u16(rec + kQ4Dmin + 2 * i));
+      const uint8_t* rec = grp + b * stride;
+      const float d = fp16_to_fp32(load_u16(rec + q4d(v) + 2 * i)), mn = fp16_to_fp32(load_u16(rec + q4dmin(v) + 2 * i));
       for (int j = 0; j < 8; ++j) {
-        const float d1 = d * rec[kQ4Sc + 16 * j + i], m1 = mn * rec[kQ4Mn + 32 * (j / 2) + 2 * i + (j & 1)];
+        const float d1 = d * rec[q4sc(v) + 16 * j + i], m1 = mn * rec[q4mn(v) + 32 * (j / 2) + 2 * i + (j & 1)];
         for (int s = 0; s < 8; ++s)
           for (int l = 0; l < 4; ++l) {
-            const uint8_t byte = rec[(8 * (j / 2) + s) * 64 + 4 * i + l];
+            const uint8_t byte = rec[q4q(v, j / 2, s) + 4 * i + l];
             y[32 * j + 4 * s + l] = d1 * static_cast<float>((j & 1) ? byte >> 4 : byte & 0xF) - m1;
           }
       }
