@@ -23,6 +23,7 @@ using namespace larder::kernels;
 
 using larder::testing::IsaGuard;
 using larder::testing::paths;
+using larder::testing::q8_roundtrip;
 
 namespace {
 
@@ -70,15 +71,6 @@ QMatrix make(DType t, int rows, int cols, std::mt19937& rng, ThreadPool& pool, i
   return m;
 }
 
-std::vector<float> q8_roundtrip(const std::vector<float>& x, int nt, int cols) {
-  std::vector<float> out(x.size());
-  std::vector<uint8_t> q(row_bytes(DType::Q8_0, cols));
-  for (int t = 0; t < nt; ++t) {
-    quantize_row(DType::Q8_0, &x[static_cast<size_t>(t) * cols], q.data(), cols);
-    dequantize_row(DType::Q8_0, q.data(), &out[static_cast<size_t>(t) * cols], cols);
-  }
-  return out;
-}
 
 void check(const QMatrix& W, const std::vector<float>& xq, int nt, const std::vector<float>& y, int ldy,
            const std::string& what) {

@@ -22,6 +22,7 @@ using namespace larder::kernels;
 
 using larder::testing::IsaGuard;
 using larder::testing::paths;
+using larder::testing::q8_roundtrip;
 
 namespace {
 
@@ -61,16 +62,6 @@ Q4Matrix make_weights(int rows, int cols, std::mt19937& rng, int pattern = 0) {
   return m;
 }
 
-// x rounded through q8_0, as the kernels see it.
-std::vector<float> q8_roundtrip(const std::vector<float>& x, int nt, int cols) {
-  std::vector<float> out(x.size());
-  std::vector<uint8_t> q(row_bytes(DType::Q8_0, cols));
-  for (int t = 0; t < nt; ++t) {
-    quantize_row(DType::Q8_0, &x[static_cast<size_t>(t) * cols], q.data(), cols);
-    dequantize_row(DType::Q8_0, q.data(), &out[static_cast<size_t>(t) * cols], cols);
-  }
-  return out;
-}
 
 // Checks y (stride ldy) against the reference; columns rows..ldy must still hold the sentinel.
 void check(const Q4Matrix& W, const std::vector<float>& xq, int nt, const std::vector<float>& y, int ldy,

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "model/dtype.h"
 
 namespace larder::testing {
 
@@ -32,5 +33,16 @@ struct IsaGuard {
   kernels::Isa saved = kernels::active_isa();
   ~IsaGuard() { kernels::set_isa(saved); }
 };
+
+// Activations [nt][cols] rounded through q8_0, as the integer kernels consume them.
+inline std::vector<float> q8_roundtrip(const std::vector<float>& x, int nt, int cols) {
+  std::vector<float> out(x.size());
+  std::vector<uint8_t> q(row_bytes(DType::Q8_0, cols));
+  for (int t = 0; t < nt; ++t) {
+    kernels::quantize_row(DType::Q8_0, &x[static_cast<size_t>(t) * cols], q.data(), cols);
+    kernels::dequantize_row(DType::Q8_0, q.data(), &out[static_cast<size_t>(t) * cols], cols);
+  }
+  return out;
+}
 
 }  // namespace larder::testing

@@ -1,6 +1,7 @@
 // Declarations shared by the kernel translation units (not part of the public API).
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -50,6 +51,28 @@ void matmul_q4_0_avx2(const void* w, size_t wrb, int64_t rows, int64_t cols, con
 void matmul_q4_0_avx512(const void* w, size_t wrb, int64_t rows, int64_t cols, const float* x, int64_t n_tokens,
                         float* y, int64_t ldy, ThreadPool& pool, MatmulScratch& scratch);
 
+
+// Unaligned little-endian loads from the packed byte layouts.
+inline int32_t load_i32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline int16_t load_i16(const uint8_t* p) {
+  int16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+inline uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+inline float load_f32(const uint8_t* p) {
+  float v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
 
 // "x4" activation layout of the integer kernels (q4_0.cpp describes it): q8_0 values of a
 // row in groups of 4 blocks, 256 bytes each, with the scales and a per-block correction

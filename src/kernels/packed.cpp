@@ -75,22 +75,6 @@ inline const uint8_t* sc_at(const Layout& L, const uint8_t* g, int v, int64_t b)
   return g + rec_of(L, b) + v * L.pair + 2 * L.qs + 32 * (b & 1);
 }
 
-inline int32_t load_i32(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-inline float load_f32(const uint8_t* p) {
-  float v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-inline uint16_t load_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
-
 // Groups [g0, g1) of w (rows x cols, row stride wrb) into out.
 void pack_groups(const Layout& L, const uint8_t* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, int64_t g0,
                  int64_t g1) {

@@ -102,27 +102,6 @@ inline int64_t n_recs(const KLayout& L, int64_t nsb) { return (nsb + L.per_rec -
 inline size_t group_bytes(const KLayout& L, int64_t cols) { return n_recs(L, cols / kQK_K) * kGroupPanels * L.rec; }
 inline const uint8_t* group_of(const uint8_t* pw, size_t gb, int64_t p) { return pw + (p / kGroupPanels) * gb; }
 
-inline int32_t load_i32(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-inline int16_t load_i16(const uint8_t* p) {
-  int16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
-inline float load_f32(const uint8_t* p) {
-  float v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-inline uint16_t load_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
-
 // ------------------------------------------------------------------ packing
 
 void pack_q4k_row(const BlockQ4_K* row, int64_t nsb, int i, uint8_t* grp, int v, size_t rec_stride) {

@@ -44,22 +44,6 @@ constexpr int kTokTile = 6;           // prefill tokens per register tile
 // 2 threads: 17 vs 22 us AVX-512, 28 vs 68 us AVX2), since a row's unpacking is shared.
 constexpr int64_t kPrefillMinTokens = 2;
 
-inline uint16_t load_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
-inline int32_t load_i32(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-inline float load_f32(const uint8_t* p) {
-  float v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
 // Rounds x * id to an int8 quant exactly as quantize_row_q8_0 does for finite values
 // (nearbyint, default rounding); NaN -> 0.
 inline int quant_q8(float v) {
