@@ -1,5 +1,6 @@
 // Declarations shared by the kernel translation units (not part of the public API).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -91,6 +92,15 @@ void matmul_packed_k(DType t, const void* packed, int64_t rows, int64_t cols, co
 // the shift-based fallback with false. Returns the previous setting.
 bool set_packed_k_gfni(bool use);
 bool packed_k_row_to_float(DType t, const void* packed, int64_t rows, int64_t cols, int64_t r, float* out);
+
+// Lane masks (__mmask16) of the rv 16-row panels of a unit starting at row r0: rows past `rows`
+// are not stored.
+inline void unit_masks(int64_t r0, int64_t rows, int rv, uint16_t* m) {
+  for (int v = 0; v < rv; ++v) {
+    const int64_t left = std::clamp<int64_t>(rows - r0 - 16 * v, 0, 16);
+    m[v] = static_cast<uint16_t>((1u << left) - 1);
+  }
+}
 
 // Scratch memory aligned to 64 bytes inside a vector.
 template <class T>

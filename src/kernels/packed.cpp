@@ -254,13 +254,7 @@ TileFn prefill_tile(int rv, int nt) {
   return tb[rv - 1][nt - 1];
 }
 
-// Lane masks for the panels of a unit starting at row r0 (rows past `rows` are not stored).
-void unit_masks(int64_t r0, int64_t rows, int rv, __mmask16* m) {
-  for (int v = 0; v < rv; ++v) {
-    const int64_t left = std::clamp<int64_t>(rows - r0 - 16 * v, 0, 16);
-    m[v] = static_cast<__mmask16>((1u << left) - 1);
-  }
-}
+
 
 }  // namespace
 

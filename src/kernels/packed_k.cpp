@@ -433,12 +433,6 @@ TileFn pick_tile(bool q6, bool gfni, int rv, int nt) {
 
 std::atomic<bool> g_gfni{__builtin_cpu_supports("gfni") && std::getenv("LARDER_NO_GFNI") == nullptr};
 
-void unit_masks(int64_t r0, int64_t rows, int rv, __mmask16* m) {
-  for (int v = 0; v < rv; ++v) {
-    const int64_t left = std::clamp<int64_t>(rows - r0 - 16 * v, 0, 16);
-    m[v] = static_cast<__mmask16>((1u << left) - 1);
-  }
-}
 
 }  // namespace
 
