@@ -183,7 +183,9 @@ TEST(KvBlocks, RandomizedAgainstModel) {
         for (size_t i = 0; (i + 1) * bs <= toks.size(); ++i) {
           h = chain_hash(h, std::span<const int32_t>(toks).subspan(i * bs, bs));
           auto name = bm.block_hash(table[i]);
-          if (name) ASSERT_TRUE(*name == h) << "block " << i << " of seq " << id << " has a foreign name";
+          if (name) {
+            ASSERT_TRUE(*name == h) << "block " << i << " of seq " << id << " has a foreign name";
+          }
         }
       }
     }

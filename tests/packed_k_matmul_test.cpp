@@ -237,7 +237,9 @@ TEST(PackedK, Avx512EqualsScalarLayoutReference) {
         ASSERT_EQ(ya[i], ys[i]) << dtype_name(t) << " tokens " << n << " i " << i;
         ASSERT_EQ(yn[i], ys[i]) << dtype_name(t) << " no gfni, tokens " << n << " i " << i;
         // The GGUF-layout prefill multiplies f32 activations: compared in the grid test.
-        if (n == 1) ASSERT_NEAR(ya[i], yu[i], 1e-4 * (1 + std::fabs(yu[i]))) << dtype_name(t) << " i " << i;
+        if (n == 1) {
+          ASSERT_NEAR(ya[i], yu[i], 1e-4 * (1 + std::fabs(yu[i]))) << dtype_name(t) << " i " << i;
+        }
       }
     }
   }
@@ -356,7 +358,9 @@ TEST(PackedK, PackedModelMatchesUnpacked) {
           if (logits[k][i][v] > logits[k][i][a1]) a1 = v;
         }
         EXPECT_LT(diff, tol * mag) << dtype_name(t) << (k == 2 ? " vs token by token" : " vs batched") << " step " << i;
-        if (k == 2) EXPECT_EQ(a0, a1) << dtype_name(t) << " vs token by token step " << i;
+        if (k == 2) {
+          EXPECT_EQ(a0, a1) << dtype_name(t) << " vs token by token step " << i;
+        }
       }
     }
     std::remove(path.c_str());

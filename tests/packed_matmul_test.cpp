@@ -162,8 +162,9 @@ TEST(PackedMatmul, Avx512EqualsScalarLayoutReference) {
       const bool same_inputs = n == 1 || t == DType::Q4_0;
       for (size_t i = 0; i < ys.size(); ++i) {
         ASSERT_EQ(ya[i], ys[i]) << dtype_name(t) << " tokens " << n << " i " << i;
-        if (same_inputs)
+        if (same_inputs) {
           ASSERT_NEAR(ya[i], yu[i], 1e-4 * (1 + std::fabs(yu[i]))) << dtype_name(t) << " tokens " << n << " i " << i;
+        }
       }
     }
   }
