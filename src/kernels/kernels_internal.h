@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/thread_pool.h"
 #include "kernels/kernels.h"
 
 #define LARDER_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -95,11 +96,28 @@ bool packed_k_row_to_float(DType t, const void* packed, int64_t rows, int64_t co
 
 // Lane masks (__mmask16) of the rv 16-row panels of a unit starting at row r0: rows past `rows`
 // are not stored.
-inline void unit_masks(int64_t r0, int64_t rows, int rv, uint16_t* m) {
+inline void unit_masks(int64_t r0, int64_t rows, int rv, uint16_t* m) {  // rv <= 16
   for (int v = 0; v < rv; ++v) {
     const int64_t left = std::clamp<int64_t>(rows - r0 - 16 * v, 0, 16);
     m[v] = static_cast<uint16_t>((1u << left) - 1);
   }
+}
+
+// Runs f(p0, rv, masks) over units of `unit` 16-row panels starting at panel p0 (rv panels, the
+// last unit may be short; masks as unit_masks), units split across the pool: the drivers of the
+// packed kernels (unit 1 for the scalar layout references).
+template <class F>
+void for_each_unit(ThreadPool& pool, int64_t rows, int unit, F&& f) {
+  const int64_t npanels = (rows + 15) / 16, nunits = (npanels + unit - 1) / unit;
+  pool.parallel_for(nunits, [&](int64_t b, int64_t e, int) {
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t p0 = u * unit;
+      const int rv = static_cast<int>(std::min<int64_t>(unit, npanels - p0));
+      uint16_t m[16];
+      unit_masks(16 * p0, rows, rv, m);
+      f(p0, rv, m);
+    }
+  });
 }
 
 // Scratch memory aligned to 64 bytes inside a vector.

@@ -281,7 +281,7 @@ void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, cons
   LARDER_ASSERT(packed_bytes(t, rows, cols) > 0);
   const Layout L = layout_of(t);
   const auto* pw = static_cast<const uint8_t*>(packed);
-  const int64_t nb = cols / 32, xs = x4_row_bytes(nb), npanels = (rows + 15) / 16;
+  const int64_t nb = cols / 32, xs = x4_row_bytes(nb);
   const size_t gb = group_bytes(L, cols);
   uint8_t* xq = aligned_bytes(scratch.xq, static_cast<size_t>(n_tokens * xs));
   const Isa qisa = isa == Isa::AVX512 ? Isa::AVX512 : Isa::Scalar;
@@ -289,34 +289,22 @@ void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, cons
     for (int64_t i = b; i < e; ++i) quantize_x4(x + i * cols, xq + i * xs, nb, L.corr_mul, qisa);
   });
   if (isa != Isa::AVX512) {  // the layout's reference; packing happens only where AVX-512 runs
-    pool.parallel_for(npanels, [&](int64_t b, int64_t e, int) {
-      for (int64_t p = b; p < e; ++p)
-        panel_scalar(L, group_of(pw, gb, p), static_cast<int>(p % kGroupPanels), nb, static_cast<int>(std::min<int64_t>(16, rows - 16 * p)), xq, xs, n_tokens,
-                     y + 16 * p, ldy);
+    for_each_unit(pool, rows, 1, [&](int64_t p, int, const uint16_t*) {
+      panel_scalar(L, group_of(pw, gb, p), static_cast<int>(p % kGroupPanels), nb,
+                   static_cast<int>(std::min<int64_t>(16, rows - 16 * p)), xq, xs, n_tokens, y + 16 * p, ldy);
     });
     return;
   }
-  const int unit = n_tokens == 1 ? kDecodePanels : kPrefillPanels;
-  const int64_t nunits = (npanels + unit - 1) / unit;
-  pool.parallel_for(nunits, [&](int64_t b, int64_t e, int) {
-    for (int64_t u = b; u < e; ++u) {
-      const int64_t p0 = u * unit;
-      const int rv = static_cast<int>(std::min<int64_t>(unit, npanels - p0));
-      __mmask16 m[kDecodePanels];
-      unit_masks(16 * p0, rows, rv, m);
-      const uint8_t* g = group_of(pw, gb, p0);  // units never cross a group
-      const int v0 = static_cast<int>(p0 % kGroupPanels);
-      const uint8_t* gq = g + v0 * (L.read_order ? L.qs : L.pair);
-      const uint8_t* gs = g + v0 * (L.read_order ? 64 : L.pair);
-      if (n_tokens == 1) {
-        (L.q4 ? decode_tile<true>(rv) : decode_tile<false>(rv))(gq, gs, nb, m, xq, xs, y + 16 * p0, ldy);
-        continue;
-      }
-      for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokTile) {
-        const int n = static_cast<int>(std::min<int64_t>(kTokTile, n_tokens - t0));
-        (L.q4 ? prefill_tile<true>(rv, n) : prefill_tile<false>(rv, n))(gq, gs, nb, m, xq + t0 * xs, xs,
-                                                                       y + t0 * ldy + 16 * p0, ldy);
-      }
+  for_each_unit(pool, rows, n_tokens == 1 ? kDecodePanels : kPrefillPanels, [&](int64_t p0, int rv, const uint16_t* m) {
+    const uint8_t* g = group_of(pw, gb, p0);  // units never cross a group
+    const int v0 = static_cast<int>(p0 % kGroupPanels);
+    const uint8_t* gq = g + v0 * (L.read_order ? L.qs : L.pair);
+    const uint8_t* gs = g + v0 * (L.read_order ? 64 : L.pair);
+    if (n_tokens == 1) return (L.q4 ? decode_tile<true>(rv) : decode_tile<false>(rv))(gq, gs, nb, m, xq, xs, y + 16 * p0, ldy);
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokTile) {
+      const int n = static_cast<int>(std::min<int64_t>(kTokTile, n_tokens - t0));
+      (L.q4 ? prefill_tile<true>(rv, n) : prefill_tile<false>(rv, n))(gq, gs, nb, m, xq + t0 * xs, xs,
+                                                                     y + t0 * ldy + 16 * p0, ldy);
     }
   });
 }

@@ -91,15 +91,13 @@ static_assert(q6_d(3) + 32 == kGroupPanels * kQ6Rec && kGroupPanels * kQ6Rec % 6
 
 struct KLayout {
   bool q6;
-  int per_rec;  // super-blocks per record
   size_t rec;   // bytes per record per panel
 };
 KLayout klayout_of(DType t) {
-  if (t == DType::Q6_K) return {true, 1, kQ6Rec};
-  return {false, 1, kQ4Rec};
+  if (t == DType::Q6_K) return {true, kQ6Rec};
+  return {false, kQ4Rec};
 }
-inline int64_t n_recs(const KLayout& L, int64_t nsb) { return (nsb + L.per_rec - 1) / L.per_rec; }
-inline size_t group_bytes(const KLayout& L, int64_t cols) { return n_recs(L, cols / kQK_K) * kGroupPanels * L.rec; }
+inline size_t group_bytes(const KLayout& L, int64_t cols) { return (cols / kQK_K) * kGroupPanels * L.rec; }
 inline const uint8_t* group_of(const uint8_t* pw, size_t gb, int64_t p) { return pw + (p / kGroupPanels) * gb; }
 
 // ------------------------------------------------------------------ packing
@@ -501,35 +499,26 @@ void matmul_packed_k(DType t, const void* packed, int64_t rows, int64_t cols, co
   LARDER_ASSERT(packed_k_bytes(t, rows, cols) > 0);
   const KLayout L = klayout_of(t);
   const auto* pw = static_cast<const uint8_t*>(packed);
-  const int64_t nsb = cols / kQK_K, xs = nsb * kXRec, npanels = (rows + 15) / 16;
+  const int64_t nsb = cols / kQK_K, xs = nsb * kXRec;
   const size_t gb = group_bytes(L, cols);
   uint8_t* xq = aligned_bytes(scratch.xq, static_cast<size_t>(n_tokens * xs));
   pool.parallel_for(n_tokens, [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; ++i) quantize_xk(x + i * cols, xq + i * xs, nsb);
   });
   if (isa != Isa::AVX512) {  // the layout's reference
-    pool.parallel_for(npanels, [&](int64_t b, int64_t e, int) {
-      for (int64_t p = b; p < e; ++p)
-        panel_scalar(L, group_of(pw, gb, p), static_cast<int>(p % kGroupPanels), nsb, static_cast<int>(std::min<int64_t>(16, rows - 16 * p)), xq, xs,
-                     n_tokens, y + 16 * p, ldy);
+    for_each_unit(pool, rows, 1, [&](int64_t p, int, const uint16_t*) {
+      panel_scalar(L, group_of(pw, gb, p), static_cast<int>(p % kGroupPanels), nsb,
+                   static_cast<int>(std::min<int64_t>(16, rows - 16 * p)), xq, xs, n_tokens, y + 16 * p, ldy);
     });
     return;
   }
   const bool gfni = g_gfni.load(std::memory_order_relaxed);
-  const int unit = n_tokens == 1 ? kDecodePanels : kPrefillPanels;
-  const int64_t nunits = (npanels + unit - 1) / unit;
-  pool.parallel_for(nunits, [&](int64_t b, int64_t e, int) {
-    for (int64_t u = b; u < e; ++u) {
-      const int64_t p0 = u * unit;
-      const int rv = static_cast<int>(std::min<int64_t>(unit, npanels - p0));
-      __mmask16 m[kDecodePanels];
-      unit_masks(16 * p0, rows, rv, m);
-      const uint8_t* grp = group_of(pw, gb, p0);  // units never cross a group
-      const int v0 = static_cast<int>(p0 % kGroupPanels);
-      for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokTile) {
-        const int n = static_cast<int>(std::min<int64_t>(kTokTile, n_tokens - t0));
-        pick_tile(L.q6, gfni, rv, n)(grp, v0, nsb, m, xq + t0 * xs, xs, y + t0 * ldy + 16 * p0, ldy);
-      }
+  for_each_unit(pool, rows, n_tokens == 1 ? kDecodePanels : kPrefillPanels, [&](int64_t p0, int rv, const uint16_t* m) {
+    const uint8_t* grp = group_of(pw, gb, p0);  // units never cross a group
+    const int v0 = static_cast<int>(p0 % kGroupPanels);
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokTile) {
+      const int n = static_cast<int>(std::min<int64_t>(kTokTile, n_tokens - t0));
+      pick_tile(L.q6, gfni, rv, n)(grp, v0, nsb, m, xq + t0 * xs, xs, y + t0 * ldy + 16 * p0, ldy);
     }
   });
 }
