@@ -209,8 +209,8 @@ TEST(ThreadPoolTest, ManySmallJobsBackToBackAndAfterIdle) {
   EXPECT_EQ(sum.load(), 7 * 20000 + 1000);
 }
 
-// f32 prefill of a matrix large enough for oneDNN's sgemm (when libdnnl.so.2 loads; otherwise the
-// own tiles), with ragged row split and token counts, against the double reference.
+// f32 prefill of a matrix large enough for oneDNN's sgemm, through oneDNN (when libdnnl.so.2 loads)
+// and through the own tiles, with ragged row split and token counts, against the double reference.
 TEST(Kernels, LargeF32PrefillAgainstReference) {
   IsaGuard guard;
   set_isa(Isa::AVX512);  // clamps to what the CPU has
@@ -226,29 +226,39 @@ TEST(Kernels, LargeF32PrefillAgainstReference) {
   W.ne[1] = rows;
   W.data = w.data();
   W.nbytes = w.size() * 4;
-  if (!matmul_uses_onednn(DType::F32, rows, cols, 9, active_isa()))
-    std::printf("note: oneDNN not used here (not installed, LARDER_NO_DNNL, or no AVX-512): own tiles checked\n");
-  for (int nt : {8, 9, 37}) {
-    std::vector<float> x(static_cast<size_t>(nt) * cols);
-    for (auto& v : x) v = nd(rng);
-    const int ldy = rows + 5;
-    std::vector<float> y(static_cast<size_t>(nt) * ldy, -7.f);
-    MatmulScratch sc;
-    matmul(W, x.data(), nt, y.data(), ldy, pool, sc);
-    for (int t = 0; t < nt; ++t) {
-      std::vector<int> check_rows;  // every 13th row, a run at each multiple of 97, and the last
-      for (int r = 0; r < rows; r += (r % 97 == 0 ? 1 : 13)) check_rows.push_back(r);
-      check_rows.push_back(rows - 1);
-      for (int r : check_rows) {
-        double ref = 0, mag = 0;
-        for (int c = 0; c < cols; ++c) {
-          const double p = static_cast<double>(w[static_cast<size_t>(r) * cols + c]) * x[static_cast<size_t>(t) * cols + c];
-          ref += p;
-          mag += std::fabs(p);
+  struct OnednnGuard {
+    bool saved = set_onednn(true);
+    ~OnednnGuard() { set_onednn(saved); }
+  } og;
+  for (bool onednn : {true, false}) {
+    set_onednn(onednn);
+    if (onednn && !matmul_uses_onednn(DType::F32, rows, cols, 9, active_isa()))
+      std::printf("note: oneDNN not loadable here (not installed or no AVX-512): own tiles checked twice\n");
+    if (!onednn) {
+      EXPECT_FALSE(matmul_uses_onednn(DType::F32, rows, cols, 9, active_isa()));
+    }
+    for (int nt : {8, 9, 37}) {
+      std::vector<float> x(static_cast<size_t>(nt) * cols);
+      for (auto& v : x) v = nd(rng);
+      const int ldy = rows + 5;
+      std::vector<float> y(static_cast<size_t>(nt) * ldy, -7.f);
+      MatmulScratch sc;
+      matmul(W, x.data(), nt, y.data(), ldy, pool, sc);
+      for (int t = 0; t < nt; ++t) {
+        std::vector<int> check_rows;  // every 13th row, a run at each multiple of 97, and the last
+        for (int r = 0; r < rows; r += (r % 97 == 0 ? 1 : 13)) check_rows.push_back(r);
+        check_rows.push_back(rows - 1);
+        for (int r : check_rows) {
+          double ref = 0, mag = 0;
+          for (int c = 0; c < cols; ++c) {
+            const double p = static_cast<double>(w[static_cast<size_t>(r) * cols + c]) * x[static_cast<size_t>(t) * cols + c];
+            ref += p;
+            mag += std::fabs(p);
+          }
+          ASSERT_LE(std::fabs(y[static_cast<size_t>(t) * ldy + r] - ref), 1e-5 * mag + 1e-6) << "tokens " << nt << " t " << t << " r " << r;
         }
-        ASSERT_LE(std::fabs(y[static_cast<size_t>(t) * ldy + r] - ref), 1e-5 * mag + 1e-6) << "tokens " << nt << " t " << t << " r " << r;
+        for (int r = rows; r < ldy; ++r) ASSERT_EQ(y[static_cast<size_t>(t) * ldy + r], -7.f) << "wrote past rows";
       }
-      for (int r = rows; r < ldy; ++r) ASSERT_EQ(y[static_cast<size_t>(t) * ldy + r], -7.f) << "wrote past rows";
     }
   }
 }

@@ -103,6 +103,9 @@ void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, cons
 // Whether matmul hands this product to oneDNN's sgemm: f32 prefill of a large matrix on the
 // AVX-512 path, when libdnnl.so.2 can be loaded and LARDER_NO_DNNL is unset.
 bool matmul_uses_onednn(DType t, int64_t rows, int64_t cols, int64_t n_tokens, Isa isa);
+// Turns that off (false: the own tiles) or back on where it can be loaded; returns the previous
+// setting. Starts as !LARDER_NO_DNNL. For tests and benchmarks that compare both paths.
+bool set_onednn(bool use);
 
 // y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < W.rows().
 // Uses W.packed when it is set.

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <dlfcn.h>
@@ -18,11 +19,16 @@ namespace {
 // cost ~3-15 MB of resident memory, which small models would notice (stories15M f32 +17%) and
 // which buys little there (768-wide shapes: 349-486 vs 351-414 GFLOP/s). Called single-threaded
 // from each pool thread on its share of the rows, so no OpenMP team competes with the pool for
-// the cores. LARDER_NO_DNNL=1 keeps the own tiles.
+// the cores. LARDER_NO_DNNL=1 (or set_onednn(false)) keeps the own tiles.
 constexpr int64_t kDnnlMinWeights = int64_t{1} << 22;  // 2048 x 2048
 using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float,
                         float*, int64_t);  // dnnl_sgemm (row-major); returns dnnl_success = 0
 using OmpSetFn = void (*)(int);
+
+std::atomic<bool> g_onednn{[] {
+  const char* e = std::getenv("LARDER_NO_DNNL");
+  return !e || !*e || *e == '0';
+}()};
 
 struct Dnnl {
   SgemmFn sgemm = nullptr;
@@ -31,8 +37,6 @@ struct Dnnl {
 const Dnnl* dnnl() {
   static const Dnnl d = [] {
     Dnnl r;
-    const char* e = std::getenv("LARDER_NO_DNNL");
-    if (e && *e && *e != '0') return r;
     void* h = dlopen("libdnnl.so.2", RTLD_NOW | RTLD_LOCAL);
     if (!h) return r;
     auto sg = reinterpret_cast<SgemmFn>(dlsym(h, "dnnl_sgemm"));
@@ -62,9 +66,11 @@ void gemm_dnnl(const Dnnl& d, const float* w, int64_t rows, int64_t cols, const 
 }
 }  // namespace
 
+bool set_onednn(bool use) { return g_onednn.exchange(use); }
+
 bool matmul_uses_onednn(DType t, int64_t rows, int64_t cols, int64_t n_tokens, Isa isa) {
   return t == DType::F32 && n_tokens >= kGemmMinTokens && isa == Isa::AVX512 && rows * cols >= kDnnlMinWeights &&
-         dnnl() != nullptr;
+         g_onednn.load(std::memory_order_relaxed) && dnnl() != nullptr;
 }
 
 void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool,
