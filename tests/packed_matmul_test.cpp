@@ -74,21 +74,7 @@ QMatrix make(DType t, int rows, int cols, std::mt19937& rng, ThreadPool& pool, i
 
 void check(const QMatrix& W, const std::vector<float>& xq, int nt, const std::vector<float>& y, int ldy,
            const std::string& what) {
-  for (int t = 0; t < nt; ++t) {
-    for (int r = 0; r < W.rows; ++r) {
-      double ref = 0, mag = 0;
-      for (int c = 0; c < W.cols; ++c) {
-        const double p = static_cast<double>(W.deq[static_cast<size_t>(r) * W.cols + c]) * xq[static_cast<size_t>(t) * W.cols + c];
-        ref += p;
-        mag += std::fabs(p);
-      }
-      const double got = y[static_cast<size_t>(t) * ldy + r];
-      ASSERT_LE(std::fabs(got - ref), 1e-5 * mag + 1e-6)
-          << what << " " << dtype_name(W.type) << " rows " << W.rows << " cols " << W.cols << " tokens " << nt << " t "
-          << t << " r " << r << " got " << got << " ref " << ref;
-    }
-    for (int r = W.rows; r < ldy; ++r) ASSERT_EQ(y[static_cast<size_t>(t) * ldy + r], -7.f) << what << " wrote past rows";
-  }
+  larder::testing::check_against_reference(W.deq, W.rows, W.cols, xq, nt, y, ldy, what + " " + dtype_name(W.type));
 }
 
 }  // namespace

@@ -1,5 +1,8 @@
 // Helpers shared by the gtest files: where ../shared is, and the CPU paths to force.
 #pragma once
+#include <gtest/gtest.h>
+
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -43,6 +46,29 @@ inline std::vector<float> q8_roundtrip(const std::vector<float>& x, int nt, int 
     kernels::dequantize_row(DType::Q8_0, q.data(), &out[static_cast<size_t>(t) * cols], cols);
   }
   return out;
+}
+
+// y [nt][ldy] from an integer-kernel matmul against the double reference of the dequantized
+// weights deq [rows][cols] times the q8_0-rounded activations xq [nt][cols]: |got - ref| <=
+// 1e-5 * sum |w x| + 1e-6 (exact integer block sums; only f32 rounding of the per-block terms),
+// and columns rows..ldy still hold the sentinel -7. Call with ASSERT_NO_FATAL_FAILURE.
+inline void check_against_reference(const std::vector<float>& deq, int rows, int cols, const std::vector<float>& xq,
+                                    int nt, const std::vector<float>& y, int ldy, const std::string& what) {
+  for (int t = 0; t < nt; ++t) {
+    for (int r = 0; r < rows; ++r) {
+      double ref = 0, mag = 0;
+      for (int c = 0; c < cols; ++c) {
+        const double p = static_cast<double>(deq[static_cast<size_t>(r) * cols + c]) * xq[static_cast<size_t>(t) * cols + c];
+        ref += p;
+        mag += std::fabs(p);
+      }
+      const double got = y[static_cast<size_t>(t) * ldy + r];
+      ASSERT_LE(std::fabs(got - ref), 1e-5 * mag + 1e-6)
+          << what << " rows " << rows << " cols " << cols << " tokens " << nt << " t " << t << " r " << r << " got " << got
+          << " ref " << ref;
+    }
+    for (int r = rows; r < ldy; ++r) ASSERT_EQ(y[static_cast<size_t>(t) * ldy + r], -7.f) << what << " wrote past rows";
+  }
 }
 
 }  // namespace larder::testing
