@@ -8,7 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "server/chat_template.h"
+#include "chat/chat_template.h"
 
 namespace {
 

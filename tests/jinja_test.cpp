@@ -15,8 +15,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "server/chat_template.h"
-#include "server/jinja/jinja.h"
+#include "chat/chat_template.h"
+#include "chat/jinja/jinja.h"
 
 namespace {
 

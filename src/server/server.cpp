@@ -18,7 +18,7 @@
 #include "engine/scheduler.h"
 #include "model/gguf.h"
 #include "model/model.h"
-#include "server/chat_template.h"
+#include "chat/chat_template.h"
 #include "server/metrics.h"
 #include "server/openai_api.h"
 #include "server/prompt_cache.h"

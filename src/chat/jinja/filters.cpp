@@ -7,11 +7,11 @@
 #include <functional>
 #include <unordered_set>
 
-#include "server/jinja/builtins.h"
-#include "server/jinja/interpreter.h"
-#include "server/jinja/params.h"
-#include "server/jinja/pystr.h"
-#include "server/jinja/unicode.h"
+#include "chat/jinja/builtins.h"
+#include "chat/jinja/interpreter.h"
+#include "chat/jinja/params.h"
+#include "chat/jinja/pystr.h"
+#include "chat/jinja/unicode.h"
 
 namespace larder::jinja {
 namespace {

@@ -1,17 +1,17 @@
 // Attribute and item lookup as jinja2's sandbox does it (methods shadow dict keys for `.`,
 // keys win for `[]`, misses become Undefined, mutating methods are unsafe), the methods of
 // str/dict/list/loop objects, and the global functions.
-#include "server/jinja/builtins.h"
+#include "chat/jinja/builtins.h"
 
 #include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <ctime>
 
-#include "server/jinja/interpreter.h"
-#include "server/jinja/params.h"
-#include "server/jinja/pystr.h"
-#include "server/jinja/unicode.h"
+#include "chat/jinja/interpreter.h"
+#include "chat/jinja/params.h"
+#include "chat/jinja/pystr.h"
+#include "chat/jinja/unicode.h"
 
 namespace larder::jinja {
 namespace {

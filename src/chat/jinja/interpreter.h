@@ -9,10 +9,10 @@
 #include <utility>
 #include <vector>
 
-#include "server/jinja/ast.h"
-#include "server/jinja/builtins.h"
-#include "server/jinja/jinja.h"
-#include "server/jinja/value.h"
+#include "chat/jinja/ast.h"
+#include "chat/jinja/builtins.h"
+#include "chat/jinja/jinja.h"
+#include "chat/jinja/value.h"
 
 namespace larder::jinja {
 

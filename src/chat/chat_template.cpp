@@ -1,4 +1,4 @@
-#include "server/chat_template.h"
+#include "chat/chat_template.h"
 
 namespace larder {
 

@@ -1,12 +1,12 @@
-#include "server/jinja/lexer.h"
+#include "chat/jinja/lexer.h"
 
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <string_view>
 
-#include "server/jinja/unicode.h"
-#include "server/jinja/value.h"
+#include "chat/jinja/unicode.h"
+#include "chat/jinja/value.h"
 
 namespace larder::jinja {
 namespace {

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "server/jinja/value.h"
+#include "chat/jinja/value.h"
 
 namespace larder::jinja {
 

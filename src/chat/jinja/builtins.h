@@ -6,8 +6,8 @@
 #include <utility>
 #include <vector>
 
-#include "server/jinja/ast.h"
-#include "server/jinja/value.h"
+#include "chat/jinja/ast.h"
+#include "chat/jinja/value.h"
 
 namespace larder::jinja {
 

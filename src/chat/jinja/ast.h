@@ -7,7 +7,7 @@
 #include <utility>
 #include <vector>
 
-#include "server/jinja/value.h"
+#include "chat/jinja/value.h"
 
 namespace larder::jinja {
 

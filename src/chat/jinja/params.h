@@ -4,7 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "server/jinja/builtins.h"
+#include "chat/jinja/builtins.h"
 
 namespace larder::jinja {
 

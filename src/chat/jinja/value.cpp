@@ -1,12 +1,12 @@
-#include "server/jinja/value.h"
+#include "chat/jinja/value.h"
 
 #include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
 
-#include "server/jinja/stack.h"
-#include "server/jinja/unicode.h"
+#include "chat/jinja/stack.h"
+#include "chat/jinja/unicode.h"
 
 namespace larder::jinja {
 

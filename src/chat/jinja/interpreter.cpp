@@ -1,11 +1,11 @@
-#include "server/jinja/interpreter.h"
+#include "chat/jinja/interpreter.h"
 
 #include <algorithm>
 #include <cmath>
 
-#include "server/jinja/parser.h"
-#include "server/jinja/pystr.h"
-#include "server/jinja/stack.h"
+#include "chat/jinja/parser.h"
+#include "chat/jinja/pystr.h"
+#include "chat/jinja/stack.h"
 
 namespace larder::jinja {
 namespace {

@@ -1,4 +1,4 @@
-#include "server/jinja/unicode.h"
+#include "chat/jinja/unicode.h"
 
 namespace larder::jinja::uni {
 

@@ -2,7 +2,7 @@
 #include <memory>
 #include <string>
 
-#include "server/jinja/ast.h"
+#include "chat/jinja/ast.h"
 
 namespace larder::jinja {
 

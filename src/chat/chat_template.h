@@ -10,7 +10,7 @@
 #include <string>
 
 #include "core/result.h"
-#include "server/jinja/jinja.h"
+#include "chat/jinja/jinja.h"
 
 namespace larder {
 

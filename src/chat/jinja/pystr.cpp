@@ -1,4 +1,4 @@
-#include "server/jinja/pystr.h"
+#include "chat/jinja/pystr.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -6,8 +6,8 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "server/jinja/builtins.h"
-#include "server/jinja/unicode.h"
+#include "chat/jinja/builtins.h"
+#include "chat/jinja/unicode.h"
 
 namespace larder::jinja {
 namespace {

@@ -1,14 +1,14 @@
 // Recursive-descent parser following jinja2/parser.py: the same precedence (filters bind
 // tighter than arithmetic, `**` is left-associative), the same tuple rules, and the same
 // statement set minus template inheritance/includes (not used by chat templates).
-#include "server/jinja/parser.h"
+#include "chat/jinja/parser.h"
 
 #include <algorithm>
 #include <initializer_list>
 
-#include "server/jinja/builtins.h"
-#include "server/jinja/lexer.h"
-#include "server/jinja/stack.h"
+#include "chat/jinja/builtins.h"
+#include "chat/jinja/lexer.h"
+#include "chat/jinja/stack.h"
 
 namespace larder::jinja {
 namespace {
