@@ -44,7 +44,14 @@ Context::Context(const Model& m, const ContextParams& p, int n_ctx, int n_thread
   for (int i = 0; i < hd / 2; ++i) {
     double f = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / hd);
     if (!c.rope_freq_factors.empty()) f /= c.rope_freq_factors[i];
-    inv_freq_[i] = static_cast<float>(f);
+    inv_freq_[i] = static_cast<float>(f * c.rope_freq_scale);
+  }
+  if (c.sliding_window > 0) {  // local layers: their own base, no scaling (as HF's rope_local_base_freq)
+    inv_freq_swa_.resize(hd / 2);
+    for (int i = 0; i < hd / 2; ++i)
+      inv_freq_swa_[i] = static_cast<float>(std::pow(static_cast<double>(c.rope_theta_swa), -2.0 * i / hd));
+    cos_swa_.resize(static_cast<size_t>(n_batch) * hd / 2);
+    sin_swa_.resize(static_cast<size_t>(n_batch) * hd / 2);
   }
   k_cache_.assign(static_cast<size_t>(c.n_layer) * n_slots_ * kv_dim, 0.f);
   v_cache_.assign(static_cast<size_t>(c.n_layer) * n_slots_ * kv_dim, 0.f);
@@ -186,7 +193,6 @@ Status Context::decode_batch(std::span<const SeqBatch> batch) {
   return Status::Ok();
 }
 
-// Rotates q or k rows in place: x is [n_tok][n_heads][hd].
 // x += xb, then xb = rmsnorm(x) * w, row by row while the row is in L1.
 void Context::add_rmsnorm(int n, const float* w) {
   const int E = model_.cfg.n_embd;
@@ -204,12 +210,23 @@ void Context::add_rmsnorm(int n, const float* w) {
       32);
 }
 
+// xb = rmsnorm(xb) * w in place (Gemma's norms of the attention and FFN outputs).
+void Context::post_norm(int n, const float* w) {
+  const int E = model_.cfg.n_embd;
+  pool_.parallel_for(
+      n,
+      [&](int64_t b, int64_t e, int) {
+        for (int64_t t = b; t < e; ++t) kernels::rmsnorm(&xb_[t * E], &xb_[t * E], w, E, model_.cfg.rms_eps);
+      },
+      32);
+}
+
 // RoPE of one token's heads (position of batch token t), from src into dst (may alias).
-void Context::rope_row(const float* src, float* dst, int t, int n_heads) const {
+void Context::rope_row(const float* src, float* dst, int t, int n_heads, bool local) const {
   const int hd = model_.cfg.head_dim, half = hd / 2;
   const bool neox = model_.cfg.rope_type == RopeType::NEOX;
-  const float* cs = cos_.data() + static_cast<size_t>(t) * half;
-  const float* sn = sin_.data() + static_cast<size_t>(t) * half;
+  const float* cs = (local ? cos_swa_ : cos_).data() + static_cast<size_t>(t) * half;
+  const float* sn = (local ? sin_swa_ : sin_).data() + static_cast<size_t>(t) * half;
   for (int h = 0; h < n_heads; ++h) {
     const float* v = src + static_cast<size_t>(h) * hd;
     float* o = dst + static_cast<size_t>(h) * hd;
@@ -230,7 +247,10 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
   const ModelConfig& c = model_.cfg;
   const int hd = c.head_dim, n_head = c.n_head, q_dim = n_head * hd, kv_dim = c.n_head_kv * hd;
   const int group = c.n_head / c.n_head_kv;
-  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const float scale = c.attn_scale > 0 ? c.attn_scale : 1.f / std::sqrt(static_cast<float>(hd));
+  // Sliding-window layers: query at logical index i sees keys [i - W + 1, i]; keys before the
+  // tile's first window are neither scored nor read.
+  const int W = c.is_swa(layer) ? c.sliding_window : 0;
   const float* kc = k_cache_.data() + static_cast<size_t>(layer) * n_slots_ * kv_dim;
   const float* vc = v_cache_.data() + static_cast<size_t>(layer) * n_slots_ * kv_dim;
   const kernels::Isa isa = kernels::active_isa();
@@ -257,8 +277,10 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
       }
       const int t0 = seq_off[si] + lt0;  // batch row of the tile's first token
       const float* q = q_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
+      auto win_lo = [&](int i) { return W > 0 ? std::max(0, s.n_kv + lt0 + i - W + 1) : 0; };
+      const int lo = std::min(win_lo(0), len);
       // Scores over runs of physically consecutive blocks.
-      for (int j0 = 0; j0 < len;) {
+      for (int j0 = lo; j0 < len;) {
         int blk = j0 / block_size_, j1 = std::min(len, (blk + 1) * block_size_);
         while (j1 < len && s.block_table[j1 / block_size_] == s.block_table[blk] + (j1 / block_size_ - blk))
           j1 = std::min(len, j1 + block_size_);
@@ -267,34 +289,36 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
       }
       for (int i = 0; i < nt; ++i) {
         float* row = sc + static_cast<size_t>(i) * ld;
+        const int wlo = win_lo(i);
         if (!s.mask) {
           const int lt = s.n_kv + lt0 + i + 1;  // causal
-          for (int p = 0; p < lt; ++p) row[p] *= scale;
-          kernels::softmax(row, lt);
+          for (int p = wlo; p < lt; ++p) row[p] *= scale;
+          kernels::softmax(row + wlo, lt - wlo);
+          for (int p = lo; p < wlo; ++p) row[p] = 0.f;
           for (int p = lt; p < len; ++p) row[p] = 0.f;
         } else {
           const auto& vis = s.mask->visible[lt0 + i];
           float mx = -INFINITY;
           for (auto [b, e] : vis)
-            for (int p = b; p < e; ++p) mx = std::max(mx, row[p] * scale);
+            for (int p = std::max(b, wlo); p < e; ++p) mx = std::max(mx, row[p] * scale);
           // Ranges may overlap: mark to count each entry once (buffer reused per thread).
           std::vector<char>& seen = mask_seen_[tid];
           seen.assign(len, 0);
           double sum = 0;
           for (auto [b, e] : vis)
-            for (int p = b; p < e; ++p)
+            for (int p = std::max(b, wlo); p < e; ++p)
               if (!seen[p]) {
                 seen[p] = 1;
                 row[p] = std::exp(row[p] * scale - mx);
                 sum += row[p];
               }
-          const float inv = static_cast<float>(1.0 / sum);
-          for (int p = 0; p < len; ++p) row[p] = seen[p] ? row[p] * inv : 0.f;
+          const float inv = sum > 0 ? static_cast<float>(1.0 / sum) : 0.f;  // 0: the window left nothing visible
+          for (int p = lo; p < len; ++p) row[p] = seen[p] ? row[p] * inv : 0.f;
         }
       }
       float* out = att_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
       for (int i = 0; i < nt; ++i) std::memset(out + static_cast<size_t>(i) * q_dim, 0, hd * sizeof(float));
-      for (int j0 = 0; j0 < len;) {
+      for (int j0 = lo; j0 < len;) {
         int blk = j0 / block_size_, j1 = std::min(len, (blk + 1) * block_size_);
         while (j1 < len && s.block_table[j1 / block_size_] == s.block_table[blk] + (j1 / block_size_ - blk))
           j1 = std::min(len, j1 + block_size_);
@@ -349,20 +373,32 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
       const int t = seq_off_[s] + i;
       tok_seq_[t] = static_cast<int>(s);
       pos_[t] = sb.positions.empty() ? sb.n_kv + i : sb.positions[i];
-      const double p = static_cast<double>(pos_[t]) * c.rope_freq_scale;
+      const double p = static_cast<double>(pos_[t]);
       for (int k = 0; k < half; ++k) {
         const double ang = p * inv_freq_[k];
         cos_[static_cast<size_t>(t) * half + k] = static_cast<float>(std::cos(ang));
         sin_[static_cast<size_t>(t) * half + k] = static_cast<float>(std::sin(ang));
+      }
+      for (int k = 0; k < static_cast<int>(inv_freq_swa_.size()); ++k) {
+        const double ang = p * inv_freq_swa_[k];
+        cos_swa_[static_cast<size_t>(t) * half + k] = static_cast<float>(std::cos(ang));
+        sin_swa_[static_cast<size_t>(t) * half + k] = static_cast<float>(std::sin(ang));
       }
       // Embedding lookup: x [n][E]
       const Tensor& te = model_.tok_embd;
       float* xr = x_.data() + static_cast<size_t>(t) * E;
       if (!te.packed || !kernels::packed_row_to_float(te.type, te.packed, te.rows(), E, sb.tokens[i], xr))
         kernels::dequantize_row(te.type, static_cast<const uint8_t*>(te.data) + sb.tokens[i] * row_bytes(te.type, E), xr, E);
+      if (c.embd_scale != 1.f)
+        for (int k = 0; k < E; ++k) xr[k] *= c.embd_scale;
     }
   }
 
+  // The gated activation of the FFN: out = act(gate) * up (may alias gate).
+  auto glu = [&](float* out, const float* gate, const float* up, int64_t m) {
+    if (c.ffn_act == FfnAct::GELU_TANH) kernels::geglu_tanh(out, gate, up, m);
+    else kernels::swiglu(out, gate, up, m);
+  };
   bool fused_norm = false;  // xb_ already holds this layer's normed input
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& L = model_.layers[l];
@@ -398,6 +434,9 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
     // slot, v copied — one pass instead of three.
     float* kc = k_cache_.data() + static_cast<size_t>(l) * n_slots_ * kv_dim;
     float* vc = v_cache_.data() + static_cast<size_t>(l) * n_slots_ * kv_dim;
+    const bool local = c.is_swa(l);
+    const float* qn = static_cast<const float*>(L.attn_q_norm.data);
+    const float* kn = static_cast<const float*>(L.attn_k_norm.data);
     pool_.parallel_for(
         n,
         [&](int64_t b, int64_t e, int) {
@@ -405,28 +444,35 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
             const SeqBatch& sb = batch[tok_seq_[t]];
             const size_t sl = slot(sb, sb.n_kv + (t - seq_off_[tok_seq_[t]]));
             const size_t r = static_cast<size_t>(t);
-            rope_row(qs + r * qld, &q_[r * q_dim], t, c.n_head);
-            rope_row(ks + r * kld, kc + sl * kv_dim, t, c.n_head_kv);
+            if (c.qk_norm) {  // per-head RMSNorm before RoPE (in place: q/k rows are this token's own)
+              float* qr = qs + r * qld;
+              float* kr = ks + r * kld;
+              for (int h = 0; h < c.n_head; ++h) kernels::rmsnorm(qr + h * hd, qr + h * hd, qn, hd, c.rms_eps);
+              for (int h = 0; h < c.n_head_kv; ++h) kernels::rmsnorm(kr + h * hd, kr + h * hd, kn, hd, c.rms_eps);
+            }
+            rope_row(qs + r * qld, &q_[r * q_dim], t, c.n_head, local);
+            rope_row(ks + r * kld, kc + sl * kv_dim, t, c.n_head_kv, local);
             std::memcpy(vc + sl * kv_dim, vs + r * kld, kv_dim * sizeof(float));
           }
         },
         32);
     attention(l, batch);
     mm(L.wo, W8 ? W8->wo.get() : nullptr, att_.data(), n, xb_.data(), E);
+    if (c.post_norms) post_norm(n, static_cast<const float*>(L.post_attn_norm.data));
     add_rmsnorm(n, static_cast<const float*>(L.ffn_norm.data));
     if (!w8_now && packed_concat({&L.ffn_gate, &L.ffn_up}, &fused)) {
       kernels::matmul(fused, xb_.data(), n, hb_.data(), 2 * F, pool_, scratch_);
       // In place, row by row: row t's result [tF, tF + F) only covers inputs of rows < t.
       for (int t = 0; t < n; ++t)
-        kernels::swiglu(&hb_[static_cast<size_t>(t) * F], &hb_[static_cast<size_t>(t) * 2 * F],
-                        &hb_[static_cast<size_t>(t) * 2 * F + F], F);
+        glu(&hb_[static_cast<size_t>(t) * F], &hb_[static_cast<size_t>(t) * 2 * F], &hb_[static_cast<size_t>(t) * 2 * F + F], F);
     } else {
       float* up = hb_.data() + static_cast<size_t>(n) * F;
       mm(L.ffn_gate, W8 ? W8->gate.get() : nullptr, xb_.data(), n, hb_.data(), F);
       mm(L.ffn_up, W8 ? W8->up.get() : nullptr, xb_.data(), n, up, F);
-      kernels::swiglu(hb_.data(), hb_.data(), up, static_cast<int64_t>(n) * F);
+      glu(hb_.data(), hb_.data(), up, static_cast<int64_t>(n) * F);
     }
     mm(L.ffn_down, W8 ? W8->down.get() : nullptr, hb_.data(), n, xb_.data(), E);
+    if (c.post_norms) post_norm(n, static_cast<const float*>(L.post_ffn_norm.data));
     if (l + 1 < c.n_layer) {
       // The residual add fused with the next layer's attention norm (one pass per row).
       add_rmsnorm(n, static_cast<const float*>(model_.layers[l + 1].attn_norm.data));

@@ -86,8 +86,10 @@ class Context {
   Context(const Model& m, const ContextParams& p, int n_ctx, int n_threads, int n_batch);
   Status validate(std::span<const SeqBatch> batch, int* n_total) const;
   void forward(std::span<const SeqBatch> batch, int n);
-  void rope_row(const float* src, float* dst, int t, int n_heads) const;
+  // RoPE of one token's heads from src into dst (may alias); local = the sliding-window layers' base.
+  void rope_row(const float* src, float* dst, int t, int n_heads, bool local) const;
   void add_rmsnorm(int n, const float* w);
+  void post_norm(int n, const float* w);
   void attention(int layer, std::span<const SeqBatch> batch);
   // One way into every weight product: picks W8A8, GEMM or dot-product kernels.
   void mm(const Tensor& W, const kernels::W8Tensor* w8, const float* x, int n, float* y, int64_t ldy);
@@ -101,12 +103,14 @@ class Context {
   ThreadPool pool_;
   kernels::MatmulScratch scratch_;
   std::vector<float> inv_freq_;   // [head_dim/2] RoPE inverse frequencies (scaling applied)
+  std::vector<float> inv_freq_swa_;  // [head_dim/2] the same for local layers (empty: none)
   std::vector<float> k_cache_;    // [n_layer][n_slots = n_blocks*block_size][n_kv*hd] f32
   std::vector<float> v_cache_;    // same
   std::vector<int32_t> identity_table_;  // blocks 0..n_blocks-1, for decode()
   // Activations, [n_batch][...] f32.
   std::vector<float> x_, xb_, q_, att_, hb_;
   std::vector<float> cos_, sin_;  // [n_batch][head_dim/2]
+  std::vector<float> cos_swa_, sin_swa_;  // [n_batch][head_dim/2] local layers' (empty: none)
   static constexpr int kQBlock = 12;  // queries per attention tile
   std::vector<float> scores_;     // [n_threads][kQBlock][max_seq_len]
   std::vector<int> pos_;          // [n_batch] positions of the batch's tokens

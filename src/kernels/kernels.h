@@ -119,6 +119,8 @@ void rmsnorm(float* out, const float* x, const float* w, int64_t n, float eps);
 void softmax(float* x, int64_t n);
 // out[i] = silu(gate[i]) * up[i]
 void swiglu(float* out, const float* gate, const float* up, int64_t n);
+// out = gelu_tanh(gate) * up (GeGLU with the tanh approximation of GELU); out may alias gate.
+void geglu_tanh(float* out, const float* gate, const float* up, int64_t n);
 float dot_f32(const float* a, const float* b, int64_t n);
 // y += a * x
 void axpy(float* y, const float* x, float a, int64_t n);

@@ -169,4 +169,13 @@ void swiglu(float* out, const float* gate, const float* up, int64_t n) {
   }
 }
 
+void geglu_tanh(float* out, const float* gate, const float* up, int64_t n) {
+  // 0.5 g (1 + tanh(y)) = g * sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g^3): one exp, as SwiGLU.
+  constexpr float k2 = 2.f * 0.7978845608028654f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.f + std::exp(-k2 * (g + 0.044715f * g * g * g))) * up[i];
+  }
+}
+
 }  // namespace larder::kernels

@@ -1,4 +1,5 @@
 // GGUF model loader: zero-copy weight views into the mapped file.
+#include <cmath>
 #include <cstring>
 
 #include "kernels/kernels.h"
@@ -48,8 +49,10 @@ Result<std::unique_ptr<Model>> load_model_gguf(const std::string& path) {
   ModelConfig& c = m->cfg;
   auto arch = g->get_string("general.architecture");
   if (!arch) return make_error("%s: missing general.architecture (tokenizer-only GGUF?)", path.c_str());
-  if (*arch != "llama" && *arch != "qwen2" && *arch != "mistral")
-    return make_error("%s: unsupported architecture '%s' (supported: llama, mistral, qwen2)", path.c_str(), arch->c_str());
+  if (*arch != "llama" && *arch != "qwen2" && *arch != "mistral" && *arch != "gemma3")
+    return make_error("%s: unsupported architecture '%s' (supported: llama, mistral, qwen2, gemma3)", path.c_str(),
+                      arch->c_str());
+  const bool gemma3 = *arch == "gemma3";
   c.arch = *arch;
   c.name = g->get_string("general.name").value_or("");
   const std::string a = *arch + ".";
@@ -78,7 +81,30 @@ Result<std::unique_ptr<Model>> load_model_gguf(const std::string& path) {
   if (auto rd = g->get_int(a + "rope.dimension_count"); rd && *rd != c.head_dim)
     return make_error("%s: partial rotary embeddings (rope dims %lld of %d) are not supported", path.c_str(),
                       (long long)*rd, c.head_dim);
-  c.rope_type = c.arch == "qwen2" ? RopeType::NEOX : RopeType::NORM;
+  c.rope_type = c.arch == "qwen2" || gemma3 ? RopeType::NEOX : RopeType::NORM;
+  if (gemma3) {
+    // Gemma 3 (HF Gemma3TextModel): embeddings scaled by sqrt(width); q/k RMSNorm per head; norms
+    // after attention and FFN too (GGUF stores Gemma's norm weights with the +1 already added);
+    // GeGLU with tanh GELU; 5 local (sliding-window) layers per global one, local layers with
+    // RoPE base 10000. The query scale is 1/sqrt(query_pre_attn_scalar), which GGUF does not
+    // store: HF's configs set it to head_dim for every size but 27B (n_embd / n_head there), as
+    // llama.cpp also assumes.
+    c.embd_scale = std::sqrt(static_cast<float>(c.n_embd));
+    const bool is_27b = c.n_layer == 62 && c.n_embd == 5376;
+    c.attn_scale = 1.f / std::sqrt(static_cast<float>(is_27b ? c.n_embd / c.n_head : c.head_dim));
+    c.ffn_act = FfnAct::GELU_TANH;
+    c.qk_norm = true;
+    c.post_norms = true;
+    auto sw = g->get_int(a + "attention.sliding_window");
+    if (!sw || *sw <= 0 || *sw > (1 << 24)) return make_error("%s: missing or invalid %sattention.sliding_window", path.c_str(), a.c_str());
+    c.sliding_window = static_cast<int>(*sw);
+    c.rope_theta_swa = static_cast<float>(g->get_float(a + "rope.freq_base_swa").value_or(10000.0));
+    int pattern = 6;
+    if (auto pt = g->get_int(a + "attention.sliding_window_pattern"); pt && *pt > 0 && *pt <= 1024) pattern = static_cast<int>(*pt);
+    if (c.n_layer > 1024) return make_error("%s: absurd block_count %d", path.c_str(), c.n_layer);
+    c.swa_layers.assign(c.n_layer, 0);
+    for (int l = 0; l < c.n_layer; ++l) c.swa_layers[l] = (l + 1) % pattern != 0;
+  }
   c.qkv_bias = g->tensor("blk.0.attn_q.bias") != nullptr;
 
   m->tok_embd = view(g->tensor("token_embd.weight"));
@@ -115,6 +141,18 @@ Result<std::unique_ptr<Model>> load_model_gguf(const std::string& path) {
     l.ffn_gate = view(t("ffn_gate.weight"));
     l.ffn_up = view(t("ffn_up.weight"));
     l.ffn_down = view(t("ffn_down.weight"));
+    if (c.qk_norm) {
+      LARDER_TRY(qn, view_f32(t("attn_q_norm.weight"), *m));
+      LARDER_TRY(kn, view_f32(t("attn_k_norm.weight"), *m));
+      l.attn_q_norm = qn;
+      l.attn_k_norm = kn;
+    }
+    if (c.post_norms) {
+      LARDER_TRY(pa, view_f32(t("post_attention_norm.weight"), *m));
+      LARDER_TRY(pf, view_f32(t("post_ffw_norm.weight"), *m));
+      l.post_attn_norm = pa;
+      l.post_ffn_norm = pf;
+    }
     if (c.qkv_bias) {
       LARDER_TRY(bq, view_f32(t("attn_q.bias"), *m));
       LARDER_TRY(bk, view_f32(t("attn_k.bias"), *m));

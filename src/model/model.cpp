@@ -23,9 +23,7 @@ static Result<std::unique_ptr<Model>> load_model_any(const std::string& path, co
 size_t Model::weight_bytes() const {
   size_t n = tok_embd.nbytes + output_norm.nbytes + (output.data != tok_embd.data ? output.nbytes : 0);
   for (const auto& l : layers)
-    for (const Tensor* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.ffn_norm, &l.ffn_gate,
-                            &l.ffn_up, &l.ffn_down})
-      n += t->nbytes;
+    for (const Tensor* t : l.all()) n += t->nbytes;
   return n;
 }
 
@@ -36,8 +34,9 @@ std::string Model::fingerprint() const {
   XXH3_state_t* st = XXH3_createState();
   XXH3_64bits_reset(st);
   char cfgs[256];
-  int n = std::snprintf(cfgs, sizeof cfgs, "%s|%d|%d|%d|%d|%d|%d|%d|%g|%g", cfg.arch.c_str(), cfg.n_vocab, cfg.n_embd,
-                        cfg.n_ff, cfg.n_layer, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.rope_theta, cfg.rms_eps);
+  int n = std::snprintf(cfgs, sizeof cfgs, "%s|%d|%d|%d|%d|%d|%d|%d|%g|%g|%g|%g|%d|%g", cfg.arch.c_str(), cfg.n_vocab,
+                        cfg.n_embd, cfg.n_ff, cfg.n_layer, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.rope_theta,
+                        cfg.rms_eps, cfg.embd_scale, cfg.attn_scale, cfg.sliding_window, cfg.rope_theta_swa);
   XXH3_64bits_update(st, cfgs, static_cast<size_t>(n));
   auto add = [&](const Tensor& t) {
     if (!t.data) return;
@@ -51,9 +50,7 @@ std::string Model::fingerprint() const {
   add(output_norm);
   add(output);
   for (const auto& l : layers)
-    for (const Tensor* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.ffn_norm, &l.ffn_gate,
-                            &l.ffn_up, &l.ffn_down})
-      add(*t);
+    for (const Tensor* t : l.all()) add(*t);
   const uint64_t h = XXH3_64bits_digest(st);
   XXH3_freeState(st);
   char out[32];
@@ -122,7 +119,19 @@ Status validate_model(const Model& m) {
       LARDER_CHECK_STATUS(check_tensor(l.bk, "attn_k.bias", i, kv, 1, true));
       LARDER_CHECK_STATUS(check_tensor(l.bv, "attn_v.bias", i, kv, 1, true));
     }
+    if (c.qk_norm) {
+      LARDER_CHECK_STATUS(check_tensor(l.attn_q_norm, "attn_q_norm", i, c.head_dim, 1, true));
+      LARDER_CHECK_STATUS(check_tensor(l.attn_k_norm, "attn_k_norm", i, c.head_dim, 1, true));
+    }
+    if (c.post_norms) {
+      LARDER_CHECK_STATUS(check_tensor(l.post_attn_norm, "post_attention_norm", i, c.n_embd, 1, true));
+      LARDER_CHECK_STATUS(check_tensor(l.post_ffn_norm, "post_ffw_norm", i, c.n_embd, 1, true));
+    }
   }
+  if (c.sliding_window < 0 || (c.sliding_window > 0 && c.swa_layers.size() != static_cast<size_t>(c.n_layer)))
+    return make_error("invalid sliding window configuration");
+  if (!(c.embd_scale > 0) || !(c.attn_scale >= 0) || !(c.rope_theta_swa > 0))
+    return make_error("invalid embedding scale, attention scale or local RoPE base");
   return Status::Ok();
 }
 
@@ -164,7 +173,9 @@ size_t pack_model_weights(Model& m) {
   // faults in the whole large folio around it (2 MiB on this ext4), which would bring back much
   // of what was given back below.
   for (auto& l : m.layers)
-    for (Tensor* t : {&l.attn_norm, &l.ffn_norm, &l.bq, &l.bk, &l.bv}) ts.push_back(t);
+    for (Tensor* t : {&l.attn_norm, &l.ffn_norm, &l.bq, &l.bk, &l.bv, &l.attn_q_norm, &l.attn_k_norm, &l.post_attn_norm,
+                      &l.post_ffn_norm})
+      ts.push_back(t);
   ts.push_back(&m.output_norm);
   // Packable types get the panel layout; other matrices in the mapped file are copied as they
   // are (moved, with the file pages given back below) so that they too sit in huge pages.

@@ -1,6 +1,7 @@
 // In-memory Llama-family model: config + weight views (zero-copy into mmapped
 // files where the format allows) + tokenizer.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -14,10 +15,11 @@ namespace larder {
 
 class GgufFile;
 
-enum class RopeType { NORM, NEOX };  // NORM: rotate pairs (2i, 2i+1); NEOX: (i, i + d/2)
+enum class RopeType { NORM, NEOX };
+enum class FfnAct { SILU, GELU_TANH };  // SwiGLU (Llama) or GeGLU with tanh-approximated GELU (Gemma)  // NORM: rotate pairs (2i, 2i+1); NEOX: (i, i + d/2)
 
 struct ModelConfig {
-  std::string arch = "llama";  // llama | qwen2 | mistral (mistral/smollm/tinyllama load as llama)
+  std::string arch = "llama";  // llama | qwen2 | mistral | gemma3 (mistral/smollm/tinyllama load as llama)
   std::string name;
   int n_vocab = 0;
   int n_embd = 0;       // model width
@@ -34,6 +36,18 @@ struct ModelConfig {
   std::vector<float> rope_freq_factors;  // [head_dim/2] divisors of each frequency (llama3 scaling); empty = none
   bool tied_embeddings = false;
   bool qkv_bias = false;
+  // Gemma-style extras (all off for Llama-family models).
+  float embd_scale = 1.f;    // token embeddings multiplied by this (Gemma: sqrt(n_embd))
+  float attn_scale = 0.f;    // query scale; 0 = 1/sqrt(head_dim) (Gemma 3: 1/sqrt(query_pre_attn_scalar))
+  FfnAct ffn_act = FfnAct::SILU;
+  bool qk_norm = false;      // per-head RMSNorm of q and k before RoPE (attn_q_norm / attn_k_norm)
+  bool post_norms = false;   // RMSNorm of the attention and FFN outputs before the residual add
+  // Sliding-window (local) attention: layer l is local when swa_layers[l]; a query at logical
+  // index i then sees keys i - sliding_window + 1 .. i. Local layers rotate with rope_theta_swa.
+  int sliding_window = 0;
+  float rope_theta_swa = 10000.f;
+  std::vector<uint8_t> swa_layers;  // [n_layer]; empty = every layer global
+  bool is_swa(int layer) const { return sliding_window > 0 && !swa_layers.empty() && swa_layers[layer]; }
 };
 
 // A 1-D or 2-D weight. ne[0] = columns (contiguous), ne[1] = rows.
@@ -55,6 +69,13 @@ struct LayerWeights {
   Tensor bq, bk, bv;                  // optional biases (qwen2), f32
   Tensor ffn_norm;                    // [n_embd] f32
   Tensor ffn_gate, ffn_up, ffn_down;  // gate/up [n_embd -> n_ff], down [n_ff -> n_embd]
+  Tensor attn_q_norm, attn_k_norm;    // optional [head_dim] f32 (qk_norm)
+  Tensor post_attn_norm, post_ffn_norm;  // optional [n_embd] f32 (post_norms)
+  // Every tensor of the layer, optional ones included (absent ones have no data).
+  std::array<const Tensor*, 16> all() const {
+    return {&attn_norm, &wq, &wk, &wv, &wo, &bq, &bk, &bv, &ffn_norm, &ffn_gate, &ffn_up, &ffn_down,
+            &attn_q_norm, &attn_k_norm, &post_attn_norm, &post_ffn_norm};
+  }
 };
 
 struct Model {
