@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Side-by-side prompt/generation throughput of Larder and llama.cpp on the same GGUF
-# files (written by larder synth / larder quantize), same threads, one run.
-#   LLAMA_BENCH=/path/to/llama-bench bench/engine_vs_llamacpp.sh [MODEL_DIR]
+# files, same threads, one run.
+#   LLAMA_BENCH=/path/to/llama-bench bench/engine_vs_llamacpp.sh [MODEL_DIR]   # synthesized shapes
+#   LLAMA_BENCH=/path/to/llama-bench bench/engine_vs_llamacpp.sh real          # the real models (scripts/models)
+#   LLAMA_BENCH=/path/to/llama-bench bench/engine_vs_llamacpp.sh FILE.gguf ... # any files
+# ROUNDS=N repeats the whole list N times (alternating engines, so drift hits both alike).
 # Prints one markdown table per engine (llama-bench's own output for the peer).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -11,8 +14,17 @@ THREADS="${THREADS:-2}"
 SHAPES="${SHAPES:-stories15M stories110M llama-3.2-1b}"
 TYPES="${TYPES:-f32 q8_0 q4_0 Q4_K_M}"
 VOCAB="${LARDER_SHARED:-$ROOT/../shared}/tokenizers/ggml-vocab-llama-spm.gguf"
-mkdir -p "$DIR"
 models=()
+if [ "${1:-}" = real ]; then
+  mapfile -t models < <("$ROOT/scripts/models")
+  [ ${#models[@]} -gt 0 ] || { echo "no real model could be fetched" >&2; exit 1; }
+  SHAPES=""
+elif [[ "${1:-}" == *.gguf ]]; then
+  models=("$@")
+  SHAPES=""
+else
+  mkdir -p "$DIR"
+fi
 for s in $SHAPES; do
   base="$DIR/$s-f32.gguf"
   if [ ! -f "$base" ]; then
@@ -26,6 +38,7 @@ for s in $SHAPES; do
     models+=("$f")
   done
 done
+for round in $(seq 1 "${ROUNDS:-1}"); do
 for m in "${models[@]}"; do
   reps=3
   case "$m" in *llama-3.2-1b*) reps=2;; esac
@@ -37,4 +50,5 @@ for m in "${models[@]}"; do
     /usr/bin/time -f "llama-bench peak RSS %M KiB" "$LLAMA_BENCH" -m "$m" -p 512 -n 128 -t "$THREADS" -r "$reps" 2>&1 |
       grep -E "pp512|tg128|peak RSS"
   fi
+done
 done
