@@ -150,32 +150,4 @@ void rmsnorm(float* out, const float* x, const float* w, int64_t n, float eps) {
   for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * w[i];
 }
 
-void softmax(float* x, int64_t n) {
-  float mx = x[0];
-  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
-  float sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - mx);
-    sum += x[i];
-  }
-  float inv = 1.f / sum;
-  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
-}
-
-void swiglu(float* out, const float* gate, const float* up, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    float g = gate[i];
-    out[i] = g / (1.f + std::exp(-g)) * up[i];
-  }
-}
-
-void geglu_tanh(float* out, const float* gate, const float* up, int64_t n) {
-  // 0.5 g (1 + tanh(y)) = g * sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g^3): one exp, as SwiGLU.
-  constexpr float k2 = 2.f * 0.7978845608028654f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    out[i] = g / (1.f + std::exp(-k2 * (g + 0.044715f * g * g * g))) * up[i];
-  }
-}
-
 }  // namespace larder::kernels
