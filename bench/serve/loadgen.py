@@ -7,6 +7,7 @@ prefix-cache hit rate. Standard library only.
   loadgen.py --url http://127.0.0.1:8080 --scenario shared-prefix [--requests 16]
   loadgen.py --url http://127.0.0.1:8080 --scenario concurrent [--clients 16 --requests-per-client 4]
   loadgen.py --url http://127.0.0.1:8080 --scenario multiturn [--sessions 4 --turns 8 --turn-tokens 256]
+  loadgen.py --url http://127.0.0.1:8080 --scenario chat [--clients 16 --requests-per-client 4]
 
 Scenarios
   shared-prefix  a 1,024-token system prompt + 64-token user turns. Phase "cold": every
@@ -16,6 +17,9 @@ Scenarios
   multiturn      chat sessions of 8 turns, 256 new tokens per turn; each turn resends the whole
                  conversation. Reports prompt tokens sent vs really new, and (from /metrics)
                  how many the server actually computed.
+  chat           16 chat clients at once (/v1/chat/completions), a system prompt + a question
+                 each: cold (own system prompts) then warm (one shared system prompt); output
+                 tokens/s and TTFT cold vs warm.
 
 Token counts: prompts are built from words; the words-per-token ratio of the server's own
 tokenizer is measured first with a probe request (usage.prompt_tokens), so the sizes are
@@ -318,6 +322,33 @@ def scenario_shared_prefix(client, args, model):
     return out
 
 
+def scenario_chat(client, args, model):
+    """--clients chat clients at once over /v1/chat/completions, each sending --requests-per-client
+    questions under a --system-tokens system prompt. Cold: every request its own system prompt;
+    warm: one system prompt shared by all (primed once), so only the question is new."""
+    words = Words(client, "/v1/completions", model, args.seed)
+    nonce = f"s{random.Random().randrange(10**9)}"
+    n = args.clients * args.requests_per_client
+    questions = [words.text(args.user_tokens, tag=f"q{i}") for i in range(n)]
+
+    def run(msgs):
+        return client.stream("/v1/chat/completions", gen_body(args, model, messages=msgs))
+
+    def msgs(system, q):
+        return [{"role": "system", "content": system}, {"role": "user", "content": q}]
+
+    cold_jobs = [msgs(words.text(args.system_tokens, tag=f"{nonce}c{i}"), questions[i]) for i in range(n)]
+    cold, wall_c = run_parallel(run, cold_jobs, args.clients)
+    system = words.text(args.system_tokens, tag=f"{nonce}w")
+    run(msgs(system, "hello"))
+    warm, wall_w = run_parallel(run, [msgs(system, q) for q in questions], args.clients)
+    s_cold, s_warm = summarize("cold", cold, wall_c), summarize("warm", warm, wall_w)
+    out = {"scenario": "chat", "clients": args.clients, "phases": [s_cold, s_warm]}
+    if s_cold["ttft_ms"][50] and s_warm["ttft_ms"][50]:
+        out["ttft_p50_speedup"] = s_cold["ttft_ms"][50] / s_warm["ttft_ms"][50]
+    return out
+
+
 def scenario_concurrent(client, args, model):
     words = Words(client, "/v1/completions", model, args.seed)
     jobs = [words.text(args.prompt_tokens, tag=f"c{i}") for i in range(args.clients * args.requests_per_client)]
@@ -373,7 +404,7 @@ def scenario_multiturn(client, args, model):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8080")
-    ap.add_argument("--scenario", required=True, choices=["shared-prefix", "concurrent", "multiturn"])
+    ap.add_argument("--scenario", required=True, choices=["shared-prefix", "concurrent", "multiturn", "chat"])
     ap.add_argument("--model", help="model id (default: the first of /v1/models)")
     ap.add_argument("--api-key")
     ap.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request")
@@ -385,7 +416,7 @@ def main():
     ap.add_argument("--requests", type=int, default=16, help="shared-prefix: requests per phase")
     ap.add_argument("--system-tokens", type=int, default=1024)
     ap.add_argument("--user-tokens", type=int, default=64)
-    ap.add_argument("--clients", type=int, default=16, help="concurrent: clients")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent, chat: clients")
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=128, help="concurrent: prompt size")
     ap.add_argument("--sessions", type=int, default=4, help="multiturn: concurrent chat sessions")
@@ -404,7 +435,7 @@ def main():
         raise SystemExit(f"{args.url}/health answered {st}")
     model = served_model(client, args.model)
     fn = {"shared-prefix": scenario_shared_prefix, "concurrent": scenario_concurrent,
-          "multiturn": scenario_multiturn}[args.scenario]
+          "multiturn": scenario_multiturn, "chat": scenario_chat}[args.scenario]
     out = fn(client, args, model)
     out["url"] = args.url
     out["model"] = model
