@@ -22,10 +22,42 @@ install_packages() {
 }
 
 BUILD_PACKAGES=(g++ cmake ninja-build pkg-config nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev libxxhash-dev libcpp-httplib-dev libdnnl-dev)
-TEST_PACKAGES=(python3 python3-numpy python3-torch python3-sentencepiece python3-jinja2 clang-14 libclang-rt-14-dev time)
-# Node.js (for the official openai client in the e2e tests): this machine image may ship NodeSource's
-# nodejs with npm bundled, which conflicts with Debian's npm package, so test for the command.
+TEST_PACKAGES=(python3 python3-venv python3-pip python3-numpy python3-torch python3-sentencepiece python3-jinja2 clang-14 libclang-rt-14-dev time)
+# Node.js (optional: the e2e test also runs the JavaScript openai client when npm can install it): this
+# machine image may ship NodeSource's nodejs with npm bundled, which conflicts with Debian's npm package,
+# so test for the command.
 install_node() { command -v npm >/dev/null 2>&1 || install_packages nodejs npm; }
+
+# setup_venv: $BUILD_DIR/venv, a venv of Debian's python3 with --system-site-packages (numpy, torch,
+# jinja2, sentencepiece from apt stay visible) plus the pinned PyPI packages of tests/requirements.txt
+# (the official openai client, Hugging Face tokenizers). tests/CMakeLists.txt runs the Python tests with
+# it. A no-op when the venv already holds this requirements file (its sha256 is kept in the venv). Where
+# PyPI is unreachable it prints one line and returns 0: the tests that need a missing package skip.
+setup_venv() {
+  local venv="$BUILD_DIR/venv" req="$ROOT/tests/requirements.txt" stamp want
+  stamp="$venv/.requirements.sha256"
+  want="$(sha256sum "$req" | cut -d' ' -f1)"
+  if [ -x "$venv/bin/python3" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && "$venv/bin/python3" -c '' 2>/dev/null; then
+    return 0
+  fi
+  if ! "$venv/bin/python3" -c '' 2>/dev/null; then
+    rm -rf "$venv"
+    mkdir -p "$BUILD_DIR"
+    if ! /usr/bin/python3 -m venv --system-site-packages "$venv" >"$BUILD_DIR/venv.log" 2>&1; then
+      echo "larder: cannot create $venv (see $BUILD_DIR/venv.log); tests that need tests/requirements.txt will skip" >&2
+      rm -rf "$venv"
+      return 0
+    fi
+  fi
+  rm -f "$stamp"
+  echo "larder: installing tests/requirements.txt into $venv" >&2
+  if "$venv/bin/python3" -m pip install -q --disable-pip-version-check --no-input --timeout 30 --retries 2 \
+      -r "$req" >"$venv/pip.log" 2>&1; then
+    echo "$want" >"$stamp"
+  else
+    echo "larder: pip install -r tests/requirements.txt failed, PyPI unreachable? ($(grep '^ERROR' "$venv/pip.log" | tail -n1 | cut -c8-150)); the tests that need those packages will skip (log: $venv/pip.log)" >&2
+  fi
+}
 
 configure_and_build() {
   cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
