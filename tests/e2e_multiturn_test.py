@@ -7,14 +7,14 @@ what was generated), so the KV blocks of both are prefix-cache hits. On stories2
 
 1. Completions continued by the client (sampled at temperature 1.5, so replies often use
    non-canonical splits that a re-tokenization would not reproduce).
-2. Chat over 4 turns (fallback format), sampled, non-streaming.
+2. Chat over 4 turns (the built-in ChatML template: stories260K has none), sampled, non-streaming.
 3. Chat over 4 turns, greedy, streaming: each next turn is sent as soon as [DONE] arrives.
 
 Every turn must get usage.prompt_tokens_details.cached_tokens >= the previous turn's
 prompt + completion tokens minus one KV block (16), the last generated token (never
 computed) and up to 3 tokens the cut may step back at the end of the reply. (A chat reply
-whose first token has no leading space cannot be reused: the fallback format writes
-"Assistant: " + reply, a space the model never saw; then only the previous prompt must be.)
+whose first token has no leading space may not be reusable where a template writes a space before the
+reply that the model never saw; then only the previous prompt must be.)
 
 Environment: LARDER_BIN, LARDER_SHARED (default ../shared). Exit 77 when the model is missing.
 """

@@ -447,6 +447,68 @@ TEST(ChatTemplate, SharedTemplatesParse) {
   if (!found) GTEST_SKIP() << "no shared templates under " << base;
 }
 
+// ---------------------------------------------------------------- built-in templates
+
+const ordered_json& conversation() {
+  static const auto m = ordered_json::parse(R"([{"role": "system", "content": "Be brief."},
+    {"role": "user", "content": " Hi there "}, {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"}])");
+  return m;
+}
+
+TEST(BuiltinChatTemplate, ChatMLForLlamaAndOthers) {
+  EXPECT_EQ(larder::builtin_chat_template_for_arch("llama"), "chatml");
+  EXPECT_EQ(larder::builtin_chat_template_for_arch("qwen2"), "chatml");
+  auto t = larder::model_chat_template(std::nullopt, "llama");
+  ASSERT_TRUE(t.ok()) << t.error();
+  EXPECT_TRUE(t->builtin);
+  EXPECT_EQ(t->name, "chatml");
+  EXPECT_NE(t->note.find("no chat template"), std::string::npos) << t->note;
+  EXPECT_NE(t->note.find("ChatML"), std::string::npos) << t->note;
+  EXPECT_EQ(t->note.find('\n'), std::string::npos);
+  EXPECT_EQ(*t->tmpl.apply(conversation(), true, {{"bos_token", "<s>"}}),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n Hi there <|im_end|>\n"
+            "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n");
+  EXPECT_EQ(*t->tmpl.apply(conversation(), false, nullptr),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n Hi there <|im_end|>\n"
+            "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n");
+}
+
+// Gemma 3's own template (as transformers renders it): BOS, the system prompt folded into the
+// first user turn, contents trimmed, the assistant written "model".
+TEST(BuiltinChatTemplate, GemmaForGemma3) {
+  for (const char* arch : {"gemma3", "gemma2", "gemma"}) EXPECT_EQ(larder::builtin_chat_template_for_arch(arch), "gemma");
+  auto t = larder::model_chat_template(std::string(), "gemma3");  // empty metadata counts as none
+  ASSERT_TRUE(t.ok()) << t.error();
+  EXPECT_TRUE(t->builtin);
+  EXPECT_EQ(t->name, "gemma");
+  EXPECT_NE(t->note.find("Gemma"), std::string::npos) << t->note;
+  EXPECT_EQ(*t->tmpl.apply(conversation(), true, {{"bos_token", "<bos>"}}),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+            "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n");
+  auto no_sys = ordered_json::parse(R"([{"role": "user", "content": "Hi"}])");
+  EXPECT_EQ(*t->tmpl.apply(no_sys, true, {{"bos_token", "<bos>"}}),
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n");
+  auto bad = ordered_json::parse(R"([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])");
+  auto r = t->tmpl.apply(bad, true, {{"bos_token", "<bos>"}});
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().find("alternate"), std::string::npos) << r.error();
+}
+
+TEST(BuiltinChatTemplate, ModelTemplateWinsAndBrokenOneFallsBack) {
+  auto own = larder::model_chat_template(std::string("{% for m in messages %}[{{ m.content }}]{% endfor %}"), "gemma3");
+  ASSERT_TRUE(own.ok()) << own.error();
+  EXPECT_FALSE(own->builtin);
+  EXPECT_TRUE(own->note.empty());
+  EXPECT_EQ(*own->tmpl.apply(ordered_json::parse(R"([{"role": "user", "content": "x"}])"), true, nullptr), "[x]");
+  auto broken = larder::model_chat_template(std::string("{% for m in messages %}"), "llama");
+  ASSERT_TRUE(broken.ok()) << broken.error();
+  EXPECT_TRUE(broken->builtin);
+  EXPECT_EQ(broken->name, "chatml");
+  EXPECT_NE(broken->note.find("not usable"), std::string::npos) << broken->note;
+  EXPECT_EQ(larder::builtin_chat_template_source("nope"), "");
+}
+
 // ---------------------------------------------------------------- jinja2 reference cases
 
 // Cases written by tests/chat_template_test.py: every shared template over a set of

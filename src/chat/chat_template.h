@@ -7,6 +7,7 @@
 #include <chrono>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
 #include "core/result.h"
@@ -33,5 +34,26 @@ struct ChatTemplate {
   jinja::Template tmpl_;
   jinja::RenderOptions opts_;
 };
+
+// Built-in templates for models whose files carry none: "chatml" (<|im_start|>role\n...<|im_end|>)
+// and "gemma" (Gemma 3's: <start_of_turn>user ... <end_of_turn>, the assistant's role written
+// "model", a system prompt folded into the first user turn). Their Jinja source; empty for an
+// unknown name.
+std::string builtin_chat_template_source(const std::string& name);
+// The built-in template for an architecture: "gemma" for gemma, gemma2, gemma3; "chatml" otherwise.
+std::string builtin_chat_template_for_arch(const std::string& arch);
+
+// The chat template a model is used with, by `larder serve` and `larder chat` alike.
+struct ModelChatTemplate {
+  ChatTemplate tmpl;
+  std::string name;     // "the model's" or the built-in's name ("chatml", "gemma")
+  bool builtin = false;
+  std::string note;     // one line for stderr when a built-in is used (why, and which one)
+};
+
+// `metadata` is the model's own template (GGUF tokenizer.chat_template), if it has one. When it is
+// missing, empty or does not parse, the built-in template for `arch` is used instead (and `note`
+// says so). Fails only if a built-in template itself does not parse.
+Result<ModelChatTemplate> model_chat_template(const std::optional<std::string>& metadata, const std::string& arch);
 
 }  // namespace larder

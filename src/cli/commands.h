@@ -3,6 +3,7 @@
 
 namespace larder::cli {
 int cmd_run(Args& a);
+int cmd_chat(Args& a);        // src/cli/chat.cpp
 int cmd_info(Args& a);
 int cmd_tokenize(Args& a);
 int cmd_synth(Args& a);

@@ -1,6 +1,7 @@
 // `larder` — thin front end over the library modules.
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <map>
 #include <sstream>
 
 #include "cli/commands.h"
@@ -11,14 +12,35 @@ using namespace larder::cli;
 
 namespace {
 
-void bind_options(CLI::App* sub, const std::string& name, std::vector<OptSpec>& table) {
+// CLI11 takes single-letter short names only; llama.cpp's multi-letter single-dash names
+// (-sys) are rewritten to the option's first long name before parsing.
+using DashAliases = std::map<std::string, std::string>;
+
+std::string cli11_flags(const char* flags, DashAliases& aliases, std::vector<std::string>& multi) {
+  std::vector<std::string> names;
+  std::stringstream ss(flags);
+  for (std::string n; std::getline(ss, n, ',');) (n.size() > 2 && n[0] == '-' && n[1] != '-' ? multi : names).push_back(n);
+  std::string out, long_name;
+  for (const auto& n : names) {
+    out += (out.empty() ? "" : ",") + n;
+    if (long_name.empty() && n.rfind("--", 0) == 0) long_name = n;
+  }
+  for (const auto& m : multi) aliases[m] = long_name;
+  return out;
+}
+
+void bind_options(CLI::App* sub, const std::string& name, std::vector<OptSpec>& table, DashAliases& aliases) {
   for (auto& o : table) {
     std::string cmds = std::string(",") + o.cmds + ",";
     if (cmds.find("," + name + ",") == std::string::npos) continue;
+    std::vector<std::string> multi;
+    const std::string flags = cli11_flags(o.flags, aliases, multi);
+    std::string help = o.help;
+    for (const auto& m : multi) help = "(also " + m + ") " + help;
     CLI::Option* opt = std::visit(
         [&](auto* p) -> CLI::Option* {
-          if constexpr (std::is_same_v<decltype(p), bool*>) return sub->add_flag(o.flags, *p, o.help);
-          else return sub->add_option(o.flags, *p, o.help)->capture_default_str();
+          if constexpr (std::is_same_v<decltype(p), bool*>) return sub->add_flag(flags, *p, help);
+          else return sub->add_option(flags, *p, help)->capture_default_str();
         },
         o.target);
     if (o.env && *o.env) opt->envname(o.env);
@@ -40,6 +62,7 @@ int main(int argc, char** argv) {
   };
   const Cmd cmds[] = {
       {"run", "generate text from a prompt", cmd_run},
+      {"chat", "interactive chat in the terminal with the model's chat template (/reset clears the history, /exit or Ctrl-D quits; one message a line when stdin is not a terminal)", cmd_chat},
       {"info", "show a model file's metadata, tensors and sizes", cmd_info},
       {"tokenize", "show the token ids of a text", cmd_tokenize},
       {"synth", "write a random-weight GGUF in a real model's shape", cmd_synth},
@@ -52,17 +75,28 @@ int main(int argc, char** argv) {
       {"logits", "dump logits / greedy ids for token ids (for reference tests)", cmd_logits},
   };
   std::vector<std::pair<CLI::App*, const Cmd*>> subs;
+  DashAliases aliases;
   for (const Cmd& c : cmds) {
     CLI::App* sub = app.add_subcommand(c.name, c.help);
-    bind_options(sub, c.name, table);
+    bind_options(sub, c.name, table, aliases);
     if (std::string(c.name) == "info") sub->add_option("file", a.positional, "model file (or use -m)");
     if (std::string(c.name) == "tokenize") sub->add_option("text", a.positional, "text to tokenize");
     if (std::string(c.name) == "kv") sub->add_option("action", a.positional, "stats | verify | clear");
     if (std::string(c.name) == "quantize") sub->add_option("args", a.quant_args, "IN OUT TYPE")->expected(3);
     subs.emplace_back(sub, &c);
   }
+  std::vector<std::string> args;
+  for (int i = argc - 1; i >= 1; --i) {  // CLI11 wants them reversed
+    std::string s = argv[i];
+    for (const auto& [alias, long_name] : aliases) {
+      if (s == alias) s = long_name;
+      else if (s.rfind(alias + "=", 0) == 0) s = long_name + s.substr(alias.size());
+    }
+    args.push_back(std::move(s));
+  }
+  app.name(argv[0]);
   try {
-    app.parse(argc, argv);
+    app.parse(args);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);
     std::fprintf(stderr, "larder: error: %s (see larder --help)\n", e.what());

@@ -30,6 +30,11 @@ struct Args {
   bool w8a8 = false;
   bool no_repack = false;
   bool no_display_prompt = false;
+  // chat
+  int chat_n_predict = -1;
+  std::string system_prompt;
+  std::string chat_template;  // Jinja file or built-in name
+  bool verbose = false;
   // tokenize
   bool ids_only = false;
   bool no_bos = false;
@@ -94,7 +99,8 @@ struct Args {
 
 struct OptSpec {
   const char* cmds;   // comma-separated subcommands that accept it
-  const char* flags;  // CLI11 flag names
+  const char* flags;  // CLI11 flag names; a single-dash name longer than one letter (llama.cpp's -sys)
+                      // is accepted as a spelling of the option's first long name
   const char* env;    // environment variable ("" = none)
   const char* help;
   std::variant<std::string*, int*, float*, double*, int64_t*, bool*> target;

@@ -276,20 +276,6 @@ std::optional<ApiError> parse_chat_request(const ojson& body, ParsedRequest& out
   }
 }
 
-std::string fallback_chat_prompt(const ojson& messages) {
-  std::string s;
-  for (auto& m : messages) {
-    std::string role = m.value("role", "user");
-    std::string label = role == "assistant"                        ? "Assistant"
-                        : role == "system" || role == "developer" ? "System"
-                        : role == "tool"                            ? "Tool"
-                                                                    : "User";
-    s += label + ": " + m.value("content", std::string()) + "\n";
-  }
-  s += "Assistant:";
-  return s;
-}
-
 std::string StopMatcher::push(const std::string& text) {
   if (matched_) return {};
   if (stops_.empty()) return text;

@@ -69,9 +69,6 @@ struct ParsedRequest {
 std::optional<ApiError> parse_completion_request(const ojson& body, ParsedRequest& out);
 std::optional<ApiError> parse_chat_request(const ojson& body, ParsedRequest& out);
 
-// "System: ...\nUser: ...\nAssistant: ...\n" per message, then "Assistant:".
-std::string fallback_chat_prompt(const ojson& messages);
-
 // Holds back text that could be the beginning of a stop string. push() returns the
 // text that is safe to send; once a stop string appears, matched() is true, the text
 // before it is returned and everything after it is dropped.

@@ -377,23 +377,20 @@ std::optional<ApiError> Server::Impl::build_prompt(const ParsedRequest& pr, std:
   if (!pr.tools.is_null() && !(chat_template && template_has_tools))
     return make_api_error(400, "This model's chat template does not support tools.", "invalid_request_error",
                           "unsupported_parameter", "tools");
-  if (chat_template) {
-    ojson extra = ojson::object();
-    extra["bos_token"] = bos;
-    extra["eos_token"] = eos;
-    if (!pr.tools.is_null()) extra["tools"] = pr.tools;
-    auto r = chat_template->apply(pr.messages, /*add_generation_prompt=*/true, extra);
-    if (!r.ok())
-      return make_api_error(400, "The chat template could not be applied to these messages: " + r.error(),
-                            "invalid_request_error", "invalid_value", "messages");
-    text = std::move(r.value());
-    // Templates usually write the BOS text themselves; add the token only when they don't.
-    bool has_bos_text = !bos.empty() && text.rfind(bos, 0) == 0;
-    tokens = encode_prompt(tok, text, /*add_bos=*/!has_bos_text, /*parse_special=*/true, mode);
-  } else {
-    text = fallback_chat_prompt(pr.messages);
-    tokens = encode_prompt(tok, text, /*add_bos=*/true, /*parse_special=*/false, mode);
-  }
+  if (!chat_template)  // attach() always sets one
+    return make_api_error(500, "The server has no chat template.", "server_error", "internal_error", "messages");
+  ojson extra = ojson::object();
+  extra["bos_token"] = bos;
+  extra["eos_token"] = eos;
+  if (!pr.tools.is_null()) extra["tools"] = pr.tools;
+  auto r = chat_template->apply(pr.messages, /*add_generation_prompt=*/true, extra);
+  if (!r.ok())
+    return make_api_error(400, "The chat template could not be applied to these messages: " + r.error(),
+                          "invalid_request_error", "invalid_value", "messages");
+  text = std::move(r.value());
+  // Templates usually write the BOS text themselves; add the token only when they don't.
+  bool has_bos_text = !bos.empty() && text.rfind(bos, 0) == 0;
+  tokens = encode_prompt(tok, text, /*add_bos=*/!has_bos_text, /*parse_special=*/true, mode);
   text_base = 0;
   return std::nullopt;
 }
@@ -827,17 +824,17 @@ int Server::port() const { return impl_->bound_port; }
 
 void Server::attach(const Model& model, Scheduler& sched) {
   Impl& I = *impl_;
+  // The same choice as `larder chat`: the model's template, else the built-in one for its architecture.
+  std::optional<std::string> src;
+  if (model.gguf) src = model.gguf->get_string("tokenizer.chat_template");
+  if (auto t = model_chat_template(src, model.cfg.arch); t.ok()) {
+    I.chat_template.emplace(std::move(t->tmpl));
+    I.template_has_tools = !t->builtin && src->find("tools") != std::string::npos;
+    if (!t->note.empty()) std::fprintf(stderr, "larder serve: %s\n", t->note.c_str());
+  } else {
+    std::fprintf(stderr, "larder serve: warning: %s\n", t.error().c_str());
+  }
   if (model.gguf) {
-    if (auto src = model.gguf->get_string("tokenizer.chat_template"); src && !src->empty()) {
-      auto t = ChatTemplate::parse(*src);
-      if (t.ok()) {
-        I.chat_template.emplace(std::move(t.value()));
-        I.template_has_tools = src->find("tools") != std::string::npos;
-      } else {
-        std::fprintf(stderr, "larder serve: warning: chat template not usable (%s); using the fallback format\n",
-                     t.error().c_str());
-      }
-    }
     if (auto name = model.gguf->get_string("general.name"); name && !name->empty()) I.model_names.push_back(*name);
   }
   if (!model.cfg.name.empty()) I.model_names.push_back(model.cfg.name);

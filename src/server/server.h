@@ -14,8 +14,9 @@
 // conversation resent with the reply) reuses those ids, and so their KV blocks, instead of
 // a re-tokenization of the reply that need not match what was generated.
 //
-// Models without a chat template (e.g. stories260K) use the fallback format
-//   "System: ...\nUser: ...\nAssistant: ...\n" per message, then "Assistant:".
+// Models without a chat template (e.g. stories260K) use the built-in one for their
+// architecture (model_chat_template in src/chat: Gemma's for gemma*, ChatML otherwise),
+// the same that `larder chat` uses.
 //
 // The `model` field may be omitted; when given it must be the served id (the file
 // name without extension, or --alias), the file name, the path given to -m, or the
