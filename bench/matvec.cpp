@@ -3,7 +3,8 @@
 // far larger than the caches (what DRAM allows). Decode is memory-bound only when the first
 // is well above larder-membw's figure.
 //   larder-bench-matvec [-t THREADS] [--types f32,q8_0,...] [--cols K] [--isa scalar|avx2|avx512] [--packed]
-// --packed: q8_0/q4_0 matrices repacked into panels first (what model loading does on AVX-512).
+// --packed: q8_0/q4_0/q4_1/q5_0/q4_K/q6_K matrices repacked into panels first (what model loading
+// does on AVX-512).
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -66,7 +67,7 @@ int main(int argc, char** argv) {
   ThreadPool pool(threads);
   kernels::MatmulScratch scratch;
   std::printf("path %s, %d threads, %lld columns%s\n", kernels::isa_name(kernels::active_isa()), threads,
-              static_cast<long long>(cols), packed ? ", q8_0/q4_0 packed" : "");
+              static_cast<long long>(cols), packed ? ", packable types packed" : "");
   std::printf("| type | in cache (%s) | from DRAM (%s) |\n|---|---:|---:|\n", "2,048 rows", "~1 GiB");
   std::stringstream ss(types);
   for (std::string name; std::getline(ss, name, ',');) {

@@ -1,4 +1,4 @@
-// Panel-packed q8_0 / q4_0 weights (src/kernels/packed.cpp): matmul on the packed bytes, on
+// Panel-packed q8_0 / q4_0 / q4_1 / q5_0 weights (src/kernels/packed.cpp): matmul on the packed bytes, on
 // every ISA path (AVX-512 kernels; the layout's scalar reference elsewhere), against a
 // double-precision reference from the dequantized GGUF rows and the activations rounded
 // through q8_0 -- never against the kernels themselves.
@@ -26,6 +26,8 @@ using larder::testing::paths;
 using larder::testing::q8_roundtrip;
 
 namespace {
+
+const DType kTypes[] = {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0};
 
 struct QMatrix {
   DType type;
@@ -56,6 +58,7 @@ QMatrix make(DType t, int rows, int cols, std::mt19937& rng, ThreadPool& pool, i
       switch (pattern) {
         case 1: w[c] = (c + r) % 2 ? 1.f : -1.f; break;  // quants at both ends of the range
         case 2: w[c] = (c % 32) / 31.f - 0.5f; break;    // every level
+        case 3: w[c] = (c % 32) / 31.f + 0.5f * (r % 3); break;  // q4_1: minimums far from 0
         default: w[c] = nd(rng) * (1 + r % 3);           // rows with different scales
       }
     }
@@ -83,11 +86,17 @@ TEST(PackedMatmul, OnlyBlockTypesWithWholeBlocks) {
   EXPECT_GT(packed_bytes(DType::Q8_0, 64, 2048), 0u);
   EXPECT_GT(packed_bytes(DType::Q4_0, 1, 32), 0u);
   EXPECT_EQ(packed_bytes(DType::F32, 64, 2048), 0u);
-  EXPECT_EQ(packed_bytes(DType::Q4_1, 64, 2048), 0u);
+  EXPECT_GT(packed_bytes(DType::Q4_1, 1, 32), 0u);
+  EXPECT_GT(packed_bytes(DType::Q5_0, 1, 32), 0u);
+  EXPECT_EQ(packed_bytes(DType::Q5_1, 64, 2048), 0u);
   EXPECT_EQ(packed_bytes(DType::Q8_0, 64, 48), 0u);
-  // Whole 64-row groups: the same bytes as the GGUF rows there.
-  EXPECT_EQ(packed_bytes(DType::Q8_0, 128, 2048), row_bytes(DType::Q8_0, 2048) * 128);
-  EXPECT_EQ(packed_bytes(DType::Q4_0, 128, 2048), row_bytes(DType::Q4_0, 2048) * 128);
+  EXPECT_EQ(packed_bytes(DType::Q4_1, 64, 48), 0u);
+  EXPECT_EQ(packed_bytes(DType::Q5_0, 64, 16), 0u);
+  // Whole 64-row groups and an even block count: the same bytes as the GGUF rows there.
+  for (DType t : kTypes) {
+    EXPECT_EQ(packed_bytes(t, 128, 2048), row_bytes(t, 2048) * 128) << dtype_name(t);
+    EXPECT_EQ(packed_bytes(t, 64, 640), row_bytes(t, 640) * 64) << dtype_name(t);  // Gemma 3 270M's q5_0 width
+  }
 }
 
 // Ragged everything: rows around the 16-row panels and 64-row groups, odd block counts (a zero
@@ -99,8 +108,8 @@ TEST(PackedMatmul, GridAllPathsAgainstReference) {
   std::normal_distribution<float> nd(0, 1);
   const int rows_grid[] = {1, 5, 16, 17, 31, 48, 63, 64, 65, 100, 130};
   const int cols_grid[] = {32, 64, 96, 160, 416};
-  const int toks_grid[] = {1, 2, 5, 6, 7, 13};
-  for (DType t : {DType::Q8_0, DType::Q4_0})
+  const int toks_grid[] = {1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 31};
+  for (DType t : kTypes)
     for (int cols : cols_grid)
       for (int rows : rows_grid) {
         const QMatrix W = make(t, rows, cols, rng, pool);
@@ -131,7 +140,7 @@ TEST(PackedMatmul, Avx512EqualsScalarLayoutReference) {
   ThreadPool pool(2);
   std::mt19937 rng(22);
   std::normal_distribution<float> nd(0, 1);
-  for (DType t : {DType::Q8_0, DType::Q4_0}) {
+  for (DType t : kTypes) {
     const int rows = 141, cols = 32 * 27, nt = 23;
     const QMatrix W = make(t, rows, cols, rng, pool);
     std::vector<float> x(static_cast<size_t>(nt) * cols);
@@ -144,7 +153,8 @@ TEST(PackedMatmul, Avx512EqualsScalarLayoutReference) {
       set_isa(Isa::AVX512);
       matmul(W.tensor(true), x.data(), n, ya.data(), rows, pool, sc);
       matmul(W.tensor(false), x.data(), n, yu.data(), rows, pool, sc);
-      // The GGUF-layout q8_0 prefill runs in f32 (no activation rounding): compared in the grid test.
+      // The GGUF-layout prefill of q8_0 / q4_1 / q5_0 runs in f32 (no activation rounding):
+      // compared in the grid test. (q4_1's decode rounds activations through q8_1, the same quants.)
       const bool same_inputs = n == 1 || t == DType::Q4_0;
       for (size_t i = 0; i < ys.size(); ++i) {
         ASSERT_EQ(ya[i], ys[i]) << dtype_name(t) << " tokens " << n << " i " << i;
@@ -162,8 +172,8 @@ TEST(PackedMatmul, ExtremeValuesLongRows) {
   IsaGuard guard;
   ThreadPool pool(2);
   std::mt19937 rng(23);
-  for (DType t : {DType::Q8_0, DType::Q4_0})
-    for (int pattern : {1, 2}) {
+  for (DType t : kTypes)
+    for (int pattern : {1, 2, 3}) {
       const int rows = 20, cols = 32 * 259, nt = 7;
       const QMatrix W = make(t, rows, cols, rng, pool, pattern);
       std::vector<float> x(static_cast<size_t>(nt) * cols);
@@ -182,11 +192,11 @@ TEST(PackedMatmul, ExtremeValuesLongRows) {
     }
 }
 
-// A whole model: loading packs the q8_0/q4_0 weights (on AVX-512) and the logits match the same
+// A whole model: loading packs the q8_0/q4_0/q4_1/q5_0 weights (on AVX-512) and the logits match the same
 // file loaded without packing, prompt and decode (up to q8_0's 8-bit prefill activations).
 TEST(PackedMatmul, PackedModelMatchesUnpacked) {
   if (detected_isa() < Isa::AVX512) GTEST_SKIP() << "packing happens only on AVX-512";
-  for (DType t : {DType::Q8_0, DType::Q4_0}) {
+  for (DType t : kTypes) {
     SynthShape s;
     s.n_embd = 128; s.n_ff = 256; s.n_layer = 2; s.n_head = 4; s.n_head_kv = 2; s.n_vocab = 320; s.n_ctx = 256;
     const std::string path = ::testing::TempDir() + "larder_packed_" + dtype_name(t) + ".gguf";
@@ -244,7 +254,7 @@ TEST(PackedMatmul, PackedModelMatchesUnpacked) {
 TEST(PackedMatmul, RowLookupEqualsDequantizedRow) {
   ThreadPool pool(2);
   std::mt19937 rng(24);
-  for (DType t : {DType::Q8_0, DType::Q4_0}) {
+  for (DType t : kTypes) {
     const int rows = 83, cols = 32 * 7;
     const QMatrix W = make(t, rows, cols, rng, pool);
     std::vector<float> got(cols);

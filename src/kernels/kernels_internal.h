@@ -70,6 +70,11 @@ inline uint16_t load_u16(const uint8_t* p) {
   std::memcpy(&v, p, 2);
   return v;
 }
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
 inline float load_f32(const uint8_t* p) {
   float v;
   std::memcpy(&v, p, 4);
