@@ -341,6 +341,102 @@ TEST(Tokenizer, SyntheticSpmWithoutBytesUsesOneUnkPerRun) {
   EXPECT_EQ(ids_str((*t)->encode("axyza", false)), ids_str({3, 4, 0, 4}));
 }
 
+// SentencePiece matches user-defined pieces after escaping ' ' as U+2581, so ' ' and U+2581 are
+// one symbol there. Gemma's whitespace-run pieces are written "▁▁" in tokenizer.model but "  " in
+// llama.cpp's GGUFs; both must match runs of either character in the text, as SentencePiece's
+// encode does, and decode to spaces. Control text (parse_special) still matches literally.
+TEST(Tokenizer, SyntheticSpmUserDefinedPiecesTreatSpaceAndU2581Alike) {
+  Vocab v = tiny_spm_vocab();
+  v.add_space_prefix = false;  // as Gemma
+  const int32_t h = 260, e = 261, lo = 259 + 8, sp = 259;
+  auto add = [&](const char* text, TokenType t) {
+    v.tokens.push_back(text);
+    v.types.push_back(t);
+    v.scores.push_back(-1000.0f);
+    return static_cast<int32_t>(v.tokens.size() - 1);
+  };
+  const int32_t two = add("  ", TokenType::USER_DEFINED);                             // GGUF spelling
+  const int32_t three = add("\xE2\x96\x81\xE2\x96\x81\xE2\x96\x81", TokenType::USER_DEFINED);  // tokenizer.model
+  const int32_t pre = add("\xE2\x96\x81<PRE>", TokenType::CONTROL);                   // CodeLlama-style control
+  auto t = make_tokenizer(v);
+  ASSERT_TRUE(t.ok()) << t.error();
+  const Tokenizer& tok = **t;
+  const std::string m = "\xE2\x96\x81";
+  EXPECT_EQ(ids_str(tok.encode("h  e", false)), ids_str({h, two, e}));
+  EXPECT_EQ(ids_str(tok.encode("h" + m + m + "e", false)), ids_str({h, two, e}));
+  EXPECT_EQ(ids_str(tok.encode("h " + m + "e", false)), ids_str({h, two, e}));
+  EXPECT_EQ(ids_str(tok.encode("h   e", false)), ids_str({h, three, e}));
+  EXPECT_EQ(ids_str(tok.encode("h" + m + " " + m + "e", false)), ids_str({h, three, e}));
+  // Longest match first: five spaces are three + two; a single one stays an ordinary piece.
+  EXPECT_EQ(ids_str(tok.encode("h     e", false)), ids_str({h, three, two, e}));
+  EXPECT_EQ(ids_str(tok.encode("h e", false)), ids_str({h, sp, e}));
+  EXPECT_EQ(ids_str(tok.encode("llo" + m, false)), ids_str({lo, sp}));
+  // Decode: the U+2581-written piece comes back as spaces.
+  EXPECT_EQ(tok.decode({h, three, e, two}), "h   e  ");
+  // A control piece holding U+2581 matches only its literal text, and only with parse_special.
+  EXPECT_EQ(ids_str(tok.encode(m + "<PRE>h", false, true)), ids_str({pre, h}));
+  for (const auto& ids : {tok.encode(" <PRE>h", false, true), tok.encode(m + "<PRE>h", false, false)})
+    EXPECT_EQ(std::count(ids.begin(), ids.end(), pre), 0) << ids_str(ids);
+  // Long runs stay fast (the matcher tries both readings of each U+2581).
+  std::string run;
+  for (int i = 0; i < 50000; ++i) run += (i % 3 ? " " : m);
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto ids = tok.encode(run, false);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.0);
+  EXPECT_EQ(ids.size(), 50000u / 3 + 1);  // 16666 x "▁▁▁" then "▁▁" (3 * 16666 + 2 = 50000)
+}
+
+// Byte-level BPE: a pre-tokenizer's \s is Unicode White_Space, as in HF tokenizers (Oniguruma)
+// and llama.cpp; PCRE2's own \s also takes U+180E MONGOLIAN VOWEL SEPARATOR, which is not
+// White_Space. And a byte without a token in the vocabulary's alphabet is dropped before the
+// merges (HF's BPE with no unk token), so its neighbours still merge.
+TEST(Tokenizer, SyntheticByteLevelWhitespaceAndMissingBytes) {
+  // GPT-2's bytes_to_unicode: printable Latin-1 bytes are themselves, the rest U+0100 upwards.
+  std::string byte_char[256];
+  int next = 0;
+  for (int b = 0; b < 256; ++b) {
+    const bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+    const uint32_t cp = printable ? b : 256 + next++;
+    std::string u;
+    if (cp < 0x80) {
+      u += static_cast<char>(cp);
+    } else {
+      u += static_cast<char>(0xC0 | (cp >> 6));
+      u += static_cast<char>(0x80 | (cp & 0x3F));
+    }
+    byte_char[b] = u;
+  }
+  Vocab v;
+  v.kind = TokenizerKind::BPE;
+  v.pre = "gpt2";
+  v.add_bos = false;
+  for (int b = 0; b < 256; ++b) {
+    if (b == 0x04) continue;  // like SmolLM2's vocabulary, which has no token for byte 0x04
+    v.tokens.push_back(byte_char[b]);
+  }
+  auto id_of = [&](const std::string& s) {
+    return static_cast<int32_t>(std::find(v.tokens.begin(), v.tokens.end(), s) - v.tokens.begin());
+  };
+  const std::string G = byte_char[' '];  // "Ġ"
+  v.tokens.push_back(G + "'");
+  v.tokens.push_back(G + byte_char[0xE1]);  // " " + the first byte of U+180E (and of U+1680)
+  v.merges = {G + " '", G + " " + byte_char[0xE1]};
+  auto t = make_tokenizer(v);
+  ASSERT_TRUE(t.ok()) << t.error();
+  const Tokenizer& tok = **t;
+  const int32_t sp_quote = id_of(G + "'"), sp_e1 = id_of(G + byte_char[0xE1]), sp = id_of(G);
+  const int32_t e1 = id_of(byte_char[0xE1]), a0 = id_of(byte_char[0xA0]), x8e = id_of(byte_char[0x8E]);
+  const int32_t x9a = id_of(byte_char[0x9A]), x80 = id_of(byte_char[0x80]), x = id_of("x");
+  // " \x04'" -> " '" once 0x04 is gone: one merged token.
+  EXPECT_EQ(ids_str(tok.encode(" \x04'", false)), ids_str({sp_quote}));
+  EXPECT_EQ(tok.decode(tok.encode("a\x04z", false)), "az");
+  // U+180E (E1 A0 8E) is not whitespace: " ?[^\s\p{L}\p{N}]+" takes the space along, and the
+  // space merges with its first byte.
+  EXPECT_EQ(ids_str(tok.encode(" \xE1\xA0\x8Ex", false)), ids_str({sp_e1, a0, x8e, x}));
+  // U+1680 OGHAM SPACE MARK (E1 9A 80) is: "\s+(?!\S)" leaves the space alone, no merge.
+  EXPECT_EQ(ids_str(tok.encode(" \xE1\x9A\x80x", false)), ids_str({sp, e1, x9a, x80, x}));
+}
+
 TEST(Tokenizer, StreamDecoderHoldsBackSplitUtf8) {
   auto t = make_tokenizer(tiny_spm_vocab());
   ASSERT_TRUE(t.ok());

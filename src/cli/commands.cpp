@@ -257,12 +257,24 @@ int cmd_tokenize(Args& a) {
     if (j.is_discarded() || !j.is_array()) return fail(a.json_batch + ": expected a JSON array of strings");
     nlohmann::json out = nlohmann::json::array();
     for (const auto& s : j) {
+      if (a.decode) {
+        if (!s.is_array()) return fail(a.json_batch + ": --decode expects a JSON array of id lists");
+        std::vector<int32_t> ids;
+        for (const auto& id : s) {
+          if (!id.is_number_integer()) return fail(a.json_batch + ": --decode expects a JSON array of id lists");
+          ids.push_back(id.get<int32_t>());
+        }
+        out.push_back(tok.decode(ids, a.parse_special));
+        continue;
+      }
       if (!s.is_string()) return fail(a.json_batch + ": expected a JSON array of strings");
       out.push_back(tok.encode(s.get<std::string>(), !a.no_bos, a.parse_special));
     }
-    std::printf("%s\n", out.dump().c_str());
+    // Decoded bytes that are not valid UTF-8 (a cut multi-byte character) print as U+FFFD.
+    std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     return 0;
   }
+  if (a.decode) return fail("--decode needs --json-batch FILE");
   std::string text = a.prompt.empty() ? a.positional : a.prompt;
   std::vector<int32_t> ids = tok.encode(text, !a.no_bos, a.parse_special);
   if (a.ids_only) {

@@ -34,6 +34,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"tokenize", "--no-bos", "", "don't add the BOS token", &a.no_bos},
       {"tokenize", "--parse-special", "", "recognise special-token text such as <|eot_id|>", &a.parse_special},
       {"tokenize", "--json-batch", "", "JSON file with an array of strings; prints an array of id lists", &a.json_batch},
+      {"tokenize", "--decode", "", "with --json-batch: the file holds id lists; prints their texts (special tokens as text with --parse-special)", &a.decode},
       {"logits", "--ids", "", "comma-separated input token ids", &a.ids},
       {"logits", "-o,--output", "", "write float32 logits [n_ids x n_vocab] to this file", &a.out},
       {"logits", "--chunk", "", "feed the input in chunks of this many tokens (0 = all at once)", &a.chunk},

@@ -40,6 +40,7 @@ struct Args {
   bool no_bos = false;
   bool parse_special = false;
   std::string json_batch;
+  bool decode = false;
   // logits
   std::string ids;
   std::string out;

@@ -123,12 +123,19 @@ class BpeTokenizer final : public Tokenizer {
         return;
       }
     }
-    // One symbol per byte: in the byte-level alphabet every byte is one character.
+    // One symbol per byte: in the byte-level alphabet every byte is one character. A byte with
+    // no token in the vocabulary's alphabet is dropped before merging, so that its neighbours
+    // can merge (as HF's BPE without an unk token does; SmolLM2 lacks 0x04, falcon 0x03, ...).
     auto& syms = w.syms;
     syms.clear();
-    const int32_t n = static_cast<int32_t>(piece.size());
-    for (int32_t i = 0; i < n; ++i)
-      syms.push_back({i - 1, i + 1 == n ? -1 : i + 1, byte_ids_[static_cast<unsigned char>(piece[i])], 1});
+    for (unsigned char c : piece) {
+      if (byte_ids_[c] < 0) continue;
+      const int32_t i = static_cast<int32_t>(syms.size());
+      syms.push_back({i - 1, i + 1, byte_ids_[c], 1});
+    }
+    if (syms.empty()) return;
+    syms.back().next = -1;
+    const int32_t n = static_cast<int32_t>(syms.size());
     auto& heap = w.heap;
     heap.clear();
     const BigramGreater cmp;
@@ -155,11 +162,7 @@ class BpeTokenizer final : public Tokenizer {
       try_add(l.prev, b.left);
       try_add(b.left, l.next);
     }
-    // A byte with no token in the vocabulary's alphabet is dropped (as llama.cpp and HF
-    // without an unk token do); e.g. falcon lacks 0x03 and 0xF5..0xFF.
-    for (int32_t i = 0; i != -1; i = syms[i].next) {
-      if (syms[i].id >= 0) out.push_back(syms[i].id);
-    }
+    for (int32_t i = 0; i != -1; i = syms[i].next) out.push_back(syms[i].id);
   }
 
   Pretokenizer pre_;

@@ -64,12 +64,52 @@ std::vector<std::string> pre_regexes(const std::string& pre, bool* known, bool* 
   return {kGpt2};
 }
 
+namespace {
+
+// PCRE2 (10.42) counts U+180E MONGOLIAN VOWEL SEPARATOR as \s in UCP mode (through \h); the
+// Hugging Face tokenizers (Oniguruma) and llama.cpp use the Unicode White_Space property, which
+// lacks it since Unicode 6.3. \s and \S are therefore spelled out as that property.
+constexpr const char* kWhiteSpace = "\\t-\\r\\x{20}\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}\\x{205F}\\x{3000}";
+
+std::string spell_out_whitespace(const std::string& re) {
+  std::string out;
+  bool in_class = false;
+  for (size_t i = 0; i < re.size(); ++i) {
+    const char c = re[i];
+    if (c == '\\' && i + 1 < re.size()) {
+      const char e = re[++i];
+      if (e == 's') {
+        out += in_class ? std::string(kWhiteSpace) : "[" + std::string(kWhiteSpace) + "]";
+      } else if (e == 'S' && !in_class) {
+        out += "[^" + std::string(kWhiteSpace) + "]";
+      } else {
+        out += c;  // other escapes (and \S inside a class, which has no spelling) stay
+        out += e;
+      }
+      continue;
+    }
+    if (c == '[' && !in_class) {
+      in_class = true;
+      out += c;
+      if (i + 1 < re.size() && re[i + 1] == '^') out += re[++i];
+      if (i + 1 < re.size() && re[i + 1] == ']') out += re[++i];  // a leading ']' is a literal
+      continue;
+    }
+    if (c == ']' && in_class) in_class = false;
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
 Pretokenizer::~Pretokenizer() {
   for (void* c : codes_) pcre2_code_free(static_cast<pcre2_code*>(c));
 }
 
 Status Pretokenizer::init(const std::string& pre) {
-  for (const std::string& re : pre_regexes(pre, nullptr, &ignore_merges_)) {
+  for (const std::string& list_re : pre_regexes(pre, nullptr, &ignore_merges_)) {
+    const std::string re = spell_out_whitespace(list_re);
     int err = 0;
     PCRE2_SIZE erroff = 0;
     // MATCH_INVALID_UTF: malformed input bytes never match and end up in gap pieces.

@@ -41,7 +41,7 @@ class SpmTokenizer final : public Tokenizer {
           break;
       }
       if (ty == TokenType::USER_DEFINED) {
-        bytes_[id] = t;  // user-defined text is literal
+        bytes_[id] = spm_piece_bytes(t, TokenType::NORMAL);  // literal text, but U+2581 is ' ' (as SentencePiece)
       } else if (ty != TokenType::CONTROL && ty != TokenType::UNKNOWN) {
         bytes_[id] = spm_piece_bytes(t, ty);
       }

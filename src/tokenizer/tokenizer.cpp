@@ -129,28 +129,86 @@ int32_t SpecialMatcher::child(int32_t n, unsigned char c) const {
   return (it != nx.end() && it->first == c) ? it->second : -1;
 }
 
+int32_t SpecialMatcher::insert(std::string_view key) {
+  int32_t n = 0;
+  for (unsigned char c : key) {
+    int32_t m = child(n, c);
+    if (m < 0) {
+      m = static_cast<int32_t>(nodes_.size());
+      nodes_.emplace_back();
+      auto& nx = nodes_[n].next;
+      nx.insert(std::lower_bound(nx.begin(), nx.end(), std::make_pair(c, int32_t(-1))), {c, m});
+    }
+    n = m;
+  }
+  return n;
+}
+
 void SpecialMatcher::build(const Vocab& v) {
   nodes_.assign(1, Node{});
+  spm_spaces_ = v.kind == TokenizerKind::SPM;
+  std::string key;
   for (size_t id = 0; id < v.tokens.size(); ++id) {
     const TokenType t = v.types[id];
     if (t != TokenType::CONTROL && t != TokenType::USER_DEFINED && t != TokenType::UNKNOWN) continue;
     const std::string& s = v.tokens[id];
     if (s.empty()) continue;
-    int32_t n = 0;
-    for (unsigned char c : s) {
-      int32_t m = child(n, c);
-      if (m < 0) {
-        m = static_cast<int32_t>(nodes_.size());
-        nodes_.emplace_back();
-        auto& nx = nodes_[n].next;
-        nx.insert(std::lower_bound(nx.begin(), nx.end(), std::make_pair(c, int32_t(-1))), {c, m});
+    key.clear();
+    const bool spaces = spm_spaces_ && t == TokenType::USER_DEFINED;  // U+2581 -> ' ' (the text is read the same way)
+    for (size_t p = 0; p < s.size();) {
+      if (spaces && s.compare(p, kSpaceMark.size(), kSpaceMark) == 0) {
+        key += ' ';
+        p += kSpaceMark.size();
+      } else {
+        key += s[p++];
       }
-      n = m;
     }
+    const int32_t n = insert(key);
     // Duplicate texts: the first id wins, but "always" if any copy is user-defined.
     if (nodes_[n].id < 0) nodes_[n].id = static_cast<int32_t>(id);
     if (t == TokenType::USER_DEFINED) nodes_[n].always = true;
   }
+}
+
+size_t SpecialMatcher::match_at(std::string_view text, size_t i, bool parse_special, int32_t& id) const {
+  size_t best = 0;
+  id = -1;
+  auto accept = [&](int32_t n, size_t end, bool via_mark) {
+    const Node& nd = nodes_[n];
+    if (nd.id >= 0 && (nd.always || (parse_special && !via_mark)) && end - i > best) {
+      best = end - i;
+      id = nd.id;
+    }
+  };
+  if (!spm_spaces_) {
+    int32_t n = 0;
+    for (size_t k = i; k < text.size(); ++k) {
+      n = child(n, static_cast<unsigned char>(text[k]));
+      if (n < 0) break;
+      accept(n, k + 1, false);
+    }
+    return best;
+  }
+  // SPM: a U+2581 in the text may also stand for ' ' (user-defined pieces only), so up to a
+  // few trie walks run side by side: (node, went through a U+2581-as-space).
+  if (text.compare(i, kSpaceMark.size(), kSpaceMark) != 0 && child(0, static_cast<unsigned char>(text[i])) < 0)
+    return 0;  // the common case, without the allocations below
+  std::vector<std::pair<int32_t, bool>> cur{{0, false}}, next;
+  for (size_t k = i; k < text.size() && !cur.empty();) {
+    const bool mark = text.compare(k, kSpaceMark.size(), kSpaceMark) == 0;
+    const size_t step = mark ? kSpaceMark.size() : 1;
+    next.clear();
+    for (const auto& [n0, via] : cur) {
+      int32_t n = n0;
+      for (size_t b = 0; b < step && n >= 0; ++b) n = child(n, static_cast<unsigned char>(text[k + b]));
+      if (n >= 0) next.emplace_back(n, via);
+      if (mark && (n = child(n0, ' ')) >= 0) next.emplace_back(n, true);
+    }
+    k += step;
+    for (const auto& [n, via] : next) accept(n, k, via);
+    cur.swap(next);
+  }
+  return best;
 }
 
 std::vector<Fragment> SpecialMatcher::split(std::string_view text, bool parse_special) const {
@@ -161,17 +219,8 @@ std::vector<Fragment> SpecialMatcher::split(std::string_view text, bool parse_sp
     return out;
   }
   while (i < text.size()) {
-    int32_t n = 0, best_id = -1;
-    size_t best_len = 0;
-    for (size_t k = i; k < text.size(); ++k) {
-      n = child(n, static_cast<unsigned char>(text[k]));
-      if (n < 0) break;
-      const Node& nd = nodes_[n];
-      if (nd.id >= 0 && (parse_special || nd.always)) {
-        best_id = nd.id;
-        best_len = k + 1 - i;
-      }
-    }
+    int32_t best_id = -1;
+    const size_t best_len = match_at(text, i, parse_special, best_id);
     if (best_id < 0) {
       ++i;
       continue;

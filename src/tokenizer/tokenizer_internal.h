@@ -44,6 +44,10 @@ struct Fragment {
 // Leftmost-longest matcher over the text of CONTROL / USER_DEFINED / UNKNOWN tokens.
 // USER_DEFINED tokens always match (like llama.cpp and HF added tokens);
 // CONTROL and UNKNOWN only when parse_special.
+// SPM vocabularies: SentencePiece matches user-defined pieces after turning ' ' into U+2581,
+// so there a user-defined piece matches with ' ' and U+2581 interchangeable, in the piece
+// (tokenizer.model writes Gemma's whitespace runs as U+2581, llama.cpp's GGUFs as ' ') and in
+// the text alike. CONTROL and UNKNOWN text always matches literally.
 class SpecialMatcher {
  public:
   void build(const Vocab& v);
@@ -57,7 +61,11 @@ class SpecialMatcher {
     bool always = false;  // USER_DEFINED
   };
   int32_t child(int32_t n, unsigned char c) const;
+  int32_t insert(std::string_view key);
+  // Longest match starting at text[i]: its length (0 if none) and id.
+  size_t match_at(std::string_view text, size_t i, bool parse_special, int32_t& id) const;
   std::vector<Node> nodes_;
+  bool spm_spaces_ = false;
 };
 
 // ---- byte-level BPE unicode map ----------------------------------------------
