@@ -302,7 +302,7 @@ TEST(PackedK, RowLookupEqualsDequantizedRow) {
 // q8_K activations) the logits agree to float rounding, and against its batched prefill to the
 // activation rounding (~1% of the logits here; near-ties may then swap the argmax).
 TEST(PackedK, PackedModelMatchesUnpacked) {
-  if (detected_isa() < Isa::AVX512) GTEST_SKIP() << "packing happens only on AVX-512";
+  if (active_isa() < Isa::AVX512) GTEST_SKIP() << "packing happens only on the AVX-512 path (LARDER_CPU)";
   for (DType t : {DType::Q4_K, DType::Q6_K}) {
     SynthShape s;
     s.n_embd = 256; s.n_ff = 512; s.n_layer = 2; s.n_head = 4; s.n_head_kv = 2; s.n_vocab = 320; s.n_ctx = 256;

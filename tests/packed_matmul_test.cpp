@@ -14,6 +14,7 @@
 #include "core/thread_pool.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
+#include "model/quantize.h"
 #include "model/synth.h"
 #include "engine/context.h"
 #include "test_util.h"
@@ -192,61 +193,117 @@ TEST(PackedMatmul, ExtremeValuesLongRows) {
     }
 }
 
-// A whole model: loading packs the q8_0/q4_0/q4_1/q5_0 weights (on AVX-512) and the logits match the same
-// file loaded without packing, prompt and decode (up to q8_0's 8-bit prefill activations).
+namespace {
+
+// Loads `path` packed and unpacked, runs a prompt (prefill kernels) and three single tokens
+// (decode kernels) through both, and compares the logits. Packed prefill rounds activations to
+// 8 bits where the GGUF-layout path multiplies them in f32 (q8_0, q4_1, q5_0 from 8 tokens), and
+// the decode steps attend to those K/V: close, not identical. Same argmax, mean absolute
+// difference under 1% of the mean absolute logit.
+void expect_packed_matches_unpacked(const std::string& path, int n_vocab, const std::string& what) {
+  auto packed = load_model(path, "", true);
+  auto plain = load_model(path, "", false);
+  ASSERT_TRUE(packed.ok() && plain.ok()) << what;
+  EXPECT_GT((*packed)->packed_bytes, 0u) << what;
+  EXPECT_EQ((*plain)->packed_bytes, 0u) << what;
+  const std::vector<int32_t> prompt = {1, 17, 45, 230, 99, 3, 310, 7, 8, 150, 42};
+  std::vector<std::vector<float>> logits[2];
+  int k = 0;
+  for (Model* m : {packed->get(), plain->get()}) {
+    ContextParams cp;
+    cp.n_ctx = 64;
+    cp.n_threads = 2;
+    auto c = Context::create(*m, cp);
+    ASSERT_TRUE(c.ok()) << c.error();
+    Context& ctx = **c;
+    ASSERT_TRUE(ctx.decode(prompt).ok());  // prefill kernels
+    logits[k].emplace_back(ctx.logits(), ctx.logits() + n_vocab);
+    for (int32_t tok : {5, 77, 301}) {  // decode kernels
+      const int32_t one[1] = {tok};
+      ASSERT_TRUE(ctx.decode(one).ok());
+      logits[k].emplace_back(ctx.logits(), ctx.logits() + n_vocab);
+    }
+    ++k;
+  }
+  for (size_t i = 0; i < logits[0].size(); ++i) {
+    double diff = 0, mag = 0;
+    int a0 = 0, a1 = 0;
+    for (int v = 0; v < n_vocab; ++v) {
+      diff += std::fabs(logits[0][i][v] - logits[1][i][v]);
+      mag += std::fabs(logits[1][i][v]);
+      if (logits[0][i][v] > logits[0][i][a0]) a0 = v;
+      if (logits[1][i][v] > logits[1][i][a1]) a1 = v;
+    }
+    EXPECT_LT(diff, 0.01 * mag) << what << " step " << i;
+    EXPECT_EQ(a0, a1) << what << " step " << i;
+  }
+}
+
+SynthShape small_shape() {
+  SynthShape s;
+  s.n_embd = 128; s.n_ff = 256; s.n_layer = 2; s.n_head = 4; s.n_head_kv = 2; s.n_vocab = 320; s.n_ctx = 256;
+  return s;
+}
+
+}  // namespace
+
+// A whole model: loading packs the q8_0/q4_0/q4_1/q5_0 weights (on AVX-512), q|k|v and gate|up
+// run fused (64-row multiples of one type), and the logits match the same file loaded without
+// packing.
 TEST(PackedMatmul, PackedModelMatchesUnpacked) {
-  if (detected_isa() < Isa::AVX512) GTEST_SKIP() << "packing happens only on AVX-512";
+  if (active_isa() < Isa::AVX512) GTEST_SKIP() << "packing happens only on the AVX-512 path (LARDER_CPU)";
   for (DType t : kTypes) {
-    SynthShape s;
-    s.n_embd = 128; s.n_ff = 256; s.n_layer = 2; s.n_head = 4; s.n_head_kv = 2; s.n_vocab = 320; s.n_ctx = 256;
+    const SynthShape s = small_shape();
     const std::string path = ::testing::TempDir() + "larder_packed_" + dtype_name(t) + ".gguf";
     SynthOptions o;
     o.progress = false;
     o.dtype = t;
     o.scale = 3.0f;
     ASSERT_TRUE(synth_model(s, o, path).ok());
-    auto packed = load_model(path, "", true);
-    auto plain = load_model(path, "", false);
-    ASSERT_TRUE(packed.ok() && plain.ok());
-    EXPECT_GT((*packed)->packed_bytes, 0u);
-    EXPECT_NE((*packed)->layers[0].ffn_down.packed, nullptr);
-    EXPECT_EQ((*plain)->packed_bytes, 0u);
-    const std::vector<int32_t> prompt = {1, 17, 45, 230, 99, 3, 310, 7, 8, 150, 42};
-    std::vector<std::vector<float>> logits[2];
-    int k = 0;
-    for (Model* m : {packed->get(), plain->get()}) {
-      ContextParams cp;
-      cp.n_ctx = 64;
-      cp.n_threads = 2;
-      auto c = Context::create(*m, cp);
-      ASSERT_TRUE(c.ok()) << c.error();
-      Context& ctx = **c;
-      ASSERT_TRUE(ctx.decode(prompt).ok());  // prefill kernels
-      logits[k].emplace_back(ctx.logits(), ctx.logits() + s.n_vocab);
-      for (int32_t tok : {5, 77, 301}) {  // decode kernels
-        const int32_t one[1] = {tok};
-        ASSERT_TRUE(ctx.decode(one).ok());
-        logits[k].emplace_back(ctx.logits(), ctx.logits() + s.n_vocab);
-      }
-      ++k;
+    {
+      auto m = load_model(path, "", true);
+      ASSERT_TRUE(m.ok());
+      for (const Tensor* w : {&(*m)->layers[0].wq, &(*m)->layers[0].wv, &(*m)->layers[1].ffn_up, &(*m)->layers[1].ffn_down})
+        EXPECT_NE(w->packed, nullptr) << dtype_name(t);
     }
-    // Packed q8_0 prefill rounds activations to 8 bits (the GGUF-layout path multiplies them in
-    // f32), and the decode steps attend to those K/V: close, not identical. Same argmax, mean
-    // absolute difference under 1% of the mean absolute logit.
-    for (size_t i = 0; i < logits[0].size(); ++i) {
-      double diff = 0, mag = 0;
-      int a0 = 0, a1 = 0;
-      for (int v = 0; v < s.n_vocab; ++v) {
-        diff += std::fabs(logits[0][i][v] - logits[1][i][v]);
-        mag += std::fabs(logits[1][i][v]);
-        if (logits[0][i][v] > logits[0][i][a0]) a0 = v;
-        if (logits[1][i][v] > logits[1][i][a1]) a1 = v;
-      }
-      EXPECT_LT(diff, 0.01 * mag) << dtype_name(t) << " step " << i;
-      EXPECT_EQ(a0, a1) << dtype_name(t) << " step " << i;
-    }
+    expect_packed_matches_unpacked(path, s.n_vocab, dtype_name(t));
     std::remove(path.c_str());
   }
+}
+
+// Gemma 3 270M's mix in small: `larder quantize ... Q4_K_M` of a 128-wide model gives q5_0 for the
+// 128-column matrices (not a multiple of 256; layer 0's q|k|v all q5_0, so fused, layer 1's v
+// q8_0, so q, k, v apart), q5_0 gate|up (fused), q4_K / q6_K down, q8_0 output: all packed,
+// logits as unpacked.
+TEST(PackedMatmul, PackedQ4KMMixMatchesUnpacked) {
+  if (active_isa() < Isa::AVX512) GTEST_SKIP() << "packing happens only on the AVX-512 path (LARDER_CPU)";
+  const SynthShape s = small_shape();
+  const std::string f32 = ::testing::TempDir() + "larder_packed_mix_f32.gguf";
+  const std::string q = ::testing::TempDir() + "larder_packed_mix_q4km.gguf";
+  SynthOptions o;
+  o.progress = false;
+  o.dtype = DType::F32;
+  o.scale = 3.0f;
+  ASSERT_TRUE(synth_model(s, o, f32).ok());
+  auto ft = parse_quant_file_type("Q4_K_M");
+  ASSERT_TRUE(ft.ok());
+  ASSERT_TRUE(quantize_gguf(f32, q, *ft).ok());
+  {
+    auto m = load_model(q, "", true);
+    ASSERT_TRUE(m.ok());
+    const Model& mm = **m;
+    EXPECT_EQ(mm.layers[0].wq.type, DType::Q5_0);
+    EXPECT_EQ(mm.layers[0].wv.type, DType::Q5_0);
+    EXPECT_EQ(mm.layers[1].wv.type, DType::Q8_0);
+    EXPECT_EQ(mm.layers[1].ffn_gate.type, DType::Q5_0);
+    EXPECT_EQ(mm.layers[0].ffn_down.type, DType::Q4_K);
+    for (const auto& l : mm.layers)
+      for (const Tensor* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down})
+        EXPECT_NE(w->packed, nullptr) << dtype_name(w->type);
+  }
+  expect_packed_matches_unpacked(q, s.n_vocab, "Q4_K_M mix");
+  std::remove(f32.c_str());
+  std::remove(q.c_str());
 }
 
 // Embedding lookups of a tied output matrix read rows back from the packed bytes: the same
