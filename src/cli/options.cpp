@@ -22,7 +22,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"run,chat", "--frequency-penalty", "", "frequency penalty (0 = off)", &a.freq_penalty},
       {"run,chat", "--presence-penalty", "", "presence penalty (0 = off)", &a.presence_penalty},
       {"run,chat,logits,bench,perplexity,serve", "--w8a8", "LARDER_W8A8", "int8 prefill with shadow outliers (weights repacked to int8 per row)", &a.w8a8},
-      {"run,chat,logits,bench,perplexity,serve", "--no-repack", "LARDER_NO_REPACK", "keep q8_0/q4_0 weights in the file's layout instead of repacking them for the AVX-512 kernels", &a.no_repack},
+      {"run,chat,logits,bench,perplexity,serve", "--no-repack", "LARDER_NO_REPACK", "keep q8_0/q4_0/q4_1/q5_0/q4_K/q6_K weights in the file's layout instead of repacking them for the AVX-512 kernels", &a.no_repack},
       {"run,chat,synth", "-s,--seed", "LARDER_SEED", "random seed (-1 = random)", &a.seed},
       {"run", "--ignore-eos", "", "keep generating after end-of-sequence", &a.ignore_eos},
       {"run", "--no-display-prompt", "", "don't echo the prompt", &a.no_display_prompt},
