@@ -89,32 +89,36 @@ F32_TOL = 1e-4              # (a) logits of the f32 copy, relative to max|ref lo
 # a few tenths (0.3-0.6 measured for SmolLM2) that is not correlated with the target token moves the
 # mean NLL by ~1e-3 over a few hundred tokens (measured: 2.7e-3 over 254 tokens, 7e-4 over 1020), so 1%.
 PPL_TOL = {"f32": 1e-4, "quant": 1e-2}
-# (b) Quantized files. The engine does NOT compute on dequantized weights exactly: where a weight type
-# has an integer kernel it quantizes the activations to 8 bits (src/kernels/traits.cpp: q4_1/q5_1 ->
-# q8_1, q5_0/q8_0 -> q8_0, q4_K/q5_K/q6_K -> q8_K; src/kernels/ops.cpp matmul): always for single-token
-# decode, and in prefill for the repacked types (q8_0, q4_0, q4_K, q6_K; q4_1/q5_0 are dequantized to
-# f32 tiles for batches of >= 8 tokens), as llama.cpp does. One 8-bit block rounds each activation by
-# up to d/2, d = max|x|/127 over the block (32 values; 256 for q8_K), a relative RMS error of
-# (max|x|/rms(x)) / (127 sqrt 12) of the matmul input: ~0.5-1% for tame activations, but several % for
-# blocks holding an outlier -- and Gemma's FFN activations (gelu(gate) * up, the ffn_down input) have
-# large outliers, with a 256-wide q8_K block. Measured (AVX-512, 2 threads), max|diff| / max|logit|:
-#   SmolLM2 Q4_1: 1.07e-2 (tinystories, 256 positions), 1.33e-2 (python-doc, 512). All of it is the
-#     tied q8_0 output projection (the only repacked matrix; prefill runs the q4_1 ones in f32): a
-#     reference that rounds just that projection's input to q8_0 blocks agrees to 3.9e-4.
-#   Gemma 3 Q4_K_M: 8.6e-2 (tinystories), 9.6e-2 (python-doc). By tensor, keeping only it quantized
-#     (the rest f32): token_embd 7.3e-3, attn_output (q4_K) 2.3e-2, ffn_down (q4_K/q6_K) 8.5e-2. With
-#     only ffn_down quantized, a reference that rounds ffn_down's input to q8_K exactly as ggml's
-#     quantize_row_q8_K agrees with the engine to < 1e-4 at positions 0-6 and drifts after the first
-#     element that rounds across a .5 boundary differently (the engine's f32 activations vs the
-#     reference's f64): the difference is the activation format, not an engine error.
+# (b) Quantized files. The engine does NOT compute on dequantized weights exactly: its integer kernels
+# quantize the activations to 8 bits (src/kernels/traits.cpp: q4_1/q5_1 -> q8_1, q5_0/q8_0 -> q8_0,
+# q4_K/q5_K/q6_K -> q8_K), as llama.cpp does -- for decode and, since the AVX-512 repacking covers
+# q8_0, q4_0, q4_1, q5_0, q4_K and q6_K, for prefill too. One 8-bit block rounds each activation by
+# up to d/2, d = max|x|/127 over the block (32 values; 256 for q8_K): a relative RMS error of
+# (max|x|/rms(x)) / (127 sqrt 12) of every matmul input, ~0.5-1% for tame activations and several %
+# for blocks holding an outlier (Gemma's ffn_down input, gelu(gate) * up, has large ones, in 256-wide
+# q8_K blocks). Through 18-30 layers this moves the logits by a few % of their range.
+# The rounding is also CHAOTIC: which side of a .5 boundary a value falls on depends on the last bits
+# of the f32 activations, so the engine cannot be matched by "the reference with 8-bit activations"
+# either. Measured with the reference alone (SmolLM2, 64 positions, every linear input rounded to
+# q8 blocks): the rounding moves the logits by 3.8e-2 of max|logit|, and a 1e-7 relative perturbation
+# of those inputs (below f32 rounding) moves the rounded result by 4.1e-2 -- as much again. (With only
+# one matrix quantized, the engine equals such an emulation exactly up to the first position where a
+# value rounds differently, then drifts.) So the bound is on the size of the effect, not on an emulation.
+# Measured (AVX-512, 2 threads, this engine), max|diff| / max|logit| over the logits windows:
+#   SmolLM2 Q4_1: 3.4e-2 (tinystories, 256 positions), 5.1e-2 (python-doc, 512). (1.1e-2 / 1.3e-2
+#     before q4_1 was repacked, when prefill ran q4_1 in f32 and only the q8_0 output projection
+#     quantized its input; a reference rounding just that input agreed to 3.9e-4.)
+#   Gemma 3 Q4_K_M: 7.1e-2 (tinystories), ~9e-2 (python-doc). Per tensor group, only it quantized:
+#     token_embd 7.3e-3, attn_output (q4_K) 2.3e-2, ffn_down (q4_K/q6_K) 8.5e-2.
 # QUANT_TOL bounds the logits (~2x the measured ratio). The greedy decision depends on the DIFFERENCE of
-# two logits, whose error is smaller than the worst single logit's: measured error of
-# logit(top-1) - logit(top-k), k = 2..5, over the tinystories window: SmolLM2 max 0.26 (6.9e-3 of
-# max|logit|, median 0.06), Gemma max 1.67 (4.4e-2, median 0.18). QUANT_MARGIN (~2x) bounds it (checked
-# on the logits windows) and is the near-tie width for greedy: an engine token that is not the
-# reference's argmax must be within QUANT_MARGIN * max|logit| of it.
-QUANT_TOL = {"smollm2": 3e-2, "gemma3": 2e-1}
-QUANT_MARGIN = {"smollm2": 1.5e-2, "gemma3": 1e-1}
+# two logits, whose error is smaller than the worst single logit's. Measured error of
+# logit(top-1) - logit(top-k), k = 2..5: SmolLM2 2.4e-2 / 3.0e-2 of max|logit|, Gemma 2.5e-2 / 4.4e-2
+# (1.7 logits at most, median 0.18). QUANT_MARGIN (~2x) bounds it (checked on the logits windows) and
+# is the near-tie width for greedy: an engine token that is not the reference's argmax must be within
+# QUANT_MARGIN * max|logit| of it (the Q4_1 chat answer starts with such a near tie: the reference's
+# "The" 25.325 vs "L" 25.243, margin 0.08; the engine picks "L").
+QUANT_TOL = {"smollm2": 1e-1, "gemma3": 2e-1}
+QUANT_MARGIN = {"smollm2": 6e-2, "gemma3": 1e-1}
 PYDOC_PAGES = ["json.html"]
 PYDOC_CHARS = 9000
 N_GREEDY = 128
