@@ -4,7 +4,8 @@
 #   LLAMA_SERVER=/path/to/llama-server bench/serve/side_by_side.sh MODEL.gguf [OUT_DIR]
 # Scenarios (bench/serve/loadgen.py): shared-prefix (1,024-token system prompt + 64-token
 # turns, cold vs warm TTFT), concurrent (16 clients, 16 slots), multiturn (4 chats x 8
-# turns x 256 new tokens). Each server is started fresh per scenario. JSON reports go to
+# turns x 256 new tokens), chat (16 chat clients, own vs one shared 1,024-token system prompt;
+# SCENARIOS="chat" picks). Each server is started fresh per scenario. JSON reports go to
 # OUT_DIR (default /tmp/larder-serve-bench), one line per run is printed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -43,7 +44,12 @@ run() {  # engine scenario ctx_per_slot slots loadgen-args...
 }
 
 for engine in larder llama; do
-  run $engine shared-prefix 2048 1
-  run $engine concurrent 1024 16 --clients 16 --requests-per-client 2
-  run $engine multiturn 4096 4
+  for scen in ${SCENARIOS:-shared-prefix concurrent multiturn chat}; do
+    case $scen in
+      shared-prefix) run $engine shared-prefix 2048 1;;
+      concurrent) run $engine concurrent 1024 16 --clients 16 --requests-per-client 2;;
+      multiturn) run $engine multiturn 4096 4;;
+      chat) run $engine chat 2048 16 --clients 16 --requests-per-client 2;;
+    esac
+  done
 done
