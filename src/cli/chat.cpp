@@ -166,17 +166,7 @@ int cmd_chat(Args& a) {
   auto cr = Context::create(m, cp);
   if (!cr.ok()) return fail(cr.error());
   Context& ctx = **cr;
-  SamplerParams sp;
-  sp.temp = a.temp;
-  sp.top_k = a.top_k;
-  sp.top_p = a.top_p;
-  sp.min_p = a.min_p;
-  sp.repeat_penalty = a.repeat_penalty;
-  sp.repeat_last_n = a.repeat_last_n;
-  sp.freq_penalty = a.freq_penalty;
-  sp.presence_penalty = a.presence_penalty;
-  sp.seed = a.seed < 0 ? 0xFFFFFFFFu : static_cast<uint64_t>(a.seed);
-  Sampler sampler(sp, ctx.n_vocab());
+  Sampler sampler(sampler_params(a), ctx.n_vocab());
   const std::vector<char> stop = stop_tokens(tok);
 
   const Vocab& v = tok.vocab();

@@ -56,6 +56,20 @@ Result<std::unique_ptr<Model>> open_model(const Args& a) {
 
 }  // namespace
 
+SamplerParams sampler_params(const Args& a) {
+  SamplerParams sp;
+  sp.temp = a.temp;
+  sp.top_k = a.top_k;
+  sp.top_p = a.top_p;
+  sp.min_p = a.min_p;
+  sp.repeat_penalty = a.repeat_penalty;
+  sp.repeat_last_n = a.repeat_last_n;
+  sp.freq_penalty = a.freq_penalty;
+  sp.presence_penalty = a.presence_penalty;
+  sp.seed = a.seed < 0 ? 0xFFFFFFFFu : static_cast<uint64_t>(a.seed);
+  return sp;
+}
+
 int cmd_run(Args& a) {
   auto t_load0 = Clock::now();
   auto mr = open_model(a);
@@ -83,17 +97,7 @@ int cmd_run(Args& a) {
   if (static_cast<int>(toks.size()) >= ctx.n_ctx())
     return fail("the prompt is " + std::to_string(toks.size()) + " tokens, which does not fit the context of " +
                 std::to_string(ctx.n_ctx()) + " tokens (use a larger -c or a shorter prompt)");
-  SamplerParams sp;
-  sp.temp = a.temp;
-  sp.top_k = a.top_k;
-  sp.top_p = a.top_p;
-  sp.min_p = a.min_p;
-  sp.repeat_penalty = a.repeat_penalty;
-  sp.repeat_last_n = a.repeat_last_n;
-  sp.freq_penalty = a.freq_penalty;
-  sp.presence_penalty = a.presence_penalty;
-  sp.seed = a.seed < 0 ? 0xFFFFFFFFu : static_cast<uint64_t>(a.seed);
-  Sampler sampler(sp, ctx.n_vocab());
+  Sampler sampler(sampler_params(a), ctx.n_vocab());
 
   std::fprintf(stderr, "larder: model %s (%s, %s, %d layers, %.1f MiB), %d threads, ctx %d, isa %s, load %.2f s\n",
                m.path.c_str(), m.format.c_str(), m.cfg.arch.c_str(), m.cfg.n_layer, m.weight_bytes() / 1048576.0,

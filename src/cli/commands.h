@@ -1,5 +1,6 @@
 #pragma once
 #include "cli/options.h"
+#include "engine/sampler.h"
 
 namespace larder::cli {
 int cmd_run(Args& a);
@@ -14,6 +15,8 @@ int cmd_perplexity(Args& a);  // src/cli/perplexity.cpp
 int cmd_serve(Args& a);       // src/cli/serve.cpp
 int cmd_replay(Args& a);      // src/cli/replay.cpp
 int cmd_kv(Args& a);          // src/cli/kv.cpp
+// The sampling flags of run/chat as sampler settings (a negative seed = random).
+SamplerParams sampler_params(const Args& a);
 // Prints "larder: error: <msg>" on one line and returns 1.
 int fail(const std::string& msg);
 }  // namespace larder::cli
