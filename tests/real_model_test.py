@@ -37,8 +37,13 @@ Per model
       bound on the error of a logit difference; such steps are counted as near ties and printed).
   (c) `larder perplexity -c C --json` on both files vs the reference's perplexity computed with the
       same convention (windows of C tokens, BOS in front of each window when the tokenizer adds
-      BOS, second half scored: engine/perplexity.h): relative difference <= PPL_TOL (f32 copy 1e-4,
-      quantized file 1e-2), scored-token counts equal.
+      BOS, second half scored: engine/perplexity.h), scored-token counts equal. f32 copy: vs the
+      plain reference, relative difference <= PPL_TOL 1e-4. Quantized file: vs the reference with
+      ACTIVATION ROUNDING (tests/reference/act_round.py: the input of every weight product
+      quantized and dequantized to 8 bits exactly as the engine's integer kernels do for that
+      weight's type -- q8_0 blocks for q4_0/q4_1/q5_0/q8_0 weights, q8_K for q4_K/q6_K), relative
+      difference <= PPL_TOL 1e-2; the difference from the plain reference is printed as
+      information. Why 1e-2 and not 0.1%: see the comment above PPL_TOL.
   (d) SmolLM2 chat: the GGUF chat template rendered with jinja2 for [user "What is the capital of
       France?"] with add_generation_prompt; reference greedy answer (until <|im_end|>, at most
       CHAT_MAX tokens) decoded with the byte-level vocabulary vs the text of `larder serve`'s
@@ -48,8 +53,9 @@ Per model
             the capital of France?\\nAnswer:" contains "Paris"; reference perplexities plausible.
 
 Bounds for the quantized files (QUANT_TOL, QUANT_MARGIN) -- see the comment above them.
-Runtime: ~5 minutes on 2 idle cores (10 under heavy load); the float64 references spend it in BLAS,
-so OpenBLAS (Debian libopenblas0-pthread, in scripts/common.sh TEST_PACKAGES) matters: Debian's
+Runtime: ~6.5 minutes on 2 cores (393 s measured with OPENBLAS_NUM_THREADS=1, of which ~70 s are
+(c)'s activation-rounding reference passes; more under heavy load); the float64 references spend it
+in BLAS, so OpenBLAS (Debian libopenblas0-pthread, in scripts/common.sh TEST_PACKAGES) matters: Debian's
 generic reference BLAS is ~10x slower. REAL_MODEL_ONLY=smollm2|gemma3 runs one model.
 """
 
@@ -85,9 +91,34 @@ kquants.install()
 THREADS = 2
 F32_TOL = 1e-4              # (a) logits of the f32 copy, relative to max|ref logit|
 # (c) relative perplexity difference, engine vs reference. f32 copy: the brief's 0.1% is far looser than
-# needed (measured 3e-8 .. 3e-7 for SmolLM2), so 1e-4. Quantized files: see QUANT_TOL; a logit error of
-# a few tenths (0.3-0.6 measured for SmolLM2) that is not correlated with the target token moves the
-# mean NLL by ~1e-3 over a few hundred tokens (measured: 2.7e-3 over 254 tokens, 7e-4 over 1020), so 1%.
+# needed (measured 3e-8 .. 3e-7 for SmolLM2), so 1e-4.
+# Quantized files: compared with the reference that emulates the engine's 8-bit activation rounding
+# (act_round.py). The emulation is exact where nothing rounds the other way: at position 0 of a window
+# (no attention mixing yet) the SmolLM2 Q4_1 logits agree to 1.9e-7 of max|logit| (plain reference:
+# 1.9e-2). But the engine's f32 activations differ from the f64 reference's by ~1e-7 relative, and with
+# ~10^5 rounded values per position (SmolLM2: 30 layers x 3264) some value lands on the other side of a
+# rounding boundary at practically every later position; one flipped quant perturbs what follows, which
+# flips many more, and within a few layers the two rounding-noise realizations are
+# independent (position 1 onward: 1.4e-2 .. 3.1e-2 of max|logit|, the size of the rounding effect
+# itself). So the emulation reproduces the rounding's systematic effect on perplexity but not its
+# realization, and the per-text perplexity difference is set by that noise.
+# At position 0 of a window the Gemma Q4_K_M logits agree to 1.5e-7 too (q8_0/q5_0 and q4_K/q6_K
+# formats all exercised), and the reference against ITSELF, its rounding inputs perturbed by a random
+# +-2^-24 relative step (below f32 rounding), differs by 1.4e-2 .. 6.4e-2 of max|logit| from position 0
+# or 1 on, like the engine does.
+# Measured ((engine - reference) / reference, AVX-512, `larder perplexity`, -t 1 and -t 2 alike):
+#                                  plain ref   emulating ref   emulating refs, 5 realizations (as is +
+#                                                              4 perturbed as above): range; sd of ppl
+#   SmolLM2 Q4_1   tinystories 254   +2.4e-3     -4.6e-3        -0.3e-3 .. -5.6e-3; 2.1e-3
+#                  python-doc 1020   +3.3e-3     -1.5e-3        +1.2e-3 .. -6.0e-3; 2.7e-3
+#   Gemma Q4_K_M   tinystories 254   +3.4e-3     -2.7e-3        -2.7e-3, -4.4e-3 (2 realizations)
+#                  python-doc  957   +3.8e-3     -4.9e-3        -4.9e-3, -6.9e-3
+# The rounding raises the perplexity by ~0.6-1% on average (the emulating refs' mean vs plain); the
+# engine is one realization of it, the emulating reference another, and realizations spread by
+# sd 2-3e-3 on these texts. The brief's 0.1% is therefore below what any reference can promise here
+# (the emulating reference misses ITSELF by up to 7e-3 under an invisible perturbation), so the bound
+# stays 1e-2 (~2x the largest difference measured); comparing with the emulating reference removes
+# the rounding's systematic part, which the plain reference's difference (printed) includes.
 PPL_TOL = {"f32": 1e-4, "quant": 1e-2}
 # (b) Quantized files. The engine does NOT compute on dequantized weights exactly: its integer kernels
 # quantize the activations to 8 bits (src/kernels/traits.cpp: q4_1/q5_1 -> q8_1, q5_0/q8_0 -> q8_0,
@@ -516,15 +547,33 @@ def run_model(name, texts, tmp):
         check(1.0 < ppl < 60.0, "%s reference ppl %s" % (name, k), "%.4f plausible (1 < ppl < 60)" % ppl)
         if not engine_ok:
             continue
+        # The same windows with the engine's 8-bit activation rounding emulated (for the quantized file).
+        t0 = time.time()
+        ref.m.act_round = True
+        try:
+            ppl_ar = ref_perplexity(ref, wins, keep_first=False)[0]
+        finally:
+            ref.m.act_round = False
+        log("  reference perplexity %s with activation rounding: %.6f (%.0f s)" % (k, ppl_ar, time.time() - t0))
         for label, mpath, tol, margin in files:
             case = "%s %s %s" % (name, label, k)
             try:
                 j = json.loads(run_engine(["perplexity", "-m", mpath, "-f", texts[k][0], "-c", C, "-t", THREADS,
                                            "--json"]).strip().splitlines()[-1])
-                rel = abs(j["perplexity"] - ppl) / ppl
-                check(j["n_tokens"] == n_tok and rel <= PPL_TOL[label], case + " ppl",
-                      "engine %.6f vs reference %.6f: rel %.2e (<= %.0e), %d tokens"
-                      % (j["perplexity"], ppl, rel, PPL_TOL[label], j["n_tokens"]))
+                e_ppl = j["perplexity"]
+                rel = abs(e_ppl - ppl) / ppl
+                if label == "f32":
+                    check(j["n_tokens"] == n_tok and rel <= PPL_TOL[label], case + " ppl",
+                          "engine %.6f vs reference %.6f: rel %.2e (<= %.0e), %d tokens"
+                          % (e_ppl, ppl, rel, PPL_TOL[label], j["n_tokens"]))
+                else:
+                    rel_ar = abs(e_ppl - ppl_ar) / ppl_ar
+                    check(j["n_tokens"] == n_tok and rel_ar <= PPL_TOL[label], case + " ppl",
+                          "engine %.6f vs reference with activation rounding %.6f: rel %.2e (<= %.0e), %d tokens"
+                          % (e_ppl, ppl_ar, rel_ar, PPL_TOL[label], j["n_tokens"]))
+                    log("    (information) engine %.6f vs plain reference %.6f: rel %.2e (signed %+.2e); "
+                        "reference with vs without rounding: %+.2e" % (e_ppl, ppl, rel, (e_ppl - ppl) / ppl,
+                                                                      (ppl_ar - ppl) / ppl))
                 t1 = time.time()
                 eng = engine_logits(mpath, wins[0], n_vocab, tmp)
                 diff, mx = logit_ratio(eng, first)

@@ -53,6 +53,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gguf_reader as gr  # noqa: E402
 import kquants  # noqa: E402
+from act_round import round_activations  # noqa: E402
 
 kquants.install()
 
@@ -188,13 +189,25 @@ def attention_mask(qpos, kpos, window):
 class Gemma3Ref:
     """Float64 reference forward pass. Weights use GGUF tensor names, PyTorch Linear layout [out, in]."""
 
-    def __init__(self, cfg, weights):
+    def __init__(self, cfg, weights, act_round=False):
         self.cfg = cfg
         self.w = {k: v.to(torch.float64) for k, v in weights.items()}
         self.embed_scale = math.sqrt(cfg["n_embd"])
+        # act_round: round the input of every weight product to the 8-bit format an integer-kernel
+        # engine uses for that weight's type (act_round.py).
+        self.act_round = act_round
+
+    def _act(self, x, name):
+        if not self.act_round:
+            return x
+        types = self.cfg["tensor_types"]
+        t = types.get(name + ".weight")
+        if t is None and name == "output":            # tied: the embedding matrix
+            t = types["token_embd.weight"]
+        return round_activations(x, t)
 
     def _lin(self, x, name):
-        return x @ self.w[name + ".weight"].T
+        return self._act(x, name) @ self.w[name + ".weight"].T
 
     def _attention(self, layer, x, start_pos, cache):
         c = self.cfg
@@ -251,7 +264,7 @@ class Gemma3Ref:
             f = self._ffn(layer, rms_norm(x, self.w[p + "ffn_norm.weight"], eps))
             x = x + rms_norm(f, self.w[p + "post_ffw_norm.weight"], eps)
         x = rms_norm(x, self.w["output_norm.weight"], eps)
-        return x @ self.w["output.weight"].T
+        return self._act(x, "output") @ self.w["output.weight"].T
 
     @torch.no_grad()
     def greedy(self, prompt_ids, n, return_logits=False):

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gguf_reader import GGUFFile  # noqa: E402
+from act_round import round_activations  # noqa: E402
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
@@ -224,10 +225,13 @@ def apply_rope_neox(x, positions, theta, n_rot):
 class LlamaRef(torch.nn.Module):
     """Float64 reference forward pass. Weights use GGUF tensor names, PyTorch Linear layout [out, in]."""
 
-    def __init__(self, cfg, weights):
+    def __init__(self, cfg, weights, act_round=False):
         super().__init__()
         self.cfg = cfg
         self.w = {k: v.to(torch.float64) for k, v in weights.items()}
+        # act_round: round the input of every weight product to the 8-bit format an integer-kernel
+        # engine uses for that weight's type (act_round.py); needs cfg["tensor_types"] (GGUF files).
+        self.act_round = act_round
         self.theta = rope_frequencies(cfg, self.w)
         if cfg["rope_layout"] == "adjacent":
             self._rope = apply_rope_adjacent
@@ -236,8 +240,17 @@ class LlamaRef(torch.nn.Module):
         else:
             raise ValueError("unknown rope layout %r" % cfg["rope_layout"])
 
+    def _act(self, x, name):
+        if not self.act_round:
+            return x
+        types = self.cfg["tensor_types"]
+        t = types.get(name + ".weight")
+        if t is None and name == "output":            # tied: the embedding matrix
+            t = types["token_embd.weight"]
+        return round_activations(x, t)
+
     def _linear(self, x, name):
-        y = x @ self.w[name + ".weight"].T
+        y = self._act(x, name) @ self.w[name + ".weight"].T
         b = self.w.get(name + ".bias")
         return y + b if b is not None else y
 
@@ -292,7 +305,7 @@ class LlamaRef(torch.nn.Module):
                                     start_pos, cache)
             x = h + self._ffn(layer, rms_norm(h, self.w[p + "ffn_norm.weight"], c["eps"]))
         x = rms_norm(x, self.w["output_norm.weight"], c["eps"])
-        return x @ self.w["output.weight"].T
+        return self._act(x, "output") @ self.w["output.weight"].T
 
     @torch.no_grad()
     def greedy(self, prompt_ids, n, return_logits=False):
