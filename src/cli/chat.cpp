@@ -13,6 +13,8 @@
 // quits. Ctrl-C while a reply is being computed stops it (the partial reply stays in the
 // history) and returns to the prompt; Ctrl-C at the prompt, or a second one before the first
 // was handled, quits.
+#include <fcntl.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -43,6 +45,9 @@ using ojson = nlohmann::ordered_json;
 double secs(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
 volatile std::sig_atomic_t g_sigint = 0;
+// Self-pipe: the handler writes a byte, so a Ctrl-C that lands between printing the prompt and
+// the wait for input still wakes the wait (an EINTR alone would be missed there).
+int g_sigpipe[2] = {-1, -1};
 
 void on_sigint(int) {
   if (g_sigint) {  // a second Ctrl-C before the first was handled: quit now
@@ -52,10 +57,15 @@ void on_sigint(int) {
     ::_exit(130);
   }
   g_sigint = 1;
+  if (g_sigpipe[1] >= 0) {
+    const char c = 1;
+    ssize_t r = ::write(g_sigpipe[1], &c, 1);
+    (void)r;
+  }
 }
 
-// Lines from fd 0 with read(2), so that SIGINT (installed without SA_RESTART) interrupts the
-// wait for input instead of being retried by stdio.
+// Lines from fd 0 with read(2), waiting in poll(2) on stdin and the signal pipe, so that a
+// Ctrl-C interrupts the wait for input instead of being retried by stdio.
 class LineReader {
  public:
   enum Kind { Line, Eof, Interrupted };
@@ -74,15 +84,26 @@ class LineReader {
         buf_.clear();
         return Line;
       }
+      if (g_sigint) return Interrupted;
+      pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {g_sigpipe[0], POLLIN, 0}};
+      const int pr = ::poll(fds, g_sigpipe[0] >= 0 ? 2 : 1, -1);
+      if (pr < 0) {
+        if (errno == EINTR) continue;  // g_sigint is checked at the top
+        eof_ = true;
+        continue;
+      }
+      if (g_sigpipe[0] >= 0 && (fds[1].revents & POLLIN)) {
+        char drain[64];
+        while (::read(g_sigpipe[0], drain, sizeof drain) > 0) {
+        }
+        continue;  // stale bytes from Ctrl-Cs during a reply are dropped; a new one sets g_sigint
+      }
+      if (!(fds[0].revents & (POLLIN | POLLHUP | POLLERR))) continue;
       char tmp[4096];
       ssize_t n = ::read(STDIN_FILENO, tmp, sizeof tmp);
       if (n > 0) buf_.append(tmp, static_cast<size_t>(n));
       else if (n == 0) eof_ = true;
-      else if (errno == EINTR) {
-        if (g_sigint) return Interrupted;
-      } else {
-        eof_ = true;  // unreadable input ends the session like EOF
-      }
+      else if (errno != EINTR && errno != EAGAIN) eof_ = true;  // unreadable input ends the session like EOF
     }
   }
 
@@ -181,6 +202,7 @@ int cmd_chat(Args& a) {
                kernels::isa_name(kernels::active_isa()), secs(t_load0, Clock::now()));
   if (tty) std::fprintf(stderr, "larder chat: /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply\n");
 
+  if (g_sigpipe[0] < 0 && ::pipe2(g_sigpipe, O_NONBLOCK | O_CLOEXEC) != 0) g_sigpipe[0] = g_sigpipe[1] = -1;
   struct sigaction sa = {};
   sa.sa_handler = on_sigint;
   sigemptyset(&sa.sa_mask);
