@@ -410,14 +410,22 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
     const bool w8_now = W8 && n >= kernels::kGemmMinTokens;
     // Rows of q, k, v before RoPE; k and v only pass through hb_ on their way to the cache.
     float *qs = q_.data(), *ks = hb_.data(), *vs = hb_.data() + static_cast<size_t>(n) * kv_dim;
-    size_t qld = q_dim, kld = kv_dim;
+    size_t qld = q_dim, kld = kv_dim, vld = kv_dim;
     Tensor fused;
     if (!w8_now && packed_concat({&L.wq, &L.wk, &L.wv}, &fused)) {
       kernels::matmul(fused, xb_.data(), n, hb_.data(), q_dim + 2 * kv_dim, pool_, scratch_);
       qs = hb_.data();
       ks = qs + q_dim;
       vs = ks + kv_dim;
-      qld = kld = q_dim + 2 * kv_dim;
+      qld = kld = vld = q_dim + 2 * kv_dim;
+    } else if (!w8_now && packed_concat({&L.wq, &L.wk}, &fused)) {
+      // v of another type (Gemma 3's Q4_K_M has q8_0 attn_v in some layers): q|k still one product.
+      kernels::matmul(fused, xb_.data(), n, hb_.data(), q_dim + kv_dim, pool_, scratch_);
+      qs = hb_.data();
+      ks = qs + q_dim;
+      qld = kld = q_dim + kv_dim;
+      vs = hb_.data() + static_cast<size_t>(n) * (q_dim + kv_dim);
+      mm(L.wv, nullptr, xb_.data(), n, vs, kv_dim);
     } else {
       mm(L.wq, W8 ? W8->wq.get() : nullptr, xb_.data(), n, q_.data(), q_dim);
       mm(L.wk, W8 ? W8->wk.get() : nullptr, xb_.data(), n, ks, kv_dim);
@@ -427,7 +435,7 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
       for (int t = 0; t < n; ++t) {
         kernels::axpy(qs + t * qld, static_cast<const float*>(L.bq.data), 1.f, q_dim);
         kernels::axpy(ks + t * kld, static_cast<const float*>(L.bk.data), 1.f, kv_dim);
-        kernels::axpy(vs + t * kld, static_cast<const float*>(L.bv.data), 1.f, kv_dim);
+        kernels::axpy(vs + t * vld, static_cast<const float*>(L.bv.data), 1.f, kv_dim);
       }
     }
     // Fused, per token: RoPE of q in place, RoPE of k written straight into its cache
@@ -452,7 +460,7 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
             }
             rope_row(qs + r * qld, &q_[r * q_dim], t, c.n_head, local);
             rope_row(ks + r * kld, kc + sl * kv_dim, t, c.n_head_kv, local);
-            std::memcpy(vc + sl * kv_dim, vs + r * kld, kv_dim * sizeof(float));
+            std::memcpy(vc + sl * kv_dim, vs + r * vld, kv_dim * sizeof(float));
           }
         },
         32);
