@@ -59,7 +59,6 @@ in BLAS, so OpenBLAS (Debian libopenblas0-pthread, in scripts/common.sh TEST_PAC
 generic reference BLAS is ~10x slower. REAL_MODEL_ONLY=smollm2|gemma3 runs one model.
 """
 
-import hashlib
 import http.client
 import json
 import math
@@ -85,6 +84,7 @@ import kquants  # noqa: E402
 from gguf_convert import convert_file  # noqa: E402
 from gemma3_ref import Gemma3Ref, SpmTokenizer, load_gemma3  # noqa: E402
 from llama_ref import LlamaRef, load_gguf_model  # noqa: E402
+from models import sha256  # noqa: E402  (scripts/models.py)
 
 kquants.install()
 
@@ -221,14 +221,6 @@ def model_path(name):
     return p if r.returncode == 0 and p and os.path.exists(p) else None
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 22), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
 def f32_copy(path):
     """The f32 copy of `path` (cached, keyed by the file's sha256)."""
     cache = os.environ.get("LARDER_REF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "larder", "ref")
@@ -315,18 +307,7 @@ class Reference:
         return self.m.forward(ids)
 
     def greedy(self, ids, n, stop=None):
-        out = []
-        cache = {}
-        logits = self.m.forward(list(ids), 0, cache)[-1]
-        pos = len(ids)
-        for _ in range(n):
-            t = int(torch.argmax(logits))
-            out.append(t)
-            if stop is not None and t == stop:
-                break
-            logits = self.m.forward([t], pos, cache)[-1]
-            pos += 1
-        return out
+        return self.m.greedy(ids, n, stop=stop)
 
 
 def windows(ids, C, bos):

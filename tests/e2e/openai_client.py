@@ -71,14 +71,17 @@ def check_usage(u):
        f"usage.prompt_tokens_details.cached_tokens missing: {u}")
 
 
-def stream_completion(**params):
-    stream = client.completions.create(**params, stream=True, stream_options={"include_usage": True})
+def _stream(chat, **params):
+    """One streaming request through the client; checks every chunk's shape and returns the text."""
+    create = client.chat.completions.create if chat else client.completions.create
+    obj, prefix = ("chat.completion.chunk", "chatcmpl-") if chat else ("text_completion", "cmpl-")
+    stream = create(**params, stream=True, stream_options={"include_usage": True})
     eq(stream.response.headers.get("content-type", "").split(";")[0], "text/event-stream", "stream content-type")
-    text, finish, usage, cid, chunks = "", None, None, None, 0
+    text, finish, usage, first, chunks, cid = "", None, None, True, 0, None
     for ch in stream:
         chunks += 1
-        eq(ch.object, "text_completion", "chunk object")
-        ok(ch.id.startswith("cmpl-"), f"chunk id {ch.id!r}")
+        eq(ch.object, obj, "chunk object")
+        ok(ch.id.startswith(prefix), f"chunk id {ch.id!r}")
         cid = cid or ch.id
         eq(ch.id, cid, "one id per stream")
         if ch.usage:
@@ -86,36 +89,25 @@ def stream_completion(**params):
         if not ch.choices:
             continue
         eq(finish, None, "no text after the finish chunk")
-        text += ch.choices[0].text
+        if chat:
+            d = ch.choices[0].delta
+            if first:
+                eq(d.role, "assistant", "the first chunk carries the role")
+                first = False
+            text += d.content or ""
+        else:
+            text += ch.choices[0].text
         if ch.choices[0].finish_reason:
             finish = ch.choices[0].finish_reason
     return {"text": text, "finish": finish, "usage": usage, "chunks": chunks}
+
+
+def stream_completion(**params):
+    return _stream(False, **params)
 
 
 def stream_chat(**params):
-    stream = client.chat.completions.create(**params, stream=True, stream_options={"include_usage": True})
-    eq(stream.response.headers.get("content-type", "").split(";")[0], "text/event-stream", "stream content-type")
-    text, finish, usage, first, chunks, cid = "", None, None, True, 0, None
-    for ch in stream:
-        chunks += 1
-        eq(ch.object, "chat.completion.chunk", "chunk object")
-        ok(ch.id.startswith("chatcmpl-"), f"chunk id {ch.id!r}")
-        cid = cid or ch.id
-        eq(ch.id, cid, "one id per stream")
-        if ch.usage:
-            usage = ch.usage
-        if not ch.choices:
-            continue
-        eq(finish, None, "no content after the finish chunk")
-        d = ch.choices[0].delta
-        if first:
-            eq(d.role, "assistant", "the first chunk carries the role")
-            first = False
-        if d.content:
-            text += d.content
-        if ch.choices[0].finish_reason:
-            finish = ch.choices[0].finish_reason
-    return {"text": text, "finish": finish, "usage": usage, "chunks": chunks}
+    return _stream(True, **params)
 
 
 def raw_sse(path, body):

@@ -85,3 +85,13 @@ def round_activations(x, type_name):
         raise ValueError("activation rounding: row of %d not a multiple of %d" % (x.shape[-1], blk))
     x32 = x.to(torch.float32).contiguous()
     return _round_q8_0(x32) if fmt == "q8_0" else _round_q8_K(x32)
+
+
+def round_input(cfg, x, name):
+    """x rounded as the input of weight `name` (GGUF tensor name without ".weight"), by that weight's
+    type from cfg["tensor_types"]; the tied "output" takes the embedding matrix's type."""
+    types = cfg["tensor_types"]
+    t = types.get(name + ".weight")
+    if t is None and name == "output":
+        t = types["token_embd.weight"]
+    return round_activations(x, t)

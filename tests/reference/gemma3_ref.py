@@ -53,7 +53,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gguf_reader as gr  # noqa: E402
 import kquants  # noqa: E402
-from act_round import round_activations  # noqa: E402
+from act_round import round_input  # noqa: E402
+from llama_ref import greedy_decode  # noqa: E402
 
 kquants.install()
 
@@ -198,13 +199,7 @@ class Gemma3Ref:
         self.act_round = act_round
 
     def _act(self, x, name):
-        if not self.act_round:
-            return x
-        types = self.cfg["tensor_types"]
-        t = types.get(name + ".weight")
-        if t is None and name == "output":            # tied: the embedding matrix
-            t = types["token_embd.weight"]
-        return round_activations(x, t)
+        return round_input(self.cfg, x, name) if self.act_round else x
 
     def _lin(self, x, name):
         return self._act(x, name) @ self.w[name + ".weight"].T
@@ -266,21 +261,8 @@ class Gemma3Ref:
         x = rms_norm(x, self.w["output_norm.weight"], eps)
         return self._act(x, "output") @ self.w["output.weight"].T
 
-    @torch.no_grad()
-    def greedy(self, prompt_ids, n, return_logits=False):
-        """n new token ids, argmax each step (never stops at EOS), with a KV cache."""
-        cache = {}
-        prompt_ids = list(prompt_ids)
-        logits = self.forward(prompt_ids, 0, cache)[-1]
-        pos = len(prompt_ids)
-        out, rows = [], []
-        for _ in range(n):
-            t = int(torch.argmax(logits))
-            out.append(t)
-            rows.append(logits)
-            logits = self.forward([t], pos, cache)[-1]
-            pos += 1
-        return (out, rows) if return_logits else out
+    def greedy(self, prompt_ids, n, return_logits=False, stop=None):
+        return greedy_decode(self, prompt_ids, n, return_logits, stop)
 
 
 # ----------------------------------------------------------------------------- tokenizer (SentencePiece BPE)

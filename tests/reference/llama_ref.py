@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gguf_reader import GGUFFile  # noqa: E402
-from act_round import round_activations  # noqa: E402
+from act_round import round_input  # noqa: E402
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
@@ -241,13 +241,7 @@ class LlamaRef(torch.nn.Module):
             raise ValueError("unknown rope layout %r" % cfg["rope_layout"])
 
     def _act(self, x, name):
-        if not self.act_round:
-            return x
-        types = self.cfg["tensor_types"]
-        t = types.get(name + ".weight")
-        if t is None and name == "output":            # tied: the embedding matrix
-            t = types["token_embd.weight"]
-        return round_activations(x, t)
+        return round_input(self.cfg, x, name) if self.act_round else x
 
     def _linear(self, x, name):
         y = self._act(x, name) @ self.w[name + ".weight"].T
@@ -307,22 +301,28 @@ class LlamaRef(torch.nn.Module):
         x = rms_norm(x, self.w["output_norm.weight"], c["eps"])
         return self._act(x, "output") @ self.w["output.weight"].T
 
-    @torch.no_grad()
-    def greedy(self, prompt_ids, n, return_logits=False):
-        """n new token ids, argmax each step (never stops at EOS). Uses a KV cache.
-        With return_logits, also the list of logit rows each token was chosen from."""
-        cache = {}
-        prompt_ids = list(prompt_ids)
-        logits = self.forward(prompt_ids, 0, cache)[-1]
-        pos = len(prompt_ids)
-        out, rows = [], []
-        for _ in range(n):
-            t = int(torch.argmax(logits))
-            out.append(t)
-            rows.append(logits)
-            logits = self.forward([t], pos, cache)[-1]
-            pos += 1
-        return (out, rows) if return_logits else out
+    def greedy(self, prompt_ids, n, return_logits=False, stop=None):
+        return greedy_decode(self, prompt_ids, n, return_logits, stop)
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt_ids, n, return_logits=False, stop=None):
+    """n new token ids of model.forward(ids, start_pos, cache), argmax each step with a KV cache; stops
+    early only at `stop` (included). With return_logits, also the logit rows each token was chosen from."""
+    cache = {}
+    prompt_ids = list(prompt_ids)
+    logits = model.forward(prompt_ids, 0, cache)[-1]
+    pos = len(prompt_ids)
+    out, rows = [], []
+    for _ in range(n):
+        t = int(torch.argmax(logits))
+        out.append(t)
+        rows.append(logits)
+        if stop is not None and t == stop:
+            break
+        logits = model.forward([t], pos, cache)[-1]
+        pos += 1
+    return (out, rows) if return_logits else out
 
 
 # ----------------------------------------------------------------------------- tokenizer helpers
