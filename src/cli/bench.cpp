@@ -56,8 +56,8 @@ int cmd_bench(Args& a) {
   if (a.out_format != "md" && a.out_format != "json") return fail("output must be md or json");
   nlohmann::json results = nlohmann::json::array();
   if (a.out_format == "md") {
-    std::printf("| model | size | params | threads | test | t/s | peak RSS |\n");
-    std::printf("| --- | ---: | ---: | ---: | --- | ---: | ---: |\n");
+    std::printf("| model | size | params | threads | isa | repacked | test | t/s | peak RSS |\n");
+    std::printf("| --- | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: |\n");
   }
   for (const auto& path : models) {
     auto mr = load_model(path, "", !a.no_repack);
@@ -69,6 +69,13 @@ int cmd_bench(Args& a) {
     for (const auto& l : m.layers)
       for (const Tensor* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.ffn_norm, &l.ffn_gate, &l.ffn_up, &l.ffn_down})
         if (t->present()) n_params += t->cols() * t->rows();
+    // "panels P MiB (+C copied)": P MiB repacked for the integer kernels, C MiB moved as they are
+    // into huge pages; "no": the file's rows as mapped.
+    char rp[64] = "no";
+    if (m.packed_bytes)
+      std::snprintf(rp, sizeof rp, "panels %.0f MiB (+%.0f copied)", m.panel_bytes / 1048576.0,
+                    (m.packed_bytes - m.panel_bytes) / 1048576.0);
+    const std::string repacked = rp;
     for (int nt : *th) {
       struct Test { int n_prompt, n_gen; };
       std::vector<Test> tests;
@@ -112,14 +119,17 @@ int cmd_bench(Args& a) {
         std::string test = t.n_prompt ? "pp" + std::to_string(t.n_prompt) : "tg" + std::to_string(t.n_gen);
         long rss = peak_rss_bytes();
         if (a.out_format == "md") {
-          std::printf("| %s%s | %.2f MiB | %.2f M | %d | %s | %.2f ± %.2f | %.1f MiB |\n", path.c_str(), a.w8a8 ? " (w8a8)" : "",
-                      m.weight_bytes() / 1048576.0, n_params / 1e6, nt, test.c_str(), mean, sd, rss / 1048576.0);
+          // repacked: the weights pack_model_weights moved into panels / huge pages (no = the file's rows).
+          std::printf("| %s%s | %.2f MiB | %.2f M | %d | %s | %s | %s | %.2f ± %.2f | %.1f MiB |\n", path.c_str(),
+                      a.w8a8 ? " (w8a8)" : "", m.weight_bytes() / 1048576.0, n_params / 1e6, nt,
+                      kernels::active_isa_name(), repacked.c_str(), test.c_str(), mean, sd, rss / 1048576.0);
           std::fflush(stdout);
         }
         results.push_back({{"model_filename", path}, {"model_type", m.cfg.arch}, {"model_size", m.weight_bytes()},
                            {"model_n_params", n_params}, {"n_threads", nt}, {"n_prompt", t.n_prompt},
                            {"n_gen", t.n_gen}, {"avg_ts", mean}, {"stddev_ts", sd}, {"samples_ts", ts},
-                           {"cpu_info", kernels::isa_name(kernels::active_isa())}, {"w8a8", a.w8a8}, {"peak_rss_bytes", rss}});
+                           {"cpu_info", kernels::active_isa_name()}, {"w8a8", a.w8a8}, {"peak_rss_bytes", rss},
+                           {"repacked_bytes", m.panel_bytes}, {"copied_bytes", m.packed_bytes - m.panel_bytes}});
       }
     }
   }

@@ -199,7 +199,7 @@ int cmd_chat(Args& a) {
   const bool tty = ::isatty(STDIN_FILENO) != 0;
   std::fprintf(stderr, "larder chat: model %s (%s, %d layers), chat template %s, %d threads, ctx %d, isa %s, load %.2f s\n",
                m.path.c_str(), m.cfg.arch.c_str(), m.cfg.n_layer, tmpl_name.c_str(), ctx.n_threads(), ctx.n_ctx(),
-               kernels::isa_name(kernels::active_isa()), secs(t_load0, Clock::now()));
+               kernels::active_isa_name(), secs(t_load0, Clock::now()));
   if (tty) std::fprintf(stderr, "larder chat: /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply\n");
 
   if (g_sigpipe[0] < 0 && ::pipe2(g_sigpipe, O_NONBLOCK | O_CLOEXEC) != 0) g_sigpipe[0] = g_sigpipe[1] = -1;

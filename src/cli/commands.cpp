@@ -101,7 +101,7 @@ int cmd_run(Args& a) {
 
   std::fprintf(stderr, "larder: model %s (%s, %s, %d layers, %.1f MiB), %d threads, ctx %d, isa %s, load %.2f s\n",
                m.path.c_str(), m.format.c_str(), m.cfg.arch.c_str(), m.cfg.n_layer, m.weight_bytes() / 1048576.0,
-               ctx.n_threads(), ctx.n_ctx(), kernels::isa_name(kernels::active_isa()), t_load);
+               ctx.n_threads(), ctx.n_ctx(), kernels::active_isa_name(), t_load);
   if (!a.no_display_prompt) {
     std::fputs(prompt.c_str(), stdout);
     std::fflush(stdout);

@@ -295,26 +295,47 @@ Isa cpu_isa() {
   return Isa::Scalar;
 }
 
-Isa initial_isa() {
+// Which 256-bit vpdpbusd this CPU has: the VEX one (avx_vnni flag) or the EVEX one of AVX-512 VNNI
+// with VL (same operation, so an AVX-512 machine runs and tests the VNNI kernels of the AVX2 path).
+Vnni256 cpu_vnni256() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avxvnni")) return Vnni256::Vex;
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return Vnni256::Evex;
+  return Vnni256::None;
+}
+
+// LARDER_CPU: scalar | avx2 (no VNNI) | avxvnni (AVX2 + 256-bit VNNI) | avx512; never above the CPU.
+struct IsaChoice {
+  Isa isa;
+  Vnni256 vnni;
+};
+IsaChoice initial_isa() {
   Isa isa = cpu_isa();
+  // Unforced, the AVX2 path uses VNNI only where the CPU has the VEX form (AVX-VNNI machines
+  // without AVX-512); the EVEX form needs LARDER_CPU=avxvnni.
+  Vnni256 vnni = cpu_vnni256() == Vnni256::Vex ? Vnni256::Vex : Vnni256::None;
   if (const char* e = std::getenv("LARDER_CPU")) {
     Isa want = isa;
     if (!std::strcmp(e, "scalar")) want = Isa::Scalar;
-    else if (!std::strcmp(e, "avx2")) want = Isa::AVX2;
+    else if (!std::strcmp(e, "avx2")) want = Isa::AVX2, vnni = Vnni256::None;
+    else if (!std::strcmp(e, "avxvnni")) want = Isa::AVX2, vnni = cpu_vnni256();
     else if (!std::strcmp(e, "avx512")) want = Isa::AVX512;
     if (want < isa) isa = want;
   }
-  return isa;
+  return {isa, isa == Isa::AVX2 ? vnni : Vnni256::None};
 }
 
 std::atomic<int> g_isa{-1};
+std::atomic<int> g_vnni{0};
 }  // namespace
 
 Isa detected_isa() { return cpu_isa(); }
 Isa active_isa() {
   int i = g_isa.load(std::memory_order_relaxed);
   if (i < 0) {
-    i = static_cast<int>(initial_isa());
+    const IsaChoice c = initial_isa();
+    g_vnni.store(static_cast<int>(c.vnni));
+    i = static_cast<int>(c.isa);
     g_isa.store(i);
   }
   return static_cast<Isa>(i);
@@ -322,6 +343,15 @@ Isa active_isa() {
 void set_isa(Isa isa) {
   if (isa > cpu_isa()) isa = cpu_isa();
   g_isa.store(static_cast<int>(isa));
+  if (isa != Isa::AVX2) g_vnni.store(static_cast<int>(Vnni256::None));
+}
+Vnni256 active_vnni256() {
+  if (active_isa() != Isa::AVX2) return Vnni256::None;
+  return static_cast<Vnni256>(g_vnni.load(std::memory_order_relaxed));
+}
+Vnni256 detected_vnni256() { return cpu_vnni256(); }
+void set_vnni256(bool use) {
+  g_vnni.store(static_cast<int>(use && active_isa() == Isa::AVX2 ? cpu_vnni256() : Vnni256::None));
 }
 const char* isa_name(Isa isa) {
   switch (isa) {
@@ -329,6 +359,12 @@ const char* isa_name(Isa isa) {
     case Isa::AVX2: return "avx2";
     default: return "scalar";
   }
+}
+const char* active_isa_name() {
+  const Isa isa = active_isa();
+  if (isa == Isa::AVX2 && active_vnni256() != Vnni256::None)
+    return active_vnni256() == Vnni256::Vex ? "avx2+avxvnni" : "avx2+vnni(evex)";
+  return isa_name(isa);
 }
 
 float dot_f32(const float* a, const float* b, int64_t n) {

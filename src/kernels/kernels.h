@@ -15,11 +15,20 @@ struct Tensor;
 namespace larder::kernels {
 
 enum class Isa { Scalar = 0, AVX2 = 1, AVX512 = 2 };
-// Best path this CPU supports, capped by env LARDER_CPU=scalar|avx2|avx512.
+// Best path this CPU supports, capped by env LARDER_CPU=scalar|avx2|avxvnni|avx512.
 Isa detected_isa();
 Isa active_isa();
 void set_isa(Isa isa);  // tests force each path; clamps to what the CPU supports
 const char* isa_name(Isa isa);
+// The AVX2 path's 256-bit int8 dot product (vpdpbusd): none (maddubs + madd), the VEX form of
+// AVX-VNNI, or the EVEX form of AVX-512 VNNI + VL (the same instruction; lets AVX-512 machines run
+// and test the VNNI kernels of the AVX2 path). Used unforced only where the CPU has the VEX form;
+// LARDER_CPU=avxvnni asks for whichever the CPU has, LARDER_CPU=avx2 for none.
+enum class Vnni256 { None = 0, Vex = 1, Evex = 2 };
+Vnni256 active_vnni256();    // None unless the active path is AVX2
+Vnni256 detected_vnni256();  // what the CPU has
+void set_vnni256(bool use);  // tests: on = whatever the CPU has (needs the AVX2 path active)
+const char* active_isa_name();  // "avx512", "avx2", "avx2+avxvnni", "avx2+vnni(evex)", "scalar"
 
 float fp16_to_fp32(uint16_t h);
 uint16_t fp32_to_fp16(float f);
@@ -89,6 +98,9 @@ DType matmul_activation_type(DType t, int64_t n_tokens, Isa isa);
 // AVX-512 integer kernels read 16 rows per vector with no per-token gathering (same bytes as
 // the GGUF rows, 64-byte aligned). packed_bytes is 0 for types/shapes without a packed form.
 size_t packed_bytes(DType t, int64_t rows, int64_t cols);
+// Whether the given path has fast kernels for type t's packed layout (elsewhere matmul_packed runs
+// the layout's scalar reference, so the loader keeps the file's rows).
+bool packed_kernels(DType t, Isa isa);
 // w: rows x cols of type t, row stride wrb; out: packed_bytes(t, rows, cols), 64-byte aligned.
 void pack_weights(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool);
 // Row r of packed weights as floats, the same values dequantize_row gives for the GGUF row

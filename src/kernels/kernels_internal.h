@@ -10,6 +10,10 @@
 
 #define LARDER_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define LARDER_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+// The AVX2 path's VNNI kernels, compiled for each form of the 256-bit vpdpbusd (kernels.h Vnni256):
+// the VEX form (_mm256_dpbusd_avx_epi32) and the EVEX form (_mm256_dpbusd_epi32).
+#define LARDER_TARGET_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define LARDER_TARGET_AVX2_EVEX_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 
 namespace larder::kernels {
 
@@ -91,6 +95,7 @@ void quantize_x4(const float* x, uint8_t* out, int64_t nb, int corr_mul, Isa isa
 // Panel-packed q4_K / q6_K (packed_k.cpp), dispatched to by packed_bytes / pack_weights /
 // matmul_packed (packed.cpp); packed_k_bytes is 0 for other types and shapes.
 size_t packed_k_bytes(DType t, int64_t rows, int64_t cols);
+bool packed_k_kernels(DType t, Isa isa);  // packed_kernels for the K-quants
 void pack_weights_k(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool);
 void matmul_packed_k(DType t, const void* packed, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
                      int64_t ldy, ThreadPool& pool, MatmulScratch& scratch, Isa isa);

@@ -361,6 +361,11 @@ size_t packed_bytes(DType t, int64_t rows, int64_t cols) {
   return static_cast<size_t>((rows + 16 * kGroupPanels - 1) / (16 * kGroupPanels)) * group_bytes(layout_of(t), cols);
 }
 
+bool packed_kernels(DType t, Isa isa) {
+  if (t == DType::Q4_K || t == DType::Q6_K) return packed_k_kernels(t, isa);
+  return packable(t) && isa == Isa::AVX512;
+}
+
 void pack_weights(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool) {
   if (t == DType::Q4_K || t == DType::Q6_K) return pack_weights_k(t, w, wrb, rows, cols, out, pool);
   LARDER_ASSERT(packed_bytes(t, rows, cols) > 0);

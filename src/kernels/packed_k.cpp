@@ -443,6 +443,8 @@ size_t packed_k_bytes(DType t, int64_t rows, int64_t cols) {
   return static_cast<size_t>((rows + 16 * kGroupPanels - 1) / (16 * kGroupPanels)) * group_bytes(klayout_of(t), cols);
 }
 
+bool packed_k_kernels(DType t, Isa isa) { return (t == DType::Q4_K || t == DType::Q6_K) && isa == Isa::AVX512; }
+
 void pack_weights_k(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool) {
   LARDER_ASSERT(packed_k_bytes(t, rows, cols) > 0);
   LARDER_ASSERT(reinterpret_cast<uintptr_t>(out) % 64 == 0);

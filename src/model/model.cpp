@@ -164,7 +164,8 @@ static bool ends_with(const std::string& s, const std::string& suf) {
 }
 
 size_t pack_model_weights(Model& m) {
-  if (kernels::active_isa() != kernels::Isa::AVX512) return 0;  // the packed kernels are AVX-512 only
+  const kernels::Isa isa = kernels::active_isa();
+  if (isa == kernels::Isa::Scalar) return 0;  // the scalar path reads the file's rows
   std::vector<Tensor*> ts;
   for (auto& l : m.layers)
     for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down}) ts.push_back(t);
@@ -179,16 +180,17 @@ size_t pack_model_weights(Model& m) {
   ts.push_back(&m.output_norm);
   // Packable types get the panel layout; other matrices in the mapped file are copied as they
   // are (moved, with the file pages given back below) so that they too sit in huge pages.
-  auto packed_size = [](const Tensor* t) {
-    return t->data && !t->packed ? kernels::packed_bytes(t->type, t->rows(), t->cols()) : size_t{0};
+  auto packed_size = [isa](const Tensor* t) {
+    return t->data && !t->packed && kernels::packed_kernels(t->type, isa) ? kernels::packed_bytes(t->type, t->rows(), t->cols())
+                                                                          : size_t{0};
   };
   auto copy_size = [&](const Tensor* t) {
     return t->data && !t->packed && !packed_size(t) && m.gguf && m.gguf->mapped(t->data, t->nbytes)
                ? (t->nbytes + 63) / 64 * 64
                : size_t{0};
   };
-  size_t total = 0;
-  for (Tensor* t : ts) total += packed_size(t) + copy_size(t);
+  size_t total = 0, panels = 0;
+  for (Tensor* t : ts) total += packed_size(t) + copy_size(t), panels += packed_size(t);
   if (total == 0) return 0;
   // One anonymous mapping for all of them, in transparent huge pages where the kernel allows:
   // decode streams every weight once per token, and with 4 KiB file pages it reached ~0.8 of
@@ -243,6 +245,7 @@ size_t pack_model_weights(Model& m) {
     if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
   }
   m.packed_bytes = total;
+  m.panel_bytes = panels;
   return total;
 }
 

@@ -90,6 +90,7 @@ struct Model {
   std::shared_ptr<GgufFile> gguf;                // set for GGUF models
   std::vector<std::shared_ptr<void>> keepalive;  // mmaps and owned buffers backing the tensors
   size_t packed_bytes = 0;  // weights moved / repacked at load (pack_model_weights)
+  size_t panel_bytes = 0;   // of which repacked into the integer kernels' panels (the rest copied as is)
   size_t weight_bytes() const;
   // Content fingerprint (config + sampled tensor bytes), hex: the identity of KV blocks.
   std::string fingerprint() const;
