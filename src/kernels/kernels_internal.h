@@ -94,6 +94,8 @@ void quantize_x4(const float* x, uint8_t* out, int64_t nb, int corr_mul, Isa isa
 
 // Panel-packed q4_K / q6_K (packed_k.cpp), dispatched to by packed_bytes / pack_weights /
 // matmul_packed (packed.cpp); packed_k_bytes is 0 for other types and shapes.
+// The K-quant types whose packed forms packed_k.cpp owns (packed.cpp forwards them there).
+inline bool packed_k_type(DType t) { return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K; }
 size_t packed_k_bytes(DType t, int64_t rows, int64_t cols);
 bool packed_k_kernels(DType t, Isa isa);  // packed_kernels for the K-quants
 void pack_weights_k(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool);

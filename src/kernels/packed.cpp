@@ -356,18 +356,18 @@ TileFn prefill_tile(Kind k, int rv, int nt) {
 }  // namespace
 
 size_t packed_bytes(DType t, int64_t rows, int64_t cols) {
-  if (t == DType::Q4_K || t == DType::Q6_K) return packed_k_bytes(t, rows, cols);
+  if (packed_k_type(t)) return packed_k_bytes(t, rows, cols);
   if (!packable(t) || cols <= 0 || cols % 32 || rows <= 0) return 0;
   return static_cast<size_t>((rows + 16 * kGroupPanels - 1) / (16 * kGroupPanels)) * group_bytes(layout_of(t), cols);
 }
 
 bool packed_kernels(DType t, Isa isa) {
-  if (t == DType::Q4_K || t == DType::Q6_K) return packed_k_kernels(t, isa);
+  if (packed_k_type(t)) return packed_k_kernels(t, isa);
   return packable(t) && isa == Isa::AVX512;
 }
 
 void pack_weights(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool) {
-  if (t == DType::Q4_K || t == DType::Q6_K) return pack_weights_k(t, w, wrb, rows, cols, out, pool);
+  if (packed_k_type(t)) return pack_weights_k(t, w, wrb, rows, cols, out, pool);
   LARDER_ASSERT(packed_bytes(t, rows, cols) > 0);
   LARDER_ASSERT(reinterpret_cast<uintptr_t>(out) % 64 == 0);
   const Layout L = layout_of(t);
@@ -378,7 +378,7 @@ void pack_weights(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols
 
 void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
                    int64_t ldy, ThreadPool& pool, MatmulScratch& scratch, Isa isa) {
-  if (t == DType::Q4_K || t == DType::Q6_K)
+  if (packed_k_type(t))
     return matmul_packed_k(t, packed, rows, cols, x, n_tokens, y, ldy, pool, scratch, isa);
   LARDER_ASSERT(packed_bytes(t, rows, cols) > 0);
   const Layout L = layout_of(t);
@@ -414,7 +414,7 @@ void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, cons
 }
 
 bool packed_row_to_float(DType t, const void* packed, int64_t rows, int64_t cols, int64_t r, float* out) {
-  if (t == DType::Q4_K || t == DType::Q6_K) return packed_k_row_to_float(t, packed, rows, cols, r, out);
+  if (packed_k_type(t)) return packed_k_row_to_float(t, packed, rows, cols, r, out);
   if (!packable(t) || r < 0 || r >= rows || !packed_bytes(t, rows, cols)) return false;
   const Layout L = layout_of(t);
   const uint8_t* g = group_of(static_cast<const uint8_t*>(packed), group_bytes(L, cols), r / 16);
