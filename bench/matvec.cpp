@@ -2,7 +2,7 @@
 // streamed per second, for a matrix that stays in cache (the kernel's compute ceiling) and one
 // far larger than the caches (what DRAM allows). Decode is memory-bound only when the first
 // is well above larder-membw's figure.
-//   larder-bench-matvec [-t THREADS] [--types f32,q8_0,...] [--cols K] [--isa scalar|avx2|avx512] [--packed]
+//   larder-bench-matvec [-t THREADS] [--types f32,q8_0,...] [--cols K] [--isa scalar|avx2|avxvnni|avx512] [--packed]
 // --packed: q8_0/q4_0/q4_1/q5_0/q4_K/q6_K matrices repacked into panels first (what model loading
 // does on AVX-512).
 #include <sys/mman.h>
@@ -54,7 +54,10 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--packed")) packed = true;
     else if (!std::strcmp(argv[i], "--isa") && i + 1 < argc) {
       std::string s = argv[++i];
-      kernels::set_isa(s == "scalar" ? kernels::Isa::Scalar : s == "avx2" ? kernels::Isa::AVX2 : kernels::Isa::AVX512);
+      kernels::set_isa(s == "scalar" ? kernels::Isa::Scalar
+                       : s == "avx2" || s == "avxvnni" ? kernels::Isa::AVX2
+                                                       : kernels::Isa::AVX512);
+      kernels::set_vnni256(s == "avxvnni");
     } else {
       std::fprintf(stderr, "usage: larder-bench-matvec [-t THREADS] [--types f32,q8_0,...] [--cols K] [--isa PATH] [--packed]\n");
       return 2;
@@ -66,7 +69,7 @@ int main(int argc, char** argv) {
   }
   ThreadPool pool(threads);
   kernels::MatmulScratch scratch;
-  std::printf("path %s, %d threads, %lld columns%s\n", kernels::isa_name(kernels::active_isa()), threads,
+  std::printf("path %s, %d threads, %lld columns%s\n", kernels::active_isa_name(), threads,
               static_cast<long long>(cols), packed ? ", packable types packed" : "");
   std::printf("| type | in cache (%s) | from DRAM (%s) |\n|---|---:|---:|\n", "2,048 rows", "~1 GiB");
   std::stringstream ss(types);
@@ -98,7 +101,7 @@ int main(int argc, char** argv) {
       W.data = w.p;
       W.nbytes = w.n;
       std::unique_ptr<HugeBuf> pk;
-      if (packed && kernels::packed_bytes(t, rows, cols)) {
+      if (packed && kernels::packed_bytes(t, rows, cols) && kernels::packed_kernels(t, kernels::active_isa())) {
         pk = std::make_unique<HugeBuf>(kernels::packed_bytes(t, rows, cols));
         kernels::pack_weights(t, w.p, rb, rows, cols, pk->p, pool);
         W.packed = pk->p;
