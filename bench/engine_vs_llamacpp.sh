@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Side-by-side prompt/generation throughput of Larder and llama.cpp on the same GGUF
 # files, same threads, one run.
-#   LLAMA_BENCH=/path/to/llama-bench bench/engine_vs_llamacpp.sh [MODEL_DIR]   # synthesized shapes
-#   LLAMA_BENCH=/path/to/llama-bench bench/engine_vs_llamacpp.sh real          # the real models (scripts/models)
+#   LLAMA_BENCH=/path/to/llama-bench bench/engine_vs_llamacpp.sh [MODEL_DIR]   # synthesized shapes + real models
+#   LLAMA_BENCH=/path/to/llama-bench bench/engine_vs_llamacpp.sh real          # the real models only (scripts/models)
+#   LLAMA_BENCH=/path/to/llama-bench bench/engine_vs_llamacpp.sh synth [DIR]   # synthesized shapes only
 #   LLAMA_BENCH=/path/to/llama-bench bench/engine_vs_llamacpp.sh FILE.gguf ... # any files
 # ROUNDS=N repeats the whole list N times (alternating engines, so drift hits both alike).
-# Prints one markdown table per engine (llama-bench's own output for the peer).
+# LLAMA_BENCH2: a second peer run on every file too (e.g. a newer llama.cpp that knows Gemma 3).
+# KV=f16|f32|bf16|q8_0 gives both engines that KV cache type (-ctk/-ctv); unset, each its default.
+# LARDER_CPU=avx2|avxvnni|avx512 picks Larder's path (the peer's comes from how it was built).
+# Larder's lines say the path and what was repacked; both print peak RSS (GNU time, whole process).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 LARDER="${LARDER_BIN:-$ROOT/build/bin/larder}"
+REAL=1
+if [ "${1:-}" = synth ]; then REAL=""; shift; fi
 DIR="${1:-/tmp/larder-bench-models}"
 THREADS="${THREADS:-2}"
 SHAPES="${SHAPES:-stories15M stories110M llama-3.2-1b}"
@@ -24,7 +30,10 @@ elif [[ "${1:-}" == *.gguf ]]; then
   SHAPES=""
 else
   mkdir -p "$DIR"
+  [ -n "$REAL" ] && mapfile -t models < <("$ROOT/scripts/models" || true)
 fi
+kv=()
+[ -n "${KV:-}" ] && kv=(-ctk "$KV" -ctv "$KV")
 for s in $SHAPES; do
   base="$DIR/$s-f32.gguf"
   if [ ! -f "$base" ]; then
@@ -44,11 +53,11 @@ for m in "${models[@]}"; do
   case "$m" in *llama-3.2-1b*) reps=2;; esac
   echo "== $m" >&2
   # Peak RSS of each whole process, measured the same way for both (GNU time, KiB).
-  /usr/bin/time -f "larder peak RSS %M KiB" "$LARDER" bench -m "$m" -p 512 -n 128 -t "$THREADS" -r "$reps" 2>&1 | tail -n +3
+  /usr/bin/time -f "larder peak RSS %M KiB" "$LARDER" bench -m "$m" -p 512 -n 128 -t "$THREADS" -r "$reps" "${kv[@]}" 2>&1 | tail -n +3
   [ -n "${W8A8:-}" ] && case "$m" in *q8_0*) "$LARDER" bench -m "$m" -p 512 -n 0 -t "$THREADS" -r "$reps" --w8a8 | tail -n +3;; esac
-  if [ -n "${LLAMA_BENCH:-}" ]; then
-    /usr/bin/time -f "llama-bench peak RSS %M KiB" "$LLAMA_BENCH" -m "$m" -p 512 -n 128 -t "$THREADS" -r "$reps" 2>&1 |
-      grep -E "pp512|tg128|peak RSS"
-  fi
+  for peer in ${LLAMA_BENCH:-} ${LLAMA_BENCH2:-}; do
+    /usr/bin/time -f "llama-bench peak RSS %M KiB" "$peer" -m "$m" -p 512 -n 128 -t "$THREADS" -r "$reps" "${kv[@]}" 2>&1 |
+      grep -E "pp512|tg128|peak RSS|error|failed" || true
+  done
 done
 done

@@ -113,7 +113,7 @@ void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, cons
                    int64_t ldy, ThreadPool& pool, MatmulScratch& scratch, Isa isa);
 
 // Whether matmul hands this product to oneDNN's sgemm: f32 prefill of a large matrix on the
-// AVX-512 path, when libdnnl.so.2 can be loaded and LARDER_NO_DNNL is unset.
+// AVX2 or AVX-512 path (oneDNN capped to AVX2 on the former), when libdnnl.so.2 can be loaded and LARDER_NO_DNNL is unset.
 bool matmul_uses_onednn(DType t, int64_t rows, int64_t cols, int64_t n_tokens, Isa isa);
 // Turns that off (false: the own tiles) or back on where it can be loaded; returns the previous
 // setting. Starts as !LARDER_NO_DNNL. For tests and benchmarks that compare both paths.

@@ -37,6 +37,9 @@ struct Dnnl {
 const Dnnl* dnnl() {
   static const Dnnl d = [] {
     Dnnl r;
+    // oneDNN picks its own ISA from the CPU; on the AVX2 path (LARDER_CPU=avx2 on an AVX-512
+    // machine) it must not use AVX-512 either, or the path would not measure an AVX2 machine.
+    if (active_isa() != Isa::AVX512) setenv("ONEDNN_MAX_CPU_ISA", "AVX2", 0);
     void* h = dlopen("libdnnl.so.2", RTLD_NOW | RTLD_LOCAL);
     if (!h) return r;
     auto sg = reinterpret_cast<SgemmFn>(dlsym(h, "dnnl_sgemm"));
@@ -52,7 +55,7 @@ const Dnnl* dnnl() {
 }
 
 void gemm_dnnl(const Dnnl& d, const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
-               int64_t ldy, ThreadPool& pool) {
+               int64_t ldy, ThreadPool& pool, Isa isa) {
   const int64_t parts = pool.size();
   pool.parallel_for(parts, [&](int64_t b, int64_t e, int) {
     d.omp_set_num_threads(1);  // this thread's OpenMP setting
@@ -61,7 +64,7 @@ void gemm_dnnl(const Dnnl& d, const float* w, int64_t rows, int64_t cols, const 
       if (r1 <= r0) continue;
       const int st = d.sgemm('N', 'T', n_tokens, r1 - r0, cols, 1.f, x, cols, w + r0 * cols, cols, 0.f, y + r0, ldy);
       if (st != 0)  // e.g. out of memory for its packing buffers: the own tiles need none
-        gemm_f32(w + r0 * cols, cols, r1 - r0, x, cols, n_tokens, cols, y + r0, ldy, Isa::AVX512);
+        gemm_f32(w + r0 * cols, cols, r1 - r0, x, cols, n_tokens, cols, y + r0, ldy, isa);
     }
   });
 }
@@ -70,7 +73,7 @@ void gemm_dnnl(const Dnnl& d, const float* w, int64_t rows, int64_t cols, const 
 bool set_onednn(bool use) { return g_onednn.exchange(use); }
 
 bool matmul_uses_onednn(DType t, int64_t rows, int64_t cols, int64_t n_tokens, Isa isa) {
-  return t == DType::F32 && n_tokens >= kGemmMinTokens && isa == Isa::AVX512 && rows * cols >= kDnnlMinWeights &&
+  return t == DType::F32 && n_tokens >= kGemmMinTokens && isa != Isa::Scalar && rows * cols >= kDnnlMinWeights &&
          g_onednn.load(std::memory_order_relaxed) && dnnl() != nullptr;
 }
 
@@ -85,7 +88,7 @@ void matmul(const Tensor& W, const float* x, int64_t n_tokens, float* y, int64_t
   if (W.packed) return matmul_packed(W.type, W.packed, rows, cols, x, n_tokens, y, ldy, pool, scratch, isa);
   if (const MatmulFn fn = tr->matmul[static_cast<int>(isa)]) return fn(W.data, rb, rows, cols, x, n_tokens, y, ldy, pool, scratch);
   if (matmul_uses_onednn(W.type, rows, cols, n_tokens, isa))
-    return gemm_dnnl(*dnnl(), static_cast<const float*>(W.data), rows, cols, x, n_tokens, y, ldy, pool);
+    return gemm_dnnl(*dnnl(), static_cast<const float*>(W.data), rows, cols, x, n_tokens, y, ldy, pool, isa);
   if (n_tokens >= kGemmMinTokens) {
     // Chunks of rows sized to stay in L2 (f32) are reused for every token.
     int64_t chunk = std::clamp<int64_t>((256 * 1024) / (cols * 4), 4, 64) / 4 * 4;
