@@ -320,3 +320,101 @@ TEST(KvStore, RecomputesWhenLoadingWouldBeSlower) {
   s->reset();
   std::filesystem::remove_all(dir);
 }
+
+// The SSD tier's layout fingerprint (and the block names) include the pool's K/V cache types:
+// blocks written by a pool of one type are never served to a pool of another (their bytes would
+// be read as the wrong type), while a reopen with the same types still hits.
+TEST(KvStore, SsdBlocksOfOneCacheTypeAreNeverServedToAnother) {
+  const auto A = prompt(200, 11);
+  const std::pair<DType, DType> pairs[] = {{DType::F32, DType::F16}, {DType::F16, DType::F32}, {DType::F16, DType::BF16}};
+  for (auto [writer, reader] : pairs) {
+    SCOPED_TRACE(std::string(dtype_name(writer)) + " -> " + dtype_name(reader));
+    const std::string dir = tmpdir("types");
+    SchedulerParams p = small_pool();
+    p.store.disk_dir = dir;
+    p.always_load = true;
+    p.type_k = p.type_v = writer;
+    std::vector<int32_t> cold;
+    {
+      auto s = Scheduler::create(*fx().model, p);
+      ASSERT_TRUE(s.ok()) << s.error();
+      auto r = run1(**s, A, 8);
+      EXPECT_EQ(r.cached, 0);
+      cold = r.tokens;
+    }  // flushed: A's 12 whole blocks are on SSD
+    {
+      SchedulerParams q = p;
+      q.type_k = q.type_v = reader;
+      auto s = Scheduler::create(*fx().model, q);
+      ASSERT_TRUE(s.ok()) << s.error();
+      auto st0 = (*s)->stats();
+      EXPECT_EQ(st0.store.disk.blocks, 0) << "records of another cache type were indexed";
+      auto r = run1(**s, A, 8);
+      EXPECT_EQ(r.cached, 0);
+      EXPECT_EQ((*s)->stats().store.disk.hits, 0);
+    }
+    {
+      auto s = Scheduler::create(*fx().model, p);  // the writer's types again
+      ASSERT_TRUE(s.ok()) << s.error();
+      EXPECT_GT((*s)->stats().store.disk.blocks, 0);
+      auto r = run1(**s, A, 8);
+      EXPECT_EQ(r.cached, 192);
+      EXPECT_GT((*s)->stats().store.disk.hits, 0);
+      EXPECT_EQ(r.tokens, cold);
+    }
+    std::filesystem::remove_all(dir);
+  }
+}
+
+// Typed payloads in the 8-bit DRAM tier: f16/bf16/f32 parts are quantized from their type and
+// rounded back to it (within half a step of the head's absmax/127 plus the type's rounding);
+// q8_0 parts are already 8-bit and come back bit for bit.
+TEST(KvStore, EightBitDramOfTypedPayloads) {
+  std::mt19937 r(9);
+  std::normal_distribution<float> nd(0, 2);
+  const int n_layer = 2, group = 32, n = 4 * 64;  // values per K or V part
+  for (auto [kt, vt] : {std::pair{DType::F16, DType::F16}, std::pair{DType::BF16, DType::F32},
+                        std::pair{DType::Q8_0, DType::F16}, std::pair{DType::Q8_0, DType::Q8_0}}) {
+    PayloadFormat f{n_layer, kt, vt, static_cast<size_t>(n), static_cast<size_t>(n)};
+    std::vector<float> src(static_cast<size_t>(n_layer) * 2 * n);
+    for (auto& v : src) v = nd(r);
+    std::vector<uint8_t> payload;
+    std::vector<std::pair<DType, const float*>> parts;
+    for (int l = 0; l < n_layer; ++l)
+      for (auto [t, off] : {std::pair{kt, 2 * l * n}, std::pair{vt, (2 * l + 1) * n}}) {
+        std::vector<uint8_t> b(kernels::kv_row_bytes(t, n));
+        kernels::kv_from_float(t, &src[off], b.data(), n, kernels::Isa::Scalar);
+        payload.insert(payload.end(), b.begin(), b.end());
+        parts.emplace_back(t, &src[off]);
+      }
+    DramTier tier(1 << 20, EvictPolicy::LRU, true, group, f);
+    tier.put(key(1), payload);
+    std::vector<uint8_t> out;
+    ASSERT_TRUE(tier.get(key(1), out, false));
+    ASSERT_EQ(out.size(), payload.size());
+    const bool all_q8 = kt == DType::Q8_0 && vt == DType::Q8_0;
+    if (all_q8) EXPECT_EQ(out, payload) << "a q8_0 payload is kept as it is";
+    size_t off = 0;
+    for (auto [t, x] : parts) {
+      const size_t nb = kernels::kv_row_bytes(t, n);
+      std::vector<float> in(n), got(n);
+      kernels::kv_to_float(t, payload.data() + off, in.data(), n);
+      kernels::kv_to_float(t, out.data() + off, got.data(), n);
+      if (t == DType::Q8_0) {
+        EXPECT_TRUE(std::equal(out.begin() + off, out.begin() + off + nb, payload.begin() + off)) << "q8_0 part changed";
+      } else {
+        const double rel = t == DType::F16 ? std::ldexp(1.0, -11) : t == DType::BF16 ? std::ldexp(1.0, -8) : 0;
+        for (int g = 0; g < n; g += group) {
+          float amax = 0;
+          for (int i = g; i < g + group; ++i) amax = std::max(amax, std::fabs(in[i]));
+          for (int i = g; i < g + group; ++i)
+            ASSERT_LE(std::fabs(got[i] - in[i]), amax / 127.0 * 0.5 * (1 + 1e-5) + rel * std::fabs(got[i]) + 1e-6)
+                << dtype_name(t) << " value " << i;
+        }
+      }
+      off += nb;
+    }
+    // Bytes kept: 8-bit (+ a scale per group) for the float parts, as they are for q8_0 parts.
+    EXPECT_LT(tier.stats().bytes, static_cast<int64_t>(payload.size()) * (kt == DType::F16 ? 0.6 : 1.01));
+  }
+}

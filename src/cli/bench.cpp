@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
+#include <tuple>
 
 #include "cli/commands.h"
 #include "engine/context.h"
@@ -54,10 +55,25 @@ int cmd_bench(Args& a) {
   if (!th.ok()) return fail(th.error());
   if (a.reps <= 0) return fail("repetitions must be positive");
   if (a.out_format != "md" && a.out_format != "json") return fail("output must be md or json");
+  // KV cache types: every K type with every V type (llama-bench's -ctk/-ctv lists).
+  std::vector<std::pair<DType, DType>> kv_types;
+  {
+    std::vector<DType> ks, vs;
+    for (auto [list, out, flag] : {std::tuple{&a.cache_type_k, &ks, "--cache-type-k"}, std::tuple{&a.cache_type_v, &vs, "--cache-type-v"}}) {
+      for (const auto& x : split(*list)) {
+        auto t = parse_kv_type(x);
+        if (!t.ok()) return fail(std::string(flag) + ": " + t.error());
+        out->push_back(*t);
+      }
+      if (out->empty()) return fail(std::string(flag) + ": no type given");
+    }
+    for (DType k : ks)
+      for (DType v : vs) kv_types.emplace_back(k, v);
+  }
   nlohmann::json results = nlohmann::json::array();
   if (a.out_format == "md") {
-    std::printf("| model | size | params | threads | isa | repacked | test | t/s | peak RSS |\n");
-    std::printf("| --- | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: |\n");
+    std::printf("| model | size | params | threads | isa | repacked | type_k | type_v | test | t/s | peak RSS |\n");
+    std::printf("| --- | ---: | ---: | ---: | --- | ---: | --- | --- | --- | ---: | ---: |\n");
   }
   for (const auto& path : models) {
     auto mr = load_model(path, "", !a.no_repack);
@@ -81,8 +97,11 @@ int cmd_bench(Args& a) {
       std::vector<Test> tests;
       for (int p : *pp) if (p > 0) tests.push_back({p, 0});
       for (int g : *tg) if (g > 0) tests.push_back({0, g});
+      for (auto [type_k, type_v] : kv_types)
       for (const Test& t : tests) {
         ContextParams cp;
+        cp.type_k = type_k;
+        cp.type_v = type_v;
         cp.n_threads = nt;
         cp.n_ctx = t.n_prompt + t.n_gen + 1;
         cp.n_batch = std::max(1, t.n_prompt);
@@ -120,16 +139,18 @@ int cmd_bench(Args& a) {
         long rss = peak_rss_bytes();
         if (a.out_format == "md") {
           // repacked: the weights pack_model_weights moved into panels / huge pages (no = the file's rows).
-          std::printf("| %s%s | %.2f MiB | %.2f M | %d | %s | %s | %s | %.2f ± %.2f | %.1f MiB |\n", path.c_str(),
+          std::printf("| %s%s | %.2f MiB | %.2f M | %d | %s | %s | %s | %s | %s | %.2f ± %.2f | %.1f MiB |\n", path.c_str(),
                       a.w8a8 ? " (w8a8)" : "", m.weight_bytes() / 1048576.0, n_params / 1e6, nt,
-                      kernels::active_isa_name(), repacked.c_str(), test.c_str(), mean, sd, rss / 1048576.0);
+                      kernels::active_isa_name(), repacked.c_str(), dtype_name(type_k), dtype_name(type_v),
+                      test.c_str(), mean, sd, rss / 1048576.0);
           std::fflush(stdout);
         }
         results.push_back({{"model_filename", path}, {"model_type", m.cfg.arch}, {"model_size", m.weight_bytes()},
                            {"model_n_params", n_params}, {"n_threads", nt}, {"n_prompt", t.n_prompt},
                            {"n_gen", t.n_gen}, {"avg_ts", mean}, {"stddev_ts", sd}, {"samples_ts", ts},
                            {"cpu_info", kernels::active_isa_name()}, {"w8a8", a.w8a8}, {"peak_rss_bytes", rss},
-                           {"repacked_bytes", m.panel_bytes}, {"copied_bytes", m.packed_bytes - m.panel_bytes}});
+                           {"repacked_bytes", m.panel_bytes},
+                           {"type_k", dtype_name(type_k)}, {"type_v", dtype_name(type_v)}, {"copied_bytes", m.packed_bytes - m.panel_bytes}});
       }
     }
   }

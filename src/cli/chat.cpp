@@ -156,6 +156,8 @@ struct Totals {
 int cmd_chat(Args& a) {
   if (a.model.empty()) return fail("no model given (use -m PATH or set LARDER_MODEL)");
   if (a.n_ctx < 0 || a.n_threads < 0 || a.n_batch <= 0) return fail("context size, threads and batch size must be positive");
+  auto kvt = cache_types(a);
+  if (!kvt.ok()) return fail(kvt.error());
   auto t_load0 = Clock::now();
   auto mr = load_model(a.model, a.tokenizer, !a.no_repack);
   if (!mr.ok()) return fail(mr.error());
@@ -184,6 +186,8 @@ int cmd_chat(Args& a) {
   cp.n_threads = a.n_threads;
   cp.n_batch = a.n_batch;
   cp.w8a8 = a.w8a8;
+  cp.type_k = kvt->first;
+  cp.type_v = kvt->second;
   auto cr = Context::create(m, cp);
   if (!cr.ok()) return fail(cr.error());
   Context& ctx = **cr;

@@ -15,6 +15,14 @@
 
 namespace larder::cli {
 
+Result<std::pair<DType, DType>> cache_types(const Args& a) {
+  auto k = parse_kv_type(a.cache_type_k);
+  if (!k.ok()) return make_error("--cache-type-k: %s", k.error().c_str());
+  auto v = parse_kv_type(a.cache_type_v);
+  if (!v.ok()) return make_error("--cache-type-v: %s", v.error().c_str());
+  return std::pair{*k, *v};
+}
+
 int fail(const std::string& msg) {
   std::string m = msg;
   for (char& c : m)
@@ -71,6 +79,8 @@ SamplerParams sampler_params(const Args& a) {
 }
 
 int cmd_run(Args& a) {
+  auto kvt = cache_types(a);
+  if (!kvt.ok()) return fail(kvt.error());
   auto t_load0 = Clock::now();
   auto mr = open_model(a);
   if (!mr.ok()) return fail(mr.error());
@@ -86,6 +96,8 @@ int cmd_run(Args& a) {
   cp.n_threads = a.n_threads;
   cp.n_batch = a.n_batch;
   cp.w8a8 = a.w8a8;
+  cp.type_k = kvt->first;
+  cp.type_v = kvt->second;
   if (a.n_ctx < 0 || a.n_threads < 0 || a.n_batch <= 0) return fail("context size, threads and batch size must be positive");
   auto cr = Context::create(m, cp);
   if (!cr.ok()) return fail(cr.error());
@@ -323,6 +335,8 @@ int cmd_synth(Args& a) {
 }
 
 int cmd_logits(Args& a) {
+  auto kvt = cache_types(a);
+  if (!kvt.ok()) return fail(kvt.error());
   auto idr = parse_ids(a.ids);
   if (!idr.ok()) return fail(idr.error());
   std::vector<int32_t> ids = *idr;
@@ -335,6 +349,8 @@ int cmd_logits(Args& a) {
   cp.n_batch = a.n_batch;
   cp.n_ctx = a.n_ctx > 0 ? a.n_ctx : static_cast<int>(ids.size()) + std::max(a.greedy, 0) + 1;
   cp.w8a8 = a.w8a8;
+  cp.type_k = kvt->first;
+  cp.type_v = kvt->second;
   auto cr = Context::create(m, cp);
   if (!cr.ok()) return fail(cr.error());
   Context& ctx = **cr;

@@ -1,6 +1,10 @@
 #pragma once
 #include "cli/options.h"
+#include <utility>
+
+#include "core/result.h"
 #include "engine/sampler.h"
+#include "model/dtype.h"
 
 namespace larder::cli {
 int cmd_run(Args& a);
@@ -17,6 +21,8 @@ int cmd_replay(Args& a);      // src/cli/replay.cpp
 int cmd_kv(Args& a);          // src/cli/kv.cpp
 // The sampling flags of run/chat as sampler settings (a negative seed = random).
 SamplerParams sampler_params(const Args& a);
+// The -ctk/-ctv values (a bad one: an error naming the flag and the valid types).
+Result<std::pair<DType, DType>> cache_types(const Args& a);
 // Prints "larder: error: <msg>" on one line and returns 1.
 int fail(const std::string& msg);
 }  // namespace larder::cli

@@ -30,6 +30,8 @@ struct Args {
   bool w8a8 = false;
   bool no_repack = false;
   bool no_display_prompt = false;
+  std::string cache_type_k = "f16";  // KV cache types (bench: comma-separated lists)
+  std::string cache_type_v = "f16";
   // chat
   int chat_n_predict = -1;
   std::string system_prompt;
@@ -64,6 +66,7 @@ struct Args {
   std::string out_format = "md";
   // perplexity
   std::string kl_base;
+  std::string kl_base_cache_type;  // the base run's K and V cache type ("" = the model's)
   bool json = false;
   // quantize (positional: IN OUT TYPE)
   std::vector<std::string> quant_args;

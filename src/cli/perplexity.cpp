@@ -1,4 +1,6 @@
-// `larder perplexity -m MODEL -f TEXT [-c CTX] [-b BATCH] [-t N] [--kl-base BASE] [--json]`
+// `larder perplexity -m MODEL -f TEXT [-c CTX] [-b BATCH] [-t N] [-ctk T] [-ctv T] [--kl-base BASE
+//   [--kl-base-cache-type T]] [--json]`
+// KV cache types against the f32 cache: -m M -ctk q8_0 -ctv q8_0 --kl-base M --kl-base-cache-type f32.
 //
 // The text is tokenized with BOS and split into non-overlapping windows of CTX tokens (default:
 // the model's context, capped at 512); each window starts with BOS and only its SECOND HALF is
@@ -32,6 +34,15 @@ std::string num(double x, int prec = 6) {
 int cmd_perplexity(Args& a) {
   if (a.model.empty()) return fail("perplexity needs a model (-m PATH or LARDER_MODEL)");
   if (a.file.empty()) return fail("perplexity needs a text file (-f TEXT)");
+  auto kvt = cache_types(a);
+  if (!kvt.ok()) return fail(kvt.error());
+  DType base_k = kvt->first, base_v = kvt->second;
+  if (!a.kl_base_cache_type.empty()) {
+    auto t = parse_kv_type(a.kl_base_cache_type);
+    if (!t.ok()) return fail("--kl-base-cache-type: " + t.error());
+    if (a.kl_base.empty()) return fail("--kl-base-cache-type needs --kl-base BASE (which may be the model itself)");
+    base_k = base_v = *t;
+  }
   auto text = read_file(a.file);
   if (!text.ok()) return fail(text.error());
 
@@ -39,12 +50,16 @@ int cmd_perplexity(Args& a) {
   if (!mr.ok()) return fail(mr.error());
   const Model& m = **mr;
   std::unique_ptr<Model> base;
-  if (!a.kl_base.empty()) {
+  const Model* basep = nullptr;
+  if (a.kl_base == a.model) {  // the same model, e.g. with another KV cache type: load it once
+    basep = &m;
+  } else if (!a.kl_base.empty()) {
     auto br = load_model(a.kl_base, a.tokenizer, !a.no_repack);
     if (!br.ok()) return fail("--kl-base: " + br.error());
     base = std::move(*br);
     Status st = check_same_vocab(m, *base);
     if (!st.ok()) return fail(st.error());
+    basep = base.get();
   }
 
   std::vector<int32_t> toks = m.tokenizer->encode(*text, /*add_bos=*/true, /*parse_special=*/false);
@@ -53,6 +68,10 @@ int cmd_perplexity(Args& a) {
   pp.n_threads = a.n_threads;
   pp.n_batch = a.n_batch;
   pp.w8a8 = a.w8a8;  // the model under test only: --kl-base BASE then measures what int8 prefill changes
+  pp.type_k = kvt->first;
+  pp.type_v = kvt->second;
+  pp.base_type_k = base_k;
+  pp.base_type_v = base_v;
   if (Status st = check_perplexity_input(m, toks.size(), pp); !st.ok()) return fail(st.error());
   const int C = perplexity_window(m, a.n_ctx);
   const bool bos = m.tokenizer->vocab().add_bos && m.tokenizer->bos() >= 0;
@@ -65,7 +84,10 @@ int cmd_perplexity(Args& a) {
                m.path.c_str(), toks.size(), a.file.c_str(), C, bos_note, C / 2 + 1, C - 1, C / 2 + 1,
                a.w8a8 ? "; --w8a8 int8 prefill for the model (not the base)" : "");
 
-  auto res = compute_perplexity(m, base.get(), toks, pp, [&](int w, const PerplexityResult& r, double s) {
+  if (basep)
+    std::fprintf(stderr, "perplexity: KV cache %s; base %s with KV cache %s\n", kv_types_name(pp.type_k, pp.type_v).c_str(),
+                 basep->path.c_str(), kv_types_name(base_k, base_v).c_str());
+  auto res = compute_perplexity(m, basep, toks, pp, [&](int w, const PerplexityResult& r, double s) {
     if (r.has_base)
       std::fprintf(stderr, "perplexity: window %d/%d: ppl %s (base %s), mean KL %.6g, top-1 %.2f%% (%.2f s)\n", w + 1,
                    r.n_windows, num(r.perplexity, 4).c_str(), num(r.base_perplexity, 4).c_str(), r.kl_mean,
@@ -86,6 +108,8 @@ int cmd_perplexity(Args& a) {
     j["top1_agree"] = r.has_base ? nlohmann::json(r.top1_agree) : nlohmann::json(nullptr);
     j["base_perplexity"] = r.has_base ? nlohmann::json(r.base_perplexity) : nlohmann::json(nullptr);
     j["n_ctx"] = r.n_ctx;
+    j["cache_type_k"] = dtype_name(pp.type_k);
+    j["cache_type_v"] = dtype_name(pp.type_v);
     j["n_windows"] = r.n_windows;
     j["n_unused"] = r.n_unused;
     j["scored"] = "second-half";

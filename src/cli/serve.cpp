@@ -20,6 +20,7 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "kernels/attention_kv.h"
 #include "engine/scheduler.h"
 #include "model/model.h"
 #include "server/server.h"
@@ -57,6 +58,8 @@ int cmd_serve(Args& a) {
   if (a.n_ctx < 0) return fail("--ctx-size must not be negative");
   if (a.kv_blocks < 0) return fail("--kv-blocks must not be negative");
   if (a.kv_blocks > 0 && !a.kv_mem.empty()) return fail("give --kv-blocks or --kv-mem, not both");
+  auto kvt = cache_types(a);
+  if (!kvt.ok()) return fail(kvt.error());
   int64_t kv_mem = 0;
   if (!a.kv_mem.empty()) {
     kv_mem = parse_size(a.kv_mem);
@@ -99,9 +102,17 @@ int cmd_serve(Args& a) {
   p.max_queue = a.queue;
   p.w8a8 = a.w8a8;
   p.kv_blocks = a.kv_blocks;
+  p.type_k = kvt->first;
+  p.type_v = kvt->second;
   if (kv_mem > 0) {
+    // The real bytes of a block in the chosen types (f16 holds twice the tokens of f32).
     const ModelConfig& c = m.cfg;
-    int64_t per_block = 2LL * c.n_layer * c.n_head_kv * c.head_dim * static_cast<int64_t>(sizeof(float)) * p.block_size;
+    if (p.type_k == DType::Q8_0 || p.type_v == DType::Q8_0)
+      if (c.head_dim % 32) return fail("a q8_0 KV cache needs a head size that is a multiple of 32; this model's is " +
+                                       std::to_string(c.head_dim) + " (use f16 or bf16)");
+    const int64_t per_block = static_cast<int64_t>(c.n_layer) * c.n_head_kv * p.block_size *
+                              static_cast<int64_t>(kernels::kv_row_bytes(p.type_k, c.head_dim) +
+                                                   kernels::kv_row_bytes(p.type_v, c.head_dim));
     int64_t n = kv_mem / per_block;
     if (n < 1) return fail("--kv-mem " + a.kv_mem + " is less than one KV block (" + std::to_string(per_block) + " bytes)");
     p.kv_blocks = static_cast<int>(std::min<int64_t>(n, 1 << 30));
@@ -132,9 +143,13 @@ int cmd_serve(Args& a) {
   const int blocks_per_seq = (s.max_seq_len() + p.block_size - 1) / p.block_size;
   const int kv_blocks = st0.kv_blocks > 0 ? st0.kv_blocks : p.kv_blocks > 0 ? p.kv_blocks : p.parallel * blocks_per_seq;
   std::fprintf(stderr,
-               "larder serve: ready: model %s, %d KV blocks of %d tokens, up to %d tokens per request, %d parallel, "
-               "queue %d\n",
-               a.model.c_str(), kv_blocks, p.block_size, s.max_seq_len(), p.parallel, p.max_queue);
+               "larder serve: ready: model %s, %d KV blocks of %d tokens (cache %s, %.1f MiB), up to %d tokens per "
+               "request, %d parallel, queue %d\n",
+               a.model.c_str(), kv_blocks, p.block_size, kv_types_name(p.type_k, p.type_v).c_str(),
+               static_cast<double>(kv_blocks) * p.block_size * m.cfg.n_layer * m.cfg.n_head_kv *
+                   (kernels::kv_row_bytes(p.type_k, m.cfg.head_dim) + kernels::kv_row_bytes(p.type_v, m.cfg.head_dim)) /
+                   1048576.0,
+               s.max_seq_len(), p.parallel, p.max_queue);
   if (st0.has_store)
     std::fprintf(stderr, "larder serve: kv tiers: DRAM %s%s, SSD %s (%lld blocks found)\n",
                  a.kv_dram.empty() ? "off" : a.kv_dram.c_str(), a.kv_dram_q8 ? " (8-bit)" : "",

@@ -1,5 +1,6 @@
 #include "engine/context.h"
 
+#include "kernels/attention_kv.h"
 #include "kernels/gemm.h"
 
 #include <algorithm>
@@ -8,6 +9,16 @@
 #include <unistd.h>
 
 namespace larder {
+
+Result<DType> parse_kv_type(const std::string& s) {
+  DType t;
+  if (parse_dtype(s, &t) && kernels::kv_type_supported(t)) return t;
+  return make_error("invalid KV cache type '%s' (valid: f32, f16, bf16, q8_0)", s.c_str());
+}
+
+std::string kv_types_name(DType k, DType v) {
+  return k == v ? std::string(dtype_name(k)) : std::string(dtype_name(k)) + "/" + dtype_name(v);
+}
 
 Result<std::unique_ptr<Context>> Context::create(const Model& model, const ContextParams& p) {
   int n_ctx = p.n_ctx > 0 ? p.n_ctx : std::min(model.cfg.n_ctx_train, 4096);
@@ -19,8 +30,16 @@ Result<std::unique_ptr<Context>> Context::create(const Model& model, const Conte
   if (p.block_size <= 0 || p.block_size > 4096) return make_error("invalid KV block size %d", p.block_size);
   if (p.max_seq_len < 0) return make_error("invalid max sequence length %d", p.max_seq_len);
   const ModelConfig& c = model.cfg;
+  for (auto [t, which] : {std::pair{p.type_k, "K"}, std::pair{p.type_v, "V"}}) {
+    if (!kernels::kv_type_supported(t))
+      return make_error("KV cache type %s of %s is not supported (valid: f32, f16, bf16, q8_0)", dtype_name(t), which);
+    if (t == DType::Q8_0 && c.head_dim % 32 != 0)
+      return make_error("a q8_0 %s cache needs a head size that is a multiple of 32; this model's is %d (use f16 or bf16)",
+                        which, c.head_dim);
+  }
   // Refuse KV caches that cannot fit rather than dying inside the allocator.
-  double kv_bytes = 2.0 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * sizeof(float);
+  double kv_bytes = static_cast<double>(c.n_layer) * n_ctx * c.n_head_kv *
+                    static_cast<double>(kernels::kv_row_bytes(p.type_k, c.head_dim) + kernels::kv_row_bytes(p.type_v, c.head_dim));
   const double phys = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
   if (kv_bytes > 0.75 * phys)
     return make_error("KV cache for context %d would need %.1f GiB of %.1f GiB memory; use a smaller -c", n_ctx,
@@ -33,7 +52,7 @@ Result<std::unique_ptr<Context>> Context::create(const Model& model, const Conte
 }
 
 Context::Context(const Model& m, const ContextParams& p, int n_ctx, int n_threads, int n_batch)
-    : model_(m), n_batch_(n_batch), block_size_(p.block_size), pool_(n_threads) {
+    : model_(m), n_batch_(n_batch), block_size_(p.block_size), pool_(n_threads), type_k_(p.type_k), type_v_(p.type_v) {
   const ModelConfig& c = m.cfg;
   n_blocks_ = (n_ctx + block_size_ - 1) / block_size_;
   n_ctx_ = n_ctx;
@@ -53,8 +72,12 @@ Context::Context(const Model& m, const ContextParams& p, int n_ctx, int n_thread
     cos_swa_.resize(static_cast<size_t>(n_batch) * hd / 2);
     sin_swa_.resize(static_cast<size_t>(n_batch) * hd / 2);
   }
-  k_cache_.assign(static_cast<size_t>(c.n_layer) * n_slots_ * kv_dim, 0.f);
-  v_cache_.assign(static_cast<size_t>(c.n_layer) * n_slots_ * kv_dim, 0.f);
+  k_head_ = kernels::kv_row_bytes(type_k_, hd);
+  v_head_ = kernels::kv_row_bytes(type_v_, hd);
+  k_row_ = k_head_ * c.n_head_kv;
+  v_row_ = v_head_ * c.n_head_kv;
+  k_cache_.assign(static_cast<size_t>(c.n_layer) * n_slots_ * k_row_, 0);
+  v_cache_.assign(static_cast<size_t>(c.n_layer) * n_slots_ * v_row_, 0);
   identity_table_.resize(n_blocks_);
   for (int i = 0; i < n_blocks_; ++i) identity_table_[i] = i;
   x_.resize(static_cast<size_t>(n_batch) * c.n_embd);
@@ -88,41 +111,34 @@ void Context::truncate(int n) {
 
 void Context::copy_block(int32_t src, int32_t dst) {
   LARDER_ASSERT(src >= 0 && src < n_blocks_ && dst >= 0 && dst < n_blocks_);
-  const size_t kv_dim = static_cast<size_t>(model_.cfg.n_head_kv) * model_.cfg.head_dim;
-  const size_t n = block_size_ * kv_dim;
+  const size_t nk = block_size_ * k_row_, nv = block_size_ * v_row_;
   for (int l = 0; l < model_.cfg.n_layer; ++l) {
-    const size_t base = static_cast<size_t>(l) * n_slots_ * kv_dim;
-    std::memcpy(&k_cache_[base + dst * n], &k_cache_[base + src * n], n * sizeof(float));
-    std::memcpy(&v_cache_[base + dst * n], &v_cache_[base + src * n], n * sizeof(float));
+    uint8_t* kb = &k_cache_[static_cast<size_t>(l) * n_slots_ * k_row_];
+    uint8_t* vb = &v_cache_[static_cast<size_t>(l) * n_slots_ * v_row_];
+    std::memcpy(kb + dst * nk, kb + src * nk, nk);
+    std::memcpy(vb + dst * nv, vb + src * nv, nv);
   }
 }
 
 size_t Context::block_bytes() const {
-  return static_cast<size_t>(model_.cfg.n_layer) * 2 * block_size_ * model_.cfg.n_head_kv * model_.cfg.head_dim *
-         sizeof(float);
+  return static_cast<size_t>(model_.cfg.n_layer) * block_size_ * (k_row_ + v_row_);
 }
 
 void Context::read_block(int32_t b, uint8_t* out) const {
   LARDER_ASSERT(b >= 0 && b < n_blocks_);
-  const size_t kv_dim = static_cast<size_t>(model_.cfg.n_head_kv) * model_.cfg.head_dim;
-  const size_t n = block_size_ * kv_dim;
-  float* o = reinterpret_cast<float*>(out);
-  for (int l = 0; l < model_.cfg.n_layer; ++l, o += 2 * n) {
-    const size_t base = static_cast<size_t>(l) * n_slots_ * kv_dim + static_cast<size_t>(b) * n;
-    std::memcpy(o, &k_cache_[base], n * sizeof(float));
-    std::memcpy(o + n, &v_cache_[base], n * sizeof(float));
+  const size_t nk = block_size_ * k_row_, nv = block_size_ * v_row_;
+  for (int l = 0; l < model_.cfg.n_layer; ++l, out += nk + nv) {
+    std::memcpy(out, &k_cache_[static_cast<size_t>(l) * n_slots_ * k_row_ + b * nk], nk);
+    std::memcpy(out + nk, &v_cache_[static_cast<size_t>(l) * n_slots_ * v_row_ + b * nv], nv);
   }
 }
 
 void Context::write_block(int32_t b, const uint8_t* in) {
   LARDER_ASSERT(b >= 0 && b < n_blocks_);
-  const size_t kv_dim = static_cast<size_t>(model_.cfg.n_head_kv) * model_.cfg.head_dim;
-  const size_t n = block_size_ * kv_dim;
-  const float* p = reinterpret_cast<const float*>(in);
-  for (int l = 0; l < model_.cfg.n_layer; ++l, p += 2 * n) {
-    const size_t base = static_cast<size_t>(l) * n_slots_ * kv_dim + static_cast<size_t>(b) * n;
-    std::memcpy(&k_cache_[base], p, n * sizeof(float));
-    std::memcpy(&v_cache_[base], p + n, n * sizeof(float));
+  const size_t nk = block_size_ * k_row_, nv = block_size_ * v_row_;
+  for (int l = 0; l < model_.cfg.n_layer; ++l, in += nk + nv) {
+    std::memcpy(&k_cache_[static_cast<size_t>(l) * n_slots_ * k_row_ + b * nk], in, nk);
+    std::memcpy(&v_cache_[static_cast<size_t>(l) * n_slots_ * v_row_ + b * nv], in + nk, nv);
   }
 }
 
@@ -245,14 +261,15 @@ void Context::rope_row(const float* src, float* dst, int t, int n_heads, bool lo
 // full score matrix), then the mask and softmax, then P.V over the same runs.
 void Context::attention(int layer, std::span<const SeqBatch> batch) {
   const ModelConfig& c = model_.cfg;
-  const int hd = c.head_dim, n_head = c.n_head, q_dim = n_head * hd, kv_dim = c.n_head_kv * hd;
+  const int hd = c.head_dim, n_head = c.n_head, q_dim = n_head * hd;
   const int group = c.n_head / c.n_head_kv;
   const float scale = c.attn_scale > 0 ? c.attn_scale : 1.f / std::sqrt(static_cast<float>(hd));
   // Sliding-window layers: query at logical index i sees keys [i - W + 1, i]; keys before the
   // tile's first window are neither scored nor read.
   const int W = c.is_swa(layer) ? c.sliding_window : 0;
-  const float* kc = k_cache_.data() + static_cast<size_t>(layer) * n_slots_ * kv_dim;
-  const float* vc = v_cache_.data() + static_cast<size_t>(layer) * n_slots_ * kv_dim;
+  const uint8_t* kc = k_cache_.data() + static_cast<size_t>(layer) * n_slots_ * k_row_;
+  const uint8_t* vc = v_cache_.data() + static_cast<size_t>(layer) * n_slots_ * v_row_;
+  const int64_t k_row = static_cast<int64_t>(k_row_), v_row = static_cast<int64_t>(v_row_);
   const kernels::Isa isa = kernels::active_isa();
   // Work items: (sequence, query tile, head); the tiles are the same for every layer.
   const std::vector<int>& seq_off = seq_off_;
@@ -284,7 +301,8 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
         int blk = j0 / block_size_, j1 = std::min(len, (blk + 1) * block_size_);
         while (j1 < len && s.block_table[j1 / block_size_] == s.block_table[blk] + (j1 / block_size_ - blk))
           j1 = std::min(len, j1 + block_size_);
-        kernels::gemm_f32(kc + slot(s, j0) * kv_dim + kvh * hd, kv_dim, j1 - j0, q, q_dim, nt, hd, sc + j0, ld, isa);
+        kernels::attn_scores(type_k_, kc + slot(s, j0) * k_row_ + kvh * k_head_, k_row, j1 - j0, q, q_dim, nt, hd, sc + j0,
+                             ld, isa);
         j0 = j1;
       }
       for (int i = 0; i < nt; ++i) {
@@ -322,7 +340,8 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
         int blk = j0 / block_size_, j1 = std::min(len, (blk + 1) * block_size_);
         while (j1 < len && s.block_table[j1 / block_size_] == s.block_table[blk] + (j1 / block_size_ - blk))
           j1 = std::min(len, j1 + block_size_);
-        kernels::pv_accumulate(sc + j0, ld, nt, vc + slot(s, j0) * kv_dim + kvh * hd, kv_dim, j1 - j0, hd, out, q_dim, isa);
+        kernels::attn_pv(type_v_, sc + j0, ld, nt, vc + slot(s, j0) * v_row_ + kvh * v_head_, v_row, j1 - j0, hd, out, q_dim,
+                         isa);
         j0 = j1;
       }
     }
@@ -438,10 +457,11 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
         kernels::axpy(vs + t * vld, static_cast<const float*>(L.bv.data), 1.f, kv_dim);
       }
     }
-    // Fused, per token: RoPE of q in place, RoPE of k written straight into its cache
-    // slot, v copied — one pass instead of three.
-    float* kc = k_cache_.data() + static_cast<size_t>(l) * n_slots_ * kv_dim;
-    float* vc = v_cache_.data() + static_cast<size_t>(l) * n_slots_ * kv_dim;
+    // Fused, per token: RoPE of q, RoPE of k in place then converted once into its cache slot's
+    // type, v converted — one pass instead of three.
+    uint8_t* kc = k_cache_.data() + static_cast<size_t>(l) * n_slots_ * k_row_;
+    uint8_t* vc = v_cache_.data() + static_cast<size_t>(l) * n_slots_ * v_row_;
+    const kernels::Isa isa = kernels::active_isa();
     const bool local = c.is_swa(l);
     const float* qn = static_cast<const float*>(L.attn_q_norm.data);
     const float* kn = static_cast<const float*>(L.attn_k_norm.data);
@@ -459,8 +479,13 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
               for (int h = 0; h < c.n_head_kv; ++h) kernels::rmsnorm(kr + h * hd, kr + h * hd, kn, hd, c.rms_eps);
             }
             rope_row(qs + r * qld, &q_[r * q_dim], t, c.n_head, local);
-            rope_row(ks + r * kld, kc + sl * kv_dim, t, c.n_head_kv, local);
-            std::memcpy(vc + sl * kv_dim, vs + r * vld, kv_dim * sizeof(float));
+            if (type_k_ == DType::F32) {
+              rope_row(ks + r * kld, reinterpret_cast<float*>(kc + sl * k_row_), t, c.n_head_kv, local);
+            } else {
+              rope_row(ks + r * kld, ks + r * kld, t, c.n_head_kv, local);
+              kernels::kv_from_float(type_k_, ks + r * kld, kc + sl * k_row_, kv_dim, isa);
+            }
+            kernels::kv_from_float(type_v_, vs + r * vld, vc + sl * v_row_, kv_dim, isa);
           }
         },
         32);

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -27,7 +28,18 @@ struct ContextParams {
   int block_size = 16;    // tokens per KV block
   int max_seq_len = 0;    // longest sequence attention must handle (0 = n_ctx)
   bool w8a8 = false;      // int8 prefill with shadow outliers (weights repacked to int8 at create)
+  // KV cache element types (llama.cpp's --cache-type-k/-v): F32, F16, BF16 or Q8_0 (blocks of 32
+  // along each head's row: head_dim must be a multiple of 32). f16 halves the cache and the bytes
+  // attention streams per token at no measurable accuracy cost (see docs/ARCHITECTURE.md).
+  DType type_k = DType::F16;
+  DType type_v = DType::F16;
 };
+
+// Parses a KV cache type name (f32, f16, bf16, q8_0); the error lists the valid ones.
+Result<DType> parse_kv_type(const std::string& s);
+// "f16" when K and V share a type, else "q8_0/f16" (K/V): names cache layouts in block
+// identities and the tiers' layout fingerprints.
+std::string kv_types_name(DType k, DType v);
 
 // Which logical KV entries each new token may attend to. Empty = causal (token i of a
 // sequence sees entries [0, n_kv + i]). Otherwise one list of [begin, end) ranges per
@@ -66,8 +78,9 @@ class Context {
 
   // Copies one pool block's K/V (all layers) to another (copy-on-write).
   void copy_block(int32_t src, int32_t dst);
-  // A block's K/V as one payload for lower tiers: per layer, K [block_size][kv_dim]
-  // then V [block_size][kv_dim], f32. block_bytes() long.
+  // A block's K/V as one payload for lower tiers: per layer, K [block_size] rows then V
+  // [block_size] rows, each row in the cache's type (k_row_bytes() / v_row_bytes() long).
+  // block_bytes() long.
   size_t block_bytes() const;
   void read_block(int32_t b, uint8_t* out) const;
   void write_block(int32_t b, const uint8_t* in);
@@ -79,7 +92,11 @@ class Context {
   int block_size() const { return block_size_; }
   int n_threads() const { return pool_.size(); }
   const Model& model() const { return model_; }
-  size_t kv_bytes() const { return (k_cache_.size() + v_cache_.size()) * sizeof(float); }
+  size_t kv_bytes() const { return k_cache_.size() + v_cache_.size(); }
+  DType type_k() const { return type_k_; }
+  DType type_v() const { return type_v_; }
+  size_t k_row_bytes() const { return k_row_; }  // one slot of one layer, all KV heads
+  size_t v_row_bytes() const { return v_row_; }
   const kernels::W8A8Stats& w8a8_stats() const { return w8a8_stats_; }
 
  private:
@@ -104,8 +121,11 @@ class Context {
   kernels::MatmulScratch scratch_;
   std::vector<float> inv_freq_;   // [head_dim/2] RoPE inverse frequencies (scaling applied)
   std::vector<float> inv_freq_swa_;  // [head_dim/2] the same for local layers (empty: none)
-  std::vector<float> k_cache_;    // [n_layer][n_slots = n_blocks*block_size][n_kv*hd] f32
-  std::vector<float> v_cache_;    // same
+  DType type_k_, type_v_;
+  size_t k_row_ = 0, v_row_ = 0;    // bytes of one slot's row (all KV heads) per layer
+  size_t k_head_ = 0, v_head_ = 0;  // bytes of one head's part of that row
+  std::vector<uint8_t> k_cache_;  // [n_layer][n_slots = n_blocks*block_size][k_row_ bytes]
+  std::vector<uint8_t> v_cache_;  // [n_layer][n_slots][v_row_ bytes]
   std::vector<int32_t> identity_table_;  // blocks 0..n_blocks-1, for decode()
   // Activations, [n_batch][...] f32.
   std::vector<float> x_, xb_, q_, att_, hb_;

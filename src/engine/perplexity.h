@@ -16,6 +16,9 @@
 //   KL(P_base || P_model) = sum_v p_base(v) (log p_base(v) - log p_model(v)),
 //   perplexity = exp(mean NLL).
 //
+// The base may be the same model with another KV cache type (base_type_k/v): KL then measures
+// what the cache type changes, like llama.cpp's --kl-divergence against an f32-cache run.
+//
 // Header-only so the CLI and tests can use it without another library source.
 #pragma once
 #include <algorithm>
@@ -78,6 +81,8 @@ struct PerplexityParams {
   int n_threads = 0;  // 0 = all cores
   int n_batch = 512;  // max tokens per forward pass
   bool w8a8 = false;  // int8 prefill for the model under test (never for the base model)
+  DType type_k = DType::F16, type_v = DType::F16;            // KV cache types of the model under test
+  DType base_type_k = DType::F16, base_type_v = DType::F16;  // ... and of the base run
 };
 
 struct PerplexityResult {
@@ -170,10 +175,15 @@ inline Result<PerplexityResult> compute_perplexity(const Model& model, const Mod
   cp.n_batch = p.n_batch;
   ContextParams mcp = cp;
   mcp.w8a8 = p.w8a8;
+  mcp.type_k = p.type_k;
+  mcp.type_v = p.type_v;
   LARDER_TRY(ctx, Context::create(model, mcp));
   std::unique_ptr<Context> bctx;
   if (base) {
-    LARDER_TRY(bc, Context::create(*base, cp));
+    ContextParams bcp = cp;
+    bcp.type_k = p.base_type_k;
+    bcp.type_v = p.base_type_v;
+    LARDER_TRY(bc, Context::create(*base, bcp));
     bctx = std::move(bc);
   }
 

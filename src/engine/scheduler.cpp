@@ -54,6 +54,8 @@ Result<std::unique_ptr<Scheduler>> Scheduler::create(const Model& model, const S
   cp.n_batch = std::max(p.step_tokens, p.parallel);
   cp.n_threads = p.n_threads;
   cp.w8a8 = p.w8a8;
+  cp.type_k = p.type_k;
+  cp.type_v = p.type_v;
   LARDER_TRY(ctx, Context::create(model, cp));
   auto s = std::unique_ptr<Scheduler>(new Scheduler(model, p, std::move(ctx), max_seq, kv_blocks));
   if (p.store.dram_bytes > 0 || !p.store.disk_dir.empty()) {
@@ -63,6 +65,9 @@ Result<std::unique_ptr<Scheduler>> Scheduler::create(const Model& model, const S
     layout.kv_dim = model.cfg.n_head_kv * model.cfg.head_dim;
     layout.block_size = p.block_size;
     layout.group = model.cfg.head_dim;
+    layout.k_type = p.type_k;
+    layout.v_type = p.type_v;
+    LARDER_ASSERT(layout.block_bytes() == s->ctx_->block_bytes());
     LARDER_TRY(store, kvcache::KvStore::open(layout, p.store));
     s->store_ = std::move(store);
     Scheduler* raw = s.get();
@@ -85,7 +90,7 @@ Scheduler::Scheduler(const Model& m, const SchedulerParams& p, std::unique_ptr<C
       params_(p),
       ctx_(std::move(ctx)),
       blocks_identity_(m.cfg.name + "#" + m.fingerprint() + "#" + std::to_string(m.weight_bytes())),
-      blocks_(kv_blocks, kvcache::CacheIdentity{blocks_identity_, "f32", p.block_size}),
+      blocks_(kv_blocks, kvcache::CacheIdentity{blocks_identity_, kv_types_name(p.type_k, p.type_v), p.block_size}),
       max_seq_len_(max_seq_len) {
   params_.step_tokens = std::max(p.step_tokens, p.parallel);
   refresh_stats_locked();  // so /metrics is right before the first request (no other thread yet)

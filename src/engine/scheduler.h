@@ -37,6 +37,8 @@ struct SchedulerParams {
   int max_queue = 64;         // waiting requests beyond this are refused (server: 429/503)
   int step_tokens = 256;      // per-step token budget (decode tokens + prompt chunks)
   bool w8a8 = false;
+  DType type_k = DType::F16;  // KV cache types of the pool (and of the tiers' payloads)
+  DType type_v = DType::F16;
   // Tiers below the pool (L2 DRAM, L3 SSD); none when both are off.
   kvcache::KvStoreParams store;
   bool always_load = false;   // load every tier hit (skip the load-vs-recompute decision)

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/attention_kv.h"
+
 namespace larder::kvcache {
 
 namespace {
@@ -51,9 +53,66 @@ void q8_decode(std::span<const uint8_t> enc, std::span<float> x, int group) {
   }
 }
 
-DramTier::DramTier(uint64_t capacity_bytes, EvictPolicy policy, bool q8, int group)
-    : capacity_(capacity_bytes), policy_(policy), q8_(q8), group_(std::max(1, group)), order_(rank_less) {
+DramTier::DramTier(uint64_t capacity_bytes, EvictPolicy policy, bool q8, int group, PayloadFormat fmt)
+    : capacity_(capacity_bytes), policy_(policy), q8_(q8), group_(std::max(1, group)), fmt_(fmt), order_(rank_less) {
   st_.capacity = static_cast<int64_t>(capacity_bytes);
+}
+
+// 8-bit encoding of a payload: the f32/f16/bf16 parts as one float sequence through q8_encode,
+// then the q8_0 parts' bytes as they are.
+std::vector<uint8_t> DramTier::encode(std::span<const uint8_t> payload) const {
+  if (fmt_.n_layer == 0) {
+    LARDER_ASSERT(payload.size() % sizeof(float) == 0);
+    return q8_encode(std::span<const float>(reinterpret_cast<const float*>(payload.data()), payload.size() / sizeof(float)),
+                     group_);
+  }
+  std::vector<float> vals;
+  std::vector<uint8_t> raw;
+  const uint8_t* p = payload.data();
+  for (int l = 0; l < fmt_.n_layer; ++l)
+    for (auto [t, n] : {std::pair{fmt_.k_type, fmt_.k_values}, std::pair{fmt_.v_type, fmt_.v_values}}) {
+      const size_t nb = kernels::kv_row_bytes(t, static_cast<int64_t>(n));
+      LARDER_ASSERT(p + nb <= payload.data() + payload.size());
+      if (t == DType::Q8_0) {
+        raw.insert(raw.end(), p, p + nb);
+      } else {
+        const size_t off = vals.size();
+        vals.resize(off + n);
+        kernels::kv_to_float(t, p, vals.data() + off, static_cast<int64_t>(n));
+      }
+      p += nb;
+    }
+  std::vector<uint8_t> out = q8_encode(vals, group_);
+  out.insert(out.end(), raw.begin(), raw.end());
+  return out;
+}
+
+void DramTier::decode(const std::vector<uint8_t>& enc, std::vector<uint8_t>& out) const {
+  if (fmt_.n_layer == 0) {
+    q8_decode(enc, std::span<float>(reinterpret_cast<float*>(out.data()), out.size() / sizeof(float)), group_);
+    return;
+  }
+  size_t n_vals = 0;
+  for (auto [t, n] : {std::pair{fmt_.k_type, fmt_.k_values}, std::pair{fmt_.v_type, fmt_.v_values}})
+    if (t != DType::Q8_0) n_vals += n * fmt_.n_layer;
+  const size_t ng = (n_vals + group_ - 1) / group_, qbytes = ng * sizeof(float) + n_vals;
+  std::vector<float> vals(n_vals);
+  q8_decode(std::span<const uint8_t>(enc.data(), qbytes), vals, group_);
+  const uint8_t* raw = enc.data() + qbytes;
+  const float* v = vals.data();
+  uint8_t* p = out.data();
+  for (int l = 0; l < fmt_.n_layer; ++l)
+    for (auto [t, n] : {std::pair{fmt_.k_type, fmt_.k_values}, std::pair{fmt_.v_type, fmt_.v_values}}) {
+      const size_t nb = kernels::kv_row_bytes(t, static_cast<int64_t>(n));
+      if (t == DType::Q8_0) {
+        std::memcpy(p, raw, nb);
+        raw += nb;
+      } else {
+        kernels::kv_from_float(t, v, p, static_cast<int64_t>(n), kernels::active_isa());
+        v += n;
+      }
+      p += nb;
+    }
 }
 
 void DramTier::touch(const BlockHash& key, Entry& e, bool hit) {
@@ -76,9 +135,7 @@ void DramTier::erase(std::unordered_map<BlockHash, Entry, BlockHashHasher>::iter
 void DramTier::put(const BlockHash& key, std::span<const uint8_t> payload) {
   std::vector<uint8_t> data;
   if (q8_) {
-    LARDER_ASSERT(payload.size() % sizeof(float) == 0);
-    data = q8_encode(std::span<const float>(reinterpret_cast<const float*>(payload.data()), payload.size() / sizeof(float)),
-                     group_);
+    data = encode(payload);
   } else {
     data.assign(payload.begin(), payload.end());
   }
@@ -120,7 +177,7 @@ bool DramTier::get(const BlockHash& key, std::vector<uint8_t>& out, bool take) {
   st_.hits++;
   Entry& e = it->second;
   out.resize(e.raw_bytes);
-  if (q8_) q8_decode(e.data, std::span<float>(reinterpret_cast<float*>(out.data()), e.raw_bytes / sizeof(float)), group_);
+  if (q8_) decode(e.data, out);
   else std::memcpy(out.data(), e.data.data(), e.raw_bytes);
   if (take) {
     if (policy_ == EvictPolicy::LFU) freq_[key]++;

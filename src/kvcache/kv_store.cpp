@@ -13,8 +13,12 @@ using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 }  // namespace
 
+std::string KvLayout::dtype() const {
+  return k_type == v_type ? std::string(dtype_name(k_type)) : std::string(dtype_name(k_type)) + "/" + dtype_name(v_type);
+}
+
 uint64_t KvLayout::fingerprint() const {
-  std::string s = model_id + "|" + dtype + "|" + std::to_string(n_layer) + "|" + std::to_string(kv_dim) + "|" +
+  std::string s = model_id + "|" + dtype() + "|" + std::to_string(n_layer) + "|" + std::to_string(kv_dim) + "|" +
                   std::to_string(block_size);
   return XXH3_64bits(s.data(), s.size());
 }
@@ -26,7 +30,7 @@ Result<std::unique_ptr<KvStore>> KvStore::open(const KvLayout& layout, const KvS
     if (p.dram_bytes < layout.block_bytes() / (p.dram_q8 ? 3 : 1))
       return make_error("--kv-dram of %llu bytes is less than one KV block (%zu bytes)",
                         static_cast<unsigned long long>(p.dram_bytes), layout.block_bytes());
-    s->dram_ = std::make_unique<DramTier>(p.dram_bytes, p.policy, p.dram_q8, layout.group);
+    s->dram_ = std::make_unique<DramTier>(p.dram_bytes, p.policy, p.dram_q8, layout.group, layout.payload_format());
   }
   if (!p.disk_dir.empty()) {
     if (p.disk_bytes < 2 * (layout.block_bytes() + 64))

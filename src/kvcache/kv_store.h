@@ -28,15 +28,25 @@
 #include "kvcache/block_manager.h"
 #include "kvcache/disk_tier.h"
 #include "kvcache/dram_tier.h"
+#include "kernels/attention_kv.h"
 
 namespace larder::kvcache {
 
 struct KvLayout {
   std::string model_id;  // content fingerprint of the model
-  std::string dtype = "f32";
+  DType k_type = DType::F32, v_type = DType::F32;  // the engine pool's K/V cache types
   int n_layer = 0, kv_dim = 0, block_size = 16, group = 64;  // group: head_dim (8-bit L2 scales)
-  size_t block_bytes() const { return static_cast<size_t>(n_layer) * 2 * block_size * kv_dim * sizeof(float); }
+  // A payload: per layer, block_size K rows then block_size V rows in their types.
+  size_t k_bytes() const { return block_size * kernels::kv_row_bytes(k_type, kv_dim); }
+  size_t v_bytes() const { return block_size * kernels::kv_row_bytes(v_type, kv_dim); }
+  size_t block_bytes() const { return static_cast<size_t>(n_layer) * (k_bytes() + v_bytes()); }
+  std::string dtype() const;  // "f16", or "q8_0/f16" (K/V) when they differ
+  // Hash of model identity, K/V types, layers, KV width and block size: SSD records of
+  // another layout (another model, or a pool of other cache types) are never served.
   uint64_t fingerprint() const;
+  PayloadFormat payload_format() const {
+    return {n_layer, k_type, v_type, static_cast<size_t>(block_size) * kv_dim, static_cast<size_t>(block_size) * kv_dim};
+  }
 };
 
 struct KvStoreParams {
@@ -66,8 +76,8 @@ struct KvStoreStats {
   int64_t decide_load = 0, decide_recompute = 0;  // per block, by the engine
 };
 
-// A batch of blocks being read. state[i]: 0 pending, 1 ready (data[i] holds the f32
-// payload), 2 failed (recompute it and everything after it).
+// A batch of blocks being read. state[i]: 0 pending, 1 ready (data[i] holds the
+// payload, in the pool's types), 2 failed (recompute it and everything after it).
 struct LoadJob {
   std::vector<BlockHash> keys;
   std::vector<std::vector<uint8_t>> data;
@@ -87,7 +97,7 @@ class KvStore {
   // Which tier would serve this block (DRAM first), without reading it.
   Tier where(const BlockHash& key) const;
   bool exists(const BlockHash& key) const { return where(key) != Tier::None; }
-  // L1 evicted a block: keep it in DRAM (synchronous copy; the payload is f32 bytes).
+  // L1 evicted a block: keep it in DRAM (synchronous copy; the payload is in the pool's types).
   void put_evicted(const BlockHash& key, std::span<const uint8_t> payload);
   // A block is complete: write it to SSD in the background (if not there already).
   void put_async(const BlockHash& key, std::vector<uint8_t> payload);
