@@ -9,6 +9,7 @@
 #include "engine/context.h"
 #include "engine/sampler.h"
 #include "model/synth.h"
+#include "test_util.h"
 
 using namespace larder;
 
@@ -310,4 +311,82 @@ TEST(Engine, ExplicitMaskAndPositions) {
   sb.n_kv = 4;
   EXPECT_FALSE((*c)->decode_batch(std::span<const SeqBatch>(&sb, 1)).ok());
   std::filesystem::remove(path);
+}
+
+// KV cache types: each type's logits stay within its stated bound of the f32 cache's (relative to
+// max|logit|), on every kernel path; batched prefill equals token by token for each type (both
+// write the same rounded rows); a q8_0 cache with a head size that is not a multiple of 32 is a
+// clear error from Context::create.
+TEST(Engine, KvCacheTypesAgainstTheF32Cache) {
+  SynthShape s = small("llama", 2);
+  s.n_embd = 128;  // head_dim 32: q8_0 works
+  const std::string path = tmp_model("kvtypes", s);
+  auto m = load_model(path);
+  ASSERT_TRUE(m.ok()) << m.error();
+  const int n = 60, V = (*m)->cfg.n_vocab;
+  ASSERT_EQ((*m)->cfg.head_dim, 32);
+  std::vector<int32_t> ids(n);
+  for (int i = 0; i < n; ++i) ids[i] = (i * 53 + 7) % V;
+  struct Case { DType k, v; float tol; };
+  // Bounds: f16 rounds K/V to 2^-11 relative, bf16 to 2^-8, q8_0 to half a step of the block's
+  // absmax/127 (~2^-8 of the block's largest value). Measured: f16 2.6e-5, bf16 2.4e-4, q8_0 7.9e-4.
+  const Case cases[] = {{DType::F16, DType::F16, 5e-4f}, {DType::BF16, DType::BF16, 4e-3f},
+                        {DType::Q8_0, DType::Q8_0, 8e-3f}, {DType::Q8_0, DType::F16, 8e-3f},
+                        {DType::F32, DType::BF16, 4e-3f}};
+  larder::testing::IsaGuard guard;
+  for (kernels::Isa isa : larder::testing::paths()) {
+    kernels::set_isa(isa);
+    ContextParams p;
+    p.n_ctx = 64;
+    p.n_threads = 2;
+    p.type_k = p.type_v = DType::F32;
+    auto base = Context::create(**m, p);
+    ASSERT_TRUE(base.ok());
+    std::vector<float> ref(static_cast<size_t>(n) * V);
+    ASSERT_TRUE((*base)->decode(ids, ref.data()).ok());
+    float mx = 0;
+    for (float x : ref) mx = std::max(mx, std::fabs(x));
+    for (const Case& c : cases) {
+      SCOPED_TRACE(std::string(kernels::isa_name(isa)) + " " + kv_types_name(c.k, c.v));
+      p.type_k = c.k;
+      p.type_v = c.v;
+      auto a = Context::create(**m, p);
+      auto b = Context::create(**m, p);
+      ASSERT_TRUE(a.ok() && b.ok()) << (a.ok() ? b.error() : a.error());
+      EXPECT_EQ((*a)->type_k(), c.k);
+      EXPECT_LT((*a)->kv_bytes(), (*base)->kv_bytes());
+      std::vector<float> all(ref.size()), one(ref.size());
+      ASSERT_TRUE((*a)->decode(ids, all.data()).ok());
+      for (int i = 0; i < n; ++i)
+        ASSERT_TRUE((*b)->decode(std::span<const int32_t>(&ids[i], 1), &one[static_cast<size_t>(i) * V]).ok());
+      float diff = 0, diff_tok = 0;
+      for (size_t i = 0; i < ref.size(); ++i) {
+        diff = std::max(diff, std::fabs(all[i] - ref[i]));
+        diff_tok = std::max(diff_tok, std::fabs(all[i] - one[i]));
+      }
+      EXPECT_LE(diff, c.tol * mx);
+      EXPECT_GT(diff, 0.f) << "the cache type made no difference: is it used?";
+      EXPECT_LE(diff_tok, c.tol * mx) << "batched vs token by token";
+      std::printf("%s %s: max|logit - f32 cache| / max|logit| = %.2e (bound %.0e)\n", kernels::isa_name(isa),
+                  kv_types_name(c.k, c.v).c_str(), diff / mx, c.tol);
+    }
+  }
+  std::filesystem::remove(path);
+  // head_dim 16: q8_0 is refused with a message naming the reason; f16/bf16 work.
+  const std::string p16 = tmp_model("kvtypes16", small("llama", 2));
+  auto m16 = load_model(p16);
+  ASSERT_TRUE(m16.ok());
+  ContextParams p;
+  p.n_ctx = 32;
+  p.type_v = DType::Q8_0;
+  auto bad = Context::create(**m16, p);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.error().find("multiple of 32"), std::string::npos) << bad.error();
+  p.type_k = p.type_v = DType::BF16;
+  EXPECT_TRUE(Context::create(**m16, p).ok());
+  p.type_k = DType::Q4_0;
+  EXPECT_FALSE(Context::create(**m16, p).ok());
+  EXPECT_FALSE(parse_kv_type("q4_0").ok());
+  EXPECT_EQ(*parse_kv_type("Q8_0"), DType::Q8_0);
+  std::filesystem::remove(p16);
 }

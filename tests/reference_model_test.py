@@ -72,6 +72,11 @@ RANDOM_SHAPES = [
                        n_vocab=512, n_ctx=256, tied=0, llama3_rope=False), 13),
 ]
 DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+# KV cache types (-ctk/-ctv): every case above runs with the f32 cache (TOL is the engine's f32
+# accuracy); these run f32-weight models with the other cache types against the same reference,
+# with their own stated bounds (relative to max|logit|, as TOL): f16 rounds K/V to 11 significant
+# bits, bf16 to 8, q8_0 to 8 bits per 32-value block.
+KV_TOL = {"f16": 2e-3, "bf16": 1e-2, "q8_0": 2e-2}
 # Real shapes (`synth --shape NAME`) small enough for a float64 reference: big vocabulary (32000),
 # head_dim 48. Fewer positions to stay fast.
 REAL_SHAPES = [("stories15M", ["f32", "q8_0"], 21)]
@@ -97,9 +102,13 @@ def log(msg=""):
 # ----------------------------------------------------------------------------- engine driver
 
 class Engine:
-    def __init__(self, binary, threads):
+    def __init__(self, binary, threads, cache="f32"):
         self.bin = binary
         self.threads = str(threads)
+        self.cache = cache  # KV cache type (K and V): the reference comparisons run with f32
+
+    def with_cache(self, cache):
+        return Engine(self.bin, self.threads, cache)
 
     def _run(self, args, timeout=300):
         cmd = [self.bin] + [str(a) for a in args]
@@ -125,7 +134,8 @@ class Engine:
         self._run(args)
 
     def logits(self, model, ids, n_vocab, out_path, chunk=None):
-        args = ["logits", "-m", model, "--ids", ",".join(map(str, ids)), "-o", out_path, "-t", self.threads]
+        args = ["logits", "-m", model, "--ids", ",".join(map(str, ids)), "-o", out_path, "-t", self.threads,
+                "-ctk", self.cache, "-ctv", self.cache]
         if chunk:
             args += ["--chunk", chunk]
         self._run(args)
@@ -136,7 +146,7 @@ class Engine:
 
     def greedy(self, model, ids, n):
         out = self._run(["logits", "-m", model, "--ids", ",".join(map(str, ids)), "--greedy", n,
-                         "-t", self.threads])
+                         "-t", self.threads, "-ctk", self.cache, "-ctv", self.cache])
         cands = [out.strip()] + [l.strip() for l in reversed(out.strip().splitlines())]
         for text in cands:
             if not text.startswith("["):
@@ -458,6 +468,41 @@ def main():
             ids = [1] + [int(x) for x in torch.randint(0, cfg["n_vocab"], (n_pos - 1,), generator=g)]
             run_engine_case(name, engine, path, model, ids, TOL[dtype], tmp,
                             chunks=(None, 7, 1) if dtype == "f32" else (None, 7))
+        log("== KV cache types (-ctk/-ctv) against the same reference (f32 weights)")
+        kv_cases = [("llama-tied-rope3", 32), ("llama-gqa", 16)]  # (shape, head_dim)
+        if stories is not None:
+            kv_cases.insert(0, ("stories260K", 8))
+        for shape_name, hd in kv_cases:
+            if shape_name == "stories260K":
+                model, path = stories[0], stories[3]
+                ids = (PROMPT + stories[2])[:128]
+            else:
+                shape, seed = [(s, sd) for n, s, sd in RANDOM_SHAPES if n == shape_name][0]
+                path = os.path.join(tmp, "kv-%s-f32.gguf" % shape_name)
+                try:
+                    engine.synth(path, "f32", seed, shape)
+                    cfg, w = load_gguf_model(path)
+                except (RuntimeError, Exception) as e:  # noqa: BLE001
+                    FAIL.add("kv %s synth" % shape_name, repr(e))
+                    continue
+                model = LlamaRef(cfg, w)
+                g = torch.Generator().manual_seed(seed)
+                ids = [1] + [int(x) for x in torch.randint(0, cfg["n_vocab"], (N_LOGIT_POS - 1,), generator=g)]
+            for kv in ("f16", "bf16", "q8_0"):
+                name = "%s cache %s (head_dim %d)" % (shape_name, kv, hd)
+                if kv == "q8_0" and hd % 32:
+                    # llama.cpp refuses this too: one clear error, not a crash or a silent fallback.
+                    try:
+                        engine.with_cache(kv).logits(path, ids[:8], model.cfg["n_vocab"], os.path.join(tmp, "l.bin"))
+                        FAIL.add(name, "a q8_0 cache with head_dim %d was accepted" % hd)
+                    except RuntimeError as e:
+                        ok = "multiple of 32" in str(e)
+                        log("  %-44s refused: %s" % (name, "PASS" if ok else "FAIL (%s)" % str(e)[-200:]))
+                        if not ok:
+                            FAIL.add(name, "unexpected error: %s" % str(e)[-300:])
+                    continue
+                run_engine_case(name, engine.with_cache(kv), path, model, ids, KV_TOL[kv], tmp,
+                                ref_greedy=stories[2] if shape_name == "stories260K" else None)
     finally:
         if args.keep:
             log("kept %s" % tmp)
