@@ -1,5 +1,6 @@
 // Panel-packed q4_K / q6_K weights (src/kernels/packed_k.cpp): matmul on the packed bytes, on
-// every ISA path (AVX-512 kernels; the layout's scalar reference elsewhere), against a
+// every ISA path (AVX-512 and AVX2 kernels, the latter with vpmaddubsw and with 256-bit VNNI where
+// the CPU has it; the layout's scalar reference on the scalar path), against a
 // double-precision reference from the dequantized GGUF rows and the activations rounded through
 // q8_K (the packed layout's activations are the q8_K quantizer's bytes) -- never against the
 // kernels themselves.
@@ -142,17 +143,44 @@ struct GfniGuard {
   ~GfniGuard() { set_packed_k_gfni(saved); }
 };
 
-// The AVX-512 q6_K kernels with and without GFNI, or the one path elsewhere.
-std::vector<std::pair<Isa, bool>> variants() {
-  std::vector<std::pair<Isa, bool>> v;
+// Restores the active path and its 256-bit VNNI choice (set_isa alone keeps a stale choice).
+struct PathGuard {
+  Isa isa = active_isa();
+  bool vnni = active_vnni256() != Vnni256::None;
+  ~PathGuard() {
+    set_isa(isa);
+    set_vnni256(vnni);
+  }
+};
+
+// One kernel variant: the path, q6_K's GFNI (AVX-512) and the AVX2 path's int8 dot product
+// (vpmaddubsw, or vpdpbusd where the CPU has a 256-bit form).
+struct Variant {
+  Isa isa;
+  bool gfni = true;
+  bool vnni = false;
+  void apply() const {
+    set_isa(isa);
+    set_vnni256(vnni);
+    set_packed_k_gfni(gfni);
+  }
+  std::string name() const {
+    std::string n = isa_name(isa);
+    if (isa == Isa::AVX512 && !gfni) n += " (no gfni)";
+    if (isa == Isa::AVX2) n += vnni ? (detected_vnni256() == Vnni256::Vex ? "+avxvnni" : "+vnni(evex)") : " (maddubs)";
+    return n;
+  }
+};
+
+// Every variant this CPU runs: scalar, AVX2 with and without VNNI, AVX-512 with and without GFNI.
+std::vector<Variant> variants() {
+  std::vector<Variant> v;
   for (Isa isa : paths()) {
-    v.emplace_back(isa, true);
-    if (isa == Isa::AVX512) v.emplace_back(isa, false);
+    v.push_back({isa});
+    if (isa == Isa::AVX512) v.push_back({isa, false});
+    if (isa == Isa::AVX2 && detected_vnni256() != Vnni256::None) v.push_back({isa, true, true});
   }
   return v;
-}
-std::string variant_name(const std::pair<Isa, bool>& v) {
-  return std::string(isa_name(v.first)) + (v.first == Isa::AVX512 && !v.second ? " (no gfni)" : "");
 }
 
 }  // namespace
@@ -163,6 +191,11 @@ TEST(PackedK, SizesAndTypes) {
   EXPECT_EQ(packed_bytes(DType::Q4_K, 64, 128), 0u);
   EXPECT_EQ(packed_bytes(DType::Q6_K, 64, 300), 0u);
   EXPECT_EQ(packed_bytes(DType::Q5_K, 64, 2048), 0u);
+  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+    EXPECT_TRUE(packed_kernels(t, Isa::AVX512));
+    EXPECT_TRUE(packed_kernels(t, Isa::AVX2));
+    EXPECT_FALSE(packed_kernels(t, Isa::Scalar));
+  }
   // Whole 64-row groups: q6_K exactly the GGUF bytes (even super-block counts), q4_K +64 bytes
   // per 16 rows x 256 columns (the scales and minimums as bytes): 2368 / 2304.
   EXPECT_EQ(packed_bytes(DType::Q6_K, 128, 2048), row_bytes(DType::Q6_K, 2048) * 128);
@@ -176,7 +209,7 @@ TEST(PackedK, SizesAndTypes) {
 // odd super-block counts), one token (decode tiles) and counts
 // around the 3-token prefill tile.
 TEST(PackedK, GridAllPathsAgainstReference) {
-  IsaGuard guard;
+  PathGuard guard;
   GfniGuard gguard;
   ThreadPool pool(2);
   std::mt19937 rng(31);
@@ -194,62 +227,65 @@ TEST(PackedK, GridAllPathsAgainstReference) {
           for (auto& v : x) v = nd(rng);
           const std::vector<float> xq = q8k_roundtrip(x, nt, cols);
           const int ldy = rows + 3;
-          for (const auto& var : variants()) {
-            set_isa(var.first);
-            set_packed_k_gfni(var.second);
+          for (const Variant& var : variants()) {
+            var.apply();
             std::vector<float> y(static_cast<size_t>(nt) * ldy, -7.f);
             MatmulScratch sc;
             matmul(T, x.data(), nt, y.data(), ldy, pool, sc);
-            check(W, xq, nt, y, ldy, variant_name(var));
+            check(W, xq, nt, y, ldy, var.name());
             if (HasFatalFailure()) return;
           }
         }
       }
 }
 
-// The AVX-512 tiles do the scalar reference's arithmetic in the same order (exact integer
-// super-block sums, the same fmas): identical floats, decode and prefill, with and without GFNI;
-// and the packed product agrees with the GGUF-layout q8_K dot products (decode).
-TEST(PackedK, Avx512EqualsScalarLayoutReference) {
-  if (detected_isa() < Isa::AVX512) GTEST_SKIP() << "no AVX-512 on this CPU";
-  IsaGuard guard;
+// The AVX-512 and AVX2 tiles do the scalar reference's arithmetic in the same order (exact
+// integer super-block sums, the same fmas): identical floats, decode and prefill (token counts
+// around both prefill tiles), every variant; and the packed product agrees with the GGUF-layout
+// q8_K dot products (decode).
+TEST(PackedK, KernelsEqualScalarLayoutReference) {
+  if (detected_isa() < Isa::AVX2) GTEST_SKIP() << "no SIMD path on this CPU";
+  PathGuard guard;
   GfniGuard gguard;
   ThreadPool pool(2);
   std::mt19937 rng(32);
   std::normal_distribution<float> nd(0, 1);
+  int compared = 0;
   for (DType t : {DType::Q4_K, DType::Q6_K}) {
     const int rows = 141, cols = 256 * 7, nt = 23;
     const KMatrix W = make(t, rows, cols, rng, pool);
     std::vector<float> x(static_cast<size_t>(nt) * cols);
     for (auto& v : x) v = nd(rng);
-    for (int n : {1, nt}) {
-      std::vector<float> ys(static_cast<size_t>(n) * rows), ya(ys.size()), yn(ys.size()), yu(ys.size());
+    for (int n : {1, 2, 3, 4, 5, 9, nt}) {
+      std::vector<float> ys(static_cast<size_t>(n) * rows), ya(ys.size()), yu(ys.size());
       MatmulScratch sc;
       set_isa(Isa::Scalar);
       matmul(W.tensor(true), x.data(), n, ys.data(), rows, pool, sc);
-      set_isa(Isa::AVX512);
-      set_packed_k_gfni(true);
-      matmul(W.tensor(true), x.data(), n, ya.data(), rows, pool, sc);
-      set_packed_k_gfni(false);
-      matmul(W.tensor(true), x.data(), n, yn.data(), rows, pool, sc);
-      matmul(W.tensor(false), x.data(), n, yu.data(), rows, pool, sc);
-      for (size_t i = 0; i < ys.size(); ++i) {
-        ASSERT_EQ(ya[i], ys[i]) << dtype_name(t) << " tokens " << n << " i " << i;
-        ASSERT_EQ(yn[i], ys[i]) << dtype_name(t) << " no gfni, tokens " << n << " i " << i;
-        // The GGUF-layout prefill multiplies f32 activations: compared in the grid test.
-        if (n == 1) {
-          ASSERT_NEAR(ya[i], yu[i], 1e-4 * (1 + std::fabs(yu[i]))) << dtype_name(t) << " i " << i;
+      for (const Variant& var : variants()) {
+        if (var.isa == Isa::Scalar) continue;
+        var.apply();
+        std::fill(ya.begin(), ya.end(), -7.f);
+        matmul(W.tensor(true), x.data(), n, ya.data(), rows, pool, sc);
+        if (n == 1) matmul(W.tensor(false), x.data(), n, yu.data(), rows, pool, sc);
+        for (size_t i = 0; i < ys.size(); ++i) {
+          ASSERT_EQ(ya[i], ys[i]) << dtype_name(t) << " " << var.name() << " tokens " << n << " i " << i;
+          // The GGUF-layout prefill multiplies f32 activations: compared in the grid test.
+          if (n == 1) {
+            ASSERT_NEAR(ya[i], yu[i], 1e-4 * (1 + std::fabs(yu[i]))) << dtype_name(t) << " " << var.name() << " i " << i;
+          }
         }
+        ++compared;
       }
     }
   }
+  EXPECT_GE(compared, 2 * 7 * 2);  // at least AVX2 with and without VNNI, or AVX2 and AVX-512
 }
 
 // Quants at the ends of their ranges with activations at +-127 (and all one sign) over long
 // rows: int32 headroom of the sub-block sums (q4_K: 16 x high nibble, up to 240 per byte; q6_K:
 // 4q up to 252 plus the -128 * sum correction) and of the scaled super-block sums.
 TEST(PackedK, ExtremeValuesLongRows) {
-  IsaGuard guard;
+  PathGuard guard;
   GfniGuard gguard;
   ThreadPool pool(2);
   std::mt19937 rng(33);
@@ -263,14 +299,13 @@ TEST(PackedK, ExtremeValuesLongRows) {
         x[i] = tok % 2 ? ((i / 3) % 2 ? 4.f : -4.f) : (tok % 4 == 0 ? 4.f : -4.f);
       }
       const std::vector<float> xq = q8k_roundtrip(x, nt, cols);
-      for (const auto& var : variants()) {
-        set_isa(var.first);
-        set_packed_k_gfni(var.second);
+      for (const Variant& var : variants()) {
+        var.apply();
         for (int n : {1, nt}) {
           std::vector<float> y(static_cast<size_t>(n) * rows, -7.f);
           MatmulScratch sc;
           matmul(W.tensor(true), x.data(), n, y.data(), rows, pool, sc);
-          check(W, xq, n, y, rows, variant_name(var) + " pattern " + std::to_string(pattern));
+          check(W, xq, n, y, rows, var.name() + " pattern " + std::to_string(pattern));
           if (HasFatalFailure()) return;
         }
       }
@@ -295,14 +330,17 @@ TEST(PackedK, RowLookupEqualsDequantizedRow) {
     }
 }
 
-// A whole model: loading packs the q4_K / q6_K weights (on AVX-512) and the logits match the
+// A whole model: loading packs the q4_K / q6_K weights (on AVX2 and AVX-512, every variant) and
+// the logits match the
 // same file loaded without packing, prompt and decode. The packed prefill rounds activations
 // through q8_K (as every K-quant decode step does), the GGUF-layout prefill multiplies them in
 // f32: so against the unpacked model fed the prompt token by token (decode kernels, the same
 // q8_K activations) the logits agree to float rounding, and against its batched prefill to the
 // activation rounding (~1% of the logits here; near-ties may then swap the argmax).
 TEST(PackedK, PackedModelMatchesUnpacked) {
-  if (active_isa() < Isa::AVX512) GTEST_SKIP() << "packing happens only on the AVX-512 path (LARDER_CPU)";
+  if (detected_isa() < Isa::AVX2) GTEST_SKIP() << "packing happens only on the AVX2 and AVX-512 paths";
+  PathGuard guard;
+  GfniGuard gguard;
   for (DType t : {DType::Q4_K, DType::Q6_K}) {
     SynthShape s;
     s.n_embd = 256; s.n_ff = 512; s.n_layer = 2; s.n_head = 4; s.n_head_kv = 2; s.n_vocab = 320; s.n_ctx = 256;
@@ -313,53 +351,61 @@ TEST(PackedK, PackedModelMatchesUnpacked) {
     o.dtype = t;
     o.scale = 3.0f;
     ASSERT_TRUE(synth_model(s, o, path).ok());
-    auto packed = load_model(path, "", true);
-    auto plain = load_model(path, "", false);
-    ASSERT_TRUE(packed.ok() && plain.ok());
-    EXPECT_GT((*packed)->packed_bytes, 0u);
-    EXPECT_NE((*packed)->layers[0].ffn_down.packed, nullptr);
-    EXPECT_NE((*packed)->layers[1].wq.packed, nullptr);
-    EXPECT_NE((*packed)->output.packed, nullptr);
-    EXPECT_EQ((*plain)->packed_bytes, 0u);
-    const std::vector<int32_t> prompt = {1, 17, 45, 230, 99, 3, 310, 7, 8, 150, 42};
-    // [0]: packed, batched prompt; [1]: unpacked, batched; [2]: unpacked, token by token.
-    std::vector<std::vector<float>> logits[3];
-    for (int k = 0; k < 3; ++k) {
-      ContextParams cp;
-      cp.n_ctx = 64;
-      cp.n_threads = 2;
-      auto c = Context::create(k == 0 ? **packed : **plain, cp);
-      ASSERT_TRUE(c.ok()) << c.error();
-      Context& ctx = **c;
-      if (k < 2) {
-        ASSERT_TRUE(ctx.decode(prompt).ok());  // prefill kernels
-      } else {
-        for (int32_t tok : prompt) {
+    for (const Variant& var : variants()) {
+      if (var.isa == Isa::Scalar) continue;
+      var.apply();
+      SCOPED_TRACE(var.name());
+      auto packed = load_model(path, "", true);
+      auto plain = load_model(path, "", false);
+      ASSERT_TRUE(packed.ok() && plain.ok());
+      EXPECT_GT((*packed)->packed_bytes, 0u);
+      EXPECT_NE((*packed)->layers[0].ffn_down.packed, nullptr);
+      EXPECT_NE((*packed)->layers[1].wq.packed, nullptr);
+      EXPECT_NE((*packed)->output.packed, nullptr);
+      EXPECT_EQ((*plain)->packed_bytes, 0u);
+      const std::vector<int32_t> prompt = {1, 17, 45, 230, 99, 3, 310, 7, 8, 150, 42};
+      // [0]: packed, batched prompt; [1]: unpacked, batched; [2]: unpacked, token by token.
+      std::vector<std::vector<float>> logits[3];
+      for (int k = 0; k < 3; ++k) {
+        ContextParams cp;
+        cp.n_ctx = 64;
+        cp.n_threads = 2;
+        // f32 KV cache: with the default f16 one the AVX-512 path's batched prompt and token-by-token
+        // logits differ beyond the 1e-5 bound below (the test is of the weights' kernels).
+        cp.type_k = cp.type_v = DType::F32;
+        auto c = Context::create(k == 0 ? **packed : **plain, cp);
+        ASSERT_TRUE(c.ok()) << c.error();
+        Context& ctx = **c;
+        if (k < 2) {
+          ASSERT_TRUE(ctx.decode(prompt).ok());  // prefill kernels
+        } else {
+          for (int32_t tok : prompt) {
+            const int32_t one[1] = {tok};
+            ASSERT_TRUE(ctx.decode(one).ok());
+          }
+        }
+        logits[k].emplace_back(ctx.logits(), ctx.logits() + s.n_vocab);
+        for (int32_t tok : {5, 77, 301}) {  // decode kernels
           const int32_t one[1] = {tok};
           ASSERT_TRUE(ctx.decode(one).ok());
+          logits[k].emplace_back(ctx.logits(), ctx.logits() + s.n_vocab);
         }
       }
-      logits[k].emplace_back(ctx.logits(), ctx.logits() + s.n_vocab);
-      for (int32_t tok : {5, 77, 301}) {  // decode kernels
-        const int32_t one[1] = {tok};
-        ASSERT_TRUE(ctx.decode(one).ok());
-        logits[k].emplace_back(ctx.logits(), ctx.logits() + s.n_vocab);
-      }
-    }
-    for (int k : {1, 2}) {
-      const double tol = k == 2 ? 1e-5 : 0.02;
-      for (size_t i = 0; i < logits[0].size(); ++i) {
-        double diff = 0, mag = 0;
-        int a0 = 0, a1 = 0;
-        for (int v = 0; v < s.n_vocab; ++v) {
-          diff += std::fabs(logits[0][i][v] - logits[k][i][v]);
-          mag += std::fabs(logits[k][i][v]);
-          if (logits[0][i][v] > logits[0][i][a0]) a0 = v;
-          if (logits[k][i][v] > logits[k][i][a1]) a1 = v;
-        }
-        EXPECT_LT(diff, tol * mag) << dtype_name(t) << (k == 2 ? " vs token by token" : " vs batched") << " step " << i;
-        if (k == 2) {
-          EXPECT_EQ(a0, a1) << dtype_name(t) << " vs token by token step " << i;
+      for (int k : {1, 2}) {
+        const double tol = k == 2 ? 1e-5 : 0.02;
+        for (size_t i = 0; i < logits[0].size(); ++i) {
+          double diff = 0, mag = 0;
+          int a0 = 0, a1 = 0;
+          for (int v = 0; v < s.n_vocab; ++v) {
+            diff += std::fabs(logits[0][i][v] - logits[k][i][v]);
+            mag += std::fabs(logits[k][i][v]);
+            if (logits[0][i][v] > logits[0][i][a0]) a0 = v;
+            if (logits[k][i][v] > logits[k][i][a1]) a1 = v;
+          }
+          EXPECT_LT(diff, tol * mag) << dtype_name(t) << (k == 2 ? " vs token by token" : " vs batched") << " step " << i;
+          if (k == 2) {
+            EXPECT_EQ(a0, a1) << dtype_name(t) << " vs token by token step " << i;
+          }
         }
       }
     }

@@ -40,9 +40,25 @@
 //   each sub-block's sum, the factor 4 through the float scale.
 //
 // Activations (both types): one 384-byte record per super-block per token, from the q8_K
-// quantizer (same bytes, so results are exact for q8_K-rounded activations):
+// quantizer (same bytes, so results are exact for q8_K-rounded activations, |q| <= 127):
 //   [0, 256) int8 quants; [256, 320) int32 per-16 corrections -128 * bsum (q6_K);
-//   [320, 324) f32 scale; [324, 340) int16 per-32 sums (q4_K minimums).
+//   [320, 324) f32 scale; [324, 340) int16 per-32 sums (q4_K minimums); [340, 372) int16 per-16
+//   sums bsum (q6_K on AVX2 without VNNI).
+//
+// AVX2 (the same bytes): a 64-byte step is two ymm halves, rows 0-7 and rows 8-15; the kernels are
+// written once (the end of this file) for an int8 dot policy and compiled three times: vpmaddubsw +
+// vpmaddwd, and vpdpbusd in its VEX (AVX-VNNI) and EVEX (AVX-512 VNNI + VL) forms. vpdpbusd takes
+// the AVX-512 tiles' weight bytes (q4_K 16 x high nibble, q6_K 4q). vpmaddubsw saturates its int16
+// pairs, so there the weights stay below 64 (q4_K's high nibble shifted down, q6_K's plain q): a
+// sub-block's pairs (q4_K: 8 steps, |sum| <= 8*2*15*127; q6_K: 2 steps, <= 2*2*63*127) summed in
+// int16 and scaled by one vpmaddwd with (sc, sc) pairs; q6_K's -32 offset comes once per
+// super-block, -32 * sum_g sc_g * bsum_g (vpmaddwd of the scales of sub-blocks g, g + 1 with the
+// record's int16 bsums), and the sum times 4 is the VNNI one. So every variant reaches
+// panel_scalar's int32 super-block sums and does its float operations in its order: the same bits.
+// Decode reads a group's 4 panels in stored order (pair by pair / sub-block by sub-block, panel by
+// panel, one half after the other) with the AVX-512 tile's prefetch; prefill runs 2 panels x up to
+// 4 tokens per tile.
+#ifndef LARDER_PK_AVX2_BODY  // (the AVX2 kernels' body at the end of this file is included 3 times)
 #include <immintrin.h>
 
 #include <algorithm>
@@ -68,9 +84,10 @@ constexpr int kGroupPanels = 4;  // panels stored interleaved (64 rows)
 constexpr int kDecodePanels = 4;
 constexpr int kPrefillPanels = 2;
 constexpr int kTokTile = 3;
+constexpr int kTokTile2 = 4;  // AVX2 prefill tokens per tile
 
 constexpr int kXRec = 384;  // activation bytes per super-block
-constexpr int kXCorr = 256, kXD = 320, kXSum32 = 324;
+constexpr int kXCorr = 256, kXD = 320, kXSum32 = 324, kXSum16 = 340;
 
 // q4_K record
 constexpr size_t kQ4Rec = 2368;
@@ -183,7 +200,8 @@ void quantize_xk(const float* x, uint8_t* out, int64_t nsb) {
       const int16_t s = static_cast<int16_t>(blk.bsums[2 * j] + blk.bsums[2 * j + 1]);
       std::memcpy(r + kXSum32 + 2 * j, &s, 2);
     }
-    std::memset(r + kXSum32 + 16, 0, kXRec - kXSum32 - 16);
+    std::memcpy(r + kXSum16, blk.bsums, 32);
+    std::memset(r + kXSum16 + 32, 0, kXRec - kXSum16 - 32);
   }
 }
 
@@ -433,6 +451,81 @@ TileFn pick_tile(bool q6, bool gfni, int rv, int nt) {
 
 std::atomic<bool> g_gfni{__builtin_cpu_supports("gfni") && std::getenv("LARDER_NO_GFNI") == nullptr};
 
+// ------------------------------------------------------------------ AVX2
+
+// The int8 dot step of the AVX2 kernels (kernels.h Vnni256), a policy of the kernel body below:
+//   dot(acc, w, x): acc + w (u8) . x (s8) per dword lane; first(w, x) = dot(0, w, x);
+//   scaled(acc, sc): the int32 lanes of acc times the lanes' sub-block scales, sc from scale_u8 /
+//   scale_i8 (the 8 scale bytes of a half's rows);
+//   kWide: whether weight bytes up to 255 are exact (vpdpbusd: yes; vpmaddubsw saturates int16
+//   pairs at 32767, so weights there stay below 64 and acc holds int16 pairs, summed and scaled by
+//   one vpmaddwd with (sc, sc) pairs).
+#define LARDER_PK_ALWAYS_INLINE __attribute__((always_inline)) static inline
+struct DotMaddubs {
+  static constexpr bool kWide = false;
+  LARDER_TARGET_AVX2 LARDER_PK_ALWAYS_INLINE __m256i first(__m256i w, __m256i x) { return _mm256_maddubs_epi16(w, x); }
+  // (The barrier keeps the chain a chain: reassociated into a tree, the products of a whole
+  // sub-block were live at once and spilled.)
+  LARDER_TARGET_AVX2 LARDER_PK_ALWAYS_INLINE __m256i dot(__m256i acc, __m256i w, __m256i x) {
+    acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x));
+    asm("" : "+x"(acc));
+    return acc;
+  }
+  LARDER_TARGET_AVX2 LARDER_PK_ALWAYS_INLINE __m256i scaled(__m256i acc, __m256i sc) { return _mm256_madd_epi16(acc, sc); }
+  LARDER_TARGET_AVX2 LARDER_PK_ALWAYS_INLINE __m256i scale_u8(__m128i b) {
+    return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(b, b));
+  }
+  LARDER_TARGET_AVX2 LARDER_PK_ALWAYS_INLINE __m256i scale_i8(__m128i b) {
+    return _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(b, b));
+  }
+};
+#define LARDER_PK_DOT_VNNI(NAME, TARGET, DPBUSD)                                                                   \
+  struct NAME {                                                                                                    \
+    static constexpr bool kWide = true;                                                                            \
+    TARGET LARDER_PK_ALWAYS_INLINE __m256i dot(__m256i acc, __m256i w, __m256i x) { return DPBUSD(acc, w, x); }    \
+    TARGET LARDER_PK_ALWAYS_INLINE __m256i first(__m256i w, __m256i x) { return DPBUSD(_mm256_setzero_si256(), w, x); } \
+    TARGET LARDER_PK_ALWAYS_INLINE __m256i scaled(__m256i acc, __m256i sc) { return _mm256_mullo_epi32(acc, sc); } \
+    TARGET LARDER_PK_ALWAYS_INLINE __m256i scale_u8(__m128i b) { return _mm256_cvtepu8_epi32(b); }                 \
+    TARGET LARDER_PK_ALWAYS_INLINE __m256i scale_i8(__m128i b) { return _mm256_cvtepi8_epi32(b); }                 \
+  };
+LARDER_PK_DOT_VNNI(DotVex, LARDER_TARGET_AVXVNNI, _mm256_dpbusd_avx_epi32)
+LARDER_PK_DOT_VNNI(DotEvex, LARDER_TARGET_AVX2_EVEX_VNNI, _mm256_dpbusd_epi32)
+
+// The AVX2 kernels are written once (the end of this file) and compiled for each policy with its
+// target: a template cannot take its target attribute from a template argument, and the
+// intrinsics only inline into functions compiled for their instructions.
+#define LARDER_PK_AVX2_BODY 1
+#define LARDER_PK_NS avx2_maddubs
+#define LARDER_PK_DOT DotMaddubs
+#define LARDER_PK_TARGET LARDER_TARGET_AVX2
+#include "packed_k.cpp"
+#undef LARDER_PK_NS
+#undef LARDER_PK_DOT
+#undef LARDER_PK_TARGET
+#define LARDER_PK_NS avx2_vex
+#define LARDER_PK_DOT DotVex
+#define LARDER_PK_TARGET LARDER_TARGET_AVXVNNI
+#include "packed_k.cpp"
+#undef LARDER_PK_NS
+#undef LARDER_PK_DOT
+#undef LARDER_PK_TARGET
+#define LARDER_PK_NS avx2_evex
+#define LARDER_PK_DOT DotEvex
+#define LARDER_PK_TARGET LARDER_TARGET_AVX2_EVEX_VNNI
+#include "packed_k.cpp"
+#undef LARDER_PK_NS
+#undef LARDER_PK_DOT
+#undef LARDER_PK_TARGET
+#undef LARDER_PK_AVX2_BODY
+
+TileFn pick_tile_avx2(Vnni256 vn, bool q6, int rv, int nt) {
+  switch (vn) {
+    case Vnni256::Vex: return avx2_vex::pick(q6, rv, nt);
+    case Vnni256::Evex: return avx2_evex::pick(q6, rv, nt);
+    default: return avx2_maddubs::pick(q6, rv, nt);
+  }
+}
+
 
 }  // namespace
 
@@ -443,7 +536,7 @@ size_t packed_k_bytes(DType t, int64_t rows, int64_t cols) {
   return static_cast<size_t>((rows + 16 * kGroupPanels - 1) / (16 * kGroupPanels)) * group_bytes(klayout_of(t), cols);
 }
 
-bool packed_k_kernels(DType t, Isa isa) { return (t == DType::Q4_K || t == DType::Q6_K) && isa == Isa::AVX512; }
+bool packed_k_kernels(DType t, Isa isa) { return (t == DType::Q4_K || t == DType::Q6_K) && isa >= Isa::AVX2; }
 
 void pack_weights_k(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool) {
   LARDER_ASSERT(packed_k_bytes(t, rows, cols) > 0);
@@ -507,6 +600,18 @@ void matmul_packed_k(DType t, const void* packed, int64_t rows, int64_t cols, co
   pool.parallel_for(n_tokens, [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; ++i) quantize_xk(x + i * cols, xq + i * xs, nsb);
   });
+  if (isa == Isa::AVX2) {
+    const Vnni256 vn = active_vnni256();
+    for_each_unit(pool, rows, n_tokens == 1 ? kDecodePanels : kPrefillPanels, [&](int64_t p0, int rv, const uint16_t* m) {
+      const uint8_t* grp = group_of(pw, gb, p0);
+      const int v0 = static_cast<int>(p0 % kGroupPanels);
+      for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokTile2) {
+        const int n = static_cast<int>(std::min<int64_t>(kTokTile2, n_tokens - t0));
+        pick_tile_avx2(vn, L.q6, rv, n)(grp, v0, nsb, m, xq + t0 * xs, xs, y + t0 * ldy + 16 * p0, ldy);
+      }
+    });
+    return;
+  }
   if (isa != Isa::AVX512) {  // the layout's reference
     for_each_unit(pool, rows, 1, [&](int64_t p, int, const uint16_t*) {
       panel_scalar(L, group_of(pw, gb, p), static_cast<int>(p % kGroupPanels), nsb,
@@ -526,3 +631,247 @@ void matmul_packed_k(DType t, const void* packed, int64_t rows, int64_t cols, co
 }
 
 }  // namespace larder::kernels
+
+#else  // LARDER_PK_AVX2_BODY: the AVX2 kernels, compiled once per int8 dot policy (see "AVX2" above)
+
+// A 64-byte step vector is two ymm halves: rows 0-7 and rows 8-15 of the panel. The arithmetic is
+// panel_scalar's: exact int32 super-block sums (where the dot policy is narrow, the same integers
+// reached another way), then the same fmas per lane.
+namespace LARDER_PK_NS {
+
+using P = LARDER_PK_DOT;
+
+// The lanes of half h of a panel whose bits in the unit mask are set (prefix masks).
+LARDER_PK_TARGET inline void store_half(float* y, unsigned mask8, __m256 v) {
+  if (mask8 == 0xFF) return _mm256_storeu_ps(y, v);
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int i = 0; i < 8; ++i)
+    if (mask8 >> i & 1) y[i] = tmp[i];
+}
+
+// The activations again for each panel half: without this the compiler keeps the broadcasts of a
+// pair of sub-blocks (16 ymm) live across the panels and spills (ymm0-15 only).
+inline const uint8_t* opaque(const uint8_t* p) {
+  asm volatile("" : "+r"(p));
+  return p;
+}
+
+template <class V>
+LARDER_PK_TARGET inline __m256i load256(const V* p) {
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// q4_K. Per pair of sub-blocks c, panel, half: the even sub-block's sum (low nibbles) and the odd
+// one's into one int32 sum per lane: wide, the odd one's bytes masked with 0xF0 (16 q) and the even
+// scale times 16, so the super-block sum is 16 sumi, divided back once (exact, as in panel_scalar);
+// narrow, the odd nibbles shifted down and the sums exact.
+template <int RV, int T>
+LARDER_PK_TARGET void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, const uint16_t* m, const uint8_t* x,
+                               int64_t xs, float* y, int64_t ldy) {
+  constexpr size_t STRIDE = kGroupPanels * kQ4Rec;
+  // Offsets of panel v0 (runtime) apart, so that every offset below is a constant.
+  const size_t oq = q4q(v0, 0, 0), osc = q4sc(v0) - q4sc(0), omn = q4mn(v0) - q4mn(0), od = q4d(v0) - q4d(0);
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[RV][2][T];
+#pragma GCC unroll 4
+  for (int v = 0; v < RV; ++v)
+    for (int h = 0; h < 2; ++h)
+      for (int t = 0; t < T; ++t) acc[v][h][t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nsb; ++b) {
+    const uint8_t* rec = grp + b * STRIDE;
+    const uint8_t* xb = x + b * kXRec;
+    __m256i si[RV][2][T];
+#pragma GCC unroll 4
+    for (int v = 0; v < RV; ++v)
+      for (int h = 0; h < 2; ++h)
+        for (int t = 0; t < T; ++t) si[v][h][t] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      if constexpr (T == 1) {  // the next super-block's records, a quarter per pair of sub-blocks
+        const char* ahead = reinterpret_cast<const char*>(rec + STRIDE + c * (STRIDE / 4));
+        for (size_t l = 0; l < STRIDE / 4; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < RV; ++v) {
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* xt[T];
+          for (int t = 0; t < T; ++t) xt[t] = opaque(xb + t * xs + 64 * c);
+          __m256i pl[T], ph[T];
+#pragma GCC unroll 8
+          for (int s = 0; s < 8; ++s) {
+            const __m256i raw = load256(rec + oq + q4q(v, c, s) + 32 * h);
+            const __m256i lo = _mm256_and_si256(raw, m4);
+            const __m256i hi = P::kWide ? _mm256_andnot_si256(m4, raw) : _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; ++t) {
+              const __m256i xl = _mm256_set1_epi32(load_i32(xt[t] + 4 * s));
+              const __m256i xh = _mm256_set1_epi32(load_i32(xt[t] + 32 + 4 * s));
+              pl[t] = s == 0 ? P::first(lo, xl) : P::dot(pl[t], lo, xl);
+              ph[t] = s == 0 ? P::first(hi, xh) : P::dot(ph[t], hi, xh);
+            }
+          }
+          const uint8_t* sc = rec + osc + q4sc(v) + 32 * c + 8 * h;
+          __m256i sce = P::scale_u8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc)));
+          const __m256i sco = P::scale_u8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 16)));
+          if constexpr (P::kWide) sce = _mm256_slli_epi32(sce, 4);
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t)
+            si[v][h][t] = _mm256_add_epi32(si[v][h][t], _mm256_add_epi32(P::scaled(pl[t], sce), P::scaled(ph[t], sco)));
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < RV; ++v)
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m256i mn[4];
+        for (int p = 0; p < 4; ++p)
+          mn[p] = _mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + omn + q4mn(v) + 32 * p + 16 * h)));
+        const __m256 dv = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + od + q4d(v) + 16 * h)));
+        const __m256 dm = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + od + q4dmin(v) + 16 * h)));
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) {
+          const uint8_t* xt = xb + t * xs;
+          __m256i summ = _mm256_madd_epi16(mn[0], _mm256_set1_epi32(load_i32(xt + kXSum32)));
+          for (int p = 1; p < 4; ++p)
+            summ = _mm256_add_epi32(summ, _mm256_madd_epi16(mn[p], _mm256_set1_epi32(load_i32(xt + kXSum32 + 4 * p))));
+          const __m256i sumi = P::kWide ? _mm256_srai_epi32(si[v][h][t], 4) : si[v][h][t];
+          const __m256 xd = _mm256_set1_ps(load_f32(xt + kXD));
+          acc[v][h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(dv, xd), acc[v][h][t]);
+          acc[v][h][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(dm, xd), acc[v][h][t]);
+        }
+      }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < RV; ++v)
+      for (int h = 0; h < 2; ++h) store_half(y + t * ldy + 16 * v + 8 * h, (m[v] >> (8 * h)) & 0xFF, acc[v][h][t]);
+}
+
+// q6_K. Wide: 4q (bytes masked with 0xFC, step 3 assembled from the low bit pairs by shifts), each
+// sub-block's sum starting at the activations' correction -128 * bsum, times its scale (the
+// AVX-512 tile's integers). Narrow: the plain 6-bit q (below 64), int16 pairs of two steps each
+// scaled by vpmaddwd; the -32 offset once per super-block, -32 * sum_g sc_g * bsum_g from
+// vpmaddwd of (sc_g, sc_g+1) with the activations' int16 per-16 sums; then times 4, the wide sum.
+template <int RV, int T>
+LARDER_PK_TARGET void tile_q6k(const uint8_t* grp, int v0, int64_t nsb, const uint16_t* m, const uint8_t* x,
+                               int64_t xs, float* y, int64_t ldy) {
+  constexpr size_t STRIDE = kGroupPanels * kQ6Rec;  // one group record
+  const size_t oq = q6_q(v0, 0), osc = q6_s(v0, 0) - q6_s(0, 0), od = q6_d(v0) - q6_d(0);
+  const __m256i m03 = _mm256_set1_epi8(0x03), m0c = _mm256_set1_epi8(0x0C), m30 = _mm256_set1_epi8(0x30);
+  const __m256i mhi = _mm256_set1_epi8(static_cast<char>(P::kWide ? 0xFC : 0x3F));
+  const __m256i mc0 = _mm256_set1_epi8(static_cast<char>(0xC0));
+  __m256 acc[RV][2][T];
+#pragma GCC unroll 4
+  for (int v = 0; v < RV; ++v)
+    for (int h = 0; h < 2; ++h)
+      for (int t = 0; t < T; ++t) acc[v][h][t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nsb; ++b) {
+    const uint8_t* rec = grp + b * STRIDE;
+    const uint8_t* xb = x + b * kXRec;
+    __m256i si[RV][2][T];
+#pragma GCC unroll 4
+    for (int v = 0; v < RV; ++v)
+      for (int h = 0; h < 2; ++h)
+        for (int t = 0; t < T; ++t) si[v][h][t] = _mm256_setzero_si256();
+    for (int g = 0; g < 16; ++g) {
+      if constexpr (T == 1) {  // a later sub-block of the 4 panels, as the AVX-512 tile
+        constexpr int D = 6;
+        const int ga = (g + D) % 16;
+        const char* ahead = reinterpret_cast<const char*>(rec + (g + D >= 16 ? STRIDE : 0));
+        for (int l = 0; l < RV * 192; l += 64) _mm_prefetch(ahead + q6_q(v0, ga) + l, _MM_HINT_T0);
+        _mm_prefetch(ahead + q6_s(v0, ga), _MM_HINT_T0);
+        if (ga == 0) _mm_prefetch(ahead + q6_d(v0), _MM_HINT_T0);
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < RV; ++v) {
+        const uint8_t* qs = rec + oq + q6_q(v, g);
+        const __m128i scb = _mm_load_si128(reinterpret_cast<const __m128i*>(rec + osc + q6_s(v, g)));
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m256i r0 = load256(qs + 32 * h), r1 = load256(qs + 64 + 32 * h), r2 = load256(qs + 128 + 32 * h);
+          __m256i q[4];
+          if constexpr (P::kWide) {
+            q[0] = _mm256_and_si256(r0, mhi);
+            q[1] = _mm256_and_si256(r1, mhi);
+            q[2] = _mm256_and_si256(r2, mhi);
+            q[3] = _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(r0, 2), m0c),
+                                                   _mm256_and_si256(_mm256_slli_epi16(r1, 4), m30)),
+                                   _mm256_and_si256(_mm256_slli_epi16(r2, 6), mc0));
+          } else {
+            q[0] = _mm256_and_si256(_mm256_srli_epi16(r0, 2), mhi);
+            q[1] = _mm256_and_si256(_mm256_srli_epi16(r1, 2), mhi);
+            q[2] = _mm256_and_si256(_mm256_srli_epi16(r2, 2), mhi);
+            q[3] = _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(r0, m03), _mm256_and_si256(_mm256_slli_epi16(r1, 2), m0c)),
+                                   _mm256_and_si256(_mm256_slli_epi16(r2, 4), m30));
+          }
+          const __m256i sc = P::scale_i8(h ? _mm_unpackhi_epi64(scb, scb) : scb);
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) {
+            const uint8_t* xt = opaque(xb + t * xs + 16 * g);
+            __m256i xv[4];
+            for (int k = 0; k < 4; ++k) xv[k] = _mm256_set1_epi32(load_i32(xt + 4 * k));
+            __m256i s;
+            if constexpr (P::kWide) {
+              s = _mm256_set1_epi32(load_i32(xt + kXCorr - 12 * g));
+              for (int k = 0; k < 4; ++k) s = P::dot(s, q[k], xv[k]);
+              s = P::scaled(s, sc);
+            } else {
+              s = _mm256_add_epi32(P::scaled(P::dot(P::first(q[0], xv[0]), q[1], xv[1]), sc),
+                                   P::scaled(P::dot(P::first(q[2], xv[2]), q[3], xv[3]), sc));
+            }
+            si[v][h][t] = _mm256_add_epi32(si[v][h][t], s);
+          }
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < RV; ++v)
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (!P::kWide) {
+          __m256i scp[8];
+          for (int k = 0; k < 8; ++k) {
+            const __m128i sa = _mm_load_si128(reinterpret_cast<const __m128i*>(rec + osc + q6_s(v, 2 * k)));
+            const __m128i sb = _mm_load_si128(reinterpret_cast<const __m128i*>(rec + osc + q6_s(v, 2 * k + 1)));
+            scp[k] = _mm256_cvtepi8_epi16(h ? _mm_unpackhi_epi8(sa, sb) : _mm_unpacklo_epi8(sa, sb));
+          }
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) {
+            const uint8_t* xt = xb + t * xs + kXSum16;
+            __m256i corr = _mm256_madd_epi16(scp[0], _mm256_set1_epi32(load_i32(xt)));
+            for (int k = 1; k < 8; ++k)
+              corr = _mm256_add_epi32(corr, _mm256_madd_epi16(scp[k], _mm256_set1_epi32(load_i32(xt + 4 * k))));
+            si[v][h][t] = _mm256_slli_epi32(_mm256_sub_epi32(si[v][h][t], _mm256_slli_epi32(corr, 5)), 2);
+          }
+        }
+        const __m256 dv = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(rec + od + q6_d(v) + 16 * h)));
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) {
+          const __m256 xd = _mm256_set1_ps(load_f32(xb + t * xs + kXD) * 0.25f);
+          acc[v][h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si[v][h][t]), _mm256_mul_ps(dv, xd), acc[v][h][t]);
+        }
+      }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < RV; ++v)
+      for (int h = 0; h < 2; ++h) store_half(y + t * ldy + 16 * v + 8 * h, (m[v] >> (8 * h)) & 0xFF, acc[v][h][t]);
+}
+
+// Decode: a group's 4 panels (one stream); prefill: kPrefillPanels panels x up to kTokTile2 tokens.
+TileFn pick(bool q6, int rv, int nt) {
+  static const TileFn decode[2][4] = {{tile_q4k<1, 1>, tile_q4k<2, 1>, tile_q4k<3, 1>, tile_q4k<4, 1>},
+                                      {tile_q6k<1, 1>, tile_q6k<2, 1>, tile_q6k<3, 1>, tile_q6k<4, 1>}};
+  static const TileFn prefill[2][2][kTokTile2] = {
+      {{tile_q4k<1, 1>, tile_q4k<1, 2>, tile_q4k<1, 3>, tile_q4k<1, 4>},
+       {tile_q4k<2, 1>, tile_q4k<2, 2>, tile_q4k<2, 3>, tile_q4k<2, 4>}},
+      {{tile_q6k<1, 1>, tile_q6k<1, 2>, tile_q6k<1, 3>, tile_q6k<1, 4>},
+       {tile_q6k<2, 1>, tile_q6k<2, 2>, tile_q6k<2, 3>, tile_q6k<2, 4>}}};
+  if (nt == 1) return decode[q6][rv - 1];
+  return prefill[q6][rv - 1][nt - 1];
+}
+static_assert(kPrefillPanels == 2 && kDecodePanels == 4);
+
+}  // namespace LARDER_PK_NS
+#endif  // LARDER_PK_AVX2_BODY
