@@ -38,7 +38,8 @@
 // the minimum adds m * (d_x * sum(q_x)) per block, one more fma, with d_x * sum(q_x) written
 // next to the correction (lane 4j + 1 of the x4 layout's corr vector, see matmul_packed). The
 // same bytes serve decode (4 panels, two partial sums each, so 8 independent chains) and
-// prefill (2 panels x 6 tokens per register tile) with no per-call unpacking.
+// prefill (2 panels x 6 tokens per register tile) with no per-call unpacking. The AVX2 path runs
+// packed_avx2.cpp's tiles on the same bytes (a 64-byte step as two 256-bit halves).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -355,6 +356,10 @@ TileFn prefill_tile(Kind k, int rv, int nt) {
 
 }  // namespace
 
+// The AVX2 tiles (packed_avx2.cpp), on these bytes: xq holds the activations in the x4 layout.
+void matmul_packed_avx2(DType t, Vnni256 vnni, const uint8_t* pw, int64_t rows, int64_t cols, const uint8_t* xq,
+                        int64_t xs, int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool);
+
 size_t packed_bytes(DType t, int64_t rows, int64_t cols) {
   if (packed_k_type(t)) return packed_k_bytes(t, rows, cols);
   if (!packable(t) || cols <= 0 || cols % 32 || rows <= 0) return 0;
@@ -363,7 +368,7 @@ size_t packed_bytes(DType t, int64_t rows, int64_t cols) {
 
 bool packed_kernels(DType t, Isa isa) {
   if (packed_k_type(t)) return packed_k_kernels(t, isa);
-  return packable(t) && isa == Isa::AVX512;
+  return packable(t) && (isa == Isa::AVX512 || isa == Isa::AVX2);
 }
 
 void pack_weights(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool) {
@@ -386,14 +391,16 @@ void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, cons
   const int64_t nb = cols / 32, xs = x4_row_bytes(nb);
   const size_t gb = group_bytes(L, cols);
   uint8_t* xq = aligned_bytes(scratch.xq, static_cast<size_t>(n_tokens * xs));
-  const Isa qisa = isa == Isa::AVX512 ? Isa::AVX512 : Isa::Scalar;
+  const Isa qisa = isa == Isa::AVX512 || isa == Isa::AVX2 ? isa : Isa::Scalar;  // the same bytes on each
   pool.parallel_for(n_tokens, [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; ++i) {
       quantize_x4(x + i * cols, xq + i * xs, nb, L.corr_mul, qisa);
       if (L.kind == Kind::Q4_1) add_block_sums(xq + i * xs, nb);
     }
   });
-  if (isa != Isa::AVX512) {  // the layout's reference; packing happens only where AVX-512 runs
+  if (isa == Isa::AVX2)
+    return matmul_packed_avx2(t, active_vnni256(), pw, rows, cols, xq, xs, n_tokens, y, ldy, pool);
+  if (isa != Isa::AVX512) {  // the layout's reference (the loader packs only where the kernels run)
     for_each_unit(pool, rows, 1, [&](int64_t p, int, const uint16_t*) {
       panel_scalar(L, group_of(pw, gb, p), static_cast<int>(p % kGroupPanels), nb,
                    static_cast<int>(std::min<int64_t>(16, rows - 16 * p)), xq, xs, n_tokens, y + 16 * p, ldy);
