@@ -85,36 +85,55 @@ struct DotEvex {
   }
 };
 
-// Each region's target string is its dot step's LARDER_TARGET_* macro (kernels_internal.h).
+// Each region's target string is its dot step's LARDER_TARGET_* macro (kernels_internal.h). GCC
+// takes `#pragma GCC target`, clang (the fuzz build) `#pragma clang attribute`.
+#if defined(__clang__)
+#define LARDER_AVX2_REGION_END _Pragma("clang attribute pop")
+#else
+#define LARDER_AVX2_REGION_END _Pragma("GCC pop_options")
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#endif
 namespace none {
 using Dot = DotNone;
 #define LARDER_PACKED_AVX2_DOT 0
 #include "kernels/packed_avx2.cpp"  // NOLINT(build/include): the tiles, for this dot step
 #undef LARDER_PACKED_AVX2_DOT
 }  // namespace none
-#pragma GCC pop_options
+LARDER_AVX2_REGION_END
 
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avxvnni"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avxvnni")
+#endif
 namespace vex {
 using Dot = DotVex;
 #define LARDER_PACKED_AVX2_DOT 1
-#include "kernels/packed_avx2.cpp"  // NOLINT(build/include)
+#include "kernels/packed_avx2.cpp"  // NOLINT(build/include): the tiles, for this dot step
 #undef LARDER_PACKED_AVX2_DOT
 }  // namespace vex
-#pragma GCC pop_options
+LARDER_AVX2_REGION_END
 
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+#endif
 namespace evex {
 using Dot = DotEvex;
 #define LARDER_PACKED_AVX2_DOT 2
-#include "kernels/packed_avx2.cpp"  // NOLINT(build/include)
+#include "kernels/packed_avx2.cpp"  // NOLINT(build/include): the tiles, for this dot step
 #undef LARDER_PACKED_AVX2_DOT
 }  // namespace evex
-#pragma GCC pop_options
+LARDER_AVX2_REGION_END
 
 Kind kind_of(DType t) {
   switch (t) {
@@ -175,6 +194,9 @@ LARDER_AVX2_INLINE __m256i start(const uint8_t* xb) {
   return _mm256_set1_epi32(load_i32(xb + 192));
 }
 
+template <class D, int T>
+constexpr bool kSplit = D::kVnni && T > 1;
+
 // One block, its pair's H-th (a constant, so that every load has a fixed stride from pair to
 // pair), of panels v < RV, halves h0 + hh (hh < NH), tokens t < T into acc[v][hh][t]; rq / rs: the
 // pair's record moved to the first panel's quants / scales; the block's activations of token t
@@ -223,6 +245,11 @@ LARDER_AVX2_INLINE void block(__m256 (&acc)[RV][NH][T], const uint8_t* rq, const
       }
       if constexpr (Q4) {
         __m256i p[T];  // None: int16 partial sums (see the header for the bounds)
+        __m256i s2[T];  // VNNI prefill: the high nibbles' chain (dpbusd latency)
+        if constexpr (kSplit<D, T>) {
+          _Pragma("GCC unroll 64")
+          for (int t = 0; t < T; ++t) s2[t] = _mm256_setzero_si256();
+        }
         _Pragma("GCC unroll 64")
         for (int st = 0; st < 4; ++st) {
           const __m256i raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(wq + 64 * st));
@@ -235,7 +262,10 @@ LARDER_AVX2_INLINE void block(__m256 (&acc)[RV][NH][T], const uint8_t* rq, const
           for (int t = 0; t < T; ++t) {
             const __m256i xl = _mm256_set1_epi32(load_i32(xt[t] + xo + 4 * st));
             const __m256i xh = _mm256_set1_epi32(load_i32(xt[t] + xo + 64 + 4 * st));
-            if constexpr (D::kVnni) {
+            if constexpr (kSplit<D, T>) {
+              s[t] = D::dp(s[t], lo, xl);
+              s2[t] = D::dp(s2[t], hi, xh);
+            } else if constexpr (D::kVnni) {
               s[t] = D::dp(D::dp(s[t], lo, xl), hi, xh);
             } else {
               constexpr int chunk = K == Kind::Q5_0 ? 2 : 4;  // steps (2 maddubs each) per int16 sum
@@ -245,6 +275,10 @@ LARDER_AVX2_INLINE void block(__m256 (&acc)[RV][NH][T], const uint8_t* rq, const
               if (st % chunk == chunk - 1) s[t] = D::widen(st < chunk ? start<D, K>(xt[t] + xo) : s[t], p[t]);
             }
           }
+        }
+        if constexpr (kSplit<D, T>) {
+          _Pragma("GCC unroll 64")
+          for (int t = 0; t < T; ++t) s[t] = _mm256_add_epi32(s[t], s2[t]);
         }
       } else {
         _Pragma("GCC unroll 64")
