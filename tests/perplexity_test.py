@@ -51,6 +51,11 @@ from gguf_reader import GGUFFile  # noqa: E402
 from llama_ref import LlamaRef, load_gguf_model  # noqa: E402
 
 THREADS = 2
+# The engine is compared with float64 references at f32 precision, so every larder run here uses
+# the f32 KV cache (the default is f16; tests/kv_types_test.py and reference_model_test.py check the
+# other cache types with their own bounds).
+os.environ["LARDER_CACHE_TYPE_K"] = "f32"
+os.environ["LARDER_CACHE_TYPE_V"] = "f32"
 REF_REL_TOL = 1e-4          # engine vs float64 reference perplexity, relative
 
 # (b) f16/bf16 copies of stories260K. Measured (Release, AVX2/AVX-512, 567 scored tokens at the

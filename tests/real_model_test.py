@@ -89,6 +89,11 @@ from models import sha256  # noqa: E402  (scripts/models.py)
 kquants.install()
 
 THREADS = 2
+# The engine is compared with float64 references at f32 precision, so every larder run here uses
+# the f32 KV cache (the default is f16; tests/kv_types_test.py and reference_model_test.py check the
+# other cache types with their own bounds).
+os.environ["LARDER_CACHE_TYPE_K"] = "f32"
+os.environ["LARDER_CACHE_TYPE_V"] = "f32"
 F32_TOL = 1e-4              # (a) logits of the f32 copy, relative to max|ref logit|
 # (c) relative perplexity difference, engine vs reference. f32 copy: the brief's 0.1% is far looser than
 # needed (measured 3e-8 .. 3e-7 for SmolLM2), so 1e-4.

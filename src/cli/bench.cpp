@@ -50,6 +50,8 @@ int cmd_bench(Args& a) {
   auto pp = split_ints(a.bench_prompt, "prompt length");
   auto tg = split_ints(a.bench_gen, "generation length");
   auto th = split_ints(a.bench_threads, "thread count");
+  auto dp = split_ints(a.bench_depth, "depth");
+  if (!dp.ok()) return fail(dp.error());
   if (!pp.ok()) return fail(pp.error());
   if (!tg.ok()) return fail(tg.error());
   if (!th.ok()) return fail(th.error());
@@ -93,28 +95,35 @@ int cmd_bench(Args& a) {
                     (m.packed_bytes - m.panel_bytes) / 1048576.0);
     const std::string repacked = rp;
     for (int nt : *th) {
-      struct Test { int n_prompt, n_gen; };
+      struct Test { int n_prompt, n_gen, depth; };
       std::vector<Test> tests;
-      for (int p : *pp) if (p > 0) tests.push_back({p, 0});
-      for (int g : *tg) if (g > 0) tests.push_back({0, g});
+      for (int d : *dp) {
+        for (int p : *pp) if (p > 0) tests.push_back({p, 0, d});
+        for (int g : *tg) if (g > 0) tests.push_back({0, g, d});
+      }
       for (auto [type_k, type_v] : kv_types)
       for (const Test& t : tests) {
         ContextParams cp;
         cp.type_k = type_k;
         cp.type_v = type_v;
         cp.n_threads = nt;
-        cp.n_ctx = t.n_prompt + t.n_gen + 1;
-        cp.n_batch = std::max(1, t.n_prompt);
+        cp.n_ctx = t.depth + t.n_prompt + t.n_gen + 1;
+        cp.n_batch = std::max({1, t.n_prompt, std::min(t.depth, 512)});
         cp.w8a8 = a.w8a8;
         auto cr = Context::create(m, cp);
         if (!cr.ok()) return fail(cr.error());
         Context& ctx = **cr;
         std::mt19937 rng(1);
-        std::vector<int32_t> toks(std::max(t.n_prompt, 1));
+        std::vector<int32_t> toks(std::max(t.n_prompt, 1)), depth(t.depth);
         for (auto& x : toks) x = static_cast<int32_t>(rng() % m.cfg.n_vocab);
+        for (auto& x : depth) x = static_cast<int32_t>(rng() % m.cfg.n_vocab);
+        if (t.depth > 0) {  // the context every repetition starts from (kept; only what follows is timed)
+          Status st = ctx.decode(depth);
+          if (!st.ok()) return fail(st.error());
+        }
         std::vector<double> ts;
         for (int r = -1; r < a.reps; ++r) {  // r = -1 is a warm-up run
-          ctx.reset();
+          ctx.truncate(t.depth);
           auto t0 = std::chrono::steady_clock::now();
           if (t.n_prompt > 0) {
             Status st = ctx.decode(toks);
@@ -136,6 +145,7 @@ int cmd_bench(Args& a) {
         for (double x : ts) var += (x - mean) * (x - mean);
         double sd = ts.size() > 1 ? std::sqrt(var / (ts.size() - 1)) : 0;
         std::string test = t.n_prompt ? "pp" + std::to_string(t.n_prompt) : "tg" + std::to_string(t.n_gen);
+        if (t.depth > 0) test += " @ d" + std::to_string(t.depth);  // llama-bench's notation
         long rss = peak_rss_bytes();
         if (a.out_format == "md") {
           // repacked: the weights pack_model_weights moved into panels / huge pages (no = the file's rows).
@@ -147,7 +157,7 @@ int cmd_bench(Args& a) {
         }
         results.push_back({{"model_filename", path}, {"model_type", m.cfg.arch}, {"model_size", m.weight_bytes()},
                            {"model_n_params", n_params}, {"n_threads", nt}, {"n_prompt", t.n_prompt},
-                           {"n_gen", t.n_gen}, {"avg_ts", mean}, {"stddev_ts", sd}, {"samples_ts", ts},
+                           {"n_gen", t.n_gen}, {"n_depth", t.depth}, {"avg_ts", mean}, {"stddev_ts", sd}, {"samples_ts", ts},
                            {"cpu_info", kernels::active_isa_name()}, {"w8a8", a.w8a8}, {"peak_rss_bytes", rss},
                            {"repacked_bytes", m.panel_bytes},
                            {"type_k", dtype_name(type_k)}, {"type_v", dtype_name(type_v)}, {"copied_bytes", m.packed_bytes - m.panel_bytes}});

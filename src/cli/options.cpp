@@ -60,6 +60,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"bench", "-m,--model", "LARDER_MODEL", "comma-separated model files", &a.bench_models},
       {"bench", "-p,--n-prompt", "", "comma-separated prompt lengths (0 = skip)", &a.bench_prompt},
       {"bench", "-n,--n-gen", "", "comma-separated generation lengths (0 = skip)", &a.bench_gen},
+      {"bench", "-d,--n-depth", "", "comma-separated context depths: tokens already in the KV cache (prefilled, not timed) before each test", &a.bench_depth},
       {"bench", "-t,--threads", "", "comma-separated thread counts", &a.bench_threads},
       {"bench", "-r,--repetitions", "", "repetitions per test", &a.reps},
       {"bench", "-o,--output", "", "md | json", &a.out_format},

@@ -61,6 +61,7 @@ struct Args {
   std::string bench_models;
   std::string bench_prompt = "512";
   std::string bench_gen = "128";
+  std::string bench_depth = "0";
   std::string bench_threads = "2";
   int reps = 5;
   std::string out_format = "md";
