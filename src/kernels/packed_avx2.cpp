@@ -66,6 +66,7 @@ struct TileSet {
 // The int8 dot steps: dp(acc, w, x) = acc + per dword sum of 4 products u8 w x s8 x.
 struct DotNone {
   static constexpr bool kVnni = false;
+  static constexpr int kRegs = 16;  // ymm registers
   LARDER_TARGET_AVX2 LARDER_AVX2_INLINE __m256i mul16(__m256i w, __m256i x) { return _mm256_maddubs_epi16(w, x); }
   LARDER_TARGET_AVX2 LARDER_AVX2_INLINE __m256i widen(__m256i acc, __m256i p16) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
@@ -74,12 +75,14 @@ struct DotNone {
 };
 struct DotVex {
   static constexpr bool kVnni = true;
+  static constexpr int kRegs = 16;
   LARDER_TARGET_AVXVNNI LARDER_AVX2_INLINE __m256i dp(__m256i acc, __m256i w, __m256i x) {
     return _mm256_dpbusd_avx_epi32(acc, w, x);
   }
 };
 struct DotEvex {
   static constexpr bool kVnni = true;
+  static constexpr int kRegs = 32;  // ymm16-31 too
   LARDER_TARGET_AVX2_EVEX_VNNI LARDER_AVX2_INLINE __m256i dp(__m256i acc, __m256i w, __m256i x) {
     return _mm256_dpbusd_epi32(acc, w, x);
   }
@@ -194,8 +197,14 @@ LARDER_AVX2_INLINE __m256i start(const uint8_t* xb) {
   return _mm256_set1_epi32(load_i32(xb + 192));
 }
 
+// VNNI prefill: the low and high nibbles' dpbusd in two chains per token (latency), where the
+// registers allow (T accumulators, 2T chains, quants, activations and the nibble mask).
+// The None form's sums are chains of adds, which GCC reassociates into trees of products that it
+// computes first and spills; this keeps each add where the source has it.
+LARDER_AVX2_INLINE void keep(__m256i& v) { __asm__("" : "+x"(v)); }
+
 template <class D, int T>
-constexpr bool kSplit = D::kVnni && T > 1;
+constexpr bool kSplit = D::kVnni && T > 1 && 3 * T + 4 <= D::kRegs;
 
 // One block, its pair's H-th (a constant, so that every load has a fixed stride from pair to
 // pair), of panels v < RV, halves h0 + hh (hh < NH), tokens t < T into acc[v][hh][t]; rq / rs: the
@@ -271,8 +280,11 @@ LARDER_AVX2_INLINE void block(__m256 (&acc)[RV][NH][T], const uint8_t* rq, const
               constexpr int chunk = K == Kind::Q5_0 ? 2 : 4;  // steps (2 maddubs each) per int16 sum
               const __m256i q = _mm256_add_epi16(D::mul16(lo, xl), D::mul16(hi, xh));
               p[t] = st % chunk == 0 ? q : _mm256_add_epi16(p[t], q);
-              __asm__("" : "+x"(p[t]));  // in this order: GCC otherwise reassociates and spills
-              if (st % chunk == chunk - 1) s[t] = D::widen(st < chunk ? start<D, K>(xt[t] + xo) : s[t], p[t]);
+              keep(p[t]);
+              if (st % chunk == chunk - 1) {
+                s[t] = D::widen(st < chunk ? start<D, K>(xt[t] + xo) : s[t], p[t]);
+                keep(s[t]);
+              }
             }
           }
         }
@@ -292,8 +304,10 @@ LARDER_AVX2_INLINE void block(__m256 (&acc)[RV][NH][T], const uint8_t* rq, const
             const __m256i ws = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
             const __m256i wa = _mm256_abs_epi8(ws);
             _Pragma("GCC unroll 64")
-            for (int t = 0; t < T; ++t)
+            for (int t = 0; t < T; ++t) {
               s[t] = D::dp(s[t], wa, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xt[t] + xo + off)), ws));
+              keep(s[t]);
+            }
           }
         }
       }
