@@ -56,8 +56,8 @@
 // record's int16 bsums), and the sum times 4 is the VNNI one. So every variant reaches
 // panel_scalar's int32 super-block sums and does its float operations in its order: the same bits.
 // Decode reads a group's 4 panels in stored order (pair by pair / sub-block by sub-block, panel by
-// panel, one half after the other) with the AVX-512 tile's prefetch; prefill runs 2 panels x up to
-// 4 tokens per tile.
+// panel, one half after the other) and prefetches the next super-block's group record in equal
+// shares over the current one (prefetch_share); prefill runs 2 panels x up to 4 tokens per tile.
 #ifndef LARDER_PK_AVX2_BODY  // (the AVX2 kernels' body at the end of this file is included 3 times)
 #include <immintrin.h>
 
@@ -657,6 +657,16 @@ inline const uint8_t* opaque(const uint8_t* p) {
   return p;
 }
 
+// Decode's software prefetch: the next super-block's group record (bytes) in n equal shares, share
+// k now, so that it arrives evenly while this record is read. (From DRAM on a busy machine, one
+// thread: q4_K ~23 GB/s where the AVX-512 tile's quarter record per pair of sub-blocks read ~12
+// and the GGUF rows ~14; q6_K ~20 where a sub-block 6 ahead read ~12, the rows ~19.)
+inline void prefetch_share(const uint8_t* next, size_t bytes, int k, int n) {
+  const size_t share = bytes / n;
+  const char* p = reinterpret_cast<const char*>(next) + k * share;
+  for (size_t l = 0; l < share + 64; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+}
+
 template <class V>
 LARDER_PK_TARGET inline __m256i load256(const V* p) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
@@ -688,14 +698,11 @@ LARDER_PK_TARGET void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, const ui
         for (int t = 0; t < T; ++t) si[v][h][t] = _mm256_setzero_si256();
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
-      if constexpr (T == 1) {  // the next super-block's records, a quarter per pair of sub-blocks
-        const char* ahead = reinterpret_cast<const char*>(rec + STRIDE + c * (STRIDE / 4));
-        for (size_t l = 0; l < STRIDE / 4; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
-      }
 #pragma GCC unroll 4
       for (int v = 0; v < RV; ++v) {
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
+          if constexpr (T == 1) prefetch_share(rec + STRIDE, STRIDE, (c * RV + v) * 2 + h, 4 * RV * 2);
           const uint8_t* xt[T];
           for (int t = 0; t < T; ++t) xt[t] = opaque(xb + t * xs + 64 * c);
           __m256i pl[T], ph[T];
@@ -776,16 +783,9 @@ LARDER_PK_TARGET void tile_q6k(const uint8_t* grp, int v0, int64_t nsb, const ui
       for (int h = 0; h < 2; ++h)
         for (int t = 0; t < T; ++t) si[v][h][t] = _mm256_setzero_si256();
     for (int g = 0; g < 16; ++g) {
-      if constexpr (T == 1) {  // a later sub-block of the 4 panels, as the AVX-512 tile
-        constexpr int D = 6;
-        const int ga = (g + D) % 16;
-        const char* ahead = reinterpret_cast<const char*>(rec + (g + D >= 16 ? STRIDE : 0));
-        for (int l = 0; l < RV * 192; l += 64) _mm_prefetch(ahead + q6_q(v0, ga) + l, _MM_HINT_T0);
-        _mm_prefetch(ahead + q6_s(v0, ga), _MM_HINT_T0);
-        if (ga == 0) _mm_prefetch(ahead + q6_d(v0), _MM_HINT_T0);
-      }
 #pragma GCC unroll 4
       for (int v = 0; v < RV; ++v) {
+        if constexpr (T == 1) prefetch_share(rec + STRIDE, STRIDE, g * RV + v, 16 * RV);
         const uint8_t* qs = rec + oq + q6_q(v, g);
         const __m128i scb = _mm_load_si128(reinterpret_cast<const __m128i*>(rec + osc + q6_s(v, g)));
 #pragma GCC unroll 2
