@@ -23,6 +23,16 @@
 // block sum its own dependency chain. Prefill: one half panel (8 rows) x up to kTokTile2 tokens
 // per register tile, 4 blocks (one activation group) per iteration; the two halves of a panel
 // one after the other (the panel's blocks stay in L1/L2 between them).
+//
+// Measured (Zen 4 EPYC, one thread's CPU time, 1024 x 1024 in cache, busy shared machine, best of
+// 3; in us for 1 token / 64 tokens): q4_0 13.1 / 732 (VNNI form 13.2 / 555; AVX-512 tiles
+// 8.2 / 403; the GGUF-row AVX2 kernels 63.9 / 876), q4_1 14.0 / 746 (VNNI 14.3 / 571; AVX-512
+// 9.2 / 440; GGUF rows 65.6 / 1725 in f32), q5_0 29.5 / 1070 (VNNI 24.8 / 729; AVX-512 13.6 / 463;
+// GGUF rows 69.1 / 1718), q8_0 23.1 / 1137 (VNNI 14.5 / 578; AVX-512 11.8 / 410; GGUF rows
+// 44.2 / 1676). So the None form's decode computes ~45-48 GB/s of weights per thread (q5_0 24:
+// its high bits cost 6 operations per 32 quants here, one masked add on AVX-512), about what
+// DRAM gives each of 2 threads. Decode's panel-half loop is left rolled: unrolled, GCC keeps the
+// activations in registers and spills the accumulators (measured slower).
 #ifndef LARDER_PACKED_AVX2_DOT
 #include <immintrin.h>
 
@@ -240,8 +250,7 @@ LARDER_AVX2_INLINE void block(__m256 (&acc)[RV][NH][T], const uint8_t* rq, const
     }
   }
   const __m256i m4 = _mm256_set1_epi8(0x0F);
-  // Decode's 8 panel halves stay a loop: unrolled, GCC keeps the 8 activation broadcasts of the
-  // block in registers and spills the accumulators (measured slower).
+  // Decode's 8 panel halves stay a loop (see the header).
   for (int v = 0; v < RV; ++v)
     for (int hh = 0; hh < NH; ++hh) {
       const int h = h0 + hh;
