@@ -1,4 +1,4 @@
-// Panel-packed q4_K / q6_K weights (src/kernels/packed_k.cpp): matmul on the packed bytes, on
+// Panel-packed q4_K / q5_K / q6_K weights (src/kernels/packed_k.cpp): matmul on the packed bytes, on
 // every ISA path (AVX-512 and AVX2 kernels, the latter with vpmaddubsw and with 256-bit VNNI where
 // the CPU has it; the layout's scalar reference on the scalar path), against a
 // double-precision reference from the dequantized GGUF rows and the activations rounded through
@@ -64,14 +64,18 @@ void magnitudes(DType t, const uint8_t* row, int cols, const float* deq, float* 
     for (int c = 0; c < cols; ++c) out[c] = std::fabs(deq[c]);
     return;
   }
-  const auto* b = reinterpret_cast<const BlockQ4_K*>(row);
+  const bool q5 = t == DType::Q5_K;
+  const auto* b4 = reinterpret_cast<const BlockQ4_K*>(row);
+  const auto* b5 = reinterpret_cast<const BlockQ5_K*>(row);
   for (int s = 0; s < cols / kQK_K; ++s) {
-    const double d = fp16_to_fp32(b[s].d), dmin = fp16_to_fp32(b[s].dmin);
+    const double d = fp16_to_fp32(q5 ? b5[s].d : b4[s].d), dmin = fp16_to_fp32(q5 ? b5[s].dmin : b4[s].dmin);
+    const uint8_t* scales = q5 ? b5[s].scales : b4[s].scales;
+    const uint8_t* qs = q5 ? b5[s].qs : b4[s].qs;
     for (int j = 0; j < 8; ++j) {
       uint8_t sc, mn;
-      get_scale_min_k4(j, b[s].scales, &sc, &mn);
+      get_scale_min_k4(j, scales, &sc, &mn);
       for (int l = 0; l < 32; ++l) {
-        const int q = (b[s].qs[32 * (j / 2) + l] >> (4 * (j & 1))) & 0xF;
+        const int q = ((qs[32 * (j / 2) + l] >> (4 * (j & 1))) & 0xF) + (q5 ? (b5[s].qh[l] >> j & 1) * 16 : 0);
         out[s * kQK_K + 32 * j + l] = static_cast<float>(std::fabs(d * sc * q) + std::fabs(dmin * mn));
       }
     }
@@ -190,8 +194,8 @@ TEST(PackedK, SizesAndTypes) {
   EXPECT_GT(packed_bytes(DType::Q6_K, 1, 256), 0u);
   EXPECT_EQ(packed_bytes(DType::Q4_K, 64, 128), 0u);
   EXPECT_EQ(packed_bytes(DType::Q6_K, 64, 300), 0u);
-  EXPECT_EQ(packed_bytes(DType::Q5_K, 64, 2048), 0u);
-  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+  EXPECT_EQ(packed_bytes(DType::Q5_K, 64, 300), 0u);
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     EXPECT_TRUE(packed_kernels(t, Isa::AVX512));
     EXPECT_TRUE(packed_kernels(t, Isa::AVX2));
     EXPECT_FALSE(packed_kernels(t, Isa::Scalar));
@@ -200,8 +204,10 @@ TEST(PackedK, SizesAndTypes) {
   // per 16 rows x 256 columns (the scales and minimums as bytes): 2368 / 2304.
   EXPECT_EQ(packed_bytes(DType::Q6_K, 128, 2048), row_bytes(DType::Q6_K, 2048) * 128);
   EXPECT_EQ(packed_bytes(DType::Q4_K, 128, 2048), row_bytes(DType::Q4_K, 2048) * 128 / 2304 * 2368);
+  // q5_K: q4_K's record and the GGUF rows' 5th bits (32 bytes per row and super-block): 2880 / 2816.
+  EXPECT_EQ(packed_bytes(DType::Q5_K, 128, 2048), row_bytes(DType::Q5_K, 2048) * 128 / 2816 * 2880);
   // Linear in whole groups (model loading packs 64-row slabs at packed_bytes(t, r0, cols)).
-  for (DType t : {DType::Q4_K, DType::Q6_K})
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K})
     EXPECT_EQ(packed_bytes(t, 192, 1280), packed_bytes(t, 64, 1280) + packed_bytes(t, 128, 1280));
 }
 
@@ -217,7 +223,7 @@ TEST(PackedK, GridAllPathsAgainstReference) {
   const int rows_grid[] = {1, 5, 16, 17, 31, 48, 63, 64, 65, 100, 130};
   const int cols_grid[] = {256, 512, 768, 1280};
   const int toks_grid[] = {1, 2, 5, 6, 7, 13};
-  for (DType t : {DType::Q4_K, DType::Q6_K})
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K})
     for (int cols : cols_grid)
       for (int rows : rows_grid) {
         const KMatrix W = make(t, rows, cols, rng, pool);
@@ -251,7 +257,7 @@ TEST(PackedK, KernelsEqualScalarLayoutReference) {
   std::mt19937 rng(32);
   std::normal_distribution<float> nd(0, 1);
   int compared = 0;
-  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     const int rows = 141, cols = 256 * 7, nt = 23;
     const KMatrix W = make(t, rows, cols, rng, pool);
     std::vector<float> x(static_cast<size_t>(nt) * cols);
@@ -278,7 +284,7 @@ TEST(PackedK, KernelsEqualScalarLayoutReference) {
       }
     }
   }
-  EXPECT_GE(compared, 2 * 7 * 2);  // at least AVX2 with and without VNNI, or AVX2 and AVX-512
+  EXPECT_GE(compared, 3 * 7 * 2);  // at least AVX2 with and without VNNI, or AVX2 and AVX-512
 }
 
 // Quants at the ends of their ranges with activations at +-127 (and all one sign) over long
@@ -289,7 +295,7 @@ TEST(PackedK, ExtremeValuesLongRows) {
   GfniGuard gguard;
   ThreadPool pool(2);
   std::mt19937 rng(33);
-  for (DType t : {DType::Q4_K, DType::Q6_K})
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K})
     for (int pattern : {1, 2, 3}) {
       const int rows = 20, cols = 256 * 61, nt = 7;
       const KMatrix W = make(t, rows, cols, rng, pool, pattern);
@@ -316,7 +322,7 @@ TEST(PackedK, ExtremeValuesLongRows) {
 TEST(PackedK, RowLookupEqualsDequantizedRow) {
   ThreadPool pool(2);
   std::mt19937 rng(34);
-  for (DType t : {DType::Q4_K, DType::Q6_K})
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K})
     for (int cols : {256, 768}) {
       const int rows = 83;
       const KMatrix W = make(t, rows, cols, rng, pool);
@@ -330,7 +336,7 @@ TEST(PackedK, RowLookupEqualsDequantizedRow) {
     }
 }
 
-// A whole model: loading packs the q4_K / q6_K weights (on AVX2 and AVX-512, every variant) and
+// A whole model: loading packs the q4_K / q5_K / q6_K weights (on AVX2 and AVX-512, every variant) and
 // the logits match the
 // same file loaded without packing, prompt and decode. The packed prefill rounds activations
 // through q8_K (as every K-quant decode step does), the GGUF-layout prefill multiplies them in
@@ -341,7 +347,7 @@ TEST(PackedK, PackedModelMatchesUnpacked) {
   if (detected_isa() < Isa::AVX2) GTEST_SKIP() << "packing happens only on the AVX2 and AVX-512 paths";
   PathGuard guard;
   GfniGuard gguard;
-  for (DType t : {DType::Q4_K, DType::Q6_K}) {
+  for (DType t : {DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     SynthShape s;
     s.n_embd = 256; s.n_ff = 512; s.n_layer = 2; s.n_head = 4; s.n_head_kv = 2; s.n_vocab = 320; s.n_ctx = 256;
     s.tied = t == DType::Q6_K;  // embedding rows then come from the packed output matrix

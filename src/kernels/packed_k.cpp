@@ -1,4 +1,4 @@
-// q4_K and q6_K weights repacked once at load into 16-row panels (the K-quant side of
+// q4_K, q5_K and q6_K weights repacked once at load into 16-row panels (the K-quant side of
 // packed.cpp, whose header explains panels, groups and why decode reads one stream).
 //
 // Panel p = rows 16p .. 16p+15 (rows past the end are zero). Its super-blocks (256 columns) are
@@ -27,6 +27,14 @@
 //   multiplied by its sub-block's scale (vpmulld); the odd sums are divided by 16 (exact) once
 //   per super-block. The minimum term is a vpdpwssd of the minimums with the activations'
 //   per-32 sums.
+// q5_K (2880 bytes per panel and super-block = 45 x 64, +2.3% over the GGUF rows' 2816): q4_K's
+// group record (the same offsets, kQ5Q = 2048 bytes on) after the 5th bits of the 4 panels,
+//   hq: vector (v, s) at q5h(v, s) = 512v + 64s, lane i = row i's qh[4s .. 4s + 3] as stored (bit j
+//                 of byte l: the 5th bit of column 32j + 4s + l, sub-block j).
+//   One stream as q4_K's: decode reads panel v's hq vectors with its quants of pair 0 and again
+//   (from L1) for pairs 1..3; the kernels shift the hq vector right by 2c and move bits 0 / 1 to
+//   bit 4 of the low nibble / of the shifted-down high nibble (no 16 x trick: 16 x 31 exceeds a
+//   byte), so both sums of a pair are exact.
 // q6_K (one record per super-block, 3360 bytes per panel, exactly the GGUF rows' bytes). A
 // group's record of the 4 panels (13440 bytes = 210 x 64) is in decode's read order:
 //   quants of panel v, sub-block g (16 columns, 4 steps) at q6_q(v, g): 3
@@ -39,7 +47,7 @@
 //   -32 offset comes back through the activations' per-16 correction -128 * sum(x) that starts
 //   each sub-block's sum, the factor 4 through the float scale.
 //
-// Activations (both types): one 384-byte record per super-block per token, from the q8_K
+// Activations (every type): one 384-byte record per super-block per token, from the q8_K
 // quantizer (same bytes, so results are exact for q8_K-rounded activations, |q| <= 127):
 //   [0, 256) int8 quants; [256, 320) int32 per-16 corrections -128 * bsum (q6_K);
 //   [320, 324) f32 scale; [324, 340) int16 per-32 sums (q4_K minimums); [340, 372) int16 per-16
@@ -106,12 +114,20 @@ constexpr size_t q6_s(int v, int g) { return 12288 + 64 * g + 16 * v; }
 constexpr size_t q6_d(int v) { return 13312 + 32 * v; }
 static_assert(q6_d(3) + 32 == kGroupPanels * kQ6Rec && kGroupPanels * kQ6Rec % 64 == 0);
 
+// q5_K record: q4_K's after the 5th bits, [hq: panels 0..3][q4_K's record]
+constexpr size_t kQ5Rec = 2880;  // per panel and super-block (GGUF rows: 2816)
+constexpr size_t kQ5Q = 2048;    // q4_K's offsets from here
+constexpr size_t q5h(int v, int s) { return 512 * v + 64 * s; }
+static_assert(kQ5Q + kGroupPanels * kQ4Rec == kGroupPanels * kQ5Rec);
+
 struct KLayout {
   bool q6;
   size_t rec;   // bytes per record per panel
+  bool q5 = false;
 };
 KLayout klayout_of(DType t) {
   if (t == DType::Q6_K) return {true, kQ6Rec};
+  if (t == DType::Q5_K) return {false, kQ5Rec, true};
   return {false, kQ4Rec};
 }
 inline size_t group_bytes(const KLayout& L, int64_t cols) { return (cols / kQK_K) * kGroupPanels * L.rec; }
@@ -133,6 +149,27 @@ void pack_q4k_row(const BlockQ4_K* row, int64_t nsb, int i, uint8_t* grp, int v,
     }
     std::memcpy(rec + q4d(v) + 2 * i, &blk.d, 2);
     std::memcpy(rec + q4dmin(v) + 2 * i, &blk.dmin, 2);
+  }
+}
+
+// q5_K: q4_K's bytes (qs, scales, minimums, d, dmin) kQ5Q on, and the 5th bits: vector (v, s) lane
+// i = row i's qh[4s .. 4s + 3] (bit j of byte l: the 5th bit of column 32j + 4s + l).
+void pack_q5k_row(const BlockQ5_K* row, int64_t nsb, int i, uint8_t* grp, int v, size_t rec_stride) {
+  for (int64_t b = 0; b < nsb; ++b) {
+    const BlockQ5_K& blk = row[b];
+    uint8_t* rec = grp + b * rec_stride;
+    uint8_t* r4 = rec + kQ5Q;
+    for (int c = 0; c < 4; ++c)
+      for (int s = 0; s < 8; ++s) std::memcpy(r4 + q4q(v, c, s) + 4 * i, blk.qs + 32 * c + 4 * s, 4);
+    for (int s = 0; s < 8; ++s) std::memcpy(rec + q5h(v, s) + 4 * i, blk.qh + 4 * s, 4);
+    for (int j = 0; j < 8; ++j) {
+      uint8_t sc, mn;
+      get_scale_min_k4(j, blk.scales, &sc, &mn);
+      r4[q4sc(v) + 16 * j + i] = sc;
+      r4[q4mn(v) + 32 * (j / 2) + 2 * i + (j & 1)] = mn;
+    }
+    std::memcpy(r4 + q4d(v) + 2 * i, &blk.d, 2);
+    std::memcpy(r4 + q4dmin(v) + 2 * i, &blk.dmin, 2);
   }
 }
 
@@ -176,6 +213,8 @@ void pack_groups(const KLayout& L, const uint8_t* w, size_t wrb, int64_t rows, i
       if (r >= rows) break;
       if (L.q6)
         pack_q6k_row(reinterpret_cast<const BlockQ6_K*>(w + r * wrb), nsb, i, grp, v, kGroupPanels * L.rec);
+      else if (L.q5)
+        pack_q5k_row(reinterpret_cast<const BlockQ5_K*>(w + r * wrb), nsb, i, grp, v, kGroupPanels * L.rec);
       else
         pack_q4k_row(reinterpret_cast<const BlockQ4_K*>(w + r * wrb), nsb, i, grp, v, kGroupPanels * L.rec);
     }
@@ -220,15 +259,18 @@ void panel_scalar(const KLayout& L, const uint8_t* grp, int v, int64_t nsb, int 
         const auto* xq = reinterpret_cast<const int8_t*>(xb);
         const float dx = load_f32(xb + kXD);
         if (!L.q6) {
-          const uint8_t* rec = grp + b * stride;
+          // q5_K: the 5th bits add 16 to the low nibbles and 256 to the high ones (16 x 16).
+          const uint8_t* rh = grp + b * stride;
+          const uint8_t* rec = rh + (L.q5 ? kQ5Q : 0);
           int32_t sumi_e = 0, sumi_o = 0, summ = 0;
           for (int c = 0; c < 4; ++c) {
             int32_t lo = 0, hi16 = 0;
             for (int s = 0; s < 8; ++s)
               for (int l = 0; l < 4; ++l) {
                 const uint8_t byte = rec[q4q(v, c, s) + 4 * i + l];
-                lo += (byte & 0x0F) * xq[64 * c + 4 * s + l];
-                hi16 += (byte & 0xF0) * xq[64 * c + 32 + 4 * s + l];
+                const int h = L.q5 ? rh[q5h(v, s) + 4 * i + l] >> (2 * c) : 0;
+                lo += ((byte & 0x0F) | (h & 1) << 4) * xq[64 * c + 4 * s + l];
+                hi16 += ((byte & 0xF0) | (h & 2) << 7) * xq[64 * c + 32 + 4 * s + l];
               }
             sumi_e += rec[q4sc(v) + 16 * (2 * c) + i] * lo;
             sumi_o += rec[q4sc(v) + 16 * (2 * c + 1) + i] * hi16;
@@ -266,35 +308,57 @@ void panel_scalar(const KLayout& L, const uint8_t* grp, int v, int64_t nsb, int 
 
 // ------------------------------------------------------------------ AVX-512
 
+// Decode's software prefetch (the AVX2 tiles and q5_K's AVX-512 tile): the next super-block's
+// group record (bytes) in n equal shares, share k now, so that it arrives evenly while this record
+// is read. (From DRAM on a busy machine, one thread, AVX2: q4_K ~23 GB/s where the q4_K AVX-512
+// tile's quarter record per pair of sub-blocks read ~12 and the GGUF rows ~14; q6_K ~20 where a
+// sub-block 6 ahead read ~12, the rows ~19.)
+inline void prefetch_share(const uint8_t* next, size_t bytes, int k, int n) {
+  const size_t share = bytes / n;
+  const char* p = reinterpret_cast<const char*>(next) + k * share;
+  for (size_t l = 0; l < share + 64; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+}
+
 // y[t*ldy + 16v + i] for panels v0 + v (v < RV) of group grp, tokens t < T, lanes masked by m[v].
-template <int RV, int T>
+// Q5 (q5_K): the 5th bits of pair c (bits 2c, 2c + 1 of the hq bytes) moved to bit 4 of the low and
+// of the shifted-down high nibbles; the odd sums then exact too.
+template <bool Q5, int RV, int T>
 LARDER_TARGET_AVX512 void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, const __mmask16* m, const uint8_t* x,
                                    int64_t xs, float* y, int64_t ldy) {
-  constexpr size_t STRIDE = kGroupPanels * kQ4Rec;
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  constexpr size_t STRIDE = kGroupPanels * (Q5 ? kQ5Rec : kQ4Rec);
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m10 = _mm512_set1_epi8(0x10);
   __m512 acc[RV][T];
   for (int v = 0; v < RV; ++v)
     for (int t = 0; t < T; ++t) acc[v][t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nsb; ++b) {
-    const uint8_t* rec = grp + b * STRIDE;
+    const uint8_t* rh = grp + b * STRIDE;
+    const uint8_t* rec = rh + (Q5 ? kQ5Q : 0);
     const uint8_t* xb = x + b * kXRec;
     __m512i se[RV][T], so[RV][T];
     for (int v = 0; v < RV; ++v)
       for (int t = 0; t < T; ++t) se[v][t] = so[v][t] = _mm512_setzero_si512();
     for (int c = 0; c < 4; ++c) {
-      if constexpr (T == 1) {  // the next super-block's records, a quarter per pair of sub-blocks
-        const char* ahead = reinterpret_cast<const char*>(rec + STRIDE + c * (STRIDE / 4));
+      if constexpr (T == 1 && !Q5) {  // the next super-block's records, a quarter per pair of sub-blocks
+        const char* ahead = reinterpret_cast<const char*>(rh + STRIDE + c * (STRIDE / 4));
         for (size_t l = 0; l < STRIDE / 4; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
       }
       __m512i sl[RV][T], sh[RV][T];
       for (int v = 0; v < RV; ++v)
         for (int t = 0; t < T; ++t) sl[v][t] = sh[v][t] = _mm512_setzero_si512();
       for (int s = 0; s < 8; ++s) {
+        if constexpr (T == 1 && Q5) prefetch_share(rh + STRIDE, STRIDE, 8 * c + s, 32);
         __m512i lo[RV], hi[RV];
         for (int v = 0; v < RV; ++v) {
           const __m512i raw = _mm512_load_si512(rec + q4q(v0 + v, c, s));
-          lo[v] = _mm512_and_si512(raw, m4);
-          hi[v] = _mm512_andnot_si512(m4, raw);
+          if constexpr (Q5) {  // (A & C) | B = 0xEC
+            const __m512i sh = _mm512_srl_epi16(_mm512_load_si512(rh + q5h(v0 + v, s)), _mm_cvtsi32_si128(2 * c));
+            lo[v] = _mm512_ternarylogic_epi32(raw, _mm512_and_si512(_mm512_slli_epi16(sh, 4), m10), m4, 0xEC);
+            hi[v] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(raw, 4), _mm512_and_si512(_mm512_slli_epi16(sh, 3), m10), m4,
+                                              0xEC);
+          } else {
+            lo[v] = _mm512_and_si512(raw, m4);
+            hi[v] = _mm512_andnot_si512(m4, raw);
+          }
         }
         for (int t = 0; t < T; ++t) {
           const __m512i xl = _mm512_set1_epi32(load_i32(xb + t * xs + 64 * c + 4 * s));
@@ -325,7 +389,7 @@ LARDER_TARGET_AVX512 void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, cons
         const uint8_t* xt = xb + t * xs;
         __m512i summ = _mm512_setzero_si512();
         for (int p = 0; p < 4; ++p) summ = _mm512_dpwssd_epi32(summ, mn[p], _mm512_set1_epi32(load_i32(xt + kXSum32 + 4 * p)));
-        const __m512i sumi = _mm512_add_epi32(se[v][t], _mm512_srai_epi32(so[v][t], 4));
+        const __m512i sumi = _mm512_add_epi32(se[v][t], Q5 ? so[v][t] : _mm512_srai_epi32(so[v][t], 4));
         const __m512 xd = _mm512_set1_ps(load_f32(xt + kXD));
         acc[v][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_mul_ps(dv, xd), acc[v][t]);
         acc[v][t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dm, xd), acc[v][t]);
@@ -414,9 +478,9 @@ LARDER_TARGET_AVX512_GFNI void tile_q6k(const uint8_t* grp, int v0, int64_t nsb,
 
 using TileFn = void (*)(const uint8_t*, int, int64_t, const __mmask16*, const uint8_t*, int64_t, float*, int64_t);
 
-template <int RV>
+template <bool Q5, int RV>
 TileFn q4k_tile_t(int nt) {
-  static const TileFn tb[kTokTile] = {tile_q4k<RV, 1>, tile_q4k<RV, 2>, tile_q4k<RV, 3>};
+  static const TileFn tb[kTokTile] = {tile_q4k<Q5, RV, 1>, tile_q4k<Q5, RV, 2>, tile_q4k<Q5, RV, 3>};
   return tb[nt - 1];
 }
 template <bool G, int RV>
@@ -424,13 +488,21 @@ TileFn q6k_tile_t(int nt) {
   static const TileFn tb[kTokTile] = {tile_q6k<G, RV, 1>, tile_q6k<G, RV, 2>, tile_q6k<G, RV, 3>};
   return tb[nt - 1];
 }
-TileFn pick_tile(bool q6, bool gfni, int rv, int nt) {
-  if (!q6) {
+TileFn pick_tile(const KLayout& L, bool gfni, int rv, int nt) {
+  if (L.q5) {
     switch (rv) {
-      case 1: return q4k_tile_t<1>(nt);
-      case 2: return q4k_tile_t<2>(nt);
-      case 3: return tile_q4k<3, 1>;
-      default: return tile_q4k<4, 1>;
+      case 1: return q4k_tile_t<true, 1>(nt);
+      case 2: return q4k_tile_t<true, 2>(nt);
+      case 3: return tile_q4k<true, 3, 1>;
+      default: return tile_q4k<true, 4, 1>;
+    }
+  }
+  if (!L.q6) {
+    switch (rv) {
+      case 1: return q4k_tile_t<false, 1>(nt);
+      case 2: return q4k_tile_t<false, 2>(nt);
+      case 3: return tile_q4k<false, 3, 1>;
+      default: return tile_q4k<false, 4, 1>;
     }
   }
   if (gfni) {
@@ -518,11 +590,12 @@ LARDER_PK_DOT_VNNI(DotEvex, LARDER_TARGET_AVX2_EVEX_VNNI, _mm256_dpbusd_epi32)
 #undef LARDER_PK_TARGET
 #undef LARDER_PK_AVX2_BODY
 
-TileFn pick_tile_avx2(Vnni256 vn, bool q6, int rv, int nt) {
+TileFn pick_tile_avx2(Vnni256 vn, const KLayout& L, int rv, int nt) {
+  const int kind = L.q6 ? 1 : L.q5 ? 2 : 0;
   switch (vn) {
-    case Vnni256::Vex: return avx2_vex::pick(q6, rv, nt);
-    case Vnni256::Evex: return avx2_evex::pick(q6, rv, nt);
-    default: return avx2_maddubs::pick(q6, rv, nt);
+    case Vnni256::Vex: return avx2_vex::pick(kind, rv, nt);
+    case Vnni256::Evex: return avx2_evex::pick(kind, rv, nt);
+    default: return avx2_maddubs::pick(kind, rv, nt);
   }
 }
 
@@ -532,11 +605,11 @@ TileFn pick_tile_avx2(Vnni256 vn, bool q6, int rv, int nt) {
 bool set_packed_k_gfni(bool use) { return g_gfni.exchange(use && __builtin_cpu_supports("gfni")); }
 
 size_t packed_k_bytes(DType t, int64_t rows, int64_t cols) {
-  if ((t != DType::Q4_K && t != DType::Q6_K) || cols <= 0 || cols % kQK_K || rows <= 0) return 0;
+  if (!packed_k_type(t) || cols <= 0 || cols % kQK_K || rows <= 0) return 0;
   return static_cast<size_t>((rows + 16 * kGroupPanels - 1) / (16 * kGroupPanels)) * group_bytes(klayout_of(t), cols);
 }
 
-bool packed_k_kernels(DType t, Isa isa) { return (t == DType::Q4_K || t == DType::Q6_K) && isa >= Isa::AVX2; }
+bool packed_k_kernels(DType t, Isa isa) { return packed_k_type(t) && isa >= Isa::AVX2; }
 
 void pack_weights_k(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols, uint8_t* out, ThreadPool& pool) {
   LARDER_ASSERT(packed_k_bytes(t, rows, cols) > 0);
@@ -557,15 +630,17 @@ bool packed_k_row_to_float(DType t, const void* packed, int64_t rows, int64_t co
   // d * sc * (q - 32)), so the values are the same bits.
   for (int64_t b = 0; b < cols / kQK_K; ++b) {
     float* y = out + b * kQK_K;
-    if (!L.q6) {
-      const uint8_t* rec = grp + b * stride;
+    if (!L.q6) {  // q4_K, q5_K (d * sc * (q + 16 h) - dmin * mn)
+      const uint8_t* rh = grp + b * stride;
+      const uint8_t* rec = rh + (L.q5 ? kQ5Q : 0);
       const float d = fp16_to_fp32(load_u16(rec + q4d(v) + 2 * i)), mn = fp16_to_fp32(load_u16(rec + q4dmin(v) + 2 * i));
       for (int j = 0; j < 8; ++j) {
         const float d1 = d * rec[q4sc(v) + 16 * j + i], m1 = mn * rec[q4mn(v) + 32 * (j / 2) + 2 * i + (j & 1)];
         for (int s = 0; s < 8; ++s)
           for (int l = 0; l < 4; ++l) {
             const uint8_t byte = rec[q4q(v, j / 2, s) + 4 * i + l];
-            y[32 * j + 4 * s + l] = d1 * static_cast<float>((j & 1) ? byte >> 4 : byte & 0xF) - m1;
+            const int h = L.q5 ? (rh[q5h(v, s) + 4 * i + l] >> j & 1) << 4 : 0;
+            y[32 * j + 4 * s + l] = d1 * static_cast<float>(((j & 1) ? byte >> 4 : byte & 0xF) + h) - m1;
           }
       }
     } else {
@@ -607,7 +682,7 @@ void matmul_packed_k(DType t, const void* packed, int64_t rows, int64_t cols, co
       const int v0 = static_cast<int>(p0 % kGroupPanels);
       for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokTile2) {
         const int n = static_cast<int>(std::min<int64_t>(kTokTile2, n_tokens - t0));
-        pick_tile_avx2(vn, L.q6, rv, n)(grp, v0, nsb, m, xq + t0 * xs, xs, y + t0 * ldy + 16 * p0, ldy);
+        pick_tile_avx2(vn, L, rv, n)(grp, v0, nsb, m, xq + t0 * xs, xs, y + t0 * ldy + 16 * p0, ldy);
       }
     });
     return;
@@ -625,7 +700,7 @@ void matmul_packed_k(DType t, const void* packed, int64_t rows, int64_t cols, co
     const int v0 = static_cast<int>(p0 % kGroupPanels);
     for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokTile) {
       const int n = static_cast<int>(std::min<int64_t>(kTokTile, n_tokens - t0));
-      pick_tile(L.q6, gfni, rv, n)(grp, v0, nsb, m, xq + t0 * xs, xs, y + t0 * ldy + 16 * p0, ldy);
+      pick_tile(L, gfni, rv, n)(grp, v0, nsb, m, xq + t0 * xs, xs, y + t0 * ldy + 16 * p0, ldy);
     }
   });
 }
@@ -657,16 +732,6 @@ inline const uint8_t* opaque(const uint8_t* p) {
   return p;
 }
 
-// Decode's software prefetch: the next super-block's group record (bytes) in n equal shares, share
-// k now, so that it arrives evenly while this record is read. (From DRAM on a busy machine, one
-// thread: q4_K ~23 GB/s where the AVX-512 tile's quarter record per pair of sub-blocks read ~12
-// and the GGUF rows ~14; q6_K ~20 where a sub-block 6 ahead read ~12, the rows ~19.)
-inline void prefetch_share(const uint8_t* next, size_t bytes, int k, int n) {
-  const size_t share = bytes / n;
-  const char* p = reinterpret_cast<const char*>(next) + k * share;
-  for (size_t l = 0; l < share + 64; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
-}
-
 template <class V>
 LARDER_PK_TARGET inline __m256i load256(const V* p) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
@@ -676,13 +741,20 @@ LARDER_PK_TARGET inline __m256i load256(const V* p) {
 // one's into one int32 sum per lane: wide, the odd one's bytes masked with 0xF0 (16 q) and the even
 // scale times 16, so the super-block sum is 16 sumi, divided back once (exact, as in panel_scalar);
 // narrow, the odd nibbles shifted down and the sums exact.
-template <int RV, int T>
+// Q5 (q5_K): the 5th bits (bits 2c, 2c + 1 of the hq bytes) moved to bit 4 of the low and of the
+// shifted-down high nibbles, in every variant (16 x 31 does not fit a byte); narrow, the sub-block's
+// int16 pairs in two halves of 4 steps (|sum| <= 4*2*31*127).
+template <bool Q5, int RV, int T>
 LARDER_PK_TARGET void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, const uint16_t* m, const uint8_t* x,
                                int64_t xs, float* y, int64_t ldy) {
-  constexpr size_t STRIDE = kGroupPanels * kQ4Rec;
+  constexpr size_t STRIDE = kGroupPanels * (Q5 ? kQ5Rec : kQ4Rec);
+  constexpr bool kSplit = Q5 && !P::kWide;  // two int16 partials per sub-block
+  constexpr bool k16 = P::kWide && !Q5;     // odd sums 16x (bytes masked with 0xF0)
   // Offsets of panel v0 (runtime) apart, so that every offset below is a constant.
-  const size_t oq = q4q(v0, 0, 0), osc = q4sc(v0) - q4sc(0), omn = q4mn(v0) - q4mn(0), od = q4d(v0) - q4d(0);
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const size_t oq = q4q(v0, 0, 0) + (Q5 ? kQ5Q : 0), osc = q4sc(v0) - q4sc(0) + (Q5 ? kQ5Q : 0),
+               omn = q4mn(v0) - q4mn(0) + (Q5 ? kQ5Q : 0), od = q4d(v0) - q4d(0) + (Q5 ? kQ5Q : 0),
+               oh = q5h(v0, 0);
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m10 = _mm256_set1_epi8(0x10);
   __m256 acc[RV][2][T];
 #pragma GCC unroll 4
   for (int v = 0; v < RV; ++v)
@@ -705,24 +777,38 @@ LARDER_PK_TARGET void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, const ui
           if constexpr (T == 1) prefetch_share(rec + STRIDE, STRIDE, (c * RV + v) * 2 + h, 4 * RV * 2);
           const uint8_t* xt[T];
           for (int t = 0; t < T; ++t) xt[t] = opaque(xb + t * xs + 64 * c);
+          const uint8_t* sc = rec + osc + q4sc(v) + 32 * c + 8 * h;
+          __m256i sce = P::scale_u8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc)));
+          const __m256i sco = P::scale_u8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 16)));
+          if constexpr (k16) sce = _mm256_slli_epi32(sce, 4);
+          const __m128i cnt = _mm_cvtsi32_si128(2 * c);
           __m256i pl[T], ph[T];
 #pragma GCC unroll 8
           for (int s = 0; s < 8; ++s) {
             const __m256i raw = load256(rec + oq + q4q(v, c, s) + 32 * h);
-            const __m256i lo = _mm256_and_si256(raw, m4);
-            const __m256i hi = P::kWide ? _mm256_andnot_si256(m4, raw) : _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            __m256i lo = _mm256_and_si256(raw, m4);
+            __m256i hi = k16 ? _mm256_andnot_si256(m4, raw) : _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            if constexpr (Q5) {
+              const __m256i sh = _mm256_srl_epi16(load256(rec + oh + q5h(v, s) + 32 * h), cnt);
+              lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(sh, 4), m10));
+              hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(sh, 3), m10));
+            }
 #pragma GCC unroll 8
             for (int t = 0; t < T; ++t) {
               const __m256i xl = _mm256_set1_epi32(load_i32(xt[t] + 4 * s));
               const __m256i xh = _mm256_set1_epi32(load_i32(xt[t] + 32 + 4 * s));
-              pl[t] = s == 0 ? P::first(lo, xl) : P::dot(pl[t], lo, xl);
-              ph[t] = s == 0 ? P::first(hi, xh) : P::dot(ph[t], hi, xh);
+              const bool start = s == 0 || (kSplit && s == 4);
+              pl[t] = start ? P::first(lo, xl) : P::dot(pl[t], lo, xl);
+              ph[t] = start ? P::first(hi, xh) : P::dot(ph[t], hi, xh);
+            }
+            if constexpr (kSplit) {
+              if (s == 3) {
+#pragma GCC unroll 8
+                for (int t = 0; t < T; ++t)
+                  si[v][h][t] = _mm256_add_epi32(si[v][h][t], _mm256_add_epi32(P::scaled(pl[t], sce), P::scaled(ph[t], sco)));
+              }
             }
           }
-          const uint8_t* sc = rec + osc + q4sc(v) + 32 * c + 8 * h;
-          __m256i sce = P::scale_u8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc)));
-          const __m256i sco = P::scale_u8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 16)));
-          if constexpr (P::kWide) sce = _mm256_slli_epi32(sce, 4);
 #pragma GCC unroll 8
           for (int t = 0; t < T; ++t)
             si[v][h][t] = _mm256_add_epi32(si[v][h][t], _mm256_add_epi32(P::scaled(pl[t], sce), P::scaled(ph[t], sco)));
@@ -744,7 +830,7 @@ LARDER_PK_TARGET void tile_q4k(const uint8_t* grp, int v0, int64_t nsb, const ui
           __m256i summ = _mm256_madd_epi16(mn[0], _mm256_set1_epi32(load_i32(xt + kXSum32)));
           for (int p = 1; p < 4; ++p)
             summ = _mm256_add_epi32(summ, _mm256_madd_epi16(mn[p], _mm256_set1_epi32(load_i32(xt + kXSum32 + 4 * p))));
-          const __m256i sumi = P::kWide ? _mm256_srai_epi32(si[v][h][t], 4) : si[v][h][t];
+          const __m256i sumi = k16 ? _mm256_srai_epi32(si[v][h][t], 4) : si[v][h][t];
           const __m256 xd = _mm256_set1_ps(load_f32(xt + kXD));
           acc[v][h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(dv, xd), acc[v][h][t]);
           acc[v][h][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(dm, xd), acc[v][h][t]);
@@ -860,16 +946,21 @@ LARDER_PK_TARGET void tile_q6k(const uint8_t* grp, int v0, int64_t nsb, const ui
 }
 
 // Decode: a group's 4 panels (one stream); prefill: kPrefillPanels panels x up to kTokTile2 tokens.
-TileFn pick(bool q6, int rv, int nt) {
-  static const TileFn decode[2][4] = {{tile_q4k<1, 1>, tile_q4k<2, 1>, tile_q4k<3, 1>, tile_q4k<4, 1>},
-                                      {tile_q6k<1, 1>, tile_q6k<2, 1>, tile_q6k<3, 1>, tile_q6k<4, 1>}};
-  static const TileFn prefill[2][2][kTokTile2] = {
-      {{tile_q4k<1, 1>, tile_q4k<1, 2>, tile_q4k<1, 3>, tile_q4k<1, 4>},
-       {tile_q4k<2, 1>, tile_q4k<2, 2>, tile_q4k<2, 3>, tile_q4k<2, 4>}},
+// kind: 0 q4_K, 1 q6_K, 2 q5_K.
+TileFn pick(int kind, int rv, int nt) {
+  static const TileFn decode[3][4] = {
+      {tile_q4k<false, 1, 1>, tile_q4k<false, 2, 1>, tile_q4k<false, 3, 1>, tile_q4k<false, 4, 1>},
+      {tile_q6k<1, 1>, tile_q6k<2, 1>, tile_q6k<3, 1>, tile_q6k<4, 1>},
+      {tile_q4k<true, 1, 1>, tile_q4k<true, 2, 1>, tile_q4k<true, 3, 1>, tile_q4k<true, 4, 1>}};
+  static const TileFn prefill[3][2][kTokTile2] = {
+      {{tile_q4k<false, 1, 1>, tile_q4k<false, 1, 2>, tile_q4k<false, 1, 3>, tile_q4k<false, 1, 4>},
+       {tile_q4k<false, 2, 1>, tile_q4k<false, 2, 2>, tile_q4k<false, 2, 3>, tile_q4k<false, 2, 4>}},
       {{tile_q6k<1, 1>, tile_q6k<1, 2>, tile_q6k<1, 3>, tile_q6k<1, 4>},
-       {tile_q6k<2, 1>, tile_q6k<2, 2>, tile_q6k<2, 3>, tile_q6k<2, 4>}}};
-  if (nt == 1) return decode[q6][rv - 1];
-  return prefill[q6][rv - 1][nt - 1];
+       {tile_q6k<2, 1>, tile_q6k<2, 2>, tile_q6k<2, 3>, tile_q6k<2, 4>}},
+      {{tile_q4k<true, 1, 1>, tile_q4k<true, 1, 2>, tile_q4k<true, 1, 3>, tile_q4k<true, 1, 4>},
+       {tile_q4k<true, 2, 1>, tile_q4k<true, 2, 2>, tile_q4k<true, 2, 3>, tile_q4k<true, 2, 4>}}};
+  if (nt == 1) return decode[kind][rv - 1];
+  return prefill[kind][rv - 1][nt - 1];
 }
 static_assert(kPrefillPanels == 2 && kDecodePanels == 4);
 
