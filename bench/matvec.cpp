@@ -3,8 +3,8 @@
 // far larger than the caches (what DRAM allows). Decode is memory-bound only when the first
 // is well above larder-membw's figure.
 //   larder-bench-matvec [-t THREADS] [--types f32,q8_0,...] [--cols K] [--isa scalar|avx2|avxvnni|avx512] [--packed]
-// --packed: q8_0/q4_0/q4_1/q5_0/q4_K/q6_K matrices repacked into panels first (what model loading
-// does on AVX-512).
+// --packed: q8_0/q4_0/q4_1/q5_0/q4_K/q5_K/q6_K matrices repacked into panels first where the path
+// has packed kernels (what model loading does on the AVX-512 and AVX2 paths).
 #include <sys/mman.h>
 
 #include <algorithm>

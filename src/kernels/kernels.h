@@ -94,8 +94,9 @@ constexpr int64_t kGemmMinTokens = 8;
 // given path (F32 = used as they are): what the result is exact for, up to rounding.
 DType matmul_activation_type(DType t, int64_t n_tokens, Isa isa);
 
-// Panel-packed weights (packed.cpp): q8_0 and q4_0 rows repacked once at load so that the
-// AVX-512 integer kernels read 16 rows per vector with no per-token gathering (same bytes as
+// Panel-packed weights (packed.cpp, packed_k.cpp; AVX2 kernels in packed_avx2.cpp): q8_0, q4_0,
+// q4_1, q5_0, q4_K, q5_K, q6_K rows repacked once at load so that the integer kernels read 16 rows
+// per 512-bit vector (two 256-bit halves on AVX2) with no per-token gathering (about the bytes of
 // the GGUF rows, 64-byte aligned). packed_bytes is 0 for types/shapes without a packed form.
 size_t packed_bytes(DType t, int64_t rows, int64_t cols);
 // Whether the given path has fast kernels for type t's packed layout (elsewhere matmul_packed runs
@@ -107,8 +108,9 @@ void pack_weights(DType t, const void* w, size_t wrb, int64_t rows, int64_t cols
 // (embedding lookups when the output matrix is tied to the embedding); false when the type's
 // packed form has no row access.
 bool packed_row_to_float(DType t, const void* packed, int64_t rows, int64_t cols, int64_t r, float* out);
-// matmul (below) on packed weights, activations quantized to q8_0 for every batch size; the
-// AVX-512 kernels on that path, the layout's scalar reference on the others.
+// matmul (below) on packed weights, activations quantized for every batch size (q8_0 "x4" or
+// q8_K records); the AVX-512 or AVX2 kernels (plain / VNNI, active_vnni256) on those paths, the
+// layout's scalar reference on the scalar path.
 void matmul_packed(DType t, const void* packed, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
                    int64_t ldy, ThreadPool& pool, MatmulScratch& scratch, Isa isa);
 
