@@ -19,9 +19,9 @@
 //                 makes lane i the int16 pair of sub-blocks 2p, 2p + 1 for one vpdpwssd);
 //   d, dmin: f16 per row.
 //   Decode prefetches the next super-block's records (hardware prefetch alone read DRAM at ~41
-//   of 50 GB/s, with it ~48). q6_K decode prefetches the sub-block 6 on of the 4 panels (from
+//   of 50 GB/s, with it ~48). q6_K decode prefetched the sub-block 6 on of the 4 panels (from
 //   DRAM at ~83 GB/s: ~74, where a whole super-block ahead read ~63, the panel-by-panel records
-//   ~58 and the GGUF rows ~64).
+//   ~58 and the GGUF rows ~64); it now prefetches the next record in shares (prefetch_share).
 //   The kernel masks the bytes with 0x0F (low nibble) and 0xF0 (16 x high nibble, so no shift):
 //   per pair c two int32 sums, the even sub-block's exact and the odd one's times 16, each
 //   multiplied by its sub-block's scale (vpmulld); the odd sums are divided by 16 (exact) once
@@ -434,16 +434,12 @@ LARDER_TARGET_AVX512_GFNI void tile_q6k(const uint8_t* grp, int v0, int64_t nsb,
     for (int v = 0; v < RV; ++v)
       for (int t = 0; t < T; ++t) sumi[v][t] = _mm512_setzero_si512();
     for (int g = 0; g < 16; ++g) {
-      if constexpr (T == 1) {  // a later sub-block of the 4 panels: quants and scales
-        constexpr int D = 6;  // sub-blocks ahead (~4.6 KB): 74 GB/s from DRAM at ~83, where 4 read 62, 8: 71, 16: 63
-        const int ga = (g + D) % 16;
-        const char* ahead = reinterpret_cast<const char*>(rec + (g + D >= 16 ? STRIDE : 0));
-        for (int l = 0; l < RV * 192; l += 64) _mm_prefetch(ahead + q6_q(v0, ga) + l, _MM_HINT_T0);
-        _mm_prefetch(ahead + q6_s(v0, ga), _MM_HINT_T0);
-        if (ga == 0) _mm_prefetch(ahead + q6_d(v0), _MM_HINT_T0);
-      }
       __m512i q[RV][4];
       for (int v = 0; v < RV; ++v) {
+        // The next record in shares (prefetch_share). Sub-block 6 ahead of the 4 panels, quants and
+        // scales (74 GB/s from DRAM at ~83 on a quiet machine, where 4 ahead read 62, 8: 71, 16: 63),
+        // read ~11 GB/s on one thread of the busy machine where this reads ~22 and the GGUF rows ~21.
+        if constexpr (T == 1) prefetch_share(rec + STRIDE, STRIDE, g * RV + v, 16 * RV);
         const uint8_t* qs = rec + q6_q(v0 + v, g);
         const __m512i v0 = _mm512_load_si512(qs), v1 = _mm512_load_si512(qs + 64), v2 = _mm512_load_si512(qs + 128);
         q[v][0] = _mm512_and_si512(v0, mfc);
