@@ -8,7 +8,7 @@ The f32 cache is the baseline (the engine's f32 path is checked against float64 
 real_model_test.py); the other types are checked against it, on two files per model:
 
   f32 copy   the model's f32 copy made by real_model_test.py (tests/reference/gguf_convert.py, cached in
-             $LARDER_REF_CACHE or ~/.cache/larder/ref; SKIPPED with a note when absent): f32 weights and
+             $LARDER_REF_CACHE or ~/.cache/larder/ref; made here the same way when absent): f32 weights and
              activations, so what changes is the cache type alone. Tight bounds (LOGIT_TOL_F32).
   quantized  the GGUF itself (Q4_1 / Q4_K_M): its integer kernels round every activation to 8 bits, and
              any perturbation of the residual stream flips some of those roundings at practically every
@@ -123,10 +123,17 @@ def logits(model, ids, t, tmp, n_vocab=None):
 
 
 def f32_copy(path):
-    d = os.environ.get("LARDER_REF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "larder", "ref")
-    stem = os.path.basename(path)[:-len(".gguf")]
-    found = sorted(glob.glob(os.path.join(d, stem + ".f32-*.gguf")))
-    return found[0] if found else None
+    """The f32 copy real_model_test.py makes (made here if it is not cached yet, the same way)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import real_model_test
+    except ImportError as e:  # its reference dependencies are missing: take a cached copy if any
+        log("real_model_test cannot be imported (%s): looking for a cached f32 copy" % e)
+        d = os.environ.get("LARDER_REF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "larder", "ref")
+        stem = os.path.basename(path)[:-len(".gguf")]
+        found = sorted(glob.glob(os.path.join(d, stem + ".f32-*.gguf")))
+        return found[0] if found else None
+    return real_model_test.f32_copy(path)
 
 
 def run_model(name, tmp):
@@ -139,7 +146,7 @@ def run_model(name, tmp):
     if copy:
         run_file(name + " f32-copy", copy, LOGIT_TOL_F32, tmp, min_decisive=32)
     else:
-        SKIPS.append("%s: no f32 copy (run real_model_test.py once to make it)" % name)
+        SKIPS.append("%s: no f32 copy (tests/reference needs numpy; see tests/requirements.txt)" % name)
         log("SKIP %s f32 copy: not found" % name)
     run_file(name, path, LOGIT_TOL_Q, tmp, min_decisive=0)
 
