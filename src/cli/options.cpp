@@ -22,7 +22,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"run,chat", "--frequency-penalty", "", "frequency penalty (0 = off)", &a.freq_penalty},
       {"run,chat", "--presence-penalty", "", "presence penalty (0 = off)", &a.presence_penalty},
       {"run,chat,logits,bench,perplexity,serve", "--w8a8", "LARDER_W8A8", "int8 prefill with shadow outliers (weights repacked to int8 per row)", &a.w8a8},
-      {"run,chat,logits,bench,perplexity,serve", "--no-repack", "LARDER_NO_REPACK", "keep q8_0/q4_0/q4_1/q5_0/q4_K/q6_K weights in the file's layout instead of repacking them for the AVX-512 kernels", &a.no_repack},
+      {"run,chat,logits,bench,perplexity,serve", "--no-repack", "LARDER_NO_REPACK", "keep q8_0/q4_0/q4_1/q5_0/q4_K/q5_K/q6_K weights in the file's layout instead of repacking them for the AVX2 / AVX-512 kernels", &a.no_repack},
       {"run,chat,logits,perplexity,serve", "-ctk,--cache-type-k", "LARDER_CACHE_TYPE_K", "KV cache type of K: f32 | f16 | bf16 | q8_0 (q8_0 needs a head size that is a multiple of 32)", &a.cache_type_k},
       {"run,chat,logits,perplexity,serve", "-ctv,--cache-type-v", "LARDER_CACHE_TYPE_V", "KV cache type of V: f32 | f16 | bf16 | q8_0", &a.cache_type_v},
       {"bench", "-ctk,--cache-type-k", "LARDER_CACHE_TYPE_K", "comma-separated KV cache types of K: f32 | f16 | bf16 | q8_0", &a.cache_type_k},
