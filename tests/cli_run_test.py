@@ -52,6 +52,14 @@ def main():
                       "--presence-penalty", "0.1", "--seed", "3", "-c", "128", "-t", "1"])
     check("all sampling flags accepted", rc == 0 and out.startswith("Once upon a time"), out[:80])
 
+    # An explicit flag wins over its environment variable, which applies only when the flag is absent.
+    env = dict(os.environ, LARDER_CTX_SIZE="100")
+    for extra, want in ((["-c", "200"], "ctx 200"), ([], "ctx 100")):
+        p = subprocess.run([BIN, "run", "-m", GGUF, "-p", "Once", "-n", "2", "-t", "1"] + extra, capture_output=True,
+                           timeout=120, env=env)
+        err = p.stderr.decode("utf-8", "replace")
+        check(f"LARDER_CTX_SIZE=100 with {extra or 'no -c'} gives {want}", p.returncode == 0 and want + "," in err, err[-300:])
+
     rc, out, _ = run(["tokenize", "-m", GGUF, "--ids", "Once upon a time"])
     check("tokenize --ids gives BOS + README ids", rc == 0 and out.strip() == "[1, 403, 407, 261, 378]", out)
     rc, out, _ = run(["tokenize", "-m", GGUF, "--ids", "--no-bos", "Once upon a time"])

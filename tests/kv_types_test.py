@@ -125,6 +125,7 @@ def logits(model, ids, t, tmp, n_vocab=None):
 def f32_copy(path):
     """The f32 copy real_model_test.py makes (made here if it is not cached yet, the same way)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    saved = dict(os.environ)
     try:
         import real_model_test
     except ImportError as e:  # its reference dependencies are missing: take a cached copy if any
@@ -133,6 +134,9 @@ def f32_copy(path):
         stem = os.path.basename(path)[:-len(".gguf")]
         found = sorted(glob.glob(os.path.join(d, stem + ".f32-*.gguf")))
         return found[0] if found else None
+    finally:  # real_model_test pins the f32 cache through the environment; the types here come by flag
+        os.environ.clear()
+        os.environ.update(saved)
     return real_model_test.f32_copy(path)
 
 

@@ -29,7 +29,11 @@ std::string cli11_flags(const char* flags, DashAliases& aliases, std::vector<std
   return out;
 }
 
-void bind_options(CLI::App* sub, const std::string& name, std::vector<OptSpec>& table, DashAliases& aliases) {
+// with_env: only the subcommand being run reads environment variables. CLI11 (2.1) reads the env of
+// every subcommand, invoked or not, and all of them write the same Args, so another subcommand's
+// LARDER_CTX_SIZE would overwrite this one's -c (an explicit flag must win over the environment).
+void bind_options(CLI::App* sub, const std::string& name, std::vector<OptSpec>& table, DashAliases& aliases,
+                  bool with_env) {
   for (auto& o : table) {
     std::string cmds = std::string(",") + o.cmds + ",";
     if (cmds.find("," + name + ",") == std::string::npos) continue;
@@ -43,7 +47,7 @@ void bind_options(CLI::App* sub, const std::string& name, std::vector<OptSpec>& 
           else return sub->add_option(flags, *p, help)->capture_default_str();
         },
         o.target);
-    if (o.env && *o.env) opt->envname(o.env);
+    if (with_env && o.env && *o.env) opt->envname(o.env);
   }
 }
 
@@ -78,7 +82,7 @@ int main(int argc, char** argv) {
   DashAliases aliases;
   for (const Cmd& c : cmds) {
     CLI::App* sub = app.add_subcommand(c.name, c.help);
-    bind_options(sub, c.name, table, aliases);
+    bind_options(sub, c.name, table, aliases, argc > 1 && std::string(argv[1]) == c.name);
     if (std::string(c.name) == "info") sub->add_option("file", a.positional, "model file (or use -m)");
     if (std::string(c.name) == "tokenize") sub->add_option("text", a.positional, "text to tokenize");
     if (std::string(c.name) == "kv") sub->add_option("action", a.positional, "stats | verify | clear");
