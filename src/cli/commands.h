@@ -17,6 +17,7 @@ int cmd_bench(Args& a);
 int cmd_quantize(Args& a);    // src/cli/quantize.cpp
 int cmd_perplexity(Args& a);  // src/cli/perplexity.cpp
 int cmd_serve(Args& a);       // src/cli/serve.cpp
+int cmd_router(Args& a);      // src/cli/router.cpp
 int cmd_replay(Args& a);      // src/cli/replay.cpp
 int cmd_kv(Args& a);          // src/cli/kv.cpp
 // The sampling flags of run/chat as sampler settings (a negative seed = random).

@@ -82,6 +82,18 @@ struct Args {
   std::string alias;
   int prompt_cache = 256;
   bool prompt_cache_strict = false;
+  // cluster (serve, router): P/D disaggregation
+  std::string role = "both";          // prefill | decode | both
+  std::string cluster;                // etcd://HOST:PORT[,HOST:PORT] ("" = no membership)
+  std::string cluster_name = "default";
+  int cluster_ttl = 10;               // etcd lease TTL, seconds
+  std::string advertise_host;         // address peers and the router use ("" = --host, or this host's name)
+  int transfer_port = 0;              // KV transfer listener (0 = any free port)
+  double pd_timeout = 30;             // a handoff's deadline, seconds (decode side)
+  double pd_lease = 30;               // prefill keeps a handed-off copy until acknowledged or this long
+  std::string pd_fallback = "local";  // decode when prefill fails: local (recompute) | error (5xx)
+  std::string prefill_urls;           // router: static prefill instances (host:port,...)
+  std::string decode_urls;            // router: static decode instances
   // tiered KV store (serve, kv)
   std::string kv_dram;          // L2 DRAM tier size ("" = off)
   bool kv_dram_q8 = false;      // L2 holds blocks as 8-bit (twice as many)

@@ -1,0 +1,1 @@
+// placeholder: etcd client (being written)

@@ -1,0 +1,1 @@
+// placeholder: the UCX transfer engine (being written)
