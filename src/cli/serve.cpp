@@ -19,7 +19,12 @@
 #include <memory>
 #include <string>
 
+#include <unistd.h>
+
 #include "cli/commands.h"
+#include "cluster/etcd.h"
+#include "cluster/membership.h"
+#include "pd/pd.h"
 #include "kernels/attention_kv.h"
 #include "engine/scheduler.h"
 #include "model/model.h"
@@ -56,6 +61,18 @@ int cmd_serve(Args& a) {
   if (a.parallel < 1) return fail("--parallel must be at least 1");
   if (a.queue < 0) return fail("--queue must not be negative");
   if (a.n_ctx < 0) return fail("--ctx-size must not be negative");
+  if (a.role != "prefill" && a.role != "decode" && a.role != "both")
+    return fail("--role must be prefill, decode or both, not '" + a.role + "'");
+  if (a.pd_fallback != "local" && a.pd_fallback != "error") return fail("--pd-fallback must be local or error");
+  if (a.pd_timeout <= 0 || a.pd_lease <= 0) return fail("--pd-timeout and --pd-lease must be positive");
+  if (a.cluster_ttl < 2) return fail("--cluster-ttl must be at least 2 seconds");
+  if (a.transfer_port < 0 || a.transfer_port > 65535) return fail("--transfer-port must be 0..65535");
+  std::vector<std::string> etcd;
+  if (!a.cluster.empty()) {
+    auto e = cluster::parse_etcd_url(a.cluster);
+    if (!e.ok()) return fail("--cluster: " + e.error());
+    etcd = *e;
+  }
   if (a.kv_blocks < 0) return fail("--kv-blocks must not be negative");
   if (a.kv_blocks > 0 && !a.kv_mem.empty()) return fail("give --kv-blocks or --kv-mem, not both");
   auto kvt = cache_types(a);
@@ -138,7 +155,90 @@ int cmd_serve(Args& a) {
   auto sched = Scheduler::create(m, p);
   if (!sched.ok()) return fail(sched.error());
   Scheduler& s = **sched;
+  // P/D: a transfer engine over the pool and the handoff endpoints, for instances that may
+  // hand KV over (a role, a cluster, or an explicit transfer port).
+  std::unique_ptr<pd::PdNode> pdn;
+  std::string advertise = a.advertise_host;
+  if (advertise.empty()) {
+    advertise = a.host;
+    if (advertise == "0.0.0.0" || advertise == "::") {
+      char hn[256] = {0};
+      ::gethostname(hn, sizeof hn - 1);
+      advertise = hn;
+    }
+  }
+  const std::string self_api = advertise + ":" + std::to_string(srv.port());
+  if (a.role != "both" || !etcd.empty() || a.transfer_port != 0) {
+    pd::PdParams pp;
+    pp.role = a.role;
+    pp.transfer_host = a.host == "0.0.0.0" || a.host == "::" ? advertise : a.host;
+    pp.transfer_port = a.transfer_port;
+    pp.self_api = self_api;
+    pp.api_key = a.api_key;
+    pp.timeout_s = a.pd_timeout;
+    pp.lease_s = a.pd_lease;
+    pp.fallback_local = a.pd_fallback == "local";
+    auto node = pd::PdNode::create(s, pp);
+    if (!node.ok()) return fail("KV transfer: " + node.error());
+    pdn = std::move(*node);
+    srv.attach_pd(pdn.get());
+    std::fprintf(stderr, "larder serve: role %s, KV transfer on %s\n", a.role.c_str(), pdn->transfer_address().c_str());
+  }
   srv.attach(m, s);
+  // Membership: registered in etcd with a lease, refreshed with the load every second.
+  std::unique_ptr<cluster::Membership> member;
+  if (!etcd.empty()) {
+    char hn[256] = {0};
+    ::gethostname(hn, sizeof hn - 1);
+    cluster::InstanceInfo base;
+    base.id = std::string(hn) + "-" + std::to_string(::getpid()) + "-" + std::to_string(srv.port());
+    base.role = a.role;
+    base.model = s.blocks_identity();
+    base.kv_layout = pdn->layout();
+    base.api_address = self_api;
+    base.transfer_address = pdn->transfer_address();
+    base.capacity.parallel = a.parallel;
+    base.capacity.threads = a.n_threads;
+    cluster::MembershipParams mp;
+    mp.endpoints = etcd;
+    mp.cluster = a.cluster_name;
+    mp.ttl_s = a.cluster_ttl;
+    const auto pv = s.kv_pool();
+    const int64_t block_bytes = static_cast<int64_t>(pv.n_layer) * pv.block_size * (pv.k_row + pv.v_row);
+    base.capacity.dram_blocks = static_cast<int64_t>(p.store.dram_bytes) / std::max<int64_t>(block_bytes, 1);
+    base.capacity.disk_blocks = static_cast<int64_t>(p.store.disk_bytes) / std::max<int64_t>(block_bytes, 1);
+    Scheduler* sp_ = &s;
+    auto mem = cluster::Membership::start(mp, [base, sp_] {
+      cluster::InstanceInfo i = base;
+      const SchedulerStats st = sp_->stats();
+      i.capacity.kv_blocks = st.kv_blocks;
+      i.load.running = st.running;
+      i.load.waiting = st.waiting;
+      i.load.free_blocks = st.kv_free + st.kv_cached;
+      i.load.queued_prefill_tokens = st.queued_prefill_tokens;
+      return i;
+    });
+    if (!mem.ok()) return fail("--cluster: " + mem.error());
+    member = std::move(*mem);
+    std::fprintf(stderr, "larder serve: cluster '%s' in etcd %s as %s (%s)\n", a.cluster_name.c_str(), a.cluster.c_str(),
+                 base.id.c_str(), a.role.c_str());
+  }
+  cluster::Membership* mem_raw = member.get();
+  const std::string role = a.role, cluster_name = a.cluster_name;
+  srv.set_metrics_extra([mem_raw, role, cluster_name](std::string& out) {
+    out += "# HELP larder_instance_info this instance's role in a P/D cluster\n# TYPE larder_instance_info gauge\n";
+    out += "larder_instance_info{role=\"" + role + "\",cluster=\"" + (mem_raw ? cluster_name : std::string()) + "\"} 1\n";
+    if (!mem_raw) return;
+    const auto ms = mem_raw->stats();
+    out += "# HELP larder_cluster_registered 1 while this instance's registration in etcd is live\n"
+           "# TYPE larder_cluster_registered gauge\n";
+    out += "larder_cluster_registered " + std::to_string(ms.registered ? 1 : 0) + "\n";
+    out += "# HELP larder_cluster_registrations_total registrations in etcd (a new lease each)\n"
+           "# TYPE larder_cluster_registrations_total counter\n";
+    out += "larder_cluster_registrations_total " + std::to_string(ms.registrations) + "\n";
+    out += "# HELP larder_cluster_errors_total failed calls to etcd\n# TYPE larder_cluster_errors_total counter\n";
+    out += "larder_cluster_errors_total " + std::to_string(ms.failures) + "\n";
+  });
   SchedulerStats st0 = s.stats();
   const int blocks_per_seq = (s.max_seq_len() + p.block_size - 1) / p.block_size;
   const int kv_blocks = st0.kv_blocks > 0 ? st0.kv_blocks : p.kv_blocks > 0 ? p.kv_blocks : p.parallel * blocks_per_seq;
@@ -172,9 +272,11 @@ int cmd_serve(Args& a) {
       srv.cancel_all();
     }
   }
+  member.reset();  // leaves the cluster at once (lease revoked)
   s.shutdown(/*drain=*/!forced);
   if (Status fl = s.flush_store(); !fl.ok()) std::fprintf(stderr, "larder serve: kv store: %s\n", fl.error().c_str());
   srv.stop();
+  pdn.reset();  // no transfer touches the pool after this; the scheduler goes last
   std::fprintf(stderr, "larder serve: stopped\n");
   return 0;
 }

@@ -120,6 +120,20 @@ void Context::copy_block(int32_t src, int32_t dst) {
   }
 }
 
+Context::PoolView Context::pool_view() {
+  PoolView v;
+  v.k_base = k_cache_.data();
+  v.v_base = v_cache_.data();
+  v.k_bytes = k_cache_.size();
+  v.v_bytes = v_cache_.size();
+  v.k_row = k_row_;
+  v.v_row = v_row_;
+  v.n_layer = model_.cfg.n_layer;
+  v.n_slots = n_slots_;
+  v.block_size = block_size_;
+  return v;
+}
+
 size_t Context::block_bytes() const {
   return static_cast<size_t>(model_.cfg.n_layer) * block_size_ * (k_row_ + v_row_);
 }
@@ -498,6 +512,7 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
           }
         },
         32);
+    if (layer_hook_) layer_hook_(l);
     attention(l, batch);
     mm(L.wo, W8 ? W8->wo.get() : nullptr, att_.data(), n, xb_.data(), E);
     if (c.post_norms) post_norm(n, static_cast<const float*>(L.post_attn_norm.data));

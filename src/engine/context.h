@@ -7,6 +7,7 @@
 // with an identity block table.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -85,6 +86,21 @@ class Context {
   void read_block(int32_t b, uint8_t* out) const;
   void write_block(int32_t b, const uint8_t* in);
 
+  // The pool as raw memory, for zero-copy KV transfer between instances (src/transfer registers
+  // it): K of (layer l, slot s) is at k_base + (l * n_slots + s) * k_row_bytes(), V likewise; a
+  // slot is block * block_size + offset. Never reallocated after create().
+  struct PoolView {
+    uint8_t* k_base = nullptr;
+    uint8_t* v_base = nullptr;
+    size_t k_bytes = 0, v_bytes = 0, k_row = 0, v_row = 0;
+    int n_layer = 0, n_slots = 0, block_size = 0;
+  };
+  PoolView pool_view();
+  // Called on the calling thread of decode_batch() right after each layer's K/V rows of the
+  // batch are in the pool (before attention reads them): lets a prefill instance send a
+  // layer's KV while the next layers compute. Empty = none.
+  void set_layer_hook(std::function<void(int layer)> f) { layer_hook_ = std::move(f); }
+
   int n_vocab() const { return model_.cfg.n_vocab; }
   int n_ctx() const { return n_ctx_; }
   int n_batch() const { return n_batch_; }
@@ -144,6 +160,7 @@ class Context {
     std::unique_ptr<kernels::W8Tensor> wq, wk, wv, wo, gate, up, down;
   };
   std::vector<LayerW8> w8_;  // empty unless w8a8
+  std::function<void(int)> layer_hook_;
   kernels::W8A8Scratch w8_scratch_;
   kernels::W8A8Stats w8a8_stats_;
 };

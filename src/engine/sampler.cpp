@@ -16,6 +16,12 @@ Sampler::Sampler(const SamplerParams& p, int n_vocab) : p_(p), n_vocab_(n_vocab)
   counts_.assign(n_vocab, 0);
 }
 
+void Sampler::skip_draw() {
+  if (p_.temp <= 0.f) return;
+  std::uniform_real_distribution<double> dist(0.0, 1.0);
+  (void)dist(rng_);
+}
+
 int32_t Sampler::sample(const float* logits, const std::vector<int32_t>& history) {
   const float* lg = logits;
   const bool penalties = p_.repeat_penalty != 1.f || p_.freq_penalty != 0.f || p_.presence_penalty != 0.f;

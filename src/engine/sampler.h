@@ -25,6 +25,9 @@ class Sampler {
   // Picks the next token from raw logits [n_vocab]; `history` is the tokens so far
   // (prompt + generated), used by the penalties.
   int32_t sample(const float* logits, const std::vector<int32_t>& history);
+  // Consumes the random draw one sample() would (none when greedy): a decode instance
+  // continuing a stream whose first token was sampled by a prefill instance.
+  void skip_draw();
   uint64_t seed() const { return seed_; }
   const SamplerParams& params() const { return p_; }
 

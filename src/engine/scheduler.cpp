@@ -35,6 +35,7 @@ struct Scheduler::Seq {
   size_t load_next = 0;
   int load_block0 = 0;
   bool count_hits = false;      // first admission: loaded tokens count as cached
+  bool remote = false;          // waiting for the prompt's KV from a prefill instance (req.kv_source)
 };
 
 Result<std::unique_ptr<Scheduler>> Scheduler::create(const Model& model, const SchedulerParams& p) {
@@ -168,15 +169,100 @@ void Scheduler::finish(Seq& s, FinishReason r, const std::string& err) {
     s.load->cancelled = true;
     s.load.reset();
   }
-  if (s.in_cache) blocks_.release(static_cast<kvcache::SeqId>(s.id));
+  const auto id = static_cast<kvcache::SeqId>(s.id);
+  if (s.req.kv_sink) {
+    // Prefill side of a handoff: the blocks stay until what reads them has finished.
+    std::vector<kvcache::BlockHash> names;
+    if (s.in_cache) {
+      const auto& table = blocks_.block_table(id);
+      const int n_full = std::min(s.n_computed, s.n_prompt) / params_.block_size;
+      for (int j = 0; j < n_full; ++j) {
+        auto h = blocks_.block_hash(table[j]);
+        if (!h) break;
+        names.push_back(*h);
+      }
+    }
+    auto sink = s.req.kv_sink;
+    s.req.kv_sink.reset();
+    sink->on_end(std::move(names));
+    if (s.in_cache) held_.push_back({id, [sink] { return sink->release_ready(); }});
+  } else if (s.remote) {
+    // Decode side, handoff unfinished: blocks stay until no remote write can land in them.
+    auto src = s.req.kv_source;
+    s.req.kv_source.reset();
+    s.remote = false;
+    src->abort();
+    if (s.in_cache) held_.push_back({id, [src] { return src->quiesced(); }});
+  } else if (s.in_cache) {
+    blocks_.release(id);
+  }
   s.in_cache = false;
+}
+
+void Scheduler::release_held() {
+  for (size_t i = 0; i < held_.size();) {
+    if (held_[i].ready()) {
+      blocks_.release(held_[i].id);
+      held_[i] = std::move(held_.back());
+      held_.pop_back();
+    } else {
+      ++i;
+    }
+  }
+}
+
+void Scheduler::poll_remote(std::vector<Seq*>& done, std::vector<Seq*>& evicted) {
+  for (size_t i = 0; i < running_.size(); ++i) {
+    Seq* s = running_[i].get();
+    if (!s->remote) continue;
+    RemoteFirst first;
+    std::string err;
+    const KvSource::State state = s->req.kv_source->poll(&first, &err);
+    if (state == KvSource::State::Pending) continue;
+    auto src = std::move(s->req.kv_source);
+    s->req.kv_source.reset();
+    s->remote = false;
+    if (state == KvSource::State::Failed) {
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        st_.remote_failed++;
+        if (src->fallback_local()) st_.remote_fallbacks++;
+      }
+      if (!src->fallback_local()) {
+        finish(*s, FinishReason::Error, "the prefill instance failed: " + err);
+        done.push_back(s);
+      }
+      continue;  // else: computed here from its cached prefix on, in the reserved blocks
+    }
+    s->n_computed = s->n_prompt;
+    std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>> named;
+    blocks_.mark_computed(static_cast<kvcache::SeqId>(s->id), s->n_computed, store_ ? &named : nullptr);
+    if (store_ && !named.empty()) write_back(named);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      st_.remote_done++;
+    }
+    s->sampler->skip_draw();  // the prefill instance drew the first token
+    const size_t before = running_.size();
+    emit(s, first.token, nullptr, &first, done, evicted);
+    if (running_.size() < before) i = static_cast<size_t>(-1);  // a preemption reordered running_: rescan
+  }
 }
 
 void Scheduler::loop() {
   for (;;) {
     {
       std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [&] { return stopping_ || !waiting_.empty() || !running_.empty() || !cancelled_.empty(); });
+      auto work = [&] { return stopping_ || !waiting_.empty() || !running_.empty() || !cancelled_.empty(); };
+      if (held_.empty()) cv_.wait(lk, work);
+      else cv_.wait_for(lk, std::chrono::milliseconds(5), work);  // held blocks are polled
+      if (!held_.empty() && !work()) {
+        lk.unlock();
+        release_held();
+        std::lock_guard<std::mutex> lk2(mu_);
+        refresh_stats_locked();
+        continue;
+      }
       if (stopping_ && !draining_) break;
       if (stopping_ && waiting_.empty() && running_.empty()) break;
     }
@@ -194,6 +280,7 @@ void Scheduler::loop() {
 }
 
 bool Scheduler::step() {
+  if (!held_.empty()) release_held();
   // 1. Cancellations.
   // Callbacks never run under mu_: a callback may call stats().
   std::vector<uint64_t> cancelled;
@@ -257,7 +344,24 @@ bool Scheduler::step() {
         st_.prompt_tokens += s->n_prompt;
       }
       s->arrival = ++admissions_;
-      if (store_) start_tier_load(*s, plan->root, plan->n_cached_tokens);
+      const auto& table = blocks_.block_table(static_cast<kvcache::SeqId>(s->id));
+      if (s->req.kv_source && plan->n_cached_tokens < s->n_prompt) {
+        // The rest of the prompt's KV comes from a prefill instance into the reserved blocks.
+        std::vector<kvcache::BlockHash> names;
+        kvcache::BlockHash h = plan->root;
+        const int bs = params_.block_size;
+        for (int j = 0; j < s->n_prompt / bs; ++j) {
+          h = kvcache::chain_hash(h, std::span<const int32_t>(s->tokens).subspan(j * bs, bs));
+          names.push_back(h);
+        }
+        s->remote = true;
+        s->req.kv_source->start(plan->n_cached_tokens, std::vector<int32_t>(table.begin(), table.end()),
+                                std::move(names));
+      } else {
+        s->req.kv_source.reset();  // all here already
+        if (store_) start_tier_load(*s, plan->root, plan->n_cached_tokens);
+      }
+      if (s->req.kv_sink && plan->n_cached_tokens > 0) s->req.kv_sink->on_kv(-1, 0, plan->n_cached_tokens, table);
     }
     running_.push_back(std::move(s));
   }
@@ -270,10 +374,21 @@ bool Scheduler::step() {
   bool loading = false;
   for (auto& s : running_)
     if (s->load) loading |= install_loaded(*s);
+  // Prompts whose KV came from a prefill instance continue with its first token.
+  std::vector<Seq*> done;
+  std::vector<Seq*> evicted;  // preempted during this step: their results are void
+  poll_remote(done, evicted);
+  auto is_done = [&](Seq* s) { return std::find(done.begin(), done.end(), s) != done.end(); };
+  auto erase_done = [&] {
+    running_.erase(std::remove_if(running_.begin(), running_.end(), [&](auto& r) { return is_done(r.get()); }),
+                   running_.end());
+  };
   // 3. The batch: decode tokens first, then prompt chunks by age, under the budget.
   std::vector<Seq*> order;
-  for (auto& s : running_)
-    if (!s->load) order.push_back(s.get());
+  for (auto& s : running_) {
+    loading |= s->remote;
+    if (!s->load && !s->remote && !is_done(s.get())) order.push_back(s.get());
+  }
   std::stable_sort(order.begin(), order.end(), [](Seq* a, Seq* b) {
     const bool da = a->tokens.size() - a->n_computed == 1, db = b->tokens.size() - b->n_computed == 1;
     if (da != db) return da;
@@ -299,6 +414,7 @@ bool Scheduler::step() {
   }
   if (batch.empty()) {
     // Everything runnable is waiting for loads: sleep until a reader reports.
+    erase_done();
     std::unique_lock<std::mutex> lk(mu_);
     if (loading) cv_.wait_for(lk, std::chrono::milliseconds(2));
     refresh_stats_locked();
@@ -309,8 +425,19 @@ bool Scheduler::step() {
     batch_tokens += n_take[i];
     if (in_batch[i]->n_computed < in_batch[i]->n_prompt) batch_prompt += n_take[i];
   }
+  // A prefill instance's sequences send each layer's KV as soon as it is in the pool.
+  bool any_sink = false;
+  for (Seq* s : in_batch) any_sink |= s->req.kv_sink != nullptr;
+  if (any_sink)
+    ctx_->set_layer_hook([&](int layer) {
+      for (size_t i = 0; i < in_batch.size(); ++i)
+        if (in_batch[i]->req.kv_sink)
+          in_batch[i]->req.kv_sink->on_kv(layer, in_batch[i]->n_computed, in_batch[i]->n_computed + n_take[i],
+                                          batch[i].block_table);
+    });
   const auto t_step = std::chrono::steady_clock::now();
   Status st = ctx_->decode_batch(batch);
+  if (any_sink) ctx_->set_layer_hook({});
   if (st.ok() && batch_tokens >= 32 && 2 * batch_prompt >= batch_tokens) {
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_step).count();
     const double rate = batch_tokens / std::max(dt, 1e-6);
@@ -327,8 +454,6 @@ bool Scheduler::step() {
     std::lock_guard<std::mutex> lk(mu_);
     st_.computed_prompt_tokens += computed_prompt;
   }
-  std::vector<Seq*> done;
-  std::vector<Seq*> evicted;  // preempted during this step: their results are void
   for (size_t i = 0; i < in_batch.size(); ++i) {
     Seq* s = in_batch[i];
     if (std::find(evicted.begin(), evicted.end(), s) != evicted.end()) continue;
@@ -341,98 +466,102 @@ bool Scheduler::step() {
     blocks_.mark_computed(static_cast<kvcache::SeqId>(s->id), s->n_computed, store_ ? &named : nullptr);
     if (s->n_computed < static_cast<int>(s->tokens.size())) continue;  // still prefilling
     // 4. Sample, report, and make room for the new token.
-    const int32_t tok = s->sampler->sample(s->logits.data(), s->tokens);
-    TokenEvent ev;
-    ev.prompt_tokens = s->n_prompt;
-    ev.cached_tokens = s->cached_tokens;
-    if (s->req.n_logprobs > 0) {
-      const float* lg = s->logits.data();
-      const int V = model_.cfg.n_vocab;
-      float mx = lg[0];
-      for (int v = 1; v < V; ++v) mx = std::max(mx, lg[v]);
-      double sum = 0;
-      for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(lg[v] - mx));
-      const float lse = mx + static_cast<float>(std::log(sum));
-      ev.logprob = lg[tok] - lse;
-      std::vector<int32_t> idx(V);
-      for (int v = 0; v < V; ++v) idx[v] = v;
-      const int k = std::min(s->req.n_logprobs, V);
-      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) { return lg[a] > lg[b]; });
-      for (int j = 0; j < k; ++j) ev.top.emplace_back(idx[j], lg[idx[j]] - lse);
-    }
-    const bool eog = model_.tokenizer->is_eog(tok) && !s->req.ignore_eos;
-    if (eog) {
-      ev.finish = FinishReason::Stop;
-    } else {
-      ev.token = tok;
-      s->n_generated++;
-      if (s->n_generated >= s->req.max_tokens || static_cast<int>(s->tokens.size()) + 1 >= max_seq_len_)
-        ev.finish = FinishReason::Length;
-    }
-    ev.completion_tokens = s->n_generated;
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (ev.token >= 0) st_.generated_tokens++;
-    }
-    const bool keep = s->cb ? s->cb(ev) : true;
-    if (ev.finish != FinishReason::None || !keep) {
-      s->cb = TokenCallback();  // final event delivered, or the client declined more
-      finish(*s, keep ? FinishReason::None : FinishReason::Cancelled);
-      done.push_back(s);
-      std::lock_guard<std::mutex> lk(mu_);
-      st_.requests_done++;
-      continue;
-    }
-    // Room for the new token; preempt the youngest others when the pool is full.
-    for (;;) {
-      auto plan = blocks_.prepare_append(static_cast<kvcache::SeqId>(s->id), std::span<const int32_t>(&tok, 1));
-      if (plan.ok()) {
-        Status ap = blocks_.apply(*plan, [&](kvcache::BlockId a, kvcache::BlockId b) { ctx_->copy_block(a, b); });
-        LARDER_ASSERT(ap.ok());
-        s->tokens.push_back(tok);
-        break;
-      }
-      // Only sequences not yet finished this step may be preempted, never this one.
-      bool preempted = false;
-      uint64_t youngest = 0;
-      Seq* victim = nullptr;
-      for (auto& r : running_)
-        if (r.get() != s && std::find(done.begin(), done.end(), r.get()) == done.end() && r->arrival > youngest) {
-          youngest = r->arrival;
-          victim = r.get();
-        }
-      if (victim) {
-        auto it = std::find_if(running_.begin(), running_.end(), [&](auto& r) { return r.get() == victim; });
-        evicted.push_back(victim);
-        std::unique_ptr<Seq> v = std::move(*it);
-        running_.erase(it);
-        blocks_.release(static_cast<kvcache::SeqId>(v->id));
-        if (v->load) {
-          v->load->cancelled = true;
-          v->load.reset();
-        }
-        v->in_cache = false;
-        v->n_computed = 0;
-        std::lock_guard<std::mutex> lk(mu_);
-        st_.preemptions++;
-        waiting_.push_front(std::move(v));
-        preempted = true;
-      }
-      if (!preempted) {
-        finish(*s, FinishReason::Error, "out of KV cache blocks");
-        done.push_back(s);
-        break;
-      }
-    }
+    emit(s, s->sampler->sample(s->logits.data(), s->tokens), s->logits.data(), nullptr, done, evicted);
   }
-  running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                [&](auto& r) { return std::find(done.begin(), done.end(), r.get()) != done.end(); }),
-                 running_.end());
+  erase_done();
   if (store_) write_back(named);
   std::lock_guard<std::mutex> lk(mu_);
   st_.steps++;
   refresh_stats_locked();
   return true;
+}
+
+void Scheduler::emit(Seq* s, int32_t tok, const float* logits, const RemoteFirst* remote, std::vector<Seq*>& done,
+                     std::vector<Seq*>& evicted) {
+  TokenEvent ev;
+  ev.prompt_tokens = s->n_prompt;
+  ev.cached_tokens = s->cached_tokens;
+  ev.sampled = tok;
+  if (s->req.n_logprobs > 0 && remote) {
+    ev.logprob = remote->logprob;
+    ev.top = remote->top;
+  } else if (s->req.n_logprobs > 0) {
+    const float* lg = logits;
+    const int V = model_.cfg.n_vocab;
+    float mx = lg[0];
+    for (int v = 1; v < V; ++v) mx = std::max(mx, lg[v]);
+    double sum = 0;
+    for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(lg[v] - mx));
+    const float lse = mx + static_cast<float>(std::log(sum));
+    ev.logprob = lg[tok] - lse;
+    std::vector<int32_t> idx(V);
+    for (int v = 0; v < V; ++v) idx[v] = v;
+    const int k = std::min(s->req.n_logprobs, V);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) { return lg[a] > lg[b]; });
+    for (int j = 0; j < k; ++j) ev.top.emplace_back(idx[j], lg[idx[j]] - lse);
+  }
+  const bool eog = model_.tokenizer->is_eog(tok) && !s->req.ignore_eos;
+  if (eog) {
+    ev.finish = FinishReason::Stop;
+  } else {
+    ev.token = tok;
+    s->n_generated++;
+    if (s->n_generated >= s->req.max_tokens || static_cast<int>(s->tokens.size()) + 1 >= max_seq_len_)
+      ev.finish = FinishReason::Length;
+  }
+  ev.completion_tokens = s->n_generated;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (ev.token >= 0) st_.generated_tokens++;
+  }
+  const bool keep = s->cb ? s->cb(ev) : true;
+  if (ev.finish != FinishReason::None || !keep) {
+    s->cb = TokenCallback();  // final event delivered, or the client declined more
+    finish(*s, keep ? FinishReason::None : FinishReason::Cancelled);
+    done.push_back(s);
+    std::lock_guard<std::mutex> lk(mu_);
+    st_.requests_done++;
+    return;
+  }
+  // Room for the new token; preempt the youngest others when the pool is full.
+  for (;;) {
+    auto plan = blocks_.prepare_append(static_cast<kvcache::SeqId>(s->id), std::span<const int32_t>(&tok, 1));
+    if (plan.ok()) {
+      Status ap = blocks_.apply(*plan, [&](kvcache::BlockId a, kvcache::BlockId b) { ctx_->copy_block(a, b); });
+      LARDER_ASSERT(ap.ok());
+      s->tokens.push_back(tok);
+      break;
+    }
+    // Only sequences not yet finished this step may be preempted, never this one, nor one whose
+    // blocks a transfer is reading (prefill side) or writing (decode side).
+    uint64_t youngest = 0;
+    Seq* victim = nullptr;
+    for (auto& r : running_)
+      if (r.get() != s && !r->remote && !r->req.kv_sink && std::find(done.begin(), done.end(), r.get()) == done.end() &&
+          r->arrival > youngest) {
+        youngest = r->arrival;
+        victim = r.get();
+      }
+    if (!victim) {
+      finish(*s, FinishReason::Error, "out of KV cache blocks");
+      done.push_back(s);
+      break;
+    }
+    auto it = std::find_if(running_.begin(), running_.end(), [&](auto& r) { return r.get() == victim; });
+    evicted.push_back(victim);
+    std::unique_ptr<Seq> v = std::move(*it);
+    running_.erase(it);
+    blocks_.release(static_cast<kvcache::SeqId>(v->id));
+    if (v->load) {
+      v->load->cancelled = true;
+      v->load.reset();
+    }
+    v->in_cache = false;
+    v->n_computed = 0;
+    std::lock_guard<std::mutex> lk(mu_);
+    st_.preemptions++;
+    waiting_.push_front(std::move(v));
+  }
 }
 
 void Scheduler::start_tier_load(Seq& s, const kvcache::BlockHash& root, int n_l1_cached) {
@@ -483,6 +612,7 @@ bool Scheduler::install_loaded(Seq& s) {
     loaded += bs;
   }
   if (loaded > 0) {
+    if (s.req.kv_sink) s.req.kv_sink->on_kv(-1, s.n_computed, s.n_computed + loaded, table);
     s.n_computed += loaded;
     std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>> named;
     blocks_.mark_computed(static_cast<kvcache::SeqId>(s.id), s.n_computed, &named);
@@ -522,6 +652,16 @@ void Scheduler::refresh_stats_locked() {
   st_.kv_cached = bs.cached;
   st_.kv_free = bs.free;
   st_.prefill_tokens_per_s = prefill_rate_;
+  int64_t queued = 0;
+  for (const auto& w : waiting_) queued += static_cast<int64_t>(w->tokens.size());
+  int remote = 0;
+  for (const auto& r : running_) {
+    queued += std::max(0, r->n_prompt - r->n_computed);
+    remote += r->remote;
+  }
+  st_.queued_prefill_tokens = queued;
+  st_.remote_pending = remote;
+  st_.held = static_cast<int>(held_.size());
   st_.has_store = store_ != nullptr;
 }
 

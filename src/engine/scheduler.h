@@ -47,6 +47,48 @@ struct SchedulerParams {
 enum class FinishReason { None, Stop, Length, Cancelled, Error };
 const char* finish_reason_name(FinishReason r);
 
+// P/D disaggregation hooks: src/pd implements them over the network; the engine knows none.
+//
+// Prefill side: a KvSink receives the KV of a sequence's prompt as it lands in the pool, so it
+// can be sent on while later layers and chunks compute. All calls on the scheduler thread.
+class KvSink {
+ public:
+  virtual ~KvSink() = default;
+  // Tokens [begin, end) of the prompt have K/V in the pool, in `table` (block ids, block_size
+  // tokens each): layer >= 0 for one layer (during a forward pass; must be quick), -1 for every
+  // layer (a cached prefix at admission, blocks loaded from a tier).
+  virtual void on_kv(int layer, int begin, int end, std::span<const int32_t> table) = 0;
+  // The sequence ended; names[j] = name of prompt block j (full blocks that were named).
+  virtual void on_end(std::vector<kvcache::BlockHash> names) = 0;
+  // Polled after on_end: true once the blocks may be freed (transfers finished and acknowledged,
+  // or given up). Until then they stay referenced, so nothing overwrites what is being read.
+  virtual bool release_ready() = 0;
+};
+
+// Decode side: the prompt's KV comes from elsewhere into the blocks admission reserved for it.
+struct RemoteFirst {
+  int32_t token = -1;                          // what the prefill instance sampled
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;
+};
+class KvSource {
+ public:
+  enum class State { Pending, Done, Failed };
+  virtual ~KvSource() = default;
+  // Blocks are reserved: prompt tokens [0, n_cached) are in the pool already (prefix hit); the
+  // rest must arrive into `table`. names[j] = the chain name block j must have. Returns at once.
+  virtual void start(int n_cached, std::vector<int32_t> table, std::vector<kvcache::BlockHash> names) = 0;
+  // Polled every step. Done: every prompt token's KV is in the blocks and verified; *first is
+  // the first generated token. Failed: nothing more will be written into the blocks.
+  virtual State poll(RemoteFirst* first, std::string* error) = 0;
+  // The sequence ended before Done (cancelled, shut down): stop the handoff.
+  virtual void abort() = 0;
+  // After abort(): true once no remote write can land in the blocks any more.
+  virtual bool quiesced() = 0;
+  // On Failed: compute the prompt here (true) or end the request with the error (false).
+  virtual bool fallback_local() const = 0;
+};
+
 struct GenRequest {
   std::vector<int32_t> prompt;
   SamplerParams sampling;
@@ -54,10 +96,13 @@ struct GenRequest {
   bool ignore_eos = false;
   int n_logprobs = 0;         // top alternatives to report per token (0..20)
   std::string cache_salt;     // per-tenant salt for prefix-cache names
+  std::shared_ptr<KvSink> kv_sink;      // prefill instance of a handoff (max_tokens 1)
+  std::shared_ptr<KvSource> kv_source;  // decode instance of a handoff
 };
 
 struct TokenEvent {
   int32_t token = -1;                          // -1 on a final event without a token
+  int32_t sampled = -1;                        // the sampled token, also when it ended generation
   float logprob = 0;                           // of the chosen token (when n_logprobs > 0)
   std::vector<std::pair<int32_t, float>> top;  // top alternatives, best first
   FinishReason finish = FinishReason::None;    // != None on the last event
@@ -80,6 +125,10 @@ struct SchedulerStats {
   int64_t generated_tokens = 0, requests_done = 0, preemptions = 0, steps = 0;
   int64_t tier_hit_tokens = 0;      // prompt tokens whose KV came from L2/L3 (part of prefix_hit_tokens)
   double prefill_tokens_per_s = 0;  // measured, drives load-vs-recompute
+  int64_t queued_prefill_tokens = 0; // prompt tokens not yet computed (waiting + running)
+  int held = 0;                      // ended sequences whose blocks wait for a transfer to settle
+  int remote_pending = 0;            // sequences waiting for their prompt's KV from a prefill instance
+  int64_t remote_done = 0, remote_failed = 0, remote_fallbacks = 0;
   bool has_store = false;
   kvcache::KvStoreStats store;
 };
@@ -100,6 +149,11 @@ class Scheduler {
   // Drains the write-back queue and makes the SSD tier durable (also done at destruction).
   Status flush_store();
   const Model& model() const { return model_; }
+  // The KV pool's memory (for registering it with a transfer engine) and its layout name.
+  Context::PoolView kv_pool() { return ctx_->pool_view(); }
+  const std::string& blocks_identity() const { return blocks_identity_; }
+  int block_size() const { return params_.block_size; }
+  const SchedulerParams& params() const { return params_; }
 
  private:
   struct Seq;
@@ -111,6 +165,17 @@ class Scheduler {
   void start_tier_load(Seq& s, const kvcache::BlockHash& root, int n_l1_cached);
   bool install_loaded(Seq& s);  // true while blocks are still loading
   void write_back(const std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>>& named);
+  // Reports a sampled token and makes room for it (preempting the youngest when the pool is full).
+  void emit(Seq* s, int32_t tok, const float* logits, const RemoteFirst* remote, std::vector<Seq*>& done,
+            std::vector<Seq*>& evicted);
+  void poll_remote(std::vector<Seq*>& done, std::vector<Seq*>& evicted);
+  void release_held();
+  // Blocks of ended sequences kept until a transfer reading or writing them has settled.
+  struct Held {
+    kvcache::SeqId id;
+    std::function<bool()> ready;
+  };
+  std::vector<Held> held_;  // scheduler thread only
 
   const Model& model_;
   SchedulerParams params_;

@@ -5,49 +5,14 @@
 
 #include "engine/scheduler.h"
 
+using larder::prom::fmt_double;
+using larder::prom::header;
+using larder::prom::scalar;
+using larder::prom::escape_label;
+
 namespace larder::server {
 
 namespace {
-
-std::string fmt_double(double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.9g", v);
-  return buf;
-}
-
-void header(std::string& out, const char* name, const char* type, const char* help) {
-  out += "# HELP ";
-  out += name;
-  out += ' ';
-  out += help;
-  out += "\n# TYPE ";
-  out += name;
-  out += ' ';
-  out += type;
-  out += '\n';
-}
-
-void scalar(std::string& out, const char* name, const char* type, const char* help, double v) {
-  header(out, name, type, help);
-  out += name;
-  out += ' ';
-  out += fmt_double(v);
-  out += '\n';
-}
-
-// Label values here are fixed route names and integers; escape anyway.
-std::string escape_label(const std::string& s) {
-  std::string r;
-  for (char c : s) {
-    if (c == '\\' || c == '"') r += '\\';
-    if (c == '\n') {
-      r += "\\n";
-      continue;
-    }
-    r += c;
-  }
-  return r;
-}
 
 // Per-tier series of the KV store (L2 DRAM, L3 SSD), labelled tier="dram"|"disk".
 void render_store(std::string& out, const SchedulerStats& st) {
@@ -101,30 +66,6 @@ void render_store(std::string& out, const SchedulerStats& st) {
 }
 
 }  // namespace
-
-Histogram::Histogram(std::vector<double> bounds) : bounds_(std::move(bounds)), counts_(bounds_.size() + 1, 0) {}
-
-void Histogram::observe(double v) {
-  std::lock_guard<std::mutex> lk(mu_);
-  size_t i = 0;
-  while (i < bounds_.size() && v > bounds_[i]) ++i;
-  counts_[i]++;
-  sum_ += v;
-  count_++;
-}
-
-void Histogram::render(std::string& out, const std::string& name) const {
-  std::lock_guard<std::mutex> lk(mu_);
-  uint64_t cum = 0;
-  for (size_t i = 0; i < bounds_.size(); ++i) {
-    cum += counts_[i];
-    out += name + "_bucket{le=\"" + fmt_double(bounds_[i]) + "\"} " + std::to_string(cum) + "\n";
-  }
-  cum += counts_.back();
-  out += name + "_bucket{le=\"+Inf\"} " + std::to_string(cum) + "\n";
-  out += name + "_sum " + fmt_double(sum_) + "\n";
-  out += name + "_count " + std::to_string(count_) + "\n";
-}
 
 Metrics::Metrics()
     : ttft_({0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}),

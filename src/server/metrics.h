@@ -25,26 +25,15 @@
 #include <utility>
 #include <vector>
 
+#include "core/prom.h"
+
 namespace larder {
 struct SchedulerStats;
 }
 
 namespace larder::server {
 
-class Histogram {
- public:
-  explicit Histogram(std::vector<double> bounds);
-  void observe(double v);
-  // Appends the _bucket/_sum/_count lines.
-  void render(std::string& out, const std::string& name) const;
-
- private:
-  mutable std::mutex mu_;
-  std::vector<double> bounds_;
-  std::vector<uint64_t> counts_;  // per bucket (not cumulative), + one for +Inf
-  double sum_ = 0;
-  uint64_t count_ = 0;
-};
+using prom::Histogram;
 
 class Metrics {
  public:

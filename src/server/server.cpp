@@ -22,6 +22,7 @@
 #include "server/metrics.h"
 #include "server/openai_api.h"
 #include "server/prompt_cache.h"
+#include "pd/pd.h"
 #include "tokenizer/tokenizer.h"
 
 namespace larder::server {
@@ -222,7 +223,8 @@ struct PromptMode {
 };
 
 const char* kKnownRoutes[] = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
-                              "/models", "/completions", "/chat/completions"};
+                              "/models", "/completions", "/chat/completions", "/internal/pd/prefill",
+                              "/internal/pd/ack", "/internal/pd/cancel"};
 
 std::string endpoint_label(const std::string& path) {
   for (const char* r : kKnownRoutes)
@@ -240,6 +242,8 @@ struct Server::Impl {
   std::atomic<int> state{static_cast<int>(State::Loading)};
   std::atomic<const Model*> model{nullptr};
   std::atomic<Scheduler*> sched{nullptr};
+  std::atomic<pd::PdNode*> pd{nullptr};
+  std::function<void(std::string&)> metrics_extra;  // set before start()
   std::optional<ChatTemplate> chat_template;
   bool template_has_tools = false;
   std::string model_id;
@@ -536,6 +540,9 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
   g.max_tokens = max_tokens;
   g.ignore_eos = pr.ignore_eos;
   g.n_logprobs = pr.logprobs < 0 ? 0 : std::max(1, pr.logprobs);
+  // Disaggregated: the router named the prefill instance that computes this prompt.
+  if (pd::PdNode* node = pd.load(); node && node->params().role != "prefill")
+    if (std::string pf = req.get_header_value("X-Larder-Prefill"); !pf.empty()) g.kv_source = node->make_source(pf, g);
 
   n_active++;
   {
@@ -704,7 +711,7 @@ void Server::Impl::setup_routes() {
     if (p.api_key.empty()) return httplib::Server::HandlerResponse::Unhandled;
     const std::string& path = req.path;
     bool protected_path = path.rfind("/v1/", 0) == 0 || path == "/completions" || path == "/chat/completions" ||
-                          path == "/models";
+                          path == "/models" || path.rfind("/internal/", 0) == 0;
     if (!protected_path) return httplib::Server::HandlerResponse::Unhandled;
     if (req.get_header_value("Authorization") == "Bearer " + p.api_key)
       return httplib::Server::HandlerResponse::Unhandled;
@@ -784,8 +791,25 @@ void Server::Impl::setup_routes() {
     std::optional<SchedulerStats> stats;
     if (Scheduler* s = sched.load()) stats = s->stats();
     res.status = 200;
-    res.set_content(metrics.render(stats ? &*stats : nullptr, n_active.load()), "text/plain; version=0.0.4");
+    std::string text = metrics.render(stats ? &*stats : nullptr, n_active.load());
+    if (pd::PdNode* node = pd.load()) node->render_metrics(text);
+    if (metrics_extra) metrics_extra(text);
+    res.set_content(text, "text/plain; version=0.0.4");
   });
+  auto internal = [this](void (pd::PdNode::*fn)(const httplib::Request&, httplib::Response&)) {
+    return [this, fn](const httplib::Request& req, httplib::Response& res) {
+      pd::PdNode* node = pd.load();
+      if (!node || st() != State::Ready) {
+        reply_error(res, make_api_error(503, "This instance takes no KV handoffs (start it with --role or --cluster).",
+                                        "unavailable_error", "no_handoff"));
+        return;
+      }
+      (node->*fn)(req, res);
+    };
+  };
+  post_only("/internal/pd/prefill", internal(&pd::PdNode::handle_prefill));
+  post_only("/internal/pd/ack", internal(&pd::PdNode::handle_ack));
+  post_only("/internal/pd/cancel", internal(&pd::PdNode::handle_cancel));
   for (const char* path : {"/v1/models", "/models", R"(/v1/models/(.+))"})
     get_only(path, [this](const httplib::Request& req, httplib::Response& res) { handle_models(req, res); });
   for (const char* path : {"/v1/completions", "/completions"})
@@ -849,6 +873,10 @@ void Server::attach(const Model& model, Scheduler& sched) {
   I.sched.store(&sched);
   I.state.store(static_cast<int>(State::Ready));
 }
+
+void Server::attach_pd(pd::PdNode* node) { impl_->pd.store(node); }
+
+void Server::set_metrics_extra(std::function<void(std::string&)> f) { impl_->metrics_extra = std::move(f); }
 
 void Server::begin_drain() { impl_->state.store(static_cast<int>(State::Draining)); }
 

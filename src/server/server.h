@@ -7,6 +7,7 @@
 //   GET  /v1/models, /v1/models/{id}
 //   GET  /health                200 {"status":"ok"}; 503 {"status":"loading"|"draining"}
 //   GET  /metrics               Prometheus text format (see metrics.h)
+//   POST /internal/pd/{prefill,ack,cancel}   the P/D handoff between instances (src/pd/pd.h)
 // (/completions, /chat/completions and /models are accepted without the /v1 prefix, as llama.cpp does.)
 //
 // Multi-turn reuse: a finished request's prompt + generated token ids are kept with the
@@ -29,6 +30,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +41,9 @@ namespace larder {
 class Scheduler;
 struct Model;
 }  // namespace larder
+namespace larder::pd {
+class PdNode;
+}
 
 namespace larder::server {
 
@@ -74,6 +79,11 @@ class Server {
   int port() const;
   // Makes generation endpoints live. model and sched must outlive stop().
   void attach(const Model& model, Scheduler& sched);
+  // P/D disaggregation: serves /internal/pd/* and runs a request whose header
+  // X-Larder-Prefill names a prefill instance as a handoff. pd must outlive stop().
+  void attach_pd(pd::PdNode* pd);
+  // Appends lines to /metrics (cluster membership, role).
+  void set_metrics_extra(std::function<void(std::string&)> f);
   // New generation requests get 503 and /health 503 "draining"; in-flight ones go on.
   void begin_drain();
   // Requests still being generated or written (streams included).

@@ -1,0 +1,92 @@
+// P/D disaggregation on one instance: the transfer engine over its KV pool, the decode side
+// of handoffs (a KvSource per request whose prompt a prefill instance computes) and the
+// prefill side (the /internal/pd/* endpoints the server routes here). Protocol: handoff.h.
+//
+// Wire (HTTP + JSON between the instances' API addresses; KV bytes go through src/transfer):
+//   POST /internal/pd/prefill  decode -> prefill: tokens, sampling, layout, where to write;
+//                              answered once every write is complete: first token, block names
+//   POST /internal/pd/ack      decode -> prefill: the KV was checked and is in use
+//   POST /internal/pd/cancel   decode -> prefill: stop writing; answered when nothing is in flight
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/prom.h"
+#include "core/result.h"
+#include "engine/scheduler.h"
+
+namespace httplib {
+struct Request;
+struct Response;
+}  // namespace httplib
+
+namespace larder::transfer {
+class Engine;
+}
+
+namespace larder::pd {
+
+struct PdParams {
+  std::string role = "both";       // prefill | decode | both
+  std::string transfer_host = "127.0.0.1";
+  int transfer_port = 0;
+  std::string self_api;            // this instance's advertised API address (a handoff to itself is skipped)
+  std::string api_key;             // sent to prefill instances (a cluster shares its key)
+  double timeout_s = 30;           // decode: a handoff's deadline
+  double grace_s = 2;              // decode: after a cancel or a lost peer, before blocks are reused
+  double lease_s = 30;             // prefill: handed-off blocks wait this long for the acknowledgement
+  bool fallback_local = true;      // decode: recompute the prompt when the prefill instance fails
+};
+
+struct PdStats {
+  int64_t handoffs_ok = 0, handoffs_failed = 0, handoffs_timeout = 0, handoffs_refused = 0;  // decode side
+  int64_t served_ok = 0, served_failed = 0, lease_expired = 0;                             // prefill side
+  int64_t ops = 0, bytes = 0, op_failures = 0;                                              // writes posted here
+  double transfer_seconds = 0;     // prefill side: first write posted -> last write complete, summed
+  int in_flight_decode = 0, in_flight_prefill = 0;
+};
+
+// The layout fingerprint two instances must share to exchange KV blocks.
+std::string layout_fingerprint(Scheduler& s);
+
+// Decode side: checks a prefill instance's answer before any received block is used: its layout,
+// the names of the prompt's full blocks (expected[j] for block j), and the first token (< n_vocab).
+// On success *first holds the first token and its logprobs.
+Status verify_answer(const std::string& answer_json, const std::string& layout,
+                     const std::vector<kvcache::BlockHash>& expected, int n_prompt, int block_size, int n_vocab,
+                     RemoteFirst* first);
+
+class PdNode {
+ public:
+  static Result<std::unique_ptr<PdNode>> create(Scheduler& sched, const PdParams& p);
+  ~PdNode();  // cancels handoffs and stops the transfer engine (call before the scheduler goes)
+
+  const PdParams& params() const { return p_; }
+  std::string transfer_address() const;
+  const std::string& layout() const { return layout_; }
+  // Decode side: the source for a request whose prompt the prefill instance at `prefill_api`
+  // (host:port) computes; null when `prefill_api` is this instance.
+  std::shared_ptr<KvSource> make_source(const std::string& prefill_api, const GenRequest& req);
+  // Prefill side endpoints.
+  void handle_prefill(const httplib::Request& req, httplib::Response& res);
+  void handle_ack(const httplib::Request& req, httplib::Response& res);
+  void handle_cancel(const httplib::Request& req, httplib::Response& res);
+  PdStats stats() const;
+  // Prometheus lines (larder_pd_*).
+  void render_metrics(std::string& out) const;
+
+  struct Impl;
+
+ private:
+  PdNode() = default;
+  PdParams p_;
+  std::string layout_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace larder::pd
