@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 
 #include "engine/context.h"
@@ -259,6 +260,63 @@ TEST(Engine, PagedBatchEqualsEachSequenceAlone) {
       diff = std::max(diff, std::fabs(alone_last[s][i] - logits[s][i]));
     }
     EXPECT_LE(diff, 1e-4f * mx) << "sequence " << s;
+  }
+  std::filesystem::remove(path);
+}
+
+// A sequence's logits do not depend on where its blocks sit in the pool: bit for bit the same
+// with consecutive blocks and with scattered ones (P/D handoffs and prefix hits rely on it:
+// two instances, or one at different times, give the same tokens).
+TEST(Engine, OutputIndependentOfBlockPlacement) {
+  std::string path = tmp_model("placement", small("llama", 2));
+  auto m = load_model(path);
+  ASSERT_TRUE(m.ok()) << m.error();
+  const int V = (*m)->cfg.n_vocab, bs = 16;
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 100; ++i) prompt.push_back(1 + (i * 37) % 290);
+  for (DType t : {DType::F32, DType::F16, DType::Q8_0}) {
+    if (t == DType::Q8_0 && (*m)->cfg.head_dim % 32) continue;
+    std::vector<std::vector<float>> runs;
+    for (int layout = 0; layout < 2; ++layout) {
+      ContextParams cp;
+      cp.n_ctx = 16 * bs;
+      cp.block_size = bs;
+      cp.n_threads = 2;
+      cp.type_k = cp.type_v = t;
+      auto c = Context::create(**m, cp);
+      ASSERT_TRUE(c.ok()) << c.error();
+      std::vector<int32_t> table;
+      for (int b = 0; b < 8; ++b) table.push_back(layout == 0 ? b : (b * 5 + 3) % 16);  // consecutive / scattered
+      std::vector<float> all;
+      std::vector<float> lg(V);
+      SeqBatch sb;
+      sb.block_table = table;
+      int n_kv = 0;
+      for (int chunk : {40, 60}) {  // prefill in two chunks, then decode
+        sb.tokens = std::span<const int32_t>(prompt).subspan(n_kv, chunk);
+        sb.n_kv = n_kv;
+        sb.logits = lg.data();
+        ASSERT_TRUE((*c)->decode_batch(std::span<const SeqBatch>(&sb, 1)).ok());
+        n_kv += chunk;
+        all.insert(all.end(), lg.begin(), lg.end());
+      }
+      for (int step = 0; step < 20; ++step) {
+        int32_t tok = argmax(lg.data(), V);
+        sb.tokens = std::span<const int32_t>(&tok, 1);
+        sb.n_kv = n_kv++;
+        ASSERT_TRUE((*c)->decode_batch(std::span<const SeqBatch>(&sb, 1)).ok());
+        all.insert(all.end(), lg.begin(), lg.end());
+      }
+      runs.push_back(all);
+    }
+    ASSERT_EQ(runs[0].size(), runs[1].size());
+    for (size_t i = 0; i < runs[0].size(); ++i)
+      if (runs[0][i] != runs[1][i]) {
+        ADD_FAILURE() << "first difference at step " << i / V << " logit " << i % V << ": " << runs[0][i] << " vs " << runs[1][i];
+        break;
+      }
+    EXPECT_EQ(std::memcmp(runs[0].data(), runs[1].data(), runs[0].size() * sizeof(float)), 0)
+        << "cache type " << dtype_name(t) << ": logits depend on block placement";
   }
   std::filesystem::remove(path);
 }

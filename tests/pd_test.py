@@ -98,7 +98,7 @@ def main():
     procs = []
 
     def start(extra, name, **kw):
-        p = serve(model, ["-c", "4096", "--parallel", "2", "-t", "1"] + extra, name, threads="1", **kw)
+        p = serve(model, ["-c", "4096", "--parallel", "2"] + extra, name, threads="1", **kw)
         procs.append(p)
         return p
 

@@ -359,10 +359,11 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
       }
       float* out = att_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
       for (int i = 0; i < nt; ++i) std::memset(out + static_cast<size_t>(i) * ldq, 0, hd * sizeof(float));
+      // One call per logical block (not per run of physically consecutive ones): the sums then
+      // group the same way wherever the blocks sit in the pool, so a sequence's output does not
+      // depend on which blocks it got (two instances, or a prefix cache hit, give the same tokens).
       for (int j0 = lo; j0 < len;) {
-        int blk = j0 / block_size_, j1 = std::min(len, (blk + 1) * block_size_);
-        while (j1 < len && s.block_table[j1 / block_size_] == s.block_table[blk] + (j1 / block_size_ - blk))
-          j1 = std::min(len, j1 + block_size_);
+        const int j1 = std::min(len, (j0 / block_size_ + 1) * block_size_);
         kernels::attn_pv(type_v_, sc + j0, ld, nt, vc + slot(s, j0) * v_row_ + kvh * v_head_, v_row, j1 - j0, hd, out, ldq,
                          isa);
         j0 = j1;
