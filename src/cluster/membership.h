@@ -1,0 +1,118 @@
+// Membership of Larder instances in etcd.
+//
+// Each instance keeps one key, /larder/<cluster>/instances/<id>, whose value is its
+// InstanceInfo as JSON, attached to a lease: when the process dies the lease runs out
+// (ttl_s) and the key goes away; a clean stop revokes the lease so it goes at once.
+// Routers read the prefix (list_instances, or Directory in the background).
+//
+// Membership never stops an instance from serving: start() succeeds while etcd is down,
+// and a background thread keeps (re)registering with a backoff of at most 1 s.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cluster/etcd.h"
+#include "core/result.h"
+
+namespace larder::cluster {
+
+struct InstanceInfo {
+  std::string id;                // unique per process (e.g. hostname-pid-random)
+  std::string role;              // "prefill" | "decode" | "both"
+  std::string model;             // model content fingerprint (only instances with equal ones exchange KV)
+  std::string kv_layout;         // KV layout fingerprint (layers, kv dim, block size, K/V types)
+  std::string api_address;       // host:port of its OpenAI/HTTP API
+  std::string transfer_address;  // host:port of its KV transfer engine ("" = none)
+  struct Capacity {
+    int64_t kv_blocks = 0, dram_blocks = 0, disk_blocks = 0;
+    int parallel = 0, threads = 0;
+  } capacity;
+  struct Load {
+    int running = 0, waiting = 0;
+    int64_t free_blocks = 0, queued_prefill_tokens = 0;
+  } load;
+  int64_t updated_ms = 0;  // wall clock of the last refresh (ms since epoch)
+
+  bool can_prefill() const { return role == "prefill" || role == "both"; }
+  bool can_decode() const { return role == "decode" || role == "both"; }
+};
+
+nlohmann::json to_json(const InstanceInfo& info);
+// Unknown fields are ignored; id, role (prefill|decode|both) and api_address are required,
+// the rest default to empty / 0; a field of the wrong type is an error naming it.
+Result<InstanceInfo> instance_from_json(const std::string& text);
+
+// "/larder/<cluster>/instances/<id>"
+std::string instance_key(const std::string& cluster, const std::string& id);
+// "/larder/<cluster>/instances/"
+std::string instances_prefix(const std::string& cluster);
+
+// "hostname-pid-random": unique per process.
+std::string make_instance_id();
+// Milliseconds since the epoch (wall clock).
+int64_t wall_ms();
+
+struct MembershipParams {
+  std::vector<std::string> endpoints;
+  std::string cluster = "default";
+  int ttl_s = 10;          // the lease: the key outlives a dead process by at most this long
+  double refresh_s = 1.0;  // how often the value (its load) is rewritten
+  int timeout_ms = 1000;   // per etcd call
+};
+
+struct MembershipStats {
+  bool registered = false;  // the last etcd call succeeded and the key is believed present
+  int64_t registrations = 0, refreshes = 0, failures = 0;
+  std::string last_error;
+};
+
+class Membership {  // registers itself and keeps the registration alive in the background
+ public:
+  // snapshot() is called from the membership thread every refresh_s to get the current
+  // value (load changes); its id must stay the same; updated_ms is filled in here. Fails
+  // only on bad parameters: an unreachable etcd is retried in the background.
+  static Result<std::unique_ptr<Membership>> start(MembershipParams p, std::function<InstanceInfo()> snapshot);
+  ~Membership();  // stop()
+  Membership(const Membership&) = delete;
+  Membership& operator=(const Membership&) = delete;
+  // Revokes the lease (best effort, short timeout) so the instance leaves at once.
+  void stop();
+  MembershipStats stats() const;
+
+  struct Impl;
+
+ private:
+  explicit Membership(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Instances of a cluster, read once (in key order). Values that are not an InstanceInfo
+// are skipped; their keys and reasons go to *skipped when given.
+Result<std::vector<InstanceInfo>> list_instances(EtcdClient& c, const std::string& cluster,
+                                                 std::vector<std::string>* skipped = nullptr);
+
+class Directory {  // the router's view: polls list_instances every poll_s in the background
+ public:
+  // Reads once before returning (so the first instances() is populated when etcd is up);
+  // fails only on bad parameters. While etcd is down the last good list is kept.
+  static Result<std::unique_ptr<Directory>> start(std::vector<std::string> endpoints, std::string cluster,
+                                                  double poll_s = 0.5);
+  ~Directory();
+  Directory(const Directory&) = delete;
+  Directory& operator=(const Directory&) = delete;
+  std::vector<InstanceInfo> instances() const;
+  bool etcd_ok() const;
+
+  struct Impl;
+
+ private:
+  explicit Directory(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace larder::cluster
