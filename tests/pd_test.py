@@ -8,7 +8,8 @@ instance (--role both, no handoff) serving the same requests.
   (a) P/D equals colocated: greedy, identical tokens (and logprobs to 1e-4) for prompts of 16 to ~2,000
       tokens through `larder router` (prefill instance P, decode instance D); again with prefix hits
       on P (a fresh decode instance D2, header X-Larder-Prefill); and the next turn of each
-      conversation (prefix hits on D: only the new part is handed over). Metrics: handoffs, bytes,
+      conversation (prefix hits on D: only the new part is handed over). Received blocks are written
+      back to decode's SSD tier like computed ones. Metrics: handoffs, bytes,
       nothing in flight and no KV block referenced when idle.
   (b) kill -9 of the prefill instance mid-transfer: decode recomputes (the answer still equals the
       colocated one); with --pd-fallback error the client gets a clean 503 JSON instead. Decode's
@@ -25,7 +26,9 @@ instance (--role both, no handoff) serving the same requests.
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 
@@ -71,6 +74,11 @@ def same(a, b, what):
         ok = all(abs(x - y) <= 1e-4 for x, y in zip(la, lb))
     if not ok:
         log("    colocated: %r\n    P/D:       %r" % (xa, xb))
+        if ta == tb:
+            log("    same tokens; largest logprob difference %.2e" % max(abs(x - y) for x, y in zip(
+                a["choices"][0]["logprobs"]["token_logprobs"], b["choices"][0]["logprobs"]["token_logprobs"])))
+        else:
+            log("    tokens differ from position %d" % next(i for i, (x, y) in enumerate(zip(ta, tb)) if x != y))
     return check(ok, what)
 
 
@@ -132,7 +140,8 @@ def main():
         check(md.get("larder_prompt_tokens_computed_total", -1) == 0, "decode computed no prompt token")
 
         # Prefix hits on the prefill side: a fresh decode instance, P has every prompt cached.
-        D2 = start(["--role", "decode"], "decode2")
+        kvdir = tempfile.mkdtemp(prefix="larder-pd-kv-")
+        D2 = start(["--role", "decode", "--kv-disk", kvdir], "decode2")
         hdr = {"X-Larder-Prefill": addr(P)}
         for i, pr in enumerate(prompts):
             st, jc = complete("127.0.0.1", C.port, pr, N)  # colocated with its own prefix hits
@@ -140,6 +149,9 @@ def main():
             if check(st == 200 and st2 == 200, "prefix hit on P, prompt %d: status %d" % (i, st2)):
                 check(j["usage"].get("prompt_tokens") == lens[i], "  prompt %d: usage" % i)
                 same(jc, j, "prefix hit on P, prompt %d: same tokens as colocated" % i)
+        check(wait_for(lambda: metrics(D2).get('larder_kv_tier_blocks{tier="disk"}', 0) >= max(lens) // 16, 20),
+              "received blocks are written back to decode's SSD tier (%d blocks)" %
+              metrics(D2).get('larder_kv_tier_blocks{tier="disk"}', 0))
         mp2 = metrics(P)
         check(mp2.get("larder_prefix_hit_tokens_total", 0) > 0, "prefill reused its prefix cache (%d tokens)" %
               mp2.get("larder_prefix_hit_tokens_total", 0))
@@ -269,9 +281,12 @@ def main():
                 procs.append(RE)
                 ok = wait_for(lambda: req("127.0.0.1", RE.port, "GET", "/health", timeout=2)[0] == 200, 10)
                 st, j = complete("127.0.0.1", RE.port, prompts[1], N)
-                # Fresh instances compute the prompt in the same chunks as the colocated one's first pass.
-                if check(ok and st == 200, "router found the instances in etcd (status %d)" % st):
-                    same(ref[1], j, "router via etcd: same tokens as colocated")
+                # The reference: a fresh colocated instance (the first one's prompt cache has seen
+                # prompts[0], whose text starts prompts[1], and reuses its ids: another tokenization).
+                CF = start([], "colocated-fresh")
+                st0, jc = complete("127.0.0.1", CF.port, prompts[1], N)
+                if check(ok and st == 200 and st0 == 200, "router found the instances in etcd (status %d)" % st):
+                    same(jc, j, "router via etcd: same tokens as colocated")
                 check(metrics(PE).get('larder_pd_handoffs_total{side="prefill",result="ok"}', 0) == 1,
                       "the request went through the registered prefill instance")
                 etcd.stop()
@@ -292,6 +307,8 @@ def main():
     finally:
         for p in procs:
             p.kill()
+        if "kvdir" in locals():
+            shutil.rmtree(kvdir, ignore_errors=True)
     log()
     if FAILS:
         log("FAILED: %d check(s):\n  %s" % (len(FAILS), "\n  ".join(FAILS)))

@@ -473,7 +473,7 @@ struct DecodeHandoff : KvSource, std::enable_shared_from_this<DecodeHandoff> {
   RemoteFirst first;
   std::vector<kvcache::BlockHash> expected;
   int n_cached = 0;
-  double t_start = 0;
+  double t_created = 0, t_start = 0;
   bool counted = false;
 
   void start(int cached, std::vector<int32_t> table, std::vector<kvcache::BlockHash> names) override {
@@ -482,6 +482,10 @@ struct DecodeHandoff : KvSource, std::enable_shared_from_this<DecodeHandoff> {
     expected = std::move(names);
     t_start = now_s();
     fsm.start(t_start);
+    {
+      std::lock_guard<std::mutex> lk2(node->mu);
+      node->sum_queue_s += t_start - t_created;
+    }
     body["skip"] = cached;
     body["dst"] = {{"address", node->engine->address()},
                    {"k", node->k_desc},
@@ -630,6 +634,7 @@ std::shared_ptr<KvSource> PdNode::make_source(const std::string& prefill_api, co
   h->id = random_hex(24);
   h->peer = prefill_api;
   h->n_prompt = static_cast<int>(req.prompt.size());
+  h->t_created = now_s();
   h->fsm = DecodeFsm(DecodeFsm::Params{I.p.timeout_s, I.p.grace_s});
   h->body = {{"id", h->id},
              {"layout", layout_},
@@ -751,6 +756,8 @@ void PdNode::render_metrics(std::string& out) const {
   prom::header(out, "larder_pd_ttft_transfer_share", "histogram",
                "decode side: share of a handoff spent waiting for KV writes after the prompt was computed");
   impl_->share.render(out, "larder_pd_ttft_transfer_share");
+  prom::scalar(out, "larder_pd_queue_seconds_total", "counter",
+               "decode side: request received -> its blocks reserved, summed over handoffs", impl_->sum_queue_s);
   prom::scalar(out, "larder_pd_prefill_seconds_total", "counter", "decode side: prefill time reported by prefill instances",
                impl_->sum_prefill_s);
   prom::scalar(out, "larder_pd_transfer_wait_seconds_total", "counter",
