@@ -19,6 +19,10 @@
 #include <memory>
 #include <string>
 
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <netinet/in.h>
 #include <unistd.h>
 
 #include "cli/commands.h"
@@ -51,6 +55,22 @@ int64_t parse_size(const std::string& s) {
     if (unit == U || unit == U + "B" || unit == U + "IB") return v * mul;
   }
   return -1;
+}
+
+// The first IPv4 address of an interface that is up and not loopback ("" = none).
+std::string first_ipv4() {
+  ifaddrs* ifs = nullptr;
+  if (::getifaddrs(&ifs) != 0) return {};
+  std::string out;
+  for (ifaddrs* i = ifs; i && out.empty(); i = i->ifa_next) {
+    if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET || (i->ifa_flags & IFF_LOOPBACK) || !(i->ifa_flags & IFF_UP))
+      continue;
+    char buf[INET_ADDRSTRLEN] = {0};
+    ::inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr, buf, sizeof buf);
+    out = buf;
+  }
+  ::freeifaddrs(ifs);
+  return out;
 }
 
 }  // namespace
@@ -158,20 +178,19 @@ int cmd_serve(Args& a) {
   // P/D: a transfer engine over the pool and the handoff endpoints, for instances that may
   // hand KV over (a role, a cluster, or an explicit transfer port).
   std::unique_ptr<pd::PdNode> pdn;
+  // What others reach this instance at: --advertise-host, else --host, else (listening on every
+  // interface) this machine's first non-loopback IPv4 address; never the host name, which
+  // /etc/hosts often maps to a loopback address.
+  const bool any_host = a.host == "0.0.0.0" || a.host == "::";
   std::string advertise = a.advertise_host;
-  if (advertise.empty()) {
-    advertise = a.host;
-    if (advertise == "0.0.0.0" || advertise == "::") {
-      char hn[256] = {0};
-      ::gethostname(hn, sizeof hn - 1);
-      advertise = hn;
-    }
-  }
+  if (advertise.empty()) advertise = any_host ? first_ipv4() : a.host;
+  if (advertise.empty()) advertise = "127.0.0.1";
   const std::string self_api = advertise + ":" + std::to_string(srv.port());
   if (a.role != "both" || !etcd.empty() || a.transfer_port != 0) {
     pd::PdParams pp;
     pp.role = a.role;
-    pp.transfer_host = a.host == "0.0.0.0" || a.host == "::" ? advertise : a.host;
+    pp.transfer_host = any_host ? "0.0.0.0" : a.host;  // binds where the API listens
+    pp.advertise_host = advertise;
     pp.transfer_port = a.transfer_port;
     pp.self_api = self_api;
     pp.api_key = a.api_key;

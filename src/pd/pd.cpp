@@ -120,6 +120,7 @@ struct PdNode::Impl {
   Context::PoolView pool;
   int k_region = -1, v_region = -1;
   std::string k_desc, v_desc;
+  std::string address;  // transfer address peers connect to (advertised host, bound port)
 
   mutable std::mutex mu;
   PdStats st;
@@ -487,7 +488,7 @@ struct DecodeHandoff : KvSource, std::enable_shared_from_this<DecodeHandoff> {
       node->sum_queue_s += t_start - t_created;
     }
     body["skip"] = cached;
-    body["dst"] = {{"address", node->engine->address()},
+    body["dst"] = {{"address", node->address},
                    {"k", node->k_desc},
                    {"v", node->v_desc},
                    {"n_slots", node->pool.n_slots},
@@ -670,6 +671,11 @@ Result<std::unique_ptr<PdNode>> PdNode::create(Scheduler& sched, const PdParams&
   ep.port = p.transfer_port;
   LARDER_TRY(engine, transfer::Engine::create(ep));
   I.engine = std::move(engine);
+  I.address = I.engine->address();
+  if (!p.advertise_host.empty()) {
+    const auto colon = I.address.rfind(':');
+    I.address = p.advertise_host + I.address.substr(colon == std::string::npos ? I.address.size() : colon);
+  }
   LARDER_TRY(kr, I.engine->register_memory(I.pool.k_base, I.pool.k_bytes));
   LARDER_TRY(vr, I.engine->register_memory(I.pool.v_base, I.pool.v_bytes));
   I.k_region = kr;
@@ -702,7 +708,7 @@ PdNode::~PdNode() {
   I.engine.reset();  // no transfer touches the pool after this
 }
 
-std::string PdNode::transfer_address() const { return impl_->engine->address(); }
+std::string PdNode::transfer_address() const { return impl_->address; }
 
 PdStats PdNode::stats() const {
   impl_->reap_serving();

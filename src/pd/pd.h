@@ -33,7 +33,8 @@ namespace larder::pd {
 
 struct PdParams {
   std::string role = "both";       // prefill | decode | both
-  std::string transfer_host = "127.0.0.1";
+  std::string transfer_host = "127.0.0.1";  // the transfer listener binds this (0.0.0.0: every interface)
+  std::string advertise_host;      // what peers connect to ("" = transfer_host)
   int transfer_port = 0;
   std::string self_api;            // this instance's advertised API address (a handoff to itself is skipped)
   std::string api_key;             // sent to prefill instances (a cluster shares its key)
