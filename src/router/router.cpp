@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "http/routes.h"
 #include "cluster/etcd.h"
 
 namespace larder::router {
@@ -558,28 +559,16 @@ void Router::Impl::setup_routes() {
     requests_by_status[res.status]++;
   });
 
-  auto method_not_allowed = [](const char* allow) {
-    return [allow](const httplib::Request& req, httplib::Response& res) {
+  const http::NotAllowed not_allowed = [](const httplib::Request& req, httplib::Response& res, const char* allow) {
       reply_error(res, 405, "Method " + req.method + " is not allowed for " + req.path + ".",
                   "invalid_request_error", "method_not_allowed");
-      res.set_header("Allow", allow);
-    };
+    res.set_header("Allow", allow);
   };
   auto get_only = [&](const std::string& path, httplib::Server::Handler h) {
-    http.Get(path, h);
-    auto na = method_not_allowed("GET");
-    http.Post(path, na);
-    http.Put(path, na);
-    http.Patch(path, na);
-    http.Delete(path, na);
+    http::route(http, "GET", path, std::move(h), not_allowed);
   };
   auto post_only = [&](const std::string& path, httplib::Server::Handler h) {
-    http.Post(path, h);
-    auto na = method_not_allowed("POST");
-    http.Get(path, na);
-    http.Put(path, na);
-    http.Patch(path, na);
-    http.Delete(path, na);
+    http::route(http, "POST", path, std::move(h), not_allowed);
   };
 
   get_only("/health", [this](const httplib::Request&, httplib::Response& res) {
