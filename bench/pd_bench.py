@@ -93,7 +93,8 @@ def words(n_tokens_hint, seed):
 def interference(args):
     model = args.model or pdlib.model_path("smollm2")
     results = {}
-    for mode in ("colocated", "pd"):
+    modes = args.modes.split(",")
+    for mode in modes:
         for with_long in (False, True):
             procs = []
             try:
@@ -105,7 +106,7 @@ def interference(args):
                 else:
                     P = pdlib.serve(model, ["-c", "4096", "--parallel", "4", "--role", "prefill"], "prefill", threads="1",
                                     prefix=["taskset", "-c", "0"])
-                    D = pdlib.serve(model, ["-c", "4096", "--parallel", "8", "--role", "decode"], "decode", threads="1",
+                    D = pdlib.serve(model, ["-c", "4096", "--parallel", "8", "--role", "decode", "--pd-local-prefill", str(args.local_prefill)], "decode", threads="1",
                                     prefix=["taskset", "-c", "1"])
                     procs += [P, D]
                     target, hdr = D, {"X-Larder-Prefill": "127.0.0.1:%d" % P.port}
@@ -167,22 +168,22 @@ def interference(args):
                 for p in procs:
                     p.kill()
     print()
-    print("| setup (2 cores) | chats' TBT p50 | TBT p99 | p99 vs no long prompts | long prompts' TTFT p50 / p99 | chat tokens |")
-    print("|---|---|---|---|---|---|")
-    for mode in ("colocated", "pd"):
+    print("| setup (2 cores) | chats' TBT p50 | TBT p99 | p99 vs no long prompts | chats' TTFT p50 | long prompts' TTFT p50 / p99 | chat tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in modes:
         base = results[mode]["tbt_p99_ms"]
         for key in (mode, mode + " + long prompts"):
             r = results[key]
             lt = "%.2f / %.2f s (%d)" % (r["long_ttft_p50_s"], r["long_ttft_p99_s"], r["longs"]) if r["longs"] else "-"
-            print("| %s | %.1f ms | %.1f ms | %.2fx | %s | %d |" % (key, r["tbt_p50_ms"], r["tbt_p99_ms"],
-                                                                    r["tbt_p99_ms"] / base, lt, r["tokens"]))
+            print("| %s | %.1f ms | %.1f ms | %.2fx | %.0f ms | %s | %d |" % (
+                key, r["tbt_p50_ms"], r["tbt_p99_ms"], r["tbt_p99_ms"] / base, r["chat_ttft_p50_ms"], lt, r["tokens"]))
     return results
 
 
 def ttft(args):
     model = args.model or pdlib.model_path("smollm2")
     lens = [int(x) for x in args.lens.split(",")]
-    ctx = max(lens) + 64
+    ctx = max(lens) + 64 if args.ctx <= 0 else args.ctx
     rows = []
     cl = None
     env = None
@@ -193,18 +194,24 @@ def ttft(args):
         ok, why = netns.available()
         if not ok:
             sys.exit("--netem needs network namespaces: " + why)
-        cl = netns.Cluster(["prefill", "decode"])
+        has_netem = netns.netem_supported()[0]
+        cl = netns.Cluster(["prefill", "decode"], shaping="netem" if has_netem else "userspace")
         cl.__enter__()
         for h in ("prefill", "decode"):
-            cl.netem(h, rate=args.netem, delay=args.delay)
+            if has_netem:
+                cl.netem(h, rate=args.netem, delay=args.delay)
+            else:  # the userspace delay line tops out far below 10 Gbit/s: rate by tbf, no delay
+                cl.tbf(h, rate=args.netem)
+        print("link: %s" % ("tc netem rate %s delay %s" % (args.netem, args.delay) if has_netem else
+                            "tc tbf rate %s (this kernel has no sch_netem: no added delay)" % args.netem), flush=True)
         prefix_p, prefix_d = cl.prefix("prefill"), cl.prefix("decode")
         host_p, host_d = cl.host("prefill"), cl.host("decode")
         env = dict(os.environ, UCX_TLS="tcp")
     procs = []
     try:
-        P = pdlib.serve(model, ["-c", str(ctx), "--parallel", "1", "--role", "prefill"], "prefill", host=host_p,
+        P = pdlib.serve(model, ["-c", str(ctx), "--parallel", "1", "--role", "prefill", "--pd-timeout", "900"], "prefill", host=host_p,
                         prefix=prefix_p, env=env, threads=str(args.threads))
-        D = pdlib.serve(model, ["-c", str(ctx), "--parallel", "1", "--role", "decode"], "decode", host=host_d,
+        D = pdlib.serve(model, ["-c", str(ctx), "--parallel", "1", "--role", "decode", "--pd-timeout", "900"], "decode", host=host_d,
                         prefix=prefix_d, env=env, threads=str(args.threads))
         procs += [P, D]
         hdr = {"X-Larder-Prefill": "%s:%d" % (host_p, P.port)}
@@ -231,15 +238,15 @@ def ttft(args):
         if cl:
             cl.__exit__(None, None, None)
     print()
-    print("| prompt tokens | TTFT | queue | prefill | transfer exposed | transfer in all | KV MiB | GB/s | hidden |")
+    print("| prompt tokens | TTFT | queue | prefill | transfer exposed | transfer (first write -> last) | KV MiB | KV rate needed | hidden |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in lens:
         rs = [r for r in rows if r["tokens"] == n]
         m = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
-        gbs = m("bytes") / m("transfer_total_s") / 1e9 if m("transfer_total_s") > 0 else float("nan")
-        print("| %d | %.3f s | %.4f s | %.3f s | %.4f s | %.3f s | %.1f | %.2f | %.0f%% |" % (
+        need = m("bytes") / m("prefill_s") / 1e6 if m("prefill_s") > 0 else float("nan")
+        print("| %d | %.3f s | %.4f s | %.3f s | %.4f s | %.3f s | %.1f | %.0f MB/s | %.1f%% |" % (
             n, m("ttft_s"), m("queue_s"), m("prefill_s"), m("transfer_exposed_s"), m("transfer_total_s"),
-            m("bytes") / 2**20, gbs, 100 * m("hidden")))
+            m("bytes") / 2**20, need, 100 * m("hidden")))
     return rows
 
 
@@ -252,11 +259,14 @@ def main():
     a.add_argument("--chats", type=int, default=3)
     a.add_argument("--long", type=int, default=2000, help="tokens of a long prompt")
     a.add_argument("--gap", type=float, default=4.0, help="mean seconds between long prompts")
+    a.add_argument("--local-prefill", type=int, default=0, help="decode: --pd-local-prefill")
+    a.add_argument("--modes", default="colocated,pd")
     b = sub.add_parser("ttft")
     b.add_argument("--model")
     b.add_argument("--lens", default="512,1024,2048,4096,8192")
     b.add_argument("--reps", type=int, default=2)
     b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--ctx", type=int, default=0, help="-c of both instances (0: longest prompt + 64)")
     b.add_argument("--netem", default="", help="e.g. 10gbit: instances in network namespaces, link shaped by netem")
     b.add_argument("--delay", default="0.1ms")
     args = ap.parse_args()

@@ -193,7 +193,7 @@ def main():
         P = serve(model, base + ["--role", "prefill"] + cluster, "prefill", host=cl.host("prefill"),
                   prefix=cl.prefix("prefill"), env=env, threads="1")
         procs.append(P)
-        D = serve(model, base + ["--role", "decode"] + cluster, "decode", host=cl.host("decode"),
+        D = serve(model, base + ["--role", "decode", "--pd-local-prefill", "0"] + cluster, "decode", host=cl.host("decode"),
                   prefix=cl.prefix("decode"), env=env, threads="1")
         procs.append(D)
         R = router(cluster[:4], "router", host=cl.host("router"), prefix=cl.prefix("router"), env=env)

@@ -381,6 +381,14 @@ class Cluster:
             if p.stdout not in select.select([p.stdout], [], [], 10)[0] or p.stdout.readline().strip() != b"ok":
                 raise RuntimeError("the delay line of %s did not take its new parameters" % name)
 
+    def tbf(self, name, rate="10gbit", burst="4mb", latency="50ms"):
+        """Caps the host's link at `rate` in both directions with tc tbf (in every kernel with tc;
+        no added delay): for throughput runs on kernels without sch_netem, where the userspace delay
+        line would be the bottleneck."""
+        args = ["root", "tbf", "rate", rate, "burst", burst, "latency", latency]
+        _nsexec(self.ns(name), ["tc", "qdisc", "replace", "dev", self.veth(name)] + args)
+        _nsexec(self.bridge_ns, ["tc", "qdisc", "replace", "dev", self.bridge_port(name)] + args)
+
     def clear_netem(self, name):
         if self.shaping == "netem":
             _nsexec(self.ns(name), ["tc", "qdisc", "del", "dev", self.veth(name), "root"], check=False)

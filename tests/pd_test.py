@@ -107,6 +107,8 @@ def main():
 
     def start(extra, name, **kw):
         base = [] if "-c" in extra else ["-c", "4096"]
+        if "decode" in extra:  # every prompt handed over, the 16-token one too (default: 64 computed locally)
+            base += ["--pd-local-prefill", "0"]
         p = serve(model, base + ["--parallel", "2"] + extra, name, threads="1", **kw)
         procs.append(p)
         return p
@@ -170,6 +172,17 @@ def main():
                 per_tok = mp.get("larder_pd_transfer_bytes_total", 0) / max(1, sum(lens))
                 check(b1 - b0 < per_tok * (j["usage"]["prompt_tokens"] - cached + 32),
                       "next turn %d: only the new part moved (%d bytes)" % (i, b1 - b0))
+        # The default --pd-local-prefill 64: a prompt with at most 64 uncached tokens is computed by decode.
+        DL = serve(model, ["-c", "4096", "--parallel", "2", "--role", "decode"], "decode-local", threads="1")
+        procs.append(DL)
+        st, j = complete("127.0.0.1", DL.port, prompts[0], N, headers=hdr)
+        b0 = metrics(P).get('larder_pd_handoffs_total{side="prefill",result="ok"}', 0)
+        st2, j2 = complete("127.0.0.1", DL.port, prompts[1], N, headers=hdr)
+        if check(st == 200 and st2 == 200, "default --pd-local-prefill: answered"):
+            same(ref[0], j, "a 15-token prompt computed by decode itself: same tokens")
+            check(metrics(DL).get("larder_prompt_tokens_computed_total", 0) == lens[0] and
+                  metrics(P).get('larder_pd_handoffs_total{side="prefill",result="ok"}', 0) == b0 + 1,
+                  "15 tokens computed locally, the 98-token prompt handed over")
         for p, side in ((D, "decode"), (D2, "decode"), (P, "prefill")):
             check(wait_for(lambda: idle(p, side), 10), "%s idle: no block referenced, nothing in flight" % p.name)
 

@@ -89,9 +89,10 @@ struct Args {
   int cluster_ttl = 10;               // etcd lease TTL, seconds
   std::string advertise_host;         // address peers and the router use ("" = --host, or this host's name)
   int transfer_port = 0;              // KV transfer listener (0 = any free port)
-  double pd_timeout = 30;             // a handoff's deadline, seconds (decode side)
+  double pd_timeout = 120;            // a handoff's deadline, seconds (decode side)
   double pd_lease = 30;               // prefill keeps a handed-off copy until acknowledged or this long
   std::string pd_fallback = "local";  // decode when prefill fails: local (recompute) | error (5xx)
+  int pd_local_prefill = 64;          // decode computes prompts with at most this many uncached tokens itself
   std::string prefill_urls;           // router: static prefill instances (host:port,...)
   std::string decode_urls;            // router: static decode instances
   // tiered KV store (serve, kv)

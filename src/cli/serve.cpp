@@ -197,6 +197,7 @@ int cmd_serve(Args& a) {
     pp.timeout_s = a.pd_timeout;
     pp.lease_s = a.pd_lease;
     pp.fallback_local = a.pd_fallback == "local";
+    pp.local_prefill = std::max(0, a.pd_local_prefill);
     auto node = pd::PdNode::create(s, pp);
     if (!node.ok()) return fail("KV transfer: " + node.error());
     pdn = std::move(*node);

@@ -345,7 +345,7 @@ bool Scheduler::step() {
       }
       s->arrival = ++admissions_;
       const auto& table = blocks_.block_table(static_cast<kvcache::SeqId>(s->id));
-      if (s->req.kv_source && plan->n_cached_tokens < s->n_prompt) {
+      if (s->req.kv_source && s->n_prompt - plan->n_cached_tokens > s->req.kv_source->local_prefill_tokens()) {
         // The rest of the prompt's KV comes from a prefill instance into the reserved blocks.
         std::vector<kvcache::BlockHash> names;
         kvcache::BlockHash h = plan->root;

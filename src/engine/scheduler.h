@@ -87,6 +87,10 @@ class KvSource {
   virtual bool quiesced() = 0;
   // On Failed: compute the prompt here (true) or end the request with the error (false).
   virtual bool fallback_local() const = 0;
+  // Admission computes the prompt here, without a handoff, when at most this many of its tokens
+  // are not cached already (a short prompt or the next turn of a conversation: cheaper than the
+  // round trip, and not queued behind long prompts at the prefill instance).
+  virtual int local_prefill_tokens() const { return 0; }
 };
 
 struct GenRequest {

@@ -625,6 +625,7 @@ struct DecodeHandoff : KvSource, std::enable_shared_from_this<DecodeHandoff> {
   }
 
   bool fallback_local() const override { return node->p.fallback_local; }
+  int local_prefill_tokens() const override { return node->p.local_prefill; }
 };
 
 std::shared_ptr<KvSource> PdNode::make_source(const std::string& prefill_api, const GenRequest& req) {

@@ -38,10 +38,11 @@ struct PdParams {
   int transfer_port = 0;
   std::string self_api;            // this instance's advertised API address (a handoff to itself is skipped)
   std::string api_key;             // sent to prefill instances (a cluster shares its key)
-  double timeout_s = 30;           // decode: a handoff's deadline
+  double timeout_s = 120;          // decode: a handoff's deadline
   double grace_s = 2;              // decode: after a cancel or a lost peer, before blocks are reused
   double lease_s = 30;             // prefill: handed-off blocks wait this long for the acknowledgement
   bool fallback_local = true;      // decode: recompute the prompt when the prefill instance fails
+  int local_prefill = 64;          // decode: prompts with at most this many uncached tokens are computed here
 };
 
 struct PdStats {

@@ -10,6 +10,7 @@
 // off by default), and two local processes would talk TCP: init() turns it on unless the environment
 // says otherwise. Puts and gets on registered heap memory are still UCX's software RMA over a message
 // lane (shared memory fifo or TCP); memory from allocate_memory() is written directly by the peer.
+// LARDER_TRANSFER_VERBOSE=1 prints each new endpoint's transports (ucp_ep_print_info) to stderr.
 //
 // An op posts its segments in chunks of at most kChunk bytes with at most kMaxReqs / kMaxBytes
 // outstanding, so a cancel or deadline only waits for that window to drain: UCX cannot cancel a posted
@@ -547,6 +548,18 @@ void Engine::Impl::pump(OpImpl* op) {
     uint64_t n = std::min(s.bytes - op->seg_off, kChunk);
     char* local = op->lbase + s.local_offset + op->seg_off;
     uint64_t remote = op->desc.base + s.remote_offset + op->seg_off;
+    // Segments that continue this one on both sides (consecutive KV blocks) go as one request: UCX's
+    // software RMA acknowledges every put, so fewer and larger requests are what moves the needle.
+    size_t last = op->next_seg;
+    if (op->seg_off + n == s.bytes) {
+      for (; last + 1 < op->segs.size(); last++) {
+        const Segment &u = op->segs[last], &t = op->segs[last + 1];
+        if (t.local_offset != u.local_offset + u.bytes || t.remote_offset != u.remote_offset + u.bytes ||
+            n + t.bytes > kChunk)
+          break;
+        n += t.bytes;
+      }
+    }
     budget -= std::min(budget, std::max<uint64_t>(n, 4096));
     if (n > 0) {
       ucs_status_ptr_t sp = op->kind == Kind::Write ? ucp_put_nbx(p.ep, local, n, remote, op->rkey->h, &rp)
@@ -559,10 +572,11 @@ void Engine::Impl::pump(OpImpl* op) {
         op->data_bytes_out += n;
       }
     }
-    op->seg_off += n;
-    if (op->seg_off >= s.bytes) {
-      op->next_seg++;
+    if (last > op->next_seg || op->seg_off + n >= s.bytes) {
+      op->next_seg = last + 1;
       op->seg_off = 0;
+    } else {
+      op->seg_off += n;
     }
   }
 }
