@@ -3,12 +3,13 @@
 // --server / --client ADDR run the two sides on two hosts or network namespaces. For every op kind,
 // block size, batch (blocks per op) and number of submitting threads it reports GB/s and p50/p99 op
 // latency (submit -> completion, up to `--depth` ops and `--inflight` bytes in flight per thread),
-// next to memcpy of the same blocks in one process. Block j of op i sits at ((i * batch + j) * block)
-// mod --region on both sides. --ucx-alloc: the target's region comes from Engine::allocate_memory
-// (UCX's shared memory: peers on the host write it directly) instead of registered heap memory.
+// next to memcpy of the same blocks in one process. Blocks sit at the same offsets on both sides,
+// scattered over --region (or --contiguous: an op's blocks back to back, which the engine sends as
+// one request). --ucx-alloc: the target's region comes from Engine::allocate_memory (UCX's shared
+// memory: peers on the host write it directly) instead of registered heap memory.
 //   larder-bench-transfer [--sizes 4K,16K,64K,256K,1M,4M] [--batches 1,16,64] [--threads 1,2]
 //                         [--ops write,read] [--depth 8] [--inflight 64M] [--seconds 0.25] [--region 256M]
-//                         [--ucx-alloc] [--json]
+//                         [--contiguous] [--ucx-alloc] [--json]
 //   larder-bench-transfer --server [--host IP] [--port P] [--region 256M] [--ucx-alloc]
 //   larder-bench-transfer --client IP:PORT [--host MY_IP] [options as above]
 // UCX_TLS (UCX's own) chooses the transport, e.g. UCX_TLS=tcp.
@@ -47,7 +48,7 @@ struct Opts {
   int depth = 8;
   double seconds = 0.25;
   uint64_t region = 256ull << 20, inflight = 64ull << 20;
-  bool json = false, server = false, ucx_alloc = false;
+  bool json = false, server = false, ucx_alloc = false, contiguous = false;
   std::string client, host = "127.0.0.1";
   int port = 0;
 };
@@ -146,24 +147,30 @@ struct Row {
   std::string error;
 };
 
-std::vector<Segment> segments(uint64_t op_index, uint64_t block, int batch, uint64_t region) {
+// Block k = op_index * batch + j sits in slot k (contiguous: an op's blocks follow each other, and the
+// engine sends each run as one request) or in slot k * 2654435761 (a prime) mod slots: scattered, as
+// the blocks of a sequence in a used pool are.
+std::vector<Segment> segments(uint64_t op_index, uint64_t block, int batch, uint64_t region, bool contiguous) {
   std::vector<Segment> v(batch);
+  const uint64_t slots = region / block;
   for (int j = 0; j < batch; j++) {
-    uint64_t off = ((op_index * batch + j) * block) % region;
+    uint64_t k = op_index * batch + j;
+    uint64_t off = (contiguous ? k % slots : k * 2654435761ull % slots) * block;
     v[j] = {off, off, block};
   }
   return v;
 }
 
-double memcpy_gbps(char* src, char* dst, uint64_t block, int batch, uint64_t region, double seconds) {
+double memcpy_gbps(char* src, char* dst, uint64_t block, int batch, const Opts& o) {
   uint64_t bytes = 0, i = 0;
   auto t0 = Clock::now();
   double dt = 0;
   do {
-    for (auto& s : segments(i++, block, batch, region)) std::memcpy(dst + s.remote_offset, src + s.local_offset, s.bytes);
+    for (auto& s : segments(i++, block, batch, o.region, o.contiguous))
+      std::memcpy(dst + s.remote_offset, src + s.local_offset, s.bytes);
     bytes += block * batch;
     dt = std::chrono::duration<double>(Clock::now() - t0).count();
-  } while (dt < seconds / 2);
+  } while (dt < o.seconds / 2);
   return bytes / dt / 1e9;
 }
 
@@ -179,7 +186,7 @@ Row run_row(Engine& eng, const std::string& peer, const std::string& desc, int l
   std::vector<double> lat;
   std::string err;
   auto submit = [&](uint64_t i) {
-    auto segs = segments(i, block, batch, o.region);
+    auto segs = segments(i, block, batch, o.region, o.contiguous);
     auto deadline = Clock::now() + std::chrono::seconds(60);
     return kind == "write" ? eng.write(peer, desc, local, std::move(segs), deadline)
                            : eng.read(peer, desc, local, std::move(segs), deadline);
@@ -266,8 +273,9 @@ int run_client(const Opts& o, std::string peer, std::string desc) {
   }
   const char* tls = std::getenv("UCX_TLS");
   if (!o.json) {
-    std::printf("peer %s, UCX_TLS=%s, up to %d ops (%s) in flight per thread, region %s\n\n", peer.c_str(),
-                tls ? tls : "(default)", o.depth, human(o.inflight).c_str(), human(o.region).c_str());
+    std::printf("peer %s, UCX_TLS=%s, up to %d ops (%s) in flight per thread, region %s, %s blocks\n\n",
+                peer.c_str(), tls ? tls : "(default)", o.depth, human(o.inflight).c_str(), human(o.region).c_str(),
+                o.contiguous ? "contiguous" : "scattered");
     std::printf("| op    |  block | batch | thr | depth |   ops |   GB/s | p50 us | p99 us | memcpy GB/s |\n");
     std::printf("|-------|-------:|------:|----:|------:|------:|-------:|-------:|-------:|------------:|\n");
   }
@@ -276,7 +284,7 @@ int run_client(const Opts& o, std::string peer, std::string desc) {
     for (uint64_t block : o.sizes)
       for (int batch : o.batches) {
         if (block > o.region) continue;
-        double mc = memcpy_gbps(local, scratch, block, batch, o.region, o.seconds);
+        double mc = memcpy_gbps(local, scratch, block, batch, o);
         for (int thr : o.threads) {
           Row r = run_row(eng, peer, desc, id.value(), o, kind, block, batch, thr);
           r.memcpy_gbps = mc;
@@ -290,8 +298,9 @@ int run_client(const Opts& o, std::string peer, std::string desc) {
         }
       }
   if (o.json) {
-    std::printf("{\"peer\": \"%s\", \"ucx_tls\": \"%s\", \"depth\": %d, \"region\": %llu, \"rows\": [\n", peer.c_str(),
-                tls ? tls : "", o.depth, (unsigned long long)o.region);
+    std::printf("{\"peer\": \"%s\", \"ucx_tls\": \"%s\", \"depth\": %d, \"region\": %llu, \"contiguous\": %s, "
+                "\"rows\": [\n",
+                peer.c_str(), tls ? tls : "", o.depth, (unsigned long long)o.region, o.contiguous ? "true" : "false");
     for (size_t i = 0; i < rows.size(); i++) {
       const Row& r = rows[i];
       std::printf("  {\"op\": \"%s\", \"block\": %llu, \"batch\": %d, \"threads\": %d, \"depth\": %d, \"ops\": %lld, "
@@ -314,7 +323,8 @@ int run_client(const Opts& o, std::string peer, std::string desc) {
 int usage() {
   std::fprintf(stderr,
                "usage: larder-bench-transfer [--sizes LIST] [--batches LIST] [--threads LIST] [--ops write,read]\n"
-               "         [--depth N] [--inflight SIZE] [--seconds S] [--region SIZE] [--ucx-alloc] [--json]\n"
+               "         [--depth N] [--inflight SIZE] [--seconds S] [--region SIZE] [--contiguous] [--ucx-alloc]\n"
+               "         [--json]\n"
                "       larder-bench-transfer --server [--host IP] [--port P] [--region SIZE] [--ucx-alloc]\n"
                "       larder-bench-transfer --client IP:PORT [--host MY_IP] [options]\n");
   return 2;
@@ -346,6 +356,8 @@ int main(int argc, char** argv) {
       o.inflight = parse_size(val());
     } else if (a == "--region") {
       o.region = parse_size(val());
+    } else if (a == "--contiguous") {
+      o.contiguous = true;
     } else if (a == "--ucx-alloc") {
       o.ucx_alloc = true;
     } else if (a == "--json") {

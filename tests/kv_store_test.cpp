@@ -393,7 +393,9 @@ TEST(KvStore, EightBitDramOfTypedPayloads) {
     ASSERT_TRUE(tier.get(key(1), out, false));
     ASSERT_EQ(out.size(), payload.size());
     const bool all_q8 = kt == DType::Q8_0 && vt == DType::Q8_0;
-    if (all_q8) EXPECT_EQ(out, payload) << "a q8_0 payload is kept as it is";
+    if (all_q8) {
+      EXPECT_EQ(out, payload) << "a q8_0 payload is kept as it is";
+    }
     size_t off = 0;
     for (auto [t, x] : parts) {
       const size_t nb = kernels::kv_row_bytes(t, n);

@@ -216,6 +216,37 @@ TEST(TransferLoopback, WriteAndReadManySegmentsOfVariedSizes) {
   EXPECT_EQ(st.peers, 1);
 }
 
+TEST(TransferLoopback, ContiguousRunsAndOddSegments) {
+  auto a = engine(), b = engine();
+  const size_t n = 16 << 20;
+  std::vector<uint8_t> src(n), dst(n, 0), back(n, 0);
+  fill(src, 12);
+  int rs = reg(*a, src), rb = reg(*a, back), rd = reg(*b, dst);
+  std::vector<Segment> segs;
+  uint64_t lo = 0, ro = 0;
+  auto add = [&](uint64_t l, uint64_t r, uint64_t bytes) {
+    segs.push_back({l, r, bytes});
+    lo = l + bytes;
+    ro = r + bytes;
+  };
+  for (int i = 0; i < 10; i++) add(lo, ro, 1000 + i);  // a run, contiguous on both sides
+  add(lo, ro + 4096, 777);                             // contiguous here, not there
+  add(lo + 8192, ro, 555);                             // and the other way round
+  add(lo, ro, 0);                                      // empty
+  add(lo, ro, 6 << 20);                                // more than one request's worth
+  add(lo, ro, 3 << 20);                                // contiguous with it
+  for (int i = 0; i < 300; i++) add(lo, ro, 4096);     // many blocks in a row
+  ASSERT_LE(std::max(lo, ro), n);
+  std::vector<uint8_t> want(n, 0);
+  for (auto& sg : segs) std::memcpy(&want[sg.remote_offset], &src[sg.local_offset], sg.bytes);
+  auto w = a->write(b->address(), desc(*b, rd), rs, segs, in(5));
+  ASSERT_TRUE(w->wait().ok()) << w->status().error();
+  EXPECT_TRUE(dst == want);
+  auto r = a->read(b->address(), desc(*b, rd), rb, segs, in(5));  // the same places back
+  ASSERT_TRUE(r->wait().ok()) << r->status().error();
+  for (auto& sg : segs) ASSERT_EQ(0, std::memcmp(&back[sg.local_offset], &src[sg.local_offset], sg.bytes));
+}
+
 TEST(TransferLoopback, MemoryAllocatedByTheEngine) {
   auto a = engine(), b = engine();
   const size_t n = 4 << 20;
@@ -273,14 +304,15 @@ TEST(TransferLoopback, NotifyArrivesAfterEveryEarlierWrite) {
 
 TEST(TransferLoopback, DeadlineExpiresAndEngineStaysUsable) {
   auto a = engine(), b = engine();
-  const size_t n = 256 << 20;
+  const size_t n = 64 << 20;
   std::vector<uint8_t> src(n, 1), dst(n, 0);
   int rs = reg(*a, src), rd = reg(*b, dst);
   std::string d = desc(*b, rd);
-  std::vector<Segment> segs;
+  std::vector<Segment> segs, huge;
   for (size_t off = 0; off < n; off += 65536) segs.push_back({off, off, 65536});
+  for (int rep = 0; rep < 16; rep++) huge.insert(huge.end(), segs.begin(), segs.end());  // 1 GiB
   auto t0 = Clock::now();
-  auto w = a->write(b->address(), d, rs, segs, in(0.002));
+  auto w = a->write(b->address(), d, rs, huge, in(0.002));
   Status st = w->wait();
   ASSERT_FALSE(st.ok());
   EXPECT_NE(st.error().find("timed out"), std::string::npos) << st.error();
@@ -298,11 +330,11 @@ TEST(TransferLoopback, DeadlineExpiresAndEngineStaysUsable) {
 
 TEST(TransferLoopback, CancelCompletesWithCancelled) {
   auto a = engine(), b = engine();
-  const size_t n = 256 << 20;
+  const size_t n = 64 << 20;
   std::vector<uint8_t> src(n, 1), dst(n, 0);
   int rs = reg(*a, src), rd = reg(*b, dst);
   std::vector<Segment> segs;
-  for (size_t rep = 0; rep < 4; rep++)
+  for (size_t rep = 0; rep < 16; rep++)  // 1 GiB
     for (size_t off = 0; off < n; off += 1 << 20) segs.push_back({off, off, 1 << 20});
   auto w = a->write(b->address(), desc(*b, rd), rs, segs, in(30));
   std::atomic<int> calls{0};

@@ -230,9 +230,16 @@ Status Engine::Impl::init() {
   const char* tls = std::getenv("UCX_TLS");
   bool shm = !tls || *tls == '^' || std::strstr(tls, "sm") || std::strstr(tls, "mm") || std::strstr(tls, "posix") ||
              std::strstr(tls, "sysv") || std::strstr(tls, "all");
-  if (shm && !std::getenv("UCX_MM_ERROR_HANDLING") && !std::getenv("UCX_POSIX_ERROR_HANDLING") &&
-      !std::getenv("UCX_SYSV_ERROR_HANDLING"))
-    (void)ucp_config_modify(cfg, "MM_ERROR_HANDLING", "y");
+  auto unset = [](const char* opt) {  // neither UCX_MM_<opt> nor UCX_POSIX_<opt> nor UCX_SYSV_<opt>
+    for (const char* tl : {"MM", "POSIX", "SYSV"})
+      if (std::getenv(("UCX_" + std::string(tl) + "_" + opt).c_str())) return false;
+    return true;
+  };
+  if (shm && unset("ERROR_HANDLING")) (void)ucp_config_modify(cfg, "MM_ERROR_HANDLING", "y");
+  // Software RMA over shared memory moves at most a fifo's worth (64 x 8 KiB by default) per round
+  // trip between the two engine threads; on a loaded machine each round trip waits for the scheduler
+  // (64 KiB..1 MiB writes: 0.1-0.3 GB/s with 64 entries, 1-2.5 GB/s with 1024; 8 MiB per transport).
+  if (shm && unset("FIFO_SIZE")) (void)ucp_config_modify(cfg, "MM_FIFO_SIZE", "1024");
   ucp_params_t pp{};
   pp.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_REQUEST_SIZE | UCP_PARAM_FIELD_NAME;
   pp.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
