@@ -8,8 +8,9 @@
 // Endpoints use UCP_ERR_HANDLING_MODE_PEER so that a dead peer fails ops instead of hanging them. UCX
 // 1.13 then drops its shared-memory transports unless they claim error handling (MM_ERROR_HANDLING,
 // off by default), and two local processes would talk TCP: init() turns it on unless the environment
-// says otherwise. Puts and gets on registered heap memory are still UCX's software RMA over a message
-// lane (shared memory fifo or TCP); memory from allocate_memory() is written directly by the peer.
+// says otherwise (and deepens the shared-memory fifo, see there). Puts and gets on registered heap
+// memory are still UCX's software RMA over a message lane (shared memory fifo or TCP), acknowledged
+// by the target's engine thread; memory from allocate_memory() is written directly by the peer.
 // LARDER_TRANSFER_VERBOSE=1 prints each new endpoint's transports (ucp_ep_print_info) to stderr.
 //
 // An op posts its segments in chunks of at most kChunk bytes with at most kMaxReqs / kMaxBytes
