@@ -49,6 +49,7 @@ struct Opts {
   double seconds = 0.25;
   uint64_t region = 256ull << 20, inflight = 64ull << 20;
   bool json = false, server = false, ucx_alloc = false, contiguous = false;
+  FILE* json_out = stdout;
   std::string client, host = "127.0.0.1";
   int port = 0;
 };
@@ -298,18 +299,19 @@ int run_client(const Opts& o, std::string peer, std::string desc) {
         }
       }
   if (o.json) {
-    std::printf("{\"peer\": \"%s\", \"ucx_tls\": \"%s\", \"depth\": %d, \"region\": %llu, \"contiguous\": %s, "
+    std::fprintf(o.json_out, "{\"peer\": \"%s\", \"ucx_tls\": \"%s\", \"depth\": %d, \"region\": %llu, \"contiguous\": %s, "
                 "\"rows\": [\n",
                 peer.c_str(), tls ? tls : "", o.depth, (unsigned long long)o.region, o.contiguous ? "true" : "false");
     for (size_t i = 0; i < rows.size(); i++) {
       const Row& r = rows[i];
-      std::printf("  {\"op\": \"%s\", \"block\": %llu, \"batch\": %d, \"threads\": %d, \"depth\": %d, \"ops\": %lld, "
+      std::fprintf(o.json_out, "  {\"op\": \"%s\", \"block\": %llu, \"batch\": %d, \"threads\": %d, \"depth\": %d, \"ops\": %lld, "
                   "\"seconds\": %.4f, \"gbps\": %.4f, \"p50_us\": %.1f, \"p99_us\": %.1f, \"memcpy_gbps\": %.3f, "
                   "\"error\": \"%s\"}%s\n",
                   r.op.c_str(), (unsigned long long)r.block, r.batch, r.threads, r.depth, (long long)r.n_ops, r.seconds, r.gbps,
                   r.p50_us, r.p99_us, r.memcpy_gbps, r.error.c_str(), i + 1 < rows.size() ? "," : "");
     }
-    std::printf("]}\n");
+    std::fprintf(o.json_out, "]}\n");
+    std::fflush(o.json_out);
   }
   auto st = eng.stats();
   if (!o.json) std::printf("\nengine: %lld ops, %.2f GB, %lld failures, %lld timeouts\n", (long long)st.ops, st.bytes / 1e9,
@@ -379,6 +381,10 @@ int main(int argc, char** argv) {
   if (o.depth < 1 || o.seconds <= 0 || o.region < 4096 || o.inflight == 0 || o.sizes.empty() || o.batches.empty() || o.threads.empty())
     return usage();
   if (o.server) return run_server(o, 1);
+  if (o.json) {  // UCX logs to stdout: keep the JSON alone there, everything else goes to stderr
+    o.json_out = fdopen(dup(1), "w");
+    if (!o.json_out || dup2(2, 1) < 0) return 1;
+  }
   if (!o.client.empty()) return run_client(o, o.client, "");
 
   // Fork the target first: UCX state must not cross a fork.

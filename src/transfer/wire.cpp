@@ -54,7 +54,9 @@ bool b64_decode(const std::string& in, size_t from, std::string* out) {
       *out += static_cast<char>((acc >> bits) & 0xff);
     }
   }
-  return bits < 6;  // a lone trailing character is never valid
+  // A lone trailing character is never valid, and unused low bits must be zero: one string per
+  // descriptor.
+  return bits < 6 && (acc & ((1u << bits) - 1)) == 0;
 }
 
 }  // namespace
