@@ -306,7 +306,8 @@ def main():
                 time.sleep(1.5)
                 st, j = complete("127.0.0.1", RE.port, prompts[1], N)
                 check(st == 200, "etcd down: serving goes on (status %d)" % st)
-                check(metrics(DE).get("larder_cluster_registered", 1) == 0 or True, "etcd down: noticed")
+                check(wait_for(lambda: metrics(DE).get("larder_cluster_registered", 1) == 0, 5),
+                      "etcd down: decode reports it is not registered")
                 regs = metrics(DE).get("larder_cluster_registrations_total", 0)
                 time.sleep(5)  # past the lease TTL: etcd's leases expire when it comes back
                 etcd.start()

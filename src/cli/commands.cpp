@@ -1,5 +1,7 @@
 #include "cli/commands.h"
 
+#include <pthread.h>
+
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
@@ -21,6 +23,16 @@ Result<std::pair<DType, DType>> cache_types(const Args& a) {
   auto v = parse_kv_type(a.cache_type_v);
   if (!v.ok()) return make_error("--cache-type-v: %s", v.error().c_str());
   return std::pair{*k, *v};
+}
+
+sigset_t block_stop_signals() {
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+  return sigs;
 }
 
 int fail(const std::string& msg) {

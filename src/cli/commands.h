@@ -1,5 +1,6 @@
 #pragma once
 #include "cli/options.h"
+#include <csignal>
 #include <utility>
 
 #include "core/result.h"
@@ -24,6 +25,9 @@ int cmd_kv(Args& a);          // src/cli/kv.cpp
 SamplerParams sampler_params(const Args& a);
 // The -ctk/-ctv values (a bad one: an error naming the flag and the valid types).
 Result<std::pair<DType, DType>> cache_types(const Args& a);
+// Blocks SIGINT and SIGTERM in this thread (and the threads it starts after), for sigwait, and ignores
+// SIGPIPE (a client gone mid-write): the long-running commands (serve, router). Returns the set.
+sigset_t block_stop_signals();
 // Prints "larder: error: <msg>" on one line and returns 1.
 int fail(const std::string& msg);
 }  // namespace larder::cli

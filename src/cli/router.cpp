@@ -37,12 +37,7 @@ int cmd_router(Args& a) {
     return fail("no decode instance: give --decode HOST:PORT[,HOST:PORT] or --cluster etcd://HOST:PORT");
 
   // Signals are taken by sigwait below; every thread started from here inherits the mask.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGINT);
-  sigaddset(&sigs, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);
+  sigset_t sigs = block_stop_signals();
 
   const size_t n_prefill = p.prefill.size(), n_decode = p.decode.size();
   const bool with_cluster = !p.etcd_endpoints.empty();

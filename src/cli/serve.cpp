@@ -104,12 +104,7 @@ int cmd_serve(Args& a) {
   }
 
   // Signals are taken by sigwait below; every thread started from here inherits the mask.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGINT);
-  sigaddset(&sigs, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);
+  sigset_t sigs = block_stop_signals();
   std::signal(SIGXFSZ, SIG_IGN);  // a file-size limit must fail the write (the SSD tier turns off), not kill us
 
   server::ServerParams sp;

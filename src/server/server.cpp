@@ -759,8 +759,8 @@ void Server::Impl::setup_routes() {
   });
 
   const http::NotAllowed not_allowed = [](const httplib::Request& req, httplib::Response& res, const char* allow) {
-      reply_error(res, make_api_error(405, "Method " + req.method + " is not allowed for " + req.path + ".",
-                                      "invalid_request_error", "method_not_allowed"));
+    reply_error(res, make_api_error(405, "Method " + req.method + " is not allowed for " + req.path + ".",
+                                    "invalid_request_error", "method_not_allowed"));
     res.set_header("Allow", allow);
   };
   auto get_only = [&](const std::string& path, httplib::Server::Handler h) {
