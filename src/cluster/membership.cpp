@@ -80,6 +80,14 @@ json to_json(const InstanceInfo& i) {
                    {"waiting", i.load.waiting},
                    {"free_blocks", i.load.free_blocks},
                    {"queued_prefill_tokens", i.load.queued_prefill_tokens}};
+  j["kv_events"] = i.kv_events;
+  j["kv_replay"] = i.kv_replay;
+  j["cache"] = json{{"identity", i.cache.identity},
+                    {"dtype", i.cache.dtype},
+                    {"block_size", i.cache.block_size},
+                    {"block_bytes", i.cache.block_bytes}};
+  j["prefill_tokens_per_s"] = i.prefill_tokens_per_s;
+  j["started_ms"] = i.started_ms;
   j["updated_ms"] = i.updated_ms;
   return j;
 }
@@ -109,6 +117,22 @@ Result<InstanceInfo> instance_from_json(const std::string& text) {
     r.num(*l, "free_blocks", "load.free_blocks", i.load.free_blocks);
     r.num(*l, "queued_prefill_tokens", "load.queued_prefill_tokens", i.load.queued_prefill_tokens);
   }
+  r.str(j, "kv_events", i.kv_events);
+  r.str(j, "kv_replay", i.kv_replay);
+  if (const json* c = r.object(j, "cache")) {
+    r.str(*c, "identity", i.cache.identity);
+    r.str(*c, "dtype", i.cache.dtype);
+    r.num(*c, "block_size", "cache.block_size", i.cache.block_size);
+    r.num(*c, "block_bytes", "cache.block_bytes", i.cache.block_bytes);
+  }
+  if (auto it = j.find("prefill_tokens_per_s"); it != j.end() && !it->is_null()) {
+    if (!it->is_number()) {
+      if (r.err.empty()) r.err = "field 'prefill_tokens_per_s' must be a number";
+    } else {
+      i.prefill_tokens_per_s = it->get<double>();
+    }
+  }
+  r.num(j, "started_ms", "started_ms", i.started_ms);
   r.num(j, "updated_ms", "updated_ms", i.updated_ms);
   if (!r.err.empty()) return make_error("instance: %s", r.err.c_str());
   if (i.id.empty()) return make_error("instance: field 'id' is empty");

@@ -36,6 +36,18 @@ struct InstanceInfo {
     int running = 0, waiting = 0;
     int64_t free_blocks = 0, queued_prefill_tokens = 0;
   } load;
+  // KV events (src/kvevents): ZeroMQ PUB and replay endpoints, "tcp://HOST:PORT" ("" = none).
+  std::string kv_events, kv_replay;
+  // How its KV blocks are named (kvcache::root_hash): the conductor names prompts' blocks the same way.
+  struct Cache {
+    std::string identity;   // CacheIdentity.model (model content identity)
+    std::string dtype;      // CacheIdentity.dtype
+    int block_size = 0;     // tokens per block
+    int64_t block_bytes = 0;  // bytes of one block, all layers
+  } cache;
+  // Measured speed: prompt tokens per second (0 = not measured yet); wall ms when it started.
+  double prefill_tokens_per_s = 0;
+  int64_t started_ms = 0;
   int64_t updated_ms = 0;  // wall clock of the last refresh (ms since epoch)
 
   bool can_prefill() const { return role == "prefill" || role == "both"; }
