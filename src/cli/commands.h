@@ -19,8 +19,11 @@ int cmd_quantize(Args& a);    // src/cli/quantize.cpp
 int cmd_perplexity(Args& a);  // src/cli/perplexity.cpp
 int cmd_serve(Args& a);       // src/cli/serve.cpp
 int cmd_router(Args& a);      // src/cli/router.cpp
+int cmd_conductor(Args& a);   // src/cli/conductor.cpp
 int cmd_replay(Args& a);      // src/cli/replay.cpp
 int cmd_kv(Args& a);          // src/cli/kv.cpp
+int cmd_simulate(Args& a);    // src/cli/simulate.cpp
+int cmd_calibrate(Args& a);   // src/cli/calibrate.cpp
 // The sampling flags of run/chat as sampler settings (a negative seed = random).
 SamplerParams sampler_params(const Args& a);
 // The -ctk/-ctv values (a bad one: an error naming the flag and the valid types).

@@ -74,9 +74,12 @@ int main(int argc, char** argv) {
       {"perplexity", "perplexity over non-overlapping CTX-token windows (each starts with BOS; the second half of each is scored, as llama.cpp does); --kl-base adds KL(base || model)", cmd_perplexity},
       {"bench", "measure prompt and generation tokens/s (llama-bench style)", cmd_bench},
       {"serve", "OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics", cmd_serve},
+      {"conductor", "KV-cache-centric front door of a cluster: routes each request to the instance that serves it soonest (cached prefixes, fetches, load), SLO admission, failover", cmd_conductor},
       {"router", "front door of a P/D cluster: OpenAI API in, each request's prompt to a prefill instance and its tokens from a decode instance", cmd_router},
       {"replay", "drive a server with a request trace (--trace FILE --scale K --speed X) and report hit rate, TTFT, TPOT", cmd_replay},
       {"kv", "look after an SSD KV tier: larder kv stats|verify|clear --dir DIR", cmd_kv},
+      {"simulate", "simulate a cluster serving a trace (--trace FILE --instances N|P,D --policy NAME --calibration FILE) and report hit rate, TTFT, TBT, goodput", cmd_simulate},
+      {"calibrate", "measure an instance's costs on a real engine (prefill, decode, tiers) for `larder simulate`: -m MODEL -o calib.json", cmd_calibrate},
       {"logits", "dump logits / greedy ids for token ids (for reference tests)", cmd_logits},
   };
   std::vector<std::pair<CLI::App*, const Cmd*>> subs;

@@ -95,6 +95,14 @@ struct Args {
   int pd_local_prefill = 64;          // decode computes prompts with at most this many uncached tokens itself
   std::string prefill_urls;           // router: static prefill instances (host:port,...)
   std::string decode_urls;            // router: static decode instances
+  // conductor (and the simulator's policies)
+  std::string policy = "conductor";   // random | round-robin | least-load | cache-aware | conductor
+  double ttft_slo = 0;                // ms (0 = none)
+  double tbt_slo = 0;                 // ms (0 = none)
+  double ramp_s = 10;                 // a (re)started instance reaches its full share after this long
+  bool no_failover = false;
+  double transfer_gbps = 1.0;         // KV transfer bandwidth between instances assumed by the policy
+  int kv_events_port = -1;            // serve: KV events PUB port (-1: on with --cluster, any port; 0 any)
   // tiered KV store (serve, kv)
   std::string kv_dram;          // L2 DRAM tier size ("" = off)
   bool kv_dram_q8 = false;      // L2 holds blocks as 8-bit (twice as many)
@@ -111,6 +119,13 @@ struct Args {
   std::string url = "http://127.0.0.1:8080";
   int replay_vocab = 0;            // token ids drawn from [3, N) (0 = ask the server)
   std::string replay_dump;         // --dump-prompts FILE (JSONL, one request a line)
+  // simulate (also --trace --scale --speed --limit --json --pd-local-prefill --policy --ttft-slo --tbt-slo)
+  std::string instances = "8";     // N (colocated) or P,D
+  std::string calibration;
+  int64_t sim_seed = 1;
+  // calibrate (also -m -t -c --parallel --kv-blocks -o; --dram-bytes/--disk-dir/--disk-bytes fill kv_dram/kv_disk/kv_disk_size)
+  double calib_transfer_gbps = 0.36;  // GB/s between instances (docs/BENCHMARKS.md, P/D: TCP, 4-16 KiB ops)
+  double calib_transfer_latency_ms = 2;
   // positional
   std::string positional;
 };

@@ -29,12 +29,33 @@
 #include "cluster/etcd.h"
 #include "cluster/membership.h"
 #include "pd/pd.h"
+#include "kvevents/publisher.h"
 #include "kernels/attention_kv.h"
 #include "engine/scheduler.h"
 #include "model/model.h"
 #include "server/server.h"
 
 namespace larder::cli {
+
+namespace {
+
+// The engine's block events, published as KV events (the conductor's index follows them).
+class EventsOut final : public kvcache::BlockListener {
+ public:
+  EventsOut(kvevents::Publisher& pub, int block_size) : pub_(pub), bs_(block_size) {}
+  void stored(kvcache::Medium m, const kvcache::BlockHash& h, const kvcache::BlockHash* parent,
+              std::span<const int32_t> tokens) override {
+    pub_.stored({h}, parent ? std::optional<kvcache::BlockHash>(*parent) : std::nullopt,
+                std::vector<int32_t>(tokens.begin(), tokens.end()), bs_, kvcache::medium_name(m));
+  }
+  void removed(kvcache::Medium m, const kvcache::BlockHash& h) override { pub_.removed({h}, kvcache::medium_name(m)); }
+
+ private:
+  kvevents::Publisher& pub_;
+  int bs_;
+};
+
+}  // namespace
 
 namespace {
 
@@ -167,6 +188,23 @@ int cmd_serve(Args& a) {
   if (!pol.ok()) return fail("--kv-policy: " + pol.error());
   p.store.policy = *pol;
   p.always_load = a.kv_no_load_decision;
+  // KV events for a conductor: on with --cluster (any free ports) or --kv-events-port.
+  const bool any_host0 = a.host == "0.0.0.0" || a.host == "::";
+  std::unique_ptr<kvevents::Publisher> events;
+  std::unique_ptr<EventsOut> events_out;
+  if (a.kv_events_port >= 0 || !etcd.empty()) {
+    kvevents::PublisherParams ep;
+    ep.bind_host = any_host0 ? "0.0.0.0" : a.host;
+    ep.pub_port = std::max(0, a.kv_events_port);
+    ep.replay_port = a.kv_events_port > 0 ? a.kv_events_port + 1 : 0;
+    ep.topic = "kv";
+    auto pub = kvevents::Publisher::start(ep);
+    if (!pub.ok()) return fail("KV events: " + pub.error());
+    events = std::move(*pub);
+    events_out = std::make_unique<EventsOut>(*events, p.block_size);
+    events->cleared();  // a new epoch: nothing held before what follows (the SSD tier is announced next)
+    p.block_listener = events_out.get();
+  }
   auto sched = Scheduler::create(m, p);
   if (!sched.ok()) return fail(sched.error());
   Scheduler& s = **sched;
@@ -214,6 +252,20 @@ int cmd_serve(Args& a) {
     base.transfer_address = pdn->transfer_address();
     base.capacity.parallel = a.parallel;
     base.capacity.threads = a.n_threads;
+    const kvcache::CacheIdentity cid = s.cache_identity();
+    base.cache.identity = cid.model;
+    base.cache.dtype = cid.dtype;
+    base.cache.block_size = cid.block_size;
+    base.started_ms = cluster::wall_ms();
+    if (events) {
+      // Peers connect to the advertised address, not to the bind address.
+      auto readdress = [&](const std::string& ep) {
+        const size_t colon = ep.rfind(':');
+        return "tcp://" + advertise + (colon == std::string::npos ? std::string() : ep.substr(colon));
+      };
+      base.kv_events = readdress(events->pub_endpoint());
+      base.kv_replay = readdress(events->replay_endpoint());
+    }
     cluster::MembershipParams mp;
     mp.endpoints = etcd;
     mp.cluster = a.cluster_name;
@@ -222,6 +274,7 @@ int cmd_serve(Args& a) {
     const int64_t block_bytes = static_cast<int64_t>(pv.n_layer) * pv.block_size * (pv.k_row + pv.v_row);
     base.capacity.dram_blocks = static_cast<int64_t>(p.store.dram_bytes) / std::max<int64_t>(block_bytes, 1);
     base.capacity.disk_blocks = static_cast<int64_t>(p.store.disk_bytes) / std::max<int64_t>(block_bytes, 1);
+    base.cache.block_bytes = block_bytes;
     Scheduler* sp_ = &s;
     auto mem = cluster::Membership::start(mp, [base, sp_] {
       cluster::InstanceInfo i = base;
@@ -231,6 +284,7 @@ int cmd_serve(Args& a) {
       i.load.waiting = st.waiting;
       i.load.free_blocks = st.kv_free + st.kv_cached;
       i.load.queued_prefill_tokens = st.queued_prefill_tokens;
+      i.prefill_tokens_per_s = st.prefill_tokens_per_s;
       return i;
     });
     if (!mem.ok()) return fail("--cluster: " + mem.error());
@@ -265,6 +319,9 @@ int cmd_serve(Args& a) {
                    (kernels::kv_row_bytes(p.type_k, m.cfg.head_dim) + kernels::kv_row_bytes(p.type_v, m.cfg.head_dim)) /
                    1048576.0,
                s.max_seq_len(), p.parallel, p.max_queue);
+  if (events)
+    std::fprintf(stderr, "larder serve: KV events on %s (replay %s)\n", events->pub_endpoint().c_str(),
+                 events->replay_endpoint().c_str());
   if (st0.has_store)
     std::fprintf(stderr, "larder serve: kv tiers: DRAM %s%s, SSD %s (%lld blocks found)\n",
                  a.kv_dram.empty() ? "off" : a.kv_dram.c_str(), a.kv_dram_q8 ? " (8-bit)" : "",

@@ -1,7 +1,11 @@
 #include "cluster/etcd.h"
 
 #include <httplib.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstdlib>
 
@@ -76,7 +80,74 @@ std::string prefix_end(const std::string& prefix) {
 
 const char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
+// Runs in httplib while it holds its socket lock, before connect: a cancel() that came before
+// the socket existed (so Client::stop() had nothing to shut) still ends the call.
+httplib::SocketOptions cancel_aware_socket_options(EtcdCancel* cancel, bool keepalive) {
+  return [cancel, keepalive](socket_t fd) {
+    if (keepalive) {
+      // A watch idles for minutes: let the kernel notice a peer that vanished without a FIN
+      // (host down, partition) in about 10 + 5 * 3 s instead of hours.
+      int on = 1, idle = 10, intvl = 5, cnt = 3;
+      ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+      ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+      ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
+      ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
+    }
+    if (cancel && cancel->cancelled()) ::shutdown(fd, SHUT_RDWR);
+  };
+}
+
+Result<KeyValue> parse_kv(const json& kv, const char* what) {
+  if (!kv.is_object()) return make_error("etcd %s: a key-value is not an object", what);
+  KeyValue out;
+  auto k = base64_decode(json_str(kv, "key"));
+  if (!k.ok()) return make_error("etcd %s: key: %s", what, k.error().c_str());
+  out.key = std::move(k.value());
+  auto v = base64_decode(json_str(kv, "value"));
+  if (!v.ok()) return make_error("etcd %s: value of '%s': %s", what, out.key.c_str(), v.error().c_str());
+  out.value = std::move(v.value());
+  out.create_revision = json_i64(kv, "create_revision");
+  out.mod_revision = json_i64(kv, "mod_revision");
+  out.version = json_i64(kv, "version");
+  out.lease = json_i64(kv, "lease");
+  return out;
+}
+
+int64_t header_revision(const json& j) {
+  auto h = j.find("header");
+  return h != j.end() && h->is_object() ? json_i64(*h, "revision") : 0;
+}
+
 }  // namespace
+
+void EtcdCancel::cancel() {
+  std::lock_guard<std::mutex> lk(mu_);
+  cancelled_.store(true);
+  if (active_) active_->stop();  // shuts the socket down: a blocked connect/read returns at once
+}
+
+void EtcdCancel::reset() {
+  std::lock_guard<std::mutex> lk(mu_);
+  cancelled_.store(false);
+}
+
+// While alive, `cli` is the connection cancel->cancel() stops. Declared after the client so that
+// it lets go before the client is destroyed.
+struct EtcdClient::Attached {
+  EtcdCancel* c;
+  Attached(EtcdCancel* cancel, httplib::Client* cli) : c(cancel) {
+    if (!c) return;
+    std::lock_guard<std::mutex> lk(c->mu_);
+    c->active_ = cli;
+  }
+  ~Attached() {
+    if (!c) return;
+    std::lock_guard<std::mutex> lk(c->mu_);
+    c->active_ = nullptr;
+  }
+  Attached(const Attached&) = delete;
+  Attached& operator=(const Attached&) = delete;
+};
 
 Result<std::vector<std::string>> parse_etcd_url(const std::string& url) {
   const char* usage = "use etcd://HOST:PORT[,HOST:PORT]";
@@ -163,7 +234,7 @@ Result<std::string> base64_decode(const std::string& in) {
 EtcdClient::EtcdClient(std::vector<std::string> endpoints, int timeout_ms)
     : endpoints_(std::move(endpoints)), timeout_ms_(timeout_ms > 0 ? timeout_ms : 1000) {}
 
-Result<json> EtcdClient::call(const char* path, const json& body) {
+Result<json> EtcdClient::call(const char* path, const json& body, EtcdCancel* cancel) {
   if (endpoints_.empty()) return make_error("etcd: no endpoint configured");
   const std::string payload = body.dump();
   const time_t sec = timeout_ms_ / 1000;
@@ -172,6 +243,7 @@ Result<json> EtcdClient::call(const char* path, const json& body) {
   const size_t n = endpoints_.size();
   const size_t first = preferred_.load() % n;
   for (size_t k = 0; k < n; ++k) {
+    if (cancel && cancel->cancelled()) return make_error("etcd: cancelled");
     const size_t idx = (first + k) % n;
     const std::string& ep = endpoints_[idx];
     std::string host;
@@ -185,6 +257,8 @@ Result<json> EtcdClient::call(const char* path, const json& body) {
     cli.set_read_timeout(sec, usec);
     cli.set_write_timeout(sec, usec);
     cli.set_keep_alive(false);
+    if (cancel) cli.set_socket_options(cancel_aware_socket_options(cancel, false));
+    Attached attached(cancel, &cli);
     // etcd 3.4's gateway ends every error answer with an HTTP trailer, which cpp-httplib 0.11
     // cannot parse (a Read error after the whole body): collect the body and status ourselves
     // and accept a Read error once a complete JSON object has arrived.
@@ -259,21 +333,27 @@ Status EtcdClient::put(const std::string& key, const std::string& value, int64_t
   return Status::Ok();
 }
 
-Result<std::vector<std::pair<std::string, std::string>>> EtcdClient::get_prefix(const std::string& prefix) {
+Result<RangeResult> EtcdClient::range_prefix(const std::string& prefix, EtcdCancel* cancel) {
   json body{{"key", base64_encode(prefix)}, {"range_end", base64_encode(prefix_end(prefix))}};
-  LARDER_TRY(j, call("/v3/kv/range", body));
-  std::vector<std::pair<std::string, std::string>> out;
+  LARDER_TRY(j, call("/v3/kv/range", body, cancel));
+  RangeResult out;
+  out.revision = header_revision(j);
   auto it = j.find("kvs");
   if (it == j.end()) return out;  // no key: the gateway leaves "kvs" out
   if (!it->is_array()) return make_error("etcd range: 'kvs' is not an array");
+  out.kvs.reserve(it->size());
   for (const json& kv : *it) {
-    if (!kv.is_object()) return make_error("etcd range: an entry of 'kvs' is not an object");
-    auto k = base64_decode(json_str(kv, "key"));
-    auto v = base64_decode(json_str(kv, "value"));
-    if (!k.ok()) return make_error("etcd range: key: %s", k.error().c_str());
-    if (!v.ok()) return make_error("etcd range: value of '%s': %s", k->c_str(), v.error().c_str());
-    out.emplace_back(std::move(k.value()), std::move(v.value()));
+    LARDER_TRY(one, parse_kv(kv, "range"));
+    out.kvs.push_back(std::move(one));
   }
+  return out;
+}
+
+Result<std::vector<std::pair<std::string, std::string>>> EtcdClient::get_prefix(const std::string& prefix) {
+  LARDER_TRY(r, range_prefix(prefix));
+  std::vector<std::pair<std::string, std::string>> out;
+  out.reserve(r.kvs.size());
+  for (KeyValue& kv : r.kvs) out.emplace_back(std::move(kv.key), std::move(kv.value));
   return out;
 }
 
@@ -281,6 +361,202 @@ Status EtcdClient::del(const std::string& key) {
   LARDER_TRY(j, call("/v3/kv/deleterange", json{{"key", base64_encode(key)}}));
   (void)j;
   return Status::Ok();
+}
+
+namespace {
+
+// What one message of a watch stream says.
+struct WatchStep {
+  enum Kind { Continue, Stop, Compacted, Failed } kind = Continue;
+  int64_t compact_revision = 0;
+  std::string error;
+};
+
+// Gateway stream format (etcd 3.4): one JSON object per line, {"result": WatchResponse} or,
+// when the RPC fails mid-stream, {"error": {"grpc_code", "http_code", "message", ...}} (that
+// last one without a newline). Zero values are left out: a PUT event has no "type".
+WatchStep parse_watch_message(const std::string& line, WatchResponse& wr) {
+  WatchStep step;
+  json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) {
+    step.kind = WatchStep::Failed;
+    step.error = "watch: a message is not a JSON object";
+    return step;
+  }
+  if (auto e = j.find("error"); e != j.end()) {
+    step.kind = WatchStep::Failed;
+    std::string msg = e->is_object() ? json_str(*e, "message") : e->is_string() ? e->get<std::string>() : "";
+    step.error = "watch: " + (msg.empty() ? e->dump() : msg);
+    return step;
+  }
+  auto r = j.find("result");
+  if (r == j.end() || !r->is_object()) {
+    step.kind = WatchStep::Failed;
+    step.error = "watch: a message has no 'result'";
+    return step;
+  }
+  const json& res = *r;
+  if (res.value("canceled", false)) {
+    const int64_t compact = json_i64(res, "compact_revision");
+    if (compact > 0) {
+      step.kind = WatchStep::Compacted;
+      step.compact_revision = compact;
+    } else {
+      step.kind = WatchStep::Failed;
+      std::string why = json_str(res, "cancel_reason");
+      step.error = "watch: cancelled by etcd" + (why.empty() ? std::string() : ": " + why);
+    }
+    return step;
+  }
+  wr.revision = header_revision(res);
+  wr.created = res.value("created", false);
+  wr.events.clear();
+  if (auto evs = res.find("events"); evs != res.end() && evs->is_array()) {
+    wr.events.reserve(evs->size());
+    for (const json& ev : *evs) {
+      if (!ev.is_object()) continue;
+      WatchEvent out;
+      out.type = json_str(ev, "type") == "DELETE" ? WatchEvent::Type::Delete : WatchEvent::Type::Put;
+      auto kv = parse_kv(ev.value("kv", json::object()), "watch");
+      if (!kv.ok()) {
+        step.kind = WatchStep::Failed;
+        step.error = kv.error();
+        return step;
+      }
+      out.kv = std::move(kv.value());
+      if (auto p = ev.find("prev_kv"); p != ev.end() && p->is_object()) {
+        auto prev = parse_kv(*p, "watch");
+        if (prev.ok()) {
+          out.has_prev = true;
+          out.prev_kv = std::move(prev.value());
+        }
+      }
+      wr.events.push_back(std::move(out));
+    }
+  }
+  return step;
+}
+
+}  // namespace
+
+Result<WatchEnd> EtcdClient::watch_prefix(const std::string& prefix, int64_t start_revision,
+                                          const std::function<bool(const WatchResponse&)>& on_response,
+                                          EtcdCancel* cancel) {
+  if (endpoints_.empty()) return make_error("etcd: no endpoint configured");
+  json create{{"key", base64_encode(prefix)},
+              {"range_end", base64_encode(prefix_end(prefix))},
+              {"prev_kv", true},
+              // Without these a connected but idle stream sends nothing for ever; etcd sends
+              // them to idle watchers only (every 10 min by default).
+              {"progress_notify", true}};
+  if (start_revision > 0) create["start_revision"] = std::to_string(start_revision);
+  const std::string payload = json{{"create_request", create}}.dump();
+  const time_t sec = timeout_ms_ / 1000;
+  const time_t usec = static_cast<time_t>(timeout_ms_ % 1000) * 1000;
+  // Longer than etcd's default progress-notification interval: a silent stream is a dead one.
+  const time_t idle_s = 15 * 60;
+  std::string errors;
+  const size_t n = endpoints_.size();
+  const size_t first = preferred_.load() % n;
+  for (size_t k = 0; k < n; ++k) {
+    if (cancel && cancel->cancelled()) return WatchEnd{};
+    const size_t idx = (first + k) % n;
+    const std::string& ep = endpoints_[idx];
+    std::string host;
+    int port = 0;
+    if (!split_host_port(ep, host, port)) {
+      errors += (errors.empty() ? "" : "; ") + ep + ": not HOST:PORT";
+      continue;
+    }
+    httplib::Client cli(host, port);
+    cli.set_connection_timeout(sec, usec);
+    cli.set_write_timeout(sec, usec);
+    cli.set_read_timeout(idle_s, 0);
+    cli.set_keep_alive(false);
+    cli.set_socket_options(cancel_aware_socket_options(cancel, true));
+    Attached attached(cancel, &cli);
+
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v3/watch";
+    req.body = payload;
+    req.set_header("Content-Type", "application/json");
+    // Passed on as gRPC metadata: etcd then ends the watch ("no leader") when this member loses
+    // its leader. Without it a watch on a member cut off from the quorum stays open and silent.
+    req.set_header("Grpc-Metadata-hasleader", "true");
+    int status = 0;
+    std::string buf;  // an incomplete line of the stream, or an error answer's body
+    WatchEnd end;
+    WatchStep last;
+    bool created = false;
+    WatchResponse wr;
+    auto handle = [&](const std::string& line) {
+      last = parse_watch_message(line, wr);
+      if (last.kind != WatchStep::Continue) return false;
+      end.revision = std::max(end.revision, wr.revision);
+      if (wr.created && !created) {
+        created = true;
+        preferred_.store(idx);
+      }
+      if (!on_response(wr)) {
+        last.kind = WatchStep::Stop;
+        return false;
+      }
+      return true;
+    };
+    req.response_handler = [&status](const httplib::Response& r) {
+      status = r.status;
+      return true;
+    };
+    req.content_receiver = [&](const char* d, size_t len, uint64_t, uint64_t) {
+      if (cancel && cancel->cancelled()) return false;
+      buf.append(d, len);
+      if (status != 200) return buf.size() < (1u << 20);  // an error answer: kept whole below
+      size_t start = 0;
+      for (size_t nl; (nl = buf.find('\n', start)) != std::string::npos; start = nl + 1) {
+        if (nl == start) continue;
+        if (!handle(buf.substr(start, nl - start))) return false;
+      }
+      buf.erase(0, start);
+      return true;
+    };
+    auto res = cli.send(req);
+    if (cancel && cancel->cancelled()) return end;
+    if (status == 200 && last.kind == WatchStep::Continue && !buf.empty()) handle(buf);  // a final unterminated message
+    switch (last.kind) {
+      case WatchStep::Stop: return end;
+      case WatchStep::Compacted:
+        end.compacted = true;
+        end.compact_revision = last.compact_revision;
+        return end;
+      case WatchStep::Failed:
+        if (created) return make_error("etcd %s: %s", ep.c_str(), last.error.c_str());
+        errors += (errors.empty() ? "" : "; ") + ep + ": " + last.error;
+        continue;  // refused before it started: another member may take it
+      case WatchStep::Continue: break;
+    }
+    if (status == 0) {  // no answer at all
+      errors += (errors.empty() ? "" : "; ") + ep + ": " + describe(res.error());
+      continue;
+    }
+    if (status != 200) {
+      json j = json::parse(buf, nullptr, /*allow_exceptions=*/false);
+      std::string msg;
+      if (j.is_object()) msg = json_str(j, "message").empty() ? json_str(j, "error") : json_str(j, "message");
+      if (msg.empty()) msg = "HTTP " + std::to_string(status);
+      if ((j.is_object() && json_i64(j, "code") == 14) || status >= 500) {
+        errors += (errors.empty() ? "" : "; ") + ep + ": " + msg;
+        continue;
+      }
+      return make_error("etcd %s: watch: %s", ep.c_str(), msg.c_str());
+    }
+    // The stream ended without saying why: etcd went away or the connection broke.
+    return make_error("etcd %s: watch stream ended (%s)", ep.c_str(),
+                      res                                   ? "closed by etcd"
+                      : res.error() == httplib::Error::Read ? "connection lost"
+                                                            : describe(res.error()).c_str());
+  }
+  return make_error("etcd unreachable (%s)", errors.c_str());
 }
 
 }  // namespace larder::cluster

@@ -7,10 +7,14 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
+#include <tuple>
+#include <unordered_map>
 
 namespace larder::cluster {
 
@@ -384,92 +388,303 @@ Result<std::vector<InstanceInfo>> list_instances(EtcdClient& c, const std::strin
 }
 
 struct Directory::Impl {
-  EtcdClient etcd;
-  std::string cluster;
-  double poll_s;
+  // One key of the prefix as last seen: a valid instance, or a value that is not one.
+  struct Entry {
+    int64_t mod_revision = 0;
+    std::string value;
+    std::optional<InstanceInfo> info;
+    std::string bad;  // why value is not an InstanceInfo
+  };
+  using Changes = std::map<std::string, std::optional<Entry>>;  // key -> new state (nullopt: gone)
 
-  mutable std::mutex mu;  // guards list, stopping
+  DirectoryParams p;
+  std::string prefix;
+  EtcdClient etcd;
+  // Shut down by ~Directory: the watch thread's reads, its watch (also by the safety net when
+  // stuck), and the safety net's reads.
+  EtcdCancel list_cancel, watch_cancel, check_cancel;
+
+  // Lock order: cb_mu, then mu. cb_mu is held from applying a change until its callback
+  // returned, so that on_change's first call and the later ones neither miss nor repeat one.
+  std::mutex cb_mu;
+  Directory::ChangeFn cb;
+
+  mutable std::mutex mu;  // guards everything below but the atomics
   std::condition_variable cv;
   bool stopping = false;
-  std::vector<InstanceInfo> list;
+  std::map<std::string, Entry> entries;          // by key
+  std::vector<InstanceInfo> list;                // the valid entries in key order (instances())
+  std::unordered_map<std::string, size_t> by_id;  // id -> index in list
+  int64_t revision = 0;                          // of the last full read
+  DirectoryStats st;
+  bool down_reported = false, watch_reported = false;
   std::atomic<bool> ok{false};
+  std::atomic<uint64_t> generation{0};
 
-  // Poll-thread state: what was already said on stderr.
-  std::set<std::string> warned;
-  bool down_reported = false;
-  std::thread th;
+  std::thread watch_th, check_th;
 
-  Impl(std::vector<std::string> eps, std::string c, double poll)
-      : etcd(std::move(eps)), cluster(std::move(c)), poll_s(poll) {}
+  explicit Impl(DirectoryParams params)
+      : p(std::move(params)), prefix(instances_prefix(p.cluster)), etcd(p.endpoints, p.timeout_ms) {}
 
-  void poll_once() {
-    std::vector<std::string> skipped;
-    auto r = list_instances(etcd, cluster, &skipped);
-    if (!r.ok()) {
-      ok = false;
-      if (!down_reported) {
-        size_t n;
-        {
-          std::lock_guard<std::mutex> lk(mu);
-          n = list.size();
+  static Entry entry_of(KeyValue& kv) {
+    Entry e;
+    e.mod_revision = kv.mod_revision;
+    auto info = instance_from_json(kv.value);
+    if (info.ok()) e.info = std::move(info.value());
+    else e.bad = info.error();
+    e.value = std::move(kv.value);
+    return e;
+  }
+
+  bool is_stopping() {
+    std::lock_guard<std::mutex> lk(mu);
+    return stopping;
+  }
+
+  // Applies changes to the view and tells the callback what they changed for instances().
+  void commit(Changes& changes, int64_t events) {
+    std::lock_guard<std::mutex> cbl(cb_mu);
+    std::vector<InstanceInfo> updated;
+    std::vector<std::string> removed;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      std::set<std::string> gone;  // ids of entries replaced or deleted
+      bool changed = false;
+      for (auto& [key, ne] : changes) {
+        auto it = entries.find(key);
+        Entry* old = it != entries.end() ? &it->second : nullptr;
+        if (!old && !ne) continue;
+        if (old && ne && old->mod_revision == ne->mod_revision && old->value == ne->value) continue;
+        changed = true;
+        if (old && old->info) gone.insert(old->info->id);
+        if (ne && ne->info) updated.push_back(*ne->info);
+        // A bad value is reported once per change of it, not on every re-read.
+        if (ne && !ne->info && (!old || old->bad != ne->bad))
+          std::fprintf(stderr, "larder: cluster: skipping %s: %s\n", key.c_str(), ne->bad.c_str());
+        if (ne) entries[key] = std::move(*ne);
+        else entries.erase(it);
+      }
+      st.events += events;
+      if (!changed) return;
+      list.clear();
+      by_id.clear();
+      for (auto& [key, e] : entries)
+        if (e.info) {
+          by_id.emplace(e.info->id, list.size());  // the first key wins a duplicated id
+          list.push_back(*e.info);
         }
+      for (const std::string& id : gone)
+        if (!by_id.count(id)) removed.push_back(id);
+      if (updated.empty() && removed.empty()) return;  // only bad values changed
+      generation.fetch_add(1);
+    }
+    if (cb) cb(updated, removed);
+  }
+
+  // Reads the whole prefix and makes the view equal to it; remembers its revision.
+  bool relist() {
+    auto r = etcd.range_prefix(prefix, &list_cancel);
+    if (!r.ok()) {
+      if (list_cancel.cancelled()) return false;  // stopping
+      ok = false;
+      std::lock_guard<std::mutex> lk(mu);
+      if (!down_reported) {
         std::fprintf(stderr, "larder: cluster: cannot read instances from etcd: %s (keeping the last %zu)\n",
-                     r.error().c_str(), n);
+                     r.error().c_str(), list.size());
         std::fflush(stderr);
         down_reported = true;
       }
-      return;
+      return false;
     }
-    if (down_reported) {
-      std::fprintf(stderr, "larder: cluster: etcd reachable again (%zu instance(s))\n", r->size());
-      std::fflush(stderr);
-      down_reported = false;
-    }
-    // A bad value is reported once (and again only if it changes); the rest are used.
-    std::set<std::string> now(skipped.begin(), skipped.end());
-    for (const auto& s : now)
-      if (!warned.count(s)) std::fprintf(stderr, "larder: cluster: skipping %s\n", s.c_str());
-    warned = std::move(now);
+    Changes changes;
     {
       std::lock_guard<std::mutex> lk(mu);
-      list = std::move(r.value());
+      for (auto& [key, e] : entries) changes[key] = std::nullopt;
+    }
+    for (KeyValue& kv : r->kvs) {
+      std::string key = kv.key;
+      changes[key] = entry_of(kv);
+    }
+    commit(changes, 0);
+    size_t n;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      revision = r->revision;
+      st.lists++;
+      n = list.size();
+      if (down_reported) {
+        std::fprintf(stderr, "larder: cluster: etcd reachable again (%zu instance(s))\n", n);
+        std::fflush(stderr);
+        down_reported = false;
+      }
     }
     ok = true;
+    return true;
   }
 
-  void run() {
-    const auto every = std::chrono::milliseconds(std::max<int64_t>(20, static_cast<int64_t>(poll_s * 1000)));
+  bool on_watch(const WatchResponse& wr) {
+    if (wr.created) {
+      ok = true;
+      std::lock_guard<std::mutex> lk(mu);
+      st.watches++;
+      watch_reported = false;
+      return !stopping;
+    }
+    if (wr.events.empty()) return true;  // progress notification
+    Changes changes;
+    for (const WatchEvent& ev : wr.events) {
+      if (ev.type == WatchEvent::Type::Delete) {
+        changes[ev.kv.key] = std::nullopt;
+      } else {
+        KeyValue kv = ev.kv;
+        changes[kv.key] = entry_of(kv);
+      }
+    }
+    commit(changes, static_cast<int64_t>(wr.events.size()));
+    return true;
+  }
+
+  void wait(std::chrono::milliseconds d) {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait_for(lk, d, [&] { return stopping; });
+  }
+
+  // The watch thread: read, watch from that revision + 1, and again whenever the watch ends.
+  void run_watch(bool listed) {
+    using std::chrono::milliseconds;
+    const milliseconds first_backoff(50), max_backoff(1000);
+    milliseconds backoff = first_backoff;
+    while (!is_stopping()) {
+      if (!listed) {
+        if (!relist()) {
+          wait(backoff);
+          backoff = std::min(backoff * 2, max_backoff);
+          continue;
+        }
+        listed = true;
+      }
+      watch_cancel.reset();
+      int64_t from;
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        if (stopping) break;  // ~Directory set this before cancelling: a cancel lost to reset() is caught here
+        from = revision + 1;
+      }
+      const auto t0 = Clock::now();
+      auto r = etcd.watch_prefix(prefix, from, [this](const WatchResponse& wr) { return on_watch(wr); },
+                                 &watch_cancel);
+      listed = false;  // whatever ended it, the view may have missed changes since
+      if (is_stopping()) break;
+      if (!r.ok()) {
+        std::lock_guard<std::mutex> lk(mu);
+        if (!watch_reported && !down_reported) {
+          std::fprintf(stderr, "larder: cluster: etcd watch ended: %s (reading the instances again)\n",
+                       r.error().c_str());
+          std::fflush(stderr);
+        }
+        watch_reported = true;
+      }
+      // A watch that keeps failing at once must not spin: back off unless it had lasted.
+      if (!r.ok() && Clock::now() - t0 < std::chrono::seconds(1)) {
+        wait(backoff);
+        backoff = std::min(backoff * 2, max_backoff);
+      } else {
+        backoff = first_backoff;
+      }
+    }
+  }
+
+  // The safety net (see the class comment). A difference is (key, mod_revision in etcd or 0 if
+  // absent, mod_revision in the view or 0 if absent); one seen at two checks in a row means the
+  // view kept a state etcd had replaced at least check_s earlier: the watch is stuck. (A view
+  // ahead of the read cannot repeat: the next read is linearizable, so it includes what the
+  // view had.)
+  void run_check() {
+    using Diff = std::tuple<std::string, int64_t, int64_t>;
+    const auto every = std::chrono::milliseconds(std::max<int64_t>(50, static_cast<int64_t>(p.check_s * 1000)));
+    std::set<Diff> prev;
     std::unique_lock<std::mutex> lk(mu);
     while (!cv.wait_for(lk, every, [&] { return stopping; })) {
       lk.unlock();
-      poll_once();
+      auto r = etcd.range_prefix(prefix, &check_cancel);
       lk.lock();
+      if (stopping) break;
+      if (!r.ok()) {
+        // etcd does not answer (the watch may not know yet): say so, and restart the watch so
+        // that it re-reads (and keeps the last good list) until etcd is back.
+        st.check_failures++;
+        prev.clear();
+        ok = false;
+        lk.unlock();
+        watch_cancel.cancel();
+        lk.lock();
+        continue;
+      }
+      std::set<Diff> cur;
+      std::set<std::string> seen;
+      for (const KeyValue& kv : r->kvs) {
+        seen.insert(kv.key);
+        auto it = entries.find(kv.key);
+        const int64_t mine = it == entries.end() ? 0 : it->second.mod_revision;
+        if (mine != kv.mod_revision) cur.emplace(kv.key, kv.mod_revision, mine);
+      }
+      for (const auto& [key, e] : entries)
+        if (!seen.count(key)) cur.emplace(key, 0, e.mod_revision);
+      bool stuck = false;
+      for (const Diff& d : cur)
+        if (prev.count(d)) stuck = true;
+      prev = std::move(cur);
+      if (stuck) {
+        st.stalls++;
+        prev.clear();
+        std::fprintf(stderr, "larder: cluster: the etcd watch fell behind for %.1f s; restarting it\n", p.check_s);
+        std::fflush(stderr);
+        lk.unlock();
+        watch_cancel.cancel();
+        lk.lock();
+      }
     }
   }
 };
 
 Directory::Directory(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-Result<std::unique_ptr<Directory>> Directory::start(std::vector<std::string> endpoints, std::string cluster,
-                                                    double poll_s) {
-  if (endpoints.empty()) return make_error("directory: no etcd endpoint");
-  LARDER_CHECK_STATUS(check_cluster_name(cluster));
-  if (!(poll_s > 0)) return make_error("directory: the poll interval must be positive");
-  auto impl = std::make_unique<Impl>(std::move(endpoints), std::move(cluster), poll_s);
+Result<std::unique_ptr<Directory>> Directory::start(DirectoryParams p) {
+  if (p.endpoints.empty()) return make_error("directory: no etcd endpoint");
+  LARDER_CHECK_STATUS(check_cluster_name(p.cluster));
+  if (!(p.check_s > 0)) return make_error("directory: the check interval must be positive");
+  auto impl = std::make_unique<Impl>(std::move(p));
   Impl* I = impl.get();
-  I->poll_once();
+  const bool listed = I->relist();
   std::unique_ptr<Directory> d(new Directory(std::move(impl)));
-  I->th = std::thread([I] { I->run(); });
+  I->watch_th = std::thread([I, listed] { I->run_watch(listed); });
+  I->check_th = std::thread([I] { I->run_check(); });
   return d;
 }
 
+Result<std::unique_ptr<Directory>> Directory::start(std::vector<std::string> endpoints, std::string cluster,
+                                                    double poll_s) {
+  if (!(poll_s > 0)) return make_error("directory: the poll interval must be positive");
+  DirectoryParams p;
+  p.endpoints = std::move(endpoints);
+  p.cluster = std::move(cluster);
+  p.check_s = std::max(poll_s, 5.0);
+  return start(std::move(p));
+}
+
 Directory::~Directory() {
+  Impl& I = *impl_;
   {
-    std::lock_guard<std::mutex> lk(impl_->mu);
-    impl_->stopping = true;
+    std::lock_guard<std::mutex> lk(I.mu);
+    I.stopping = true;
   }
-  impl_->cv.notify_all();
-  if (impl_->th.joinable()) impl_->th.join();
+  I.cv.notify_all();
+  // After stopping is set: see run_watch.
+  I.list_cancel.cancel();
+  I.watch_cancel.cancel();
+  I.check_cancel.cancel();
+  if (I.watch_th.joinable()) I.watch_th.join();
+  if (I.check_th.joinable()) I.check_th.join();
 }
 
 std::vector<InstanceInfo> Directory::instances() const {
@@ -477,6 +692,30 @@ std::vector<InstanceInfo> Directory::instances() const {
   return impl_->list;
 }
 
+std::optional<InstanceInfo> Directory::get(const std::string& id) const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  auto it = impl_->by_id.find(id);
+  if (it == impl_->by_id.end()) return std::nullopt;
+  return impl_->list[it->second];
+}
+
 bool Directory::etcd_ok() const { return impl_->ok.load(); }
+
+uint64_t Directory::generation() const { return impl_->generation.load(); }
+
+DirectoryStats Directory::stats() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return impl_->st;
+}
+
+void Directory::on_change(ChangeFn fn) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> cbl(I.cb_mu);
+  if (fn) {
+    std::vector<InstanceInfo> now = instances();
+    if (!now.empty()) fn(now, {});
+  }
+  I.cb = std::move(fn);
+}
 
 }  // namespace larder::cluster

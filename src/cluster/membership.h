@@ -3,7 +3,7 @@
 // Each instance keeps one key, /larder/<cluster>/instances/<id>, whose value is its
 // InstanceInfo as JSON, attached to a lease: when the process dies the lease runs out
 // (ttl_s) and the key goes away; a clean stop revokes the lease so it goes at once.
-// Routers read the prefix (list_instances, or Directory in the background).
+// Routers read the prefix (list_instances) or follow it (Directory: one read, then a watch).
 //
 // Membership never stops an instance from serving: start() succeeds while etcd is down,
 // and a background thread keeps (re)registering with a backoff of at most 1 s.
@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -108,17 +109,66 @@ class Membership {  // registers itself and keeps the registration alive in the 
 Result<std::vector<InstanceInfo>> list_instances(EtcdClient& c, const std::string& cluster,
                                                  std::vector<std::string>* skipped = nullptr);
 
-class Directory {  // the router's view: polls list_instances every poll_s in the background
+struct DirectoryParams {
+  std::vector<std::string> endpoints;
+  std::string cluster = "default";
+  // The safety net: a re-read this often checks that etcd still answers and that the watch is
+  // not stuck (see Directory). Not how changes are seen: the watch brings them in milliseconds.
+  double check_s = 5.0;
+  int timeout_ms = 1000;  // per etcd read (the watch stream itself has no such limit)
+};
+
+struct DirectoryStats {
+  int64_t lists = 0;    // full reads of the prefix (start, and after every watch that ended)
+  int64_t watches = 0;  // watches established
+  int64_t events = 0;   // watch events applied
+  int64_t stalls = 0;   // watches the safety net found stuck and restarted
+  int64_t check_failures = 0;  // safety-net reads that failed
+};
+
+// The router's and conductor's view of the instances of a cluster. It reads the prefix once,
+// then follows an etcd watch from that read's revision + 1, so instances coming and going are
+// seen within milliseconds. When the watch ends (etcd down or restarted, connection lost, the
+// revision compacted) it reads the prefix again and watches anew, retrying with a backoff of at
+// most 1 s; while etcd is unreachable the last good list is kept and etcd_ok() is false.
+//
+// A watch can stall silently: a stopped or cut-off etcd (SIGSTOP, a hung host, a partition)
+// keeps the connection open with nothing to say. So every check_s a second thread re-reads the
+// prefix: when that fails, etcd_ok() turns false and the watch is restarted; when it shows a key
+// that the watch-fed view had wrong at the previous check too (for check_s while etcd did not
+// change it), the watch is restarted.
+class Directory {
  public:
   // Reads once before returning (so the first instances() is populated when etcd is up);
-  // fails only on bad parameters. While etcd is down the last good list is kept.
+  // fails only on bad parameters.
+  static Result<std::unique_ptr<Directory>> start(DirectoryParams p);
+  // Kept for callers of the polling Directory: poll_s is now the safety-net interval, at least 5 s.
   static Result<std::unique_ptr<Directory>> start(std::vector<std::string> endpoints, std::string cluster,
                                                   double poll_s = 0.5);
+  // Returns within about 100 ms, even while the watch or a read is blocked (their connections
+  // are shut down). Must not be called from an on_change callback.
   ~Directory();
   Directory(const Directory&) = delete;
   Directory& operator=(const Directory&) = delete;
-  std::vector<InstanceInfo> instances() const;
+
+  std::vector<InstanceInfo> instances() const;  // in key order
+  std::optional<InstanceInfo> get(const std::string& id) const;
+  // True while etcd answers: the last read succeeded and the watch runs (or is being renewed).
   bool etcd_ok() const;
+  // Goes up by one with every change of instances() (never on a refresh that changed nothing).
+  uint64_t generation() const;
+  DirectoryStats stats() const;
+
+  // Called with what changed: instances that joined or whose value changed (every refresh of
+  // their load is one: expect one call per instance per refresh_s), and ids that left (key
+  // deleted, lease expired or revoked, or a value no longer valid). Calls come one at a time,
+  // in etcd's order, on the Directory's thread: keep them short and do not call on_change or
+  // destroy the Directory from one. Replaces the previous callback (nullptr: none); with a
+  // callback, it is first called at once on the caller's thread with every current instance as
+  // added (if any), so that together with the later calls nothing is missed or seen twice.
+  using ChangeFn =
+      std::function<void(const std::vector<InstanceInfo>& added_or_updated, const std::vector<std::string>& removed_ids)>;
+  void on_change(ChangeFn fn);
 
   struct Impl;
 

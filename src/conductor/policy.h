@@ -31,7 +31,7 @@ struct CostModel {
 };
 
 // Refits a CostModel from observations as they come (a sliding window of the last samples,
-// least squares with non-negative coefficients). Not thread-safe.
+// least squares on relative error with non-negative coefficients). Not thread-safe.
 class CostFitter {
  public:
   explicit CostFitter(size_t window = 256);
@@ -66,6 +66,10 @@ struct InstanceView {
   CostModel cost;
   double dram_load_bw = 4e9, disk_load_bw = 5e8;  // bytes/s, its tiers -> its pool
   double weight = 1.0;               // 0..1: a rejoining instance ramps up (see ramp_weight)
+  int step_tokens = 256;             // its per-step token budget (prompt chunks + decode tokens)
+  // Attention work of the queued prompts: sum of new * (prefix + new/2) over them, in tokens^2.
+  // 0 = unknown: estimated from queued_prefill_tokens as prompts of equal length.
+  double queued_prefill_attn = 0;
 };
 
 // Leading blocks of a prompt that one instance holds, by where they are.
@@ -103,6 +107,7 @@ struct Decision {
   int fetch_from = -1;       // index of the instance to fetch leading blocks from (-1: none)
   int fetch_blocks = 0;      // leading blocks to fetch (from block 0; the prefill instance's own are skipped)
   int cached_blocks = 0;     // leading blocks the prefill instance will not compute (own + fetched)
+  int fetched_blocks = 0;    // of those, how many come from fetch_from (cached_blocks - its own)
   double predicted_ttft_s = 0, predicted_tbt_s = 0;
   bool reject = false;       // SLO admission: nobody can serve it in time
   double retry_after_s = 0;  // when rejected: when the best candidate's queue should allow it
@@ -120,6 +125,13 @@ Decision route(const PolicyParams& p, const RequestView& r, const std::vector<In
 // not compute (of which `fetched` come from another instance, `dram`/`disk` from its tiers).
 double predict_ttft(const PolicyParams& p, const RequestView& r, const InstanceView& i, int cached, int fetched,
                     int dram, int disk);
+// Seconds instance i needs to work off the prompt tokens queued on it (the queue part of TTFT).
+double predict_queue_s(const InstanceView& i);
+// Seconds to bring `blocks` KV blocks from another instance (latency + bytes / bandwidth).
+double transfer_s(const PolicyParams& p, const RequestView& r, int blocks);
+// Whether a block from a tier (load_bw bytes/s) comes back faster than instance i recomputes it at
+// position `block` of the prompt (the engine's load-or-recompute rule, on the cost model).
+bool tier_load_pays(const RequestView& r, const InstanceView& i, double load_bw, int block);
 // Predicted time between tokens on decode instance i once this request joins its batch.
 double predict_tbt(const RequestView& r, const InstanceView& i);
 

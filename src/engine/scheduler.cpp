@@ -81,8 +81,16 @@ Result<std::unique_ptr<Scheduler>> Scheduler::create(const Model& model, const S
       });
     s->refresh_stats_locked();
   }
+  if (p.block_listener) {
+    s->blocks_.set_listener(p.block_listener);
+    if (s->store_) s->store_->set_listener(p.block_listener);
+  }
   s->thread_ = std::thread([raw = s.get()] { raw->loop(); });
   return s;
+}
+
+kvcache::CacheIdentity Scheduler::cache_identity() const {
+  return kvcache::CacheIdentity{blocks_identity_, kv_types_name(params_.type_k, params_.type_v), params_.block_size};
 }
 
 Scheduler::Scheduler(const Model& m, const SchedulerParams& p, std::unique_ptr<Context> ctx, int max_seq_len,
@@ -121,7 +129,10 @@ Result<uint64_t> Scheduler::submit(GenRequest req, TokenCallback cb) {
     return make_error("queue full: %zu requests waiting", waiting_.size());
   s->id = next_id_++;
   const uint64_t id = s->id;
-  waiting_.push_back(std::move(s));
+  // Serving another instance's fetch is short (its KV is cached here) and holds that
+  // instance's request up: it goes first and does not wait for a free slot.
+  if (s->req.serves_fetch) waiting_.push_front(std::move(s));
+  else waiting_.push_back(std::move(s));
   st_.waiting = static_cast<int>(waiting_.size());
   cv_.notify_all();
   return id;
@@ -222,6 +233,32 @@ void Scheduler::poll_remote(std::vector<Seq*>& done, std::vector<Seq*>& evicted)
     auto src = std::move(s->req.kv_source);
     s->req.kv_source.reset();
     s->remote = false;
+    const int covers = src->covers();
+    if (covers >= 0) {
+      // A fetch of leading blocks: on success they count as cached; either way the rest of
+      // the prompt is computed here (a failed fetch only costs the time it took).
+      if (state == KvSource::State::Done && covers > s->n_computed) {
+        const auto& table = blocks_.block_table(static_cast<kvcache::SeqId>(s->id));
+        if (s->req.kv_sink) s->req.kv_sink->on_kv(-1, s->n_computed, covers, table);
+        const int got = covers - s->n_computed;
+        s->n_computed = covers;
+        std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>> named;
+        blocks_.mark_computed(static_cast<kvcache::SeqId>(s->id), s->n_computed, store_ ? &named : nullptr);
+        if (store_ && !named.empty()) write_back(named);
+        std::lock_guard<std::mutex> lk(mu_);
+        st_.remote_done++;
+        st_.fetched_tokens += got;
+        if (s->count_hits) {
+          s->cached_tokens += got;
+          st_.prefix_hit_tokens += got;
+        }
+      } else {
+        std::lock_guard<std::mutex> lk(mu_);
+        st_.remote_failed++;
+        st_.remote_fallbacks++;
+      }
+      continue;
+    }
     if (state == KvSource::State::Failed) {
       {
         std::lock_guard<std::mutex> lk(mu_);
@@ -311,7 +348,8 @@ bool Scheduler::step() {
     std::string refuse;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      if (waiting_.empty() || static_cast<int>(running_.size()) >= params_.parallel) break;
+      if (waiting_.empty()) break;
+      if (static_cast<int>(running_.size()) >= params_.parallel + (waiting_.front()->req.serves_fetch ? 4 : 0)) break;
       auto plan = blocks_.prepare_add(static_cast<kvcache::SeqId>(waiting_.front()->id), waiting_.front()->tokens,
                                       waiting_.front()->req.cache_salt);
       if (!plan.ok()) {
@@ -345,12 +383,18 @@ bool Scheduler::step() {
       }
       s->arrival = ++admissions_;
       const auto& table = blocks_.block_table(static_cast<kvcache::SeqId>(s->id));
-      if (s->req.kv_source && s->n_prompt - plan->n_cached_tokens > s->req.kv_source->local_prefill_tokens()) {
-        // The rest of the prompt's KV comes from a prefill instance into the reserved blocks.
+      const int covers = s->req.kv_source ? s->req.kv_source->covers() : -1;
+      const bool fetch = covers >= 0 && covers > plan->n_cached_tokens && covers < s->n_prompt &&
+                         covers % params_.block_size == 0;
+      if (s->req.kv_source && (covers < 0 ? s->n_prompt - plan->n_cached_tokens >
+                                                s->req.kv_source->local_prefill_tokens()
+                                          : fetch)) {
+        // The rest of the prompt's KV (or of its first `covers` tokens) comes from another
+        // instance into the reserved blocks.
         std::vector<kvcache::BlockHash> names;
         kvcache::BlockHash h = plan->root;
         const int bs = params_.block_size;
-        for (int j = 0; j < s->n_prompt / bs; ++j) {
+        for (int j = 0; j < (fetch ? covers : s->n_prompt) / bs; ++j) {
           h = kvcache::chain_hash(h, std::span<const int32_t>(s->tokens).subspan(j * bs, bs));
           names.push_back(h);
         }

@@ -42,6 +42,9 @@ struct SchedulerParams {
   // Tiers below the pool (L2 DRAM, L3 SSD); none when both are off.
   kvcache::KvStoreParams store;
   bool always_load = false;   // load every tier hit (skip the load-vs-recompute decision)
+  // Told of every block named or dropped in the pool and the tiers (KV events); outlives the
+  // scheduler. What the SSD tier already holds is announced at creation.
+  kvcache::BlockListener* block_listener = nullptr;
 };
 
 enum class FinishReason { None, Stop, Length, Cancelled, Error };
@@ -91,6 +94,11 @@ class KvSource {
   // are not cached already (a short prompt or the next turn of a conversation: cheaper than the
   // round trip, and not queued behind long prompts at the prefill instance).
   virtual int local_prefill_tokens() const { return 0; }
+  // -1: the whole prompt's KV and its first token come from elsewhere (P/D decode side). Else
+  // only the KV of its first covers() tokens (whole blocks, fewer than the prompt's) comes
+  // (fetched from an instance that holds it: the KV pool across instances) and the rest is
+  // computed here; names then has one entry per covered block; a failure just means computing it.
+  virtual int covers() const { return -1; }
 };
 
 struct GenRequest {
@@ -102,6 +110,7 @@ struct GenRequest {
   std::string cache_salt;     // per-tenant salt for prefix-cache names
   std::shared_ptr<KvSink> kv_sink;      // prefill instance of a handoff (max_tokens 1)
   std::shared_ptr<KvSource> kv_source;  // decode instance of a handoff
+  bool serves_fetch = false;  // another instance fetches this prompt's cached KV: admitted first
 };
 
 struct TokenEvent {
@@ -133,6 +142,7 @@ struct SchedulerStats {
   int held = 0;                      // ended sequences whose blocks wait for a transfer to settle
   int remote_pending = 0;            // sequences waiting for their prompt's KV from a prefill instance
   int64_t remote_done = 0, remote_failed = 0, remote_fallbacks = 0;
+  int64_t fetched_tokens = 0;        // prompt tokens whose KV was fetched from another instance
   bool has_store = false;
   kvcache::KvStoreStats store;
 };
@@ -156,6 +166,8 @@ class Scheduler {
   // The KV pool's memory (for registering it with a transfer engine) and its layout name.
   Context::PoolView kv_pool() { return ctx_->pool_view(); }
   const std::string& blocks_identity() const { return blocks_identity_; }
+  // What roots every block name (kvcache::root_hash): a conductor names prompts the same way.
+  kvcache::CacheIdentity cache_identity() const;
   int block_size() const { return params_.block_size; }
   const SchedulerParams& params() const { return params_; }
 

@@ -8,6 +8,15 @@
 
 namespace larder::kvcache {
 
+const char* medium_name(Medium m) {
+  switch (m) {
+    case Medium::L1: return "L1";
+    case Medium::Dram: return "DRAM";
+    case Medium::Disk: return "SSD";
+  }
+  return "L1";
+}
+
 std::string BlockHash::hex() const {
   char buf[40];
   std::snprintf(buf, sizeof buf, "%016llx%016llx", static_cast<unsigned long long>(hi), static_cast<unsigned long long>(lo));
@@ -134,6 +143,7 @@ BlockId BlockManager::take_block() {
     blk.in_lru = false;
     LARDER_ASSERT(blk.named);
     if (evict_hook_) evict_hook_(b, blk.hash);
+    if (listener_) listener_->removed(Medium::L1, blk.hash);
     by_hash_.erase(blk.hash);
     blk.named = false;
     ++evictions_;
@@ -200,6 +210,7 @@ void BlockManager::mark_computed(SeqId seq, int n_computed, std::vector<std::pai
   BlockHash h = s.tail_hash;  // name of the last named block (or the root): no re-hash from block 0
   while ((s.n_named + 1) * block_size_ <= s.n_computed) {
     const int i = s.n_named;
+    const BlockHash parent = h;
     h = chain_hash(h, std::span<const int32_t>(s.tokens).subspan(i * block_size_, block_size_));
     Block& blk = blocks_[s.table[i]];
     if (!blk.named) {
@@ -209,6 +220,9 @@ void BlockManager::mark_computed(SeqId seq, int n_computed, std::vector<std::pai
         blk.hash = h;
         by_hash_.emplace(h, s.table[i]);
         if (named) named->emplace_back(s.table[i], h);
+        if (listener_)
+          listener_->stored(Medium::L1, h, i > 0 ? &parent : nullptr,
+                            std::span<const int32_t>(s.tokens).subspan(i * block_size_, block_size_));
       }
       // else: an identical block exists already (computed concurrently); ours stays
       // anonymous and is freed on release.

@@ -35,6 +35,21 @@ struct BlockHashHasher {
   size_t operator()(const BlockHash& h) const { return static_cast<size_t>(h.lo ^ (h.hi * 0x9E3779B97F4A7C15ull)); }
 };
 
+// Where a named block lives: the engine's pool (L1), the DRAM tier (L2), the SSD tier (L3).
+enum class Medium : uint8_t { L1 = 0, Dram = 1, Disk = 2 };
+const char* medium_name(Medium m);  // "L1", "DRAM", "SSD" (the KV-event wire names)
+
+// Told when a block gets or loses a name in a medium (KV events for the conductor's index).
+// Called on the thread that changes the medium, sometimes under its lock: must only queue.
+class BlockListener {
+ public:
+  virtual ~BlockListener() = default;
+  // parent: the previous block of the chain (null for a sequence's first block or when not
+  // known); tokens: the block's tokens when known (empty otherwise).
+  virtual void stored(Medium m, const BlockHash& h, const BlockHash* parent, std::span<const int32_t> tokens) = 0;
+  virtual void removed(Medium m, const BlockHash& h) = 0;
+};
+
 // Identity of what a block's contents mean: blocks are never shared across these.
 struct CacheIdentity {
   std::string model;      // e.g. model file name + content fingerprint
@@ -100,6 +115,8 @@ class BlockManager {
   // Called with a cached block about to be evicted (inside apply(), before the block is
   // reused), so its KV can be kept by a lower tier.
   void set_evict_hook(std::function<void(BlockId, const BlockHash&)> f) { evict_hook_ = std::move(f); }
+  // Told of every name given (mark_computed) and taken (eviction) in the pool.
+  void set_listener(BlockListener* l) { listener_ = l; }
 
   // Drops a sequence; its named blocks stay cached (evictable), others become free.
   void release(SeqId seq);
@@ -149,6 +166,7 @@ class BlockManager {
   std::unordered_map<SeqId, Seq> seqs_;
   uint64_t generation_ = 0;
   std::function<void(BlockId, const BlockHash&)> evict_hook_;
+  BlockListener* listener_ = nullptr;
   int64_t evictions_ = 0, hit_tokens_ = 0, lookup_tokens_ = 0;
 };
 

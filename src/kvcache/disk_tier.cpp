@@ -172,6 +172,7 @@ void DiskTier::evict_to(uint64_t bytes) {
     const uint32_t id = oldest->first;
     for (auto it = index_.begin(); it != index_.end();) {
       if (it->second.segment == id) {
+        if (listener_) listener_->removed(Medium::Disk, it->first);
         it = index_.erase(it);
         st_.evicted_blocks++;
       } else {
@@ -224,10 +225,11 @@ Status DiskTier::append(const BlockHash& key, std::span<const uint8_t> payload, 
   }
   // Visible only now that the whole record is written.
   if (flags & kFlagTombstone) {
-    index_.erase(key);
+    if (index_.erase(key) && listener_) listener_->removed(Medium::Disk, key);
   } else {
     index_[key] = Loc{cur_seg_, cur_size_ + sizeof h, h.length, h.payload_checksum};
     st_.puts++;
+    if (listener_) listener_->stored(Medium::Disk, key, nullptr, {});
   }
   cur_size_ += rec;
   segments_[cur_seg_] = cur_size_;
@@ -272,6 +274,7 @@ bool DiskTier::get(const BlockHash& key, std::vector<uint8_t>& out) {
     const bool still = it != index_.end() && it->second.segment == loc.segment && it->second.offset == loc.offset;
     if (still) {
       st_.corrupt_records++;
+      if (listener_) listener_->removed(Medium::Disk, key);
       index_.erase(it);
     }
     st_.misses++;
@@ -279,6 +282,19 @@ bool DiskTier::get(const BlockHash& key, std::vector<uint8_t>& out) {
   }
   st_.hits++;
   return true;
+}
+
+std::vector<BlockHash> DiskTier::keys() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  std::vector<BlockHash> out;
+  out.reserve(index_.size());
+  for (const auto& [k, loc] : index_) out.push_back(k);
+  return out;
+}
+
+void DiskTier::set_listener(BlockListener* l) {
+  std::lock_guard<std::mutex> lk(mu_);
+  listener_ = l;
 }
 
 bool DiskTier::exists(const BlockHash& key) const {
@@ -290,6 +306,7 @@ void DiskTier::remove(const BlockHash& key) {
   std::lock_guard<std::mutex> lk(mu_);
   if (!index_.count(key)) return;
   index_.erase(key);
+  if (listener_) listener_->removed(Medium::Disk, key);
   // Persist the removal; if the tier is off, the stale record may reappear after a
   // restart, which is harmless (it is still the correct KV for that key).
   (void)append(key, {}, kFlagTombstone);

@@ -47,6 +47,8 @@ class DiskTier {
   // Reads a block into out (resized). false = miss (absent, other layout, corrupt).
   bool get(const BlockHash& key, std::vector<uint8_t>& out);
   bool exists(const BlockHash& key) const;
+  std::vector<BlockHash> keys() const;  // every block it holds
+  void set_listener(BlockListener* l);
   void remove(const BlockHash& key);
   // Makes everything written so far durable (fsync of the open segment).
   Status flush();
@@ -86,6 +88,7 @@ class DiskTier {
   std::string dir_;
   uint64_t capacity_, layout_, segment_bytes_;
   mutable std::mutex mu_;
+  BlockListener* listener_ = nullptr;
   std::unordered_map<BlockHash, Loc, BlockHashHasher> index_;
   std::map<uint32_t, uint64_t> segments_;  // id -> bytes
   uint32_t cur_seg_ = 0;

@@ -129,6 +129,7 @@ void DramTier::touch(const BlockHash& key, Entry& e, bool hit) {
 void DramTier::erase(std::unordered_map<BlockHash, Entry, BlockHashHasher>::iterator it) {
   order_.erase({{it->second.rank_freq, it->second.rank_tick}, it->first});
   bytes_ -= it->second.data.size();
+  if (listener_) listener_->removed(Medium::Dram, it->first);
   map_.erase(it);
 }
 
@@ -157,6 +158,7 @@ void DramTier::put(const BlockHash& key, std::span<const uint8_t> payload) {
   order_.insert({{0, 0}, key});
   touch(key, e, false);
   st_.puts++;
+  if (listener_) listener_->stored(Medium::Dram, key, nullptr, {});
   // Ghost counts are bounded: when they outnumber the blocks 4:1, age them all.
   if (policy_ == EvictPolicy::LFU && freq_.size() > 4 * map_.size() + 1024) {
     for (auto it = freq_.begin(); it != freq_.end();) {

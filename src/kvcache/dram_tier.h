@@ -54,6 +54,7 @@ class DramTier {
   bool exists(const BlockHash& key) const;
   void remove(const BlockHash& key);
   DramTierStats stats() const;
+  void set_listener(BlockListener* l) { listener_ = l; }  // before any put
   bool q8() const { return q8_; }
 
  private:
@@ -74,6 +75,7 @@ class DramTier {
   int group_;
   PayloadFormat fmt_;
   mutable std::mutex mu_;
+  BlockListener* listener_ = nullptr;
   std::unordered_map<BlockHash, Entry, BlockHashHasher> map_;
   std::set<std::pair<Rank, BlockHash>, bool (*)(const std::pair<Rank, BlockHash>&, const std::pair<Rank, BlockHash>&)> order_;
   std::unordered_map<BlockHash, uint32_t, BlockHashHasher> freq_;  // LFU counts, incl. ghosts

@@ -227,4 +227,13 @@ KvStoreStats KvStore::stats() const {
   return s;
 }
 
+void KvStore::set_listener(BlockListener* l) {
+  if (dram_) dram_->set_listener(l);
+  if (disk_) {
+    disk_->set_listener(l);
+    if (l)
+      for (const auto& k : disk_->keys()) l->stored(Medium::Disk, k, nullptr, {});
+  }
+}
+
 }  // namespace larder::kvcache

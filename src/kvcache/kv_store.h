@@ -113,6 +113,9 @@ class KvStore {
   void count_decision(bool load, int64_t n);
   KvStoreStats stats() const;
   void set_notify(std::function<void()> f) { notify_ = std::move(f); }
+  // Tells l of every block the tiers gain or lose from now on, after announcing what the SSD
+  // tier holds already (blocks kept across a restart).
+  void set_listener(BlockListener* l);
 
  private:
   KvStore(const KvLayout& l, const KvStoreParams& p) : layout_(l), params_(p) {}

@@ -285,6 +285,8 @@ void PdNode::handle_prefill(const httplib::Request& req, httplib::Response& res)
   if (j.is_discarded() || !j.is_object()) return reply_error(res, 400, "the handoff request is not JSON", "invalid_json");
   auto h = std::make_shared<PrefillHandoff>();
   GenRequest g;
+  std::string fetch_api;
+  int fetch_tokens = 0;
   try {
     h->id = j.at("id").get<std::string>();
     const std::string layout = j.at("layout").get<std::string>();
@@ -303,6 +305,11 @@ void PdNode::handle_prefill(const httplib::Request& req, httplib::Response& res)
     h->d_slots = d.at("n_slots").get<int>();
     h->dst_table = d.at("table").get<std::vector<int32_t>>();
     h->skip = j.value("skip", 0);
+    g.serves_fetch = j.value("fetch", false);
+    if (j.contains("fetch_from")) {  // the prefill instance first fetches leading blocks from a holder
+      fetch_api = j.at("fetch_from").at("api").get<std::string>();
+      fetch_tokens = j.at("fetch_from").at("tokens").get<int>();
+    }
   } catch (const std::exception& e) {
     return reply_error(res, 400, std::string("malformed handoff request: ") + e.what(), "invalid_value");
   }
@@ -328,6 +335,7 @@ void PdNode::handle_prefill(const httplib::Request& req, httplib::Response& res)
   h->t_submit = t0;
   g.max_tokens = 1;
   g.kv_sink = h;
+  if (!fetch_api.empty()) g.kv_source = make_fetch_source(fetch_api, g, fetch_tokens);
   auto id = I.sched->submit(std::move(g), [h](const TokenEvent& ev) {
     h->on_token(ev);
     return true;
@@ -450,6 +458,7 @@ struct DecodeHandoff : KvSource, std::enable_shared_from_this<DecodeHandoff> {
   int n_cached = 0;
   double t_created = 0, t_start = 0;
   bool counted = false;
+  int n_cover = -1;  // a fetch of the first n_cover tokens' KV (the KV pool), else -1 (a P/D handoff)
 
   void start(int cached, std::vector<int32_t> table, std::vector<kvcache::BlockHash> names) override {
     std::lock_guard<std::mutex> lk(mu);
@@ -558,7 +567,14 @@ struct DecodeHandoff : KvSource, std::enable_shared_from_this<DecodeHandoff> {
     if (counted || !(fsm.done() || fsm.failed())) return;
     counted = true;
     std::lock_guard<std::mutex> lk(node->mu);
-    if (fsm.done()) {
+    if (n_cover >= 0) {
+      if (fsm.done()) {
+        node->st.fetches_ok++;
+        node->st.fetched_tokens += n_cover - n_cached;
+      } else {
+        node->st.fetches_failed++;
+      }
+    } else if (fsm.done()) {
       node->st.handoffs_ok++;
       node->handoff_s.observe(now_s() - t_start);
     } else if (fsm.timed_out()) {
@@ -598,11 +614,13 @@ struct DecodeHandoff : KvSource, std::enable_shared_from_this<DecodeHandoff> {
     return fsm.quiesced();
   }
 
-  bool fallback_local() const override { return node->p.fallback_local; }
-  int local_prefill_tokens() const override { return node->p.local_prefill; }
+  bool fallback_local() const override { return n_cover >= 0 || node->p.fallback_local; }
+  int local_prefill_tokens() const override { return n_cover >= 0 ? 0 : node->p.local_prefill; }
+  int covers() const override { return n_cover; }
 };
 
-std::shared_ptr<KvSource> PdNode::make_source(const std::string& prefill_api, const GenRequest& req) {
+std::shared_ptr<KvSource> PdNode::make_source(const std::string& prefill_api, const GenRequest& req,
+                                              const std::string& fetch_api, int fetch_tokens) {
   Impl& I = *impl_;
   if (prefill_api.empty() || prefill_api == I.p.self_api) return nullptr;
   auto h = std::make_shared<DecodeHandoff>();
@@ -619,10 +637,34 @@ std::shared_ptr<KvSource> PdNode::make_source(const std::string& prefill_api, co
              {"n_logprobs", req.n_logprobs},
              {"ignore_eos", req.ignore_eos},
              {"salt", req.cache_salt}};
+  if (!fetch_api.empty() && fetch_api != prefill_api && fetch_tokens > 0)
+    h->body["fetch_from"] = {{"api", fetch_api}, {"tokens", fetch_tokens}};
   std::lock_guard<std::mutex> lk(I.mu);
   I.decoding.erase(std::remove_if(I.decoding.begin(), I.decoding.end(), [](auto& w) { return w.expired(); }),
                    I.decoding.end());
   I.decoding.push_back(h);
+  return h;
+}
+
+std::shared_ptr<KvSource> PdNode::make_fetch_source(const std::string& holder_api, const GenRequest& req,
+                                                    int n_tokens) {
+  Impl& I = *impl_;
+  const int bs = I.pool.block_size;
+  n_tokens -= n_tokens % std::max(bs, 1);
+  if (holder_api.empty() || holder_api == I.p.self_api || n_tokens <= 0 ||
+      n_tokens >= static_cast<int>(req.prompt.size()))
+    return nullptr;
+  auto src = make_source(holder_api, req);
+  auto h = std::static_pointer_cast<DecodeHandoff>(src);
+  // The holder computes one token past the blocks (at least one prompt token is always
+  // computed), so all n_tokens come from its cache; that token's row lands in our next block,
+  // which we compute ourselves anyway.
+  std::vector<int32_t> head(req.prompt.begin(), req.prompt.begin() + n_tokens + 1);
+  std::lock_guard<std::mutex> lk(h->mu);
+  h->n_cover = n_tokens;
+  h->n_prompt = n_tokens + 1;
+  h->body["tokens"] = head;
+  h->body["fetch"] = true;
   return h;
 }
 
@@ -720,6 +762,11 @@ void PdNode::render_metrics(std::string& out) const {
   row("decode", "refused", s.handoffs_refused);
   row("prefill", "ok", s.served_ok);
   row("prefill", "failed", s.served_failed);
+  prom::header(out, "larder_kv_fetches_total", "counter", "KV pool: fetches of leading blocks from other instances, by result");
+  out += "larder_kv_fetches_total{result=\"ok\"} " + std::to_string(s.fetches_ok) + "\n";
+  out += "larder_kv_fetches_total{result=\"failed\"} " + std::to_string(s.fetches_failed) + "\n";
+  prom::scalar(out, "larder_kv_fetched_tokens_total", "counter", "KV pool: prompt tokens whose KV was fetched",
+               s.fetched_tokens);
   prom::header(out, "larder_pd_handoffs_in_flight", "gauge", "handoffs not yet settled, by side");
   out += "larder_pd_handoffs_in_flight{side=\"decode\"} " + std::to_string(s.in_flight_decode) + "\n";
   out += "larder_pd_handoffs_in_flight{side=\"prefill\"} " + std::to_string(s.in_flight_prefill) + "\n";

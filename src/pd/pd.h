@@ -49,6 +49,7 @@ struct PdStats {
   int64_t handoffs_ok = 0, handoffs_failed = 0, handoffs_timeout = 0, handoffs_refused = 0;  // decode side
   int64_t served_ok = 0, served_failed = 0, lease_expired = 0;                             // prefill side
   int64_t ops = 0, bytes = 0, op_failures = 0;                                              // writes posted here
+  int64_t fetches_ok = 0, fetches_failed = 0, fetched_tokens = 0;  // KV pool: leading blocks fetched from holders
   double transfer_seconds = 0;     // prefill side: first write posted -> last write complete, summed
   int in_flight_decode = 0, in_flight_prefill = 0;
 };
@@ -73,7 +74,14 @@ class PdNode {
   const std::string& layout() const { return layout_; }
   // Decode side: the source for a request whose prompt the prefill instance at `prefill_api`
   // (host:port) computes; null when `prefill_api` is this instance.
-  std::shared_ptr<KvSource> make_source(const std::string& prefill_api, const GenRequest& req);
+  // fetch_api/fetch_tokens: the prefill instance first fetches that many leading tokens' KV
+  // from the instance at fetch_api (the KV pool; see make_fetch_source).
+  std::shared_ptr<KvSource> make_source(const std::string& prefill_api, const GenRequest& req,
+                                        const std::string& fetch_api = {}, int fetch_tokens = 0);
+  // The KV pool across instances: a source that fetches the KV of the prompt's first n_tokens
+  // (rounded down to whole blocks) from the instance at `holder_api`, which holds them in its
+  // pool or tiers; the rest is computed here. Null when there is nothing to fetch.
+  std::shared_ptr<KvSource> make_fetch_source(const std::string& holder_api, const GenRequest& req, int n_tokens);
   // Prefill side endpoints.
   void handle_prefill(const httplib::Request& req, httplib::Response& res);
   void handle_ack(const httplib::Request& req, httplib::Response& res);

@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -211,6 +212,7 @@ Result<std::vector<std::string>> parse_instance_list(const std::string& list) {
 struct Router::Impl {
   RouterParams p;
   std::unique_ptr<Picker> picker;
+  std::shared_ptr<Hooks> hooks;
   std::vector<InstanceInfo> statics;
   std::unique_ptr<cluster::Directory> directory;
   httplib::Server http;
@@ -219,18 +221,15 @@ struct Router::Impl {
   int listen_fd = -1;
   std::atomic<bool> draining{false}, stopping{false};
 
-  std::mutex mu;  // guards everything below
+  mutable std::mutex mu;  // guards everything below
   std::set<std::shared_ptr<Upstream>> inflight;
   std::map<int, int64_t> requests_by_status;
-  std::set<std::string> warned_model;  // instance ids already reported as skipped
-  std::atomic<int64_t> upstream_errors{0};
+  mutable std::set<std::string> warned_model;  // instance ids already reported as skipped
+  std::atomic<int64_t> upstream_errors{0}, failovers{0};
 
-  struct View {
-    std::vector<InstanceInfo> prefill, decode;
-  };
 
   // The instances to route to now: static ones, then the registered ones of the same model.
-  View view() {
+  View view() const {
     std::vector<InstanceInfo> all = statics;
     if (directory) {
       std::vector<InstanceInfo> reg = directory->instances();
@@ -286,13 +285,89 @@ struct Router::Impl {
       if (!drop_response_header(k)) res.set_header(k.c_str(), v);
   }
 
+  struct Flight;
   void setup_routes();
   void handle_generate(const httplib::Request& req, httplib::Response& res);
-  void relay(httplib::Response& res, const std::shared_ptr<Upstream>& up, const std::string& addr);
+  std::shared_ptr<Upstream> launch(const httplib::Request& req, const Attempt& a);
+  bool start_attempt(const httplib::Request& req, Flight& f, std::vector<Attempt> attempts, std::string& errors);
+  bool failover(const httplib::Request& req, Flight& f, const std::string& why);
+  std::string filter_events(Flight& f, const std::string& chunk);
+  void end_flight(Flight& f, bool ok, int status, const std::string& err);
+  void relay(const httplib::Request& req, httplib::Response& res, const std::shared_ptr<Flight>& f);
   void handle_get_proxy(const httplib::Request& req, httplib::Response& res);
   std::string render_metrics();
   void cancel_all();
 };
+
+// A request's life across attempts (re-issues continue it), shared by the handler and the
+// stream provider.
+struct Router::Impl::Flight {
+  std::shared_ptr<Hooks::Ticket> ticket;
+  std::shared_ptr<Upstream> up;
+  Attempt attempt;
+  std::string buf;        // SSE bytes not yet split into events
+  bool saw_done = false;  // "data: [DONE]" went out
+  bool ended = false;     // on_end called
+  int status = 0;
+};
+
+std::shared_ptr<Upstream> Router::Impl::launch(const httplib::Request& req, const Attempt& a) {
+  std::string host;
+  int port = 0;
+  if (!cluster::split_host_port(a.decode, host, port)) return nullptr;
+  httplib::Request ureq;
+  ureq.method = "POST";
+  ureq.path = req.target.empty() ? req.path : req.target;
+  ureq.body = a.body.empty() ? req.body : a.body;
+  ureq.headers = forward_headers(req);
+  if (!ureq.has_header("Content-Type")) ureq.set_header("Content-Type", "application/json");
+  // A "both" instance picked as its own prefill needs no handoff.
+  if (!a.prefill.empty() && a.prefill != a.decode) ureq.set_header("X-Larder-Prefill", a.prefill);
+  if (!a.fetch.empty()) ureq.set_header("X-Larder-Fetch", a.fetch);
+  auto up = std::make_shared<Upstream>(host, port, p);
+  track(up);
+  if (stopping.load()) up->cancel();  // stop() may have swept the in-flight set just before track()
+  up->start(std::move(ureq));
+  return up;
+}
+
+void Router::Impl::end_flight(Flight& f, bool ok, int status, const std::string& err) {
+  if (f.ended) return;
+  f.ended = true;
+  if (hooks && f.ticket) hooks->on_end(*f.ticket, ok, status, err);
+}
+
+// Starts attempts until one answers; the answering one is f.up. Returns false (with errors)
+// when none did.
+bool Router::Impl::start_attempt(const httplib::Request& req, Flight& f, std::vector<Attempt> attempts,
+                                 std::string& errors) {
+  for (auto& a : attempts) {
+    auto up = launch(req, a);
+    if (!up) {
+      errors += (errors.empty() ? "" : "; ") + a.decode + ": not HOST:PORT";
+      continue;
+    }
+    if (up->wait_headers()) {
+      f.up = up;
+      f.attempt = std::move(a);
+      {
+        std::lock_guard<std::mutex> lk(up->mu);
+        f.status = up->status;
+      }
+      if (hooks && f.ticket) hooks->on_start(*f.ticket, f.attempt, f.status);
+      return true;
+    }
+    untrack(up);
+    if (stopping.load() || up->cancelled.load()) {
+      errors = "shutting down";
+      return false;
+    }
+    // Nothing was sent to the client yet: the next instance may take it.
+    upstream_errors++;
+    errors += (errors.empty() ? "" : "; ") + a.decode + ": " + describe(up->error());
+  }
+  return false;
+}
 
 void Router::Impl::handle_generate(const httplib::Request& req, httplib::Response& res) {
   if (draining.load()) {
@@ -306,50 +381,87 @@ void Router::Impl::handle_generate(const httplib::Request& req, httplib::Respons
     return;
   }
   RouteRequest rr{req.path, req.body};
-  std::string prefill_addr;
-  if (!v.prefill.empty()) prefill_addr = v.prefill[picker->pick_prefill(rr, v.prefill) % v.prefill.size()].api_address;
-  const size_t n = v.decode.size();
-  const size_t first = picker->pick_decode(rr, v.decode) % n;
+  auto f = std::make_shared<Flight>();
+  std::vector<Attempt> attempts;
+  if (hooks) {
+    Hooks::Plan plan = hooks->plan(rr, v);
+    f->ticket = plan.ticket;
+    if (plan.reject) {
+      reply_error(res, plan.status, plan.message, plan.status == 429 ? "rate_limit_exceeded" : "unavailable_error",
+                  plan.code);
+      if (plan.status == 429 || plan.status == 503)
+        res.set_header("Retry-After", std::to_string(std::max(1, static_cast<int>(std::ceil(plan.retry_after_s)))));
+      end_flight(*f, false, plan.status, plan.message);
+      return;
+    }
+    attempts = std::move(plan.attempts);
+  } else {
+    std::string prefill_addr;
+    if (!v.prefill.empty()) prefill_addr = v.prefill[picker->pick_prefill(rr, v.prefill) % v.prefill.size()].api_address;
+    const size_t n = v.decode.size();
+    const size_t first = picker->pick_decode(rr, v.decode) % n;
+    for (size_t k = 0; k < n; ++k) attempts.push_back(Attempt{v.decode[(first + k) % n].api_address, prefill_addr, "", ""});
+  }
   std::string errors;
-  for (size_t k = 0; k < n; ++k) {
-    const InstanceInfo& d = v.decode[(first + k) % n];
-    std::string host;
-    int port = 0;
-    if (!cluster::split_host_port(d.api_address, host, port)) {
-      errors += (errors.empty() ? "" : "; ") + d.api_address + ": not HOST:PORT";
-      continue;
-    }
-    httplib::Request ureq;
-    ureq.method = "POST";
-    ureq.path = req.target.empty() ? req.path : req.target;
-    ureq.body = req.body;
-    ureq.headers = forward_headers(req);
-    if (!ureq.has_header("Content-Type")) ureq.set_header("Content-Type", "application/json");
-    // A "both" instance picked as its own prefill needs no handoff.
-    if (!prefill_addr.empty() && prefill_addr != d.api_address) ureq.set_header("X-Larder-Prefill", prefill_addr);
-    auto up = std::make_shared<Upstream>(host, port, p);
-    track(up);
-    if (stopping.load()) up->cancel();  // stop() may have swept the in-flight set just before track()
-    up->start(std::move(ureq));
-    if (up->wait_headers()) {
-      relay(res, up, d.api_address);
-      return;
-    }
-    untrack(up);
-    if (stopping.load() || up->cancelled.load()) {
-      reply_error(res, 503, "The router is shutting down.", "unavailable_error", "shutting_down");
-      return;
-    }
-    // Nothing was sent to the client yet: the next instance may take it.
-    upstream_errors++;
-    errors += (errors.empty() ? "" : "; ") + d.api_address + ": " + describe(up->error());
+  if (start_attempt(req, *f, std::move(attempts), errors)) {
+    relay(req, res, f);
+    return;
+  }
+  if (errors == "shutting down") {
+    reply_error(res, 503, "The router is shutting down.", "unavailable_error", "shutting_down");
+    end_flight(*f, false, 503, errors);
+    return;
   }
   reply_error(res, 503, "No decode instance could be reached (" + errors + ").", "unavailable_error",
               "upstream_unavailable");
   res.set_header("Retry-After", "1");
+  end_flight(*f, false, 503, errors);
 }
 
-void Router::Impl::relay(httplib::Response& res, const std::shared_ptr<Upstream>& up, const std::string& addr) {
+// Re-issues a failed attempt through the hooks (failover). True: f.up is the new attempt.
+bool Router::Impl::failover(const httplib::Request& req, Flight& f, const std::string& why) {
+  if (!hooks || !f.ticket || stopping.load()) return false;
+  for (int tries = 0; tries < 4; ++tries) {
+    std::optional<Attempt> alt = hooks->reissue(*f.ticket, f.attempt, why);
+    if (!alt) return false;
+    std::string errors;
+    auto old = f.up;
+    if (start_attempt(req, f, {*alt}, errors)) {
+      if (old) untrack(old);
+      failovers++;
+      return true;
+    }
+    f.attempt = *alt;  // it failed too: the next reissue excludes it
+  }
+  return false;
+}
+
+// Cuts SSE bytes into events; each data event goes through the hooks.
+std::string Router::Impl::filter_events(Flight& f, const std::string& chunk) {
+  f.buf += chunk;
+  std::string out;
+  size_t pos;
+  while ((pos = f.buf.find("\n\n")) != std::string::npos) {
+    std::string ev = f.buf.substr(0, pos);
+    f.buf.erase(0, pos + 2);
+    if (ev.rfind("data: ", 0) != 0) {
+      out += ev + "\n\n";  // comments, other fields: as they are
+      continue;
+    }
+    std::string data = ev.substr(6);
+    if (data == "[DONE]") {
+      f.saw_done = true;
+      out += "data: [DONE]\n\n";
+      continue;
+    }
+    std::string sent = hooks->on_event(*f.ticket, data);
+    if (!sent.empty()) out += "data: " + sent + "\n\n";
+  }
+  return out;
+}
+
+void Router::Impl::relay(const httplib::Request& req, httplib::Response& res, const std::shared_ptr<Flight>& f) {
+  std::shared_ptr<Upstream> up = f->up;
   std::string ct = up->content_type();
   {
     std::lock_guard<std::mutex> lk(up->mu);
@@ -357,37 +469,58 @@ void Router::Impl::relay(httplib::Response& res, const std::shared_ptr<Upstream>
     copy_response_headers(up->headers, res);
   }
   if (!is_event_stream(ct)) {
-    // A JSON answer: complete it here (it is sent whole by the instance too).
-    std::string body;
-    bool ok;
-    {
-      std::unique_lock<std::mutex> lk(up->mu);
-      while (true) {
-        up->cv.wait(lk, [&] { return up->done || !up->chunks.empty(); });
-        for (auto& c : up->chunks) body += c;
-        up->chunks.clear();
-        up->queued = 0;
-        up->cv.notify_all();
-        if (up->done) break;
+    // A JSON answer: complete it here (it is sent whole by the instance too). With hooks, a
+    // failed one (cut, or 5xx) is re-issued: nothing has reached the client yet.
+    for (;;) {
+      up = f->up;
+      std::string body;
+      bool ok;
+      {
+        std::unique_lock<std::mutex> lk(up->mu);
+        while (true) {
+          up->cv.wait(lk, [&] { return up->done || !up->chunks.empty(); });
+          for (auto& c : up->chunks) body += c;
+          up->chunks.clear();
+          up->queued = 0;
+          up->cv.notify_all();
+          if (up->done) break;
+        }
+        ok = up->err == httplib::Error::Success;
       }
-      ok = up->err == httplib::Error::Success;
-    }
-    untrack(up);
-    if (!ok) {
-      upstream_errors++;
-      res.headers.clear();
-      reply_error(res, 502, "Decode instance " + addr + " failed while answering (" + describe(up->error()) + ").",
-                  "server_error", "upstream_error");
+      const bool retry = hooks && (!ok || f->status >= 500);
+      if (retry) {
+        upstream_errors++;
+        std::string why = !ok ? describe(up->error()) : "answered " + std::to_string(f->status);
+        if (failover(req, *f, why)) {
+          std::lock_guard<std::mutex> lk(f->up->mu);
+          res.headers.clear();
+          res.status = f->up->status;
+          copy_response_headers(f->up->headers, res);
+          ct = f->up->headers.count("Content-Type") ? f->up->headers.find("Content-Type")->second : ct;
+          continue;
+        }
+      }
+      untrack(up);
+      if (!ok) {
+        if (!retry) upstream_errors++;
+        res.headers.clear();
+        reply_error(res, 502, "Decode instance " + f->attempt.decode + " failed while answering (" +
+                                  describe(up->error()) + ").", "server_error", "upstream_error");
+        end_flight(*f, false, 502, describe(up->error()));
+        return;
+      }
+      if (hooks && f->ticket && f->status == 200) body = hooks->on_json(*f->ticket, body);
+      res.set_content(body, ct.empty() ? "application/json" : ct);
+      end_flight(*f, f->status < 400, f->status, f->status < 400 ? "" : body.substr(0, 300));
       return;
     }
-    res.set_content(body, ct.empty() ? "application/json" : ct);
-    return;
   }
   // Server-sent events: each piece goes out as it arrives. (The bare type, parameters
   // dropped: cpp-httplib leaves exactly "text/event-stream" uncompressed.)
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, up](size_t, httplib::DataSink& sink) -> bool {
+      [this, f, &req](size_t, httplib::DataSink& sink) -> bool {
+        std::shared_ptr<Upstream> up = f->up;
         std::deque<std::string> got;
         bool fin, ok;
         {
@@ -399,29 +532,46 @@ void Router::Impl::relay(httplib::Response& res, const std::shared_ptr<Upstream>
           ok = up->err == httplib::Error::Success;
         }
         up->cv.notify_all();
-        for (const auto& c : got)
-          if (!sink.write(c.data(), c.size())) {
+        for (const auto& c : got) {
+          const std::string out = hooks && f->ticket ? filter_events(*f, c) : c;
+          if (!out.empty() && !sink.write(out.data(), out.size())) {
             up->cancel();  // the client went away
+            end_flight(*f, false, 499, "client disconnected");
             return false;
           }
+        }
         if (fin) {
-          if (!ok) {
-            // Cut the client's connection too: an incomplete stream must not look finished.
-            upstream_errors++;
-            return false;
+          // With hooks, a stream is complete only with its [DONE] (an instance killed between
+          // events may close the connection cleanly).
+          if (ok && (!hooks || !f->ticket || f->saw_done)) {
+            end_flight(*f, true, 200, "");
+            sink.done();
+            return true;
           }
-          sink.done();
-          return true;
+          upstream_errors++;
+          const std::string why = ok ? "the stream ended without [DONE]" : describe(up->error());
+          if (!f->saw_done && failover(req, *f, why)) {
+            f->buf.clear();
+            if (f->status == 200 && is_event_stream(f->up->content_type())) return true;
+            f->up->cancel();
+          }
+          // Cut the client's connection too: an incomplete stream must not look finished.
+          end_flight(*f, false, 502, why);
+          return false;
         }
         if (got.empty() && !sink.is_writable()) {
           up->cancel();
+          end_flight(*f, false, 499, "client disconnected");
           return false;
         }
         return true;
       },
-      [this, up](bool) {
-        up->cancel();  // a no-op when the answer is complete
-        untrack(up);
+      [this, f](bool) {
+        if (f->up) {
+          f->up->cancel();  // a no-op when the answer is complete
+          untrack(f->up);
+        }
+        end_flight(*f, false, 499, "client disconnected");
       });
 }
 
@@ -485,6 +635,10 @@ std::string Router::Impl::render_metrics() {
   out += "# HELP larder_router_requests_in_flight Generation requests being relayed.\n";
   out += "# TYPE larder_router_requests_in_flight gauge\n";
   out += "larder_router_requests_in_flight " + std::to_string(n_inflight) + "\n";
+  out += "# HELP larder_router_failovers_total Requests re-issued to another instance after theirs failed mid-answer.\n";
+  out += "# TYPE larder_router_failovers_total counter\n";
+  out += "larder_router_failovers_total " + std::to_string(failovers.load()) + "\n";
+  if (hooks) hooks->render_metrics(out);
   return out;
 }
 
@@ -517,7 +671,7 @@ void Router::Impl::setup_routes() {
     if (p.api_key.empty()) return httplib::Server::HandlerResponse::Unhandled;
     const std::string& path = req.path;
     bool protected_path = path.rfind("/v1/", 0) == 0 || path == "/completions" || path == "/chat/completions" ||
-                          path == "/models";
+                          path == "/models" || path.rfind("/internal/", 0) == 0;
     if (!protected_path || req.get_header_value("Authorization") == "Bearer " + p.api_key)
       return httplib::Server::HandlerResponse::Unhandled;
     reply_error(res, 401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key");
@@ -579,6 +733,7 @@ void Router::Impl::setup_routes() {
     j["prefill"] = v.prefill.size();
     j["decode"] = v.decode.size();
     j["etcd"] = !directory ? "off" : directory->etcd_ok() ? "up" : "down";
+    if (hooks) hooks->health(j);
     reply_json(res, ok ? 200 : 503, j);
   });
   get_only("/metrics", [this](const httplib::Request&, httplib::Response& res) {
@@ -587,6 +742,16 @@ void Router::Impl::setup_routes() {
   });
   for (const char* path : {"/v1/models", "/models", R"(/v1/models/(.+))"})
     get_only(path, [this](const httplib::Request& req, httplib::Response& res) { handle_get_proxy(req, res); });
+  post_only(R"(/internal/conductor/([a-z_]+))", [this](const httplib::Request& req, httplib::Response& res) {
+    int status = 404;
+    std::string out;
+    if (!hooks || !hooks->internal(req.matches[1], req.body, status, out)) {
+      reply_error(res, 404, "Invalid URL (" + req.method + " " + req.path + ")", "invalid_request_error", "unknown_url");
+      return;
+    }
+    res.status = status;
+    res.set_content(out, "application/json");
+  });
   for (const char* path : {"/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions"})
     post_only(path, [this](const httplib::Request& req, httplib::Response& res) { handle_generate(req, res); });
 }
@@ -595,12 +760,14 @@ void Router::Impl::setup_routes() {
 
 Router::Router(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-Result<std::unique_ptr<Router>> Router::start(RouterParams p, std::unique_ptr<Picker> picker) {
+Result<std::unique_ptr<Router>> Router::start(RouterParams p, std::unique_ptr<Picker> picker,
+                                              std::shared_ptr<Hooks> hooks) {
   if (p.port < 0 || p.port > 65535) return make_error("port %d is not 0..65535", p.port);
   auto impl = std::make_unique<Impl>();
   Impl& I = *impl;
   I.p = std::move(p);
   I.picker = picker ? std::move(picker) : std::make_unique<RoundRobinPicker>();
+  I.hooks = std::move(hooks);
   for (const auto& [list, role] : {std::pair{&I.p.prefill, "prefill"}, std::pair{&I.p.decode, "decode"}})
     for (const auto& addr : *list) {
       std::string host;
@@ -637,6 +804,10 @@ Result<std::unique_ptr<Router>> Router::start(RouterParams p, std::unique_ptr<Pi
 Router::~Router() { stop(); }
 
 int Router::port() const { return impl_->bound_port; }
+
+View Router::view() const { return impl_->view(); }
+
+cluster::Directory* Router::directory() const { return impl_->directory.get(); }
 
 void Router::begin_drain() { impl_->draining = true; }
 

@@ -25,8 +25,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "cluster/membership.h"
 #include "core/result.h"
@@ -75,6 +78,60 @@ class RoundRobinPicker final : public Picker {
   std::atomic<uint64_t> next_decode_{0}, next_prefill_{0};
 };
 
+// The instances a request may go to now (role both counts in each list).
+struct View {
+  std::vector<cluster::InstanceInfo> prefill, decode;
+};
+
+// One attempt of a request at a decode instance.
+struct Attempt {
+  std::string decode;        // API host:port
+  std::string prefill;       // X-Larder-Prefill ("" = none)
+  std::string fetch;         // X-Larder-Fetch ("" = none)
+  std::string body;          // what to send ("" = the client's body)
+};
+
+// A conductor's hooks: it plans each request, sees every event of the answer (and may rewrite
+// it), re-issues a request whose decode instance failed, and hears how every request ended.
+// Without hooks the Router routes with its Picker and passes answers through.
+class Hooks {
+ public:
+  struct Ticket {  // per request; the hooks' own state derives from it
+    virtual ~Ticket() = default;
+  };
+  struct Plan {
+    bool reject = false;          // answer `status` with an OpenAI-style error, not routed
+    int status = 429;
+    double retry_after_s = 1;
+    std::string message, code;
+    std::vector<Attempt> attempts;  // tried in order until one answers (before any byte)
+    std::shared_ptr<Ticket> ticket;
+  };
+  virtual ~Hooks() = default;
+  virtual Plan plan(const RouteRequest& r, const View& v) = 0;
+  // The instance of the current attempt answered (status, before the body). `attempt` indexes
+  // Plan.attempts (re-issued ones continue the count).
+  virtual void on_start(Ticket& t, const Attempt& a, int status) {}
+  // One SSE event's data (a JSON text, not "[DONE]"): returns what to send instead ("" = drop
+  // it). Resumed attempts' events pass here too.
+  virtual std::string on_event(Ticket& t, const std::string& data) { return data; }
+  // A whole JSON answer (non-streamed): returns what to send.
+  virtual std::string on_json(Ticket& t, const std::string& body) { return body; }
+  // The attempt failed after it started answering (stream cut, instance died, 5xx on a JSON
+  // answer): another attempt to continue it, or nullopt (the client's answer is then cut).
+  virtual std::optional<Attempt> reissue(Ticket& t, const Attempt& failed, const std::string& why) { return std::nullopt; }
+  // The request ended: ok (complete answer sent), status, error text.
+  virtual void on_end(Ticket& t, bool ok, int status, const std::string& error) {}
+  // Extra Prometheus text for /metrics.
+  virtual void render_metrics(std::string& out) {}
+  // Extra fields for /health.
+  virtual void health(nlohmann::json& j) {}
+  // POST /internal/conductor/NAME (NAME = `what`): status and JSON answer; false = 404.
+  virtual bool internal(const std::string& what, const std::string& body, int& status, std::string& out) {
+    return false;
+  }
+};
+
 // "HOST:PORT,HOST:PORT" (an http:// prefix is allowed) -> ["HOST:PORT", ...]; "" -> [].
 Result<std::vector<std::string>> parse_instance_list(const std::string& list);
 
@@ -82,12 +139,16 @@ class Router {
  public:
   // Binds host:port, starts the Directory when etcd endpoints are given, and serves on a
   // background thread. picker null: RoundRobinPicker.
-  static Result<std::unique_ptr<Router>> start(RouterParams p, std::unique_ptr<Picker> picker = nullptr);
+  static Result<std::unique_ptr<Router>> start(RouterParams p, std::unique_ptr<Picker> picker = nullptr,
+                                               std::shared_ptr<Hooks> hooks = nullptr);
   ~Router();  // stop()
   Router(const Router&) = delete;
   Router& operator=(const Router&) = delete;
 
   int port() const;
+  // The instances requests may go to now (static ones and the registered ones).
+  View view() const;
+  cluster::Directory* directory() const;
   // New generation requests get 503 and /health 503 "draining"; in-flight ones go on.
   void begin_drain();
   // Generation requests in flight (streams included).

@@ -1,6 +1,7 @@
 #include "server/openai_api.h"
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 
 #include "tokenizer/tokenizer.h"
@@ -145,14 +146,58 @@ void parse_common(const ojson& body, ParsedRequest& out) {
   if (const ojson* u = field(body, "user"); u && !u->is_string()) bad_type("user", *u, "a string");
 }
 
-void parse_token_array(const ojson& arr, std::vector<int32_t>& ids) {
+void parse_token_array(const ojson& arr, std::vector<int32_t>& ids, const std::string& param = "prompt") {
   for (auto& t : arr) {
-    if (!t.is_number_integer() && !t.is_number_unsigned()) bad_type("prompt", t, "an integer token id");
+    if (!t.is_number_integer() && !t.is_number_unsigned()) bad_type(param, t, "an integer token id");
     int64_t v = t.is_number_unsigned() ? static_cast<int64_t>(std::min<uint64_t>(t.get<uint64_t>(), 1ull << 40))
                                        : t.get<int64_t>();
-    if (v < 0 || v > std::numeric_limits<int32_t>::max()) bad("prompt", "Token ids must be non-negative.", "invalid_value");
+    if (v < 0 || v > std::numeric_limits<int32_t>::max()) bad(param, "Token ids must be non-negative.", "invalid_value");
     ids.push_back(static_cast<int32_t>(v));
   }
+}
+
+// Rejects keys of a "larder" object other than `known` (see the header: no silent ignoring).
+void only_known(const ojson& obj, const std::string& where, std::initializer_list<const char*> known) {
+  for (auto it = obj.begin(); it != obj.end(); ++it) {
+    bool ok = false;
+    for (const char* k : known) ok = ok || it.key() == k;
+    if (!ok) bad(where + "." + it.key(), "Unknown parameter '" + where + "." + it.key() + "'.", "unknown_parameter");
+  }
+}
+
+void parse_larder(const ojson& body, LarderExt& out) {
+  const ojson* l = field(body, "larder");
+  if (!l) return;
+  if (!l->is_object()) bad_type("larder", *l, "an object");
+  only_known(*l, "larder", {"prompt_tokens", "token_ids", "resume"});
+  if (const ojson* pt = field(*l, "prompt_tokens")) {
+    if (!pt->is_array()) bad_type("larder.prompt_tokens", *pt, "an array of token ids");
+    if (pt->empty()) bad("larder.prompt_tokens", "'larder.prompt_tokens' must not be empty.", "invalid_value");
+    out.prompt_tokens.emplace();
+    parse_token_array(*pt, *out.prompt_tokens, "larder.prompt_tokens");
+  }
+  if (const ojson* ti = field(*l, "token_ids")) {
+    if (!ti->is_boolean()) bad_type("larder.token_ids", *ti, "a boolean");
+    out.token_ids = ti->get<bool>();
+  }
+  const ojson* r = field(*l, "resume");
+  if (!r) return;
+  if (!r->is_object()) bad_type("larder.resume", *r, "an object");
+  only_known(*r, "larder.resume", {"tokens", "text_bytes"});
+  const ojson* toks = field(*r, "tokens");
+  const ojson* nb = field(*r, "text_bytes");
+  // Both required: a resume that defaulted either would silently repeat or lose text.
+  if (!toks) bad("larder.resume.tokens", "Missing required parameter: 'larder.resume.tokens'.", "missing_required_parameter");
+  if (!nb)
+    bad("larder.resume.text_bytes", "Missing required parameter: 'larder.resume.text_bytes'.",
+        "missing_required_parameter");
+  if (!toks->is_array()) bad_type("larder.resume.tokens", *toks, "an array of token ids");
+  parse_token_array(*toks, out.resume_tokens, "larder.resume.tokens");
+  if (!nb->is_number_integer() && !nb->is_number_unsigned()) bad_type("larder.resume.text_bytes", *nb, "an integer");
+  if (!nb->is_number_unsigned() && nb->get<int64_t>() < 0)
+    bad("larder.resume.text_bytes", "'larder.resume.text_bytes' must not be negative.", "invalid_value");
+  out.resume = true;
+  out.resume_text_bytes = static_cast<size_t>(std::min<uint64_t>(nb->get<uint64_t>(), uint64_t{1} << 48));
 }
 
 std::string content_text(const ojson& content, size_t i) {
@@ -220,6 +265,7 @@ std::optional<ApiError> parse_completion_request(const ojson& body, ParsedReques
       bad("best_of", "Only best_of=1 is supported.", "unsupported_value");
     if (auto sfx = get_string(body, "suffix"); sfx && !sfx->empty())
       bad("suffix", "'suffix' is not supported.", "unsupported_parameter");
+    parse_larder(body, out.larder);
     return std::nullopt;
   } catch (const Bad& b) {
     return b.e;
@@ -270,6 +316,7 @@ std::optional<ApiError> parse_chat_request(const ojson& body, ParsedRequest& out
       if (!tools->is_array()) bad_type("tools", *tools, "an array");
       if (!tools->empty()) out.tools = *tools;
     }
+    parse_larder(body, out.larder);
     return std::nullopt;
   } catch (const Bad& b) {
     return b.e;

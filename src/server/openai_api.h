@@ -11,6 +11,12 @@
 // Extensions (llama.cpp names): top_k, min_p, repeat_penalty, ignore_eos.
 // Other unknown fields are ignored.
 //
+// Vendor extension (for the conductor in front of several instances; plain OpenAI clients
+// never send or see it): "larder": {"prompt_tokens": [ids], "token_ids": bool,
+// "resume": {"tokens": [ids], "text_bytes": n}}; see LarderExt. Unlike the OpenAI fields,
+// unknown keys inside it are rejected: a conductor newer than this instance must not get a
+// silently different answer (e.g. a resume ignored).
+//
 // Sampling defaults follow OpenAI: temperature 1, top_p 1, top_k and min_p off.
 // max_tokens defaults to 16 for completions (clamped to the context) and to the rest of
 // the context for chat.
@@ -46,6 +52,27 @@ ojson error_body(const ApiError& e);
 
 enum class Endpoint { Completions, Chat };
 
+// The "larder" request field. Only the shape is checked here; ids against the vocabulary,
+// the context and resume.text_bytes against the replayed text are checked by the server.
+struct LarderExt {
+  // Used verbatim as the prompt instead of the template / tokenizer (the conductor names
+  // KV blocks from them); messages / prompt are still parsed and validated.
+  std::optional<std::vector<int32_t>> prompt_tokens;
+  // Report token ids: every chunk gets "larder": {"token_ids": [ids since the previous
+  // chunk], "text_bytes": reply bytes sent so far, this chunk included}, the first chunk also
+  // "prompt_tokens" (as used; without resumed ids); a non-streamed answer gets all three at
+  // the top level. Ids may run ahead of text (UTF-8 assembly, stop-string hold-back); the
+  // final chunk carries the rest, and the end-of-generation token when one was sampled.
+  bool token_ids = false;
+  // Failover: these ids were already generated and the client got the first text_bytes
+  // bytes of their text; the answer continues the reply after them, as the original would
+  // have. They count as completion tokens and against max_tokens; their logprobs and ids
+  // are not sent again, but text_bytes above counts the resumed bytes too.
+  bool resume = false;
+  std::vector<int32_t> resume_tokens;
+  size_t resume_text_bytes = 0;
+};
+
 struct ParsedRequest {
   Endpoint kind = Endpoint::Completions;
   std::string model;  // empty: not given
@@ -63,6 +90,7 @@ struct ParsedRequest {
   bool ignore_eos = false;
   std::vector<std::string> stop;
   int logprobs = -1;  // -1: not requested; else number of top alternatives (0..5)
+  LarderExt larder;
 };
 
 // Validate a request body (already parsed JSON); fill `out` or return the error.

@@ -76,6 +76,7 @@ ApiError make_api_error(int status, std::string msg, std::string type, std::stri
 struct Piece {
   std::string text;
   std::vector<TokenInfo> toks;
+  std::vector<int32_t> ids;  // larder.token_ids: generated since the previous piece (may run ahead of text)
 };
 
 // One generation request, shared by its HTTP handler and the scheduler callback.
@@ -96,6 +97,12 @@ struct Job {
   PromptCache::Encoded prompt_enc;
   std::atomic<bool> remembered{false};
   Clock::time_point t_start;
+  // "larder" extension (openai_api.h LarderExt).
+  bool want_ids = false;
+  bool cache_ids = false;           // the prompt cache learns prompt_ids + generated (conductor's ids)
+  std::vector<int32_t> prompt_ids;  // the prompt as used (want_ids or cache_ids)
+  size_t skip_bytes = 0;            // resume.text_bytes: text the client already has
+  int n_resumed = 0;                // resumed ids (in the submitted prompt, counted as completion tokens)
 
   // Scheduler-thread state.
   std::optional<StreamDecoder> dec;
@@ -103,6 +110,7 @@ struct Job {
   bool ended = false;
   size_t offset = 0;
   std::vector<TokenInfo> pend;  // tokens whose text has not been sent yet
+  std::vector<int32_t> pend_ids;  // want_ids: ids not yet put in a piece
   int n_gen = 0;
   Clock::time_point t_first, t_last;
 
@@ -114,7 +122,10 @@ struct Job {
   std::string finish_reason;
   std::string error;
   Usage usage;
-  std::vector<int32_t> gen_ids;  // every generated token, end-of-generation included
+  // Every generated token (resumed ones first); not the end-of-generation token, which
+  // the scheduler reports only as TokenEvent::sampled (unless ignore_eos).
+  std::vector<int32_t> gen_ids;
+  std::vector<int32_t> tail_ids;  // want_ids: ids of the end not carried by a piece (final chunk)
 
   std::atomic<bool> cancelled{false};
   std::atomic<uint64_t> sched_id{0};
@@ -123,11 +134,14 @@ struct Job {
     std::lock_guard<std::mutex> lk(mu);
     if (finished) return;
     if (!text.empty() || (final && !pend.empty())) {
-      out.push_back(Piece{std::move(text), std::move(pend)});
+      out.push_back(Piece{std::move(text), std::move(pend), std::move(pend_ids)});
       pend.clear();
+      pend_ids.clear();
     }
-    usage.completion_tokens = std::max(usage.completion_tokens, n_gen);
+    usage.completion_tokens = std::max(usage.completion_tokens, n_resumed + n_gen);
     if (final) {
+      tail_ids = std::move(pend_ids);
+      pend_ids.clear();
       finished = true;
       finish_reason = reason;
       error = err;
@@ -149,15 +163,91 @@ struct Job {
       metrics->observe_tpot(std::chrono::duration<double>(t_last - t_first).count() / (n_gen - 1));
   }
 
+  // The text a generated token releases to the client: UTF-8 assembly, then stop strings.
+  std::string feed(int32_t id) {
+    std::string raw = dec->push(id);
+    offset += raw.size();
+    return stop.push(raw);
+  }
+  // The held-back rest when generation ends; `matched` if a stop string completes in it.
+  std::string drain(bool& matched) {
+    std::string tail = stop.push(dec->flush());
+    matched = stop.matched();
+    if (!matched) tail += stop.flush();
+    return tail;
+  }
+
+  // Resume: the ids an earlier stream generated go through the same path as new tokens
+  // (UTF-8 partials, held-back stop prefixes and chat's stripped first space come out as
+  // they did there), and the first `skip` bytes of their text, which the client has, are
+  // dropped. Before submit. Returns an error message, or "" with `done` set if these ids
+  // already end the reply (end-of-generation, a stop string, max_tokens).
+  std::string replay(const std::vector<int32_t>& ids, size_t skip, int max_tokens, bool ignore_eos, bool& done) {
+    std::string text, reason;
+    for (int32_t id : ids) {
+      if (n_resumed >= max_tokens) {
+        reason = "length";
+        break;
+      }
+      if (tok->is_eog(id) && !ignore_eos) {
+        reason = "stop";
+        break;
+      }
+      gen_ids.push_back(id);
+      n_resumed++;
+      if (tok->is_eog(id)) continue;  // ignore_eos: a token without text, as in on_event
+      text += feed(id);
+      if (stop.matched()) {
+        reason = "stop";
+        break;
+      }
+    }
+    if (reason.empty() && n_resumed >= max_tokens) reason = "length";
+    if (!reason.empty() && !stop.matched()) {
+      bool matched;
+      text += drain(matched);
+      if (matched) reason = "stop";
+    }
+    if (skip > text.size())
+      return "'larder.resume.text_bytes' is " + std::to_string(skip) + " but the resumed tokens give only " +
+             std::to_string(text.size()) + " bytes of text.";
+    if (skip < text.size() && (static_cast<unsigned char>(text[skip]) & 0xC0) == 0x80)
+      return "'larder.resume.text_bytes' does not fall on a character boundary of the resumed text.";
+    skip_bytes = skip;
+    done = !reason.empty();
+    text.erase(0, skip);
+    if (done) ended = true;
+    if (done || !text.empty()) publish(std::move(text), done, reason);
+    return {};
+  }
+
+  // The "larder" field of a chunk or answer.
+  ojson larder_json(const std::vector<int32_t>& ids, size_t text_bytes, bool with_prompt) const {
+    ojson l = ojson::object();
+    l["token_ids"] = ids;
+    l["text_bytes"] = text_bytes;
+    if (with_prompt) l["prompt_tokens"] = prompt_ids;
+    return l;
+  }
+
   // Runs on the scheduler thread.
   bool on_event(const TokenEvent& ev) {
     if (ended) return false;
     {
       std::lock_guard<std::mutex> lk(mu);
-      if (ev.prompt_tokens > 0) usage.prompt_tokens = ev.prompt_tokens;
-      if (ev.cached_tokens > 0) usage.cached_tokens = ev.cached_tokens;
-      if (ev.completion_tokens > 0) usage.completion_tokens = std::max(usage.completion_tokens, ev.completion_tokens);
+      // Resumed: the scheduler's prompt holds the resumed ids; usage counts them as completion.
+      if (ev.prompt_tokens > 0) usage.prompt_tokens = ev.prompt_tokens - n_resumed;
+      if (ev.cached_tokens > 0)
+        usage.cached_tokens = n_resumed ? std::min(ev.cached_tokens, usage.prompt_tokens) : ev.cached_tokens;
+      if (ev.completion_tokens > 0)
+        usage.completion_tokens = std::max(usage.completion_tokens, n_resumed + ev.completion_tokens);
       if (ev.token >= 0) gen_ids.push_back(ev.token);
+    }
+    if (want_ids) {
+      if (ev.token >= 0)
+        pend_ids.push_back(ev.token);
+      else if (ev.finish == FinishReason::Stop && ev.sampled >= 0)
+        pend_ids.push_back(ev.sampled);  // the end-of-generation token is reported too
     }
     if (cancelled.load()) {
       ended = true;
@@ -184,9 +274,7 @@ struct Job {
           ti.text_offset = text_base + offset;
           pend.push_back(std::move(ti));
         }
-        std::string raw = dec->push(ev.token);
-        offset += raw.size();
-        text = stop.push(raw);
+        text = feed(ev.token);
         if (stop.matched()) {
           ended = true;
           end_timing();
@@ -196,10 +284,8 @@ struct Job {
       }
     }
     if (ev.finish != FinishReason::None) {
-      std::string tail = stop.push(dec->flush());
-      bool matched = stop.matched();
-      if (!matched) tail += stop.flush();
-      text += tail;
+      bool matched;
+      text += drain(matched);
       ended = true;
       end_timing();
       std::string reason = matched ? "stop"
@@ -219,6 +305,7 @@ struct Job {
 // How a text prompt was tokenized (for the prompt cache).
 struct PromptMode {
   bool cacheable = false, add_bos = false, parse_special = false;
+  bool ids_only = false;  // larder.prompt_tokens differ from enc.ids but stand for the same text
   std::string text;
   PromptCache::Encoded enc;
 };
@@ -303,6 +390,11 @@ struct Server::Impl {
       if (!job.finished || job.finish_reason == "error") return;
       gen = job.gen_ids;
     }
+    if (job.cache_ids) {
+      gen.insert(gen.begin(), job.prompt_ids.begin(), job.prompt_ids.end());
+      prompt_cache->insert(gen, job.add_bos, job.parse_special);
+      return;
+    }
     // Chat replies reach the client without their first space (see the StreamDecoder).
     prompt_cache->insert(job.prompt_text, job.prompt_enc, gen, job.add_bos, job.parse_special,
                          /*strip_first_space=*/job.kind == Endpoint::Chat);
@@ -326,7 +418,10 @@ struct Server::Impl {
   ojson model_card() const;
   std::optional<ApiError> build_prompt(const ParsedRequest& pr, std::vector<int32_t>& tokens, size_t& text_base,
                                       PromptMode& mode);
-  std::string chunk_json(const Job& job, const Piece* piece, const std::string* finish, bool first_chat) const;
+  std::optional<ApiError> use_prompt_tokens(const ParsedRequest& pr, std::vector<int32_t>& tokens, size_t& text_base,
+                                           PromptMode& mode);
+  std::string chunk_json(const Job& job, const Piece* piece, const std::string* finish, bool first_chat,
+                         const ojson* larder = nullptr) const;
 };
 
 ojson Server::Impl::model_card() const {
@@ -400,8 +495,30 @@ std::optional<ApiError> Server::Impl::build_prompt(const ParsedRequest& pr, std:
   return std::nullopt;
 }
 
+// larder.prompt_tokens: the conductor's ids replace the prompt build_prompt made (it still
+// ran: messages and prompt fail as they would without them). The prompt cache learns from
+// the request only where these ids stand for the prompt text.
+std::optional<ApiError> Server::Impl::use_prompt_tokens(const ParsedRequest& pr, std::vector<int32_t>& tokens,
+                                                        size_t& text_base, PromptMode& mode) {
+  const std::vector<int32_t>& ids = *pr.larder.prompt_tokens;
+  const Tokenizer& tok = *model.load()->tokenizer;
+  for (int32_t t : ids)
+    if (t >= tok.n_vocab())
+      return make_api_error(400, "Token id " + std::to_string(t) + " is out of range (vocabulary size " +
+                                     std::to_string(tok.n_vocab()) + ").",
+                            "invalid_request_error", "invalid_value", "larder.prompt_tokens");
+  if (mode.cacheable && mode.enc.ids != ids) {
+    std::string text;
+    mode.ids_only = prompt_cache->decode(ids, mode.add_bos, mode.parse_special, text) && text == mode.text;
+    mode.cacheable = mode.ids_only;
+  }
+  if (pr.kind == Endpoint::Completions && pr.prompt_is_tokens) text_base = tok.decode(ids).size();
+  tokens = ids;
+  return std::nullopt;
+}
+
 std::string Server::Impl::chunk_json(const Job& job, const Piece* piece, const std::string* finish,
-                                     bool first_chat) const {
+                                     bool first_chat, const ojson* larder) const {
   ojson j = ojson::object();
   j["id"] = job.id;
   j["object"] = job.kind == Endpoint::Chat ? "chat.completion.chunk" : "text_completion";
@@ -430,6 +547,7 @@ std::string Server::Impl::chunk_json(const Job& job, const Piece* piece, const s
   c["finish_reason"] = finish ? ojson(*finish) : ojson();
   j["choices"] = ojson::array({std::move(c)});
   if (job.include_usage) j["usage"] = nullptr;
+  if (larder) j["larder"] = *larder;
   return "data: " + dump_json(j) + "\n\n";
 }
 
@@ -474,6 +592,11 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
     reply_error(res, *e);
     return;
   }
+  if (pr.larder.prompt_tokens)
+    if (auto e = use_prompt_tokens(pr, tokens, text_base, mode)) {
+      reply_error(res, *e);
+      return;
+    }
   const int n_prompt = static_cast<int>(tokens.size());
   const int max_seq = sch.max_seq_len();
   auto ctx_error = [&](int requested) {
@@ -509,6 +632,14 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
   } else {
     max_tokens = kind == Endpoint::Completions ? std::min(16, max_seq - n_prompt) : max_seq - n_prompt;
   }
+  const LarderExt& ext = pr.larder;
+  for (int32_t t : ext.resume_tokens)
+    if (t >= mdl.tokenizer->n_vocab()) {
+      reply_error(res, make_api_error(400, "Token id " + std::to_string(t) + " is out of range (vocabulary size " +
+                                               std::to_string(mdl.tokenizer->n_vocab()) + ").",
+                                      "invalid_request_error", "invalid_value", "larder.resume.tokens"));
+      return;
+    }
 
   auto job = std::make_shared<Job>();
   job->kind = kind;
@@ -530,40 +661,71 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
     job->prompt_text = std::move(mode.text);
     job->prompt_enc = std::move(mode.enc);
   }
+  job->want_ids = ext.token_ids;
+  job->cache_ids = job->cacheable && mode.ids_only;
+  if (job->want_ids || job->cache_ids) job->prompt_ids = tokens;
   job->t_start = Clock::now();
   // Completions continue the prompt (keep the leading space); chat replies start fresh.
   job->dec.emplace(*mdl.tokenizer, /*strip_first_space=*/kind == Endpoint::Chat);
   job->stop = StopMatcher(pr.stop);
+  // Resume: the resumed ids extend the prompt (its KV may be cached) and count against max_tokens.
+  bool done = false;
+  if (ext.resume) {
+    std::string err = job->replay(ext.resume_tokens, ext.resume_text_bytes, max_tokens, pr.ignore_eos, done);
+    if (!err.empty()) {
+      reply_error(res, make_api_error(400, err, "invalid_request_error", "invalid_value", "larder.resume.text_bytes"));
+      return;
+    }
+    tokens.insert(tokens.end(), job->gen_ids.begin(), job->gen_ids.end());
+  }
 
   GenRequest g;
   g.prompt = std::move(tokens);
   g.sampling = pr.sampling;
-  g.max_tokens = max_tokens;
+  g.max_tokens = max_tokens - job->n_resumed;
   g.ignore_eos = pr.ignore_eos;
   g.n_logprobs = pr.logprobs < 0 ? 0 : std::max(1, pr.logprobs);
   // Disaggregated: the router named the prefill instance that computes this prompt.
-  if (pd::PdNode* node = pd.load(); node && node->params().role != "prefill")
-    if (std::string pf = req.get_header_value("X-Larder-Prefill"); !pf.empty()) g.kv_source = node->make_source(pf, g);
+  // X-Larder-Fetch: HOST:PORT;N (the conductor's KV pool): the first N prompt tokens' KV is
+  // fetched from that instance, which holds it, instead of computed here.
+  if (pd::PdNode* node = pd.load(); node && node->params().role != "prefill") {
+    std::string fetch_api;
+    int fetch_tokens = 0;
+    if (std::string f = req.get_header_value("X-Larder-Fetch"); !f.empty()) {
+      const size_t semi = f.find(';');
+      if (semi != std::string::npos) {
+        fetch_api = f.substr(0, semi);
+        fetch_tokens = std::atoi(f.c_str() + semi + 1);
+      }
+    }
+    if (std::string pf = req.get_header_value("X-Larder-Prefill"); !pf.empty())
+      g.kv_source = node->make_source(pf, g, fetch_api, fetch_tokens);
+    if (!g.kv_source && !fetch_api.empty() && fetch_tokens > 0)
+      g.kv_source = node->make_fetch_source(fetch_api, g, fetch_tokens);
+  }
 
   n_active++;
   {
     std::lock_guard<std::mutex> lk(jobs_mu);
     jobs.insert(job);
   }
-  auto id = sch.submit(std::move(g), [job](const TokenEvent& ev) { return job->on_event(ev); });
-  if (!id.ok()) {
-    finish_job(job);
-    std::string msg = lower(id.error());
-    if (st() == State::Draining || msg.find("shut") != std::string::npos || msg.find("stopp") != std::string::npos)
-      reply_error(res, make_api_error(503, "The server is shutting down.", "unavailable_error", "shutting_down"));
-    else if (msg.find("queue") != std::string::npos || msg.find("full") != std::string::npos)
-      reply_error(res, make_api_error(429, "The server is busy: the request queue is full. Retry shortly.",
-                                      "rate_limit_error", "rate_limit_exceeded"));
-    else
-      reply_error(res, make_api_error(400, id.error(), "invalid_request_error", "invalid_value"));
-    return;
+  // A resume whose ids already ended the reply has nothing to generate.
+  if (!done) {
+    auto id = sch.submit(std::move(g), [job](const TokenEvent& ev) { return job->on_event(ev); });
+    if (!id.ok()) {
+      finish_job(job);
+      std::string msg = lower(id.error());
+      if (st() == State::Draining || msg.find("shut") != std::string::npos || msg.find("stopp") != std::string::npos)
+        reply_error(res, make_api_error(503, "The server is shutting down.", "unavailable_error", "shutting_down"));
+      else if (msg.find("queue") != std::string::npos || msg.find("full") != std::string::npos)
+        reply_error(res, make_api_error(429, "The server is busy: the request queue is full. Retry shortly.",
+                                        "rate_limit_error", "rate_limit_exceeded"));
+      else
+        reply_error(res, make_api_error(400, id.error(), "invalid_request_error", "invalid_value"));
+      return;
+    }
+    job->sched_id = id.value();
   }
-  job->sched_id = id.value();
 
   if (!job->stream) {
     {
@@ -574,7 +736,9 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
     for (auto& p : job->out) {
       all.text += p.text;
       for (auto& t : p.toks) all.toks.push_back(std::move(t));
+      all.ids.insert(all.ids.end(), p.ids.begin(), p.ids.end());
     }
+    all.ids.insert(all.ids.end(), job->tail_ids.begin(), job->tail_ids.end());
     Usage u = job->usage;
     std::string reason = job->finish_reason, err = job->error;
     finish_job(job);
@@ -606,6 +770,7 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
     c["finish_reason"] = reason;
     j["choices"] = ojson::array({std::move(c)});
     j["usage"] = usage_json(u);
+    if (job->want_ids) j["larder"] = job->larder_json(all.ids, job->skip_bytes + all.text.size(), true);
     reply_json(res, 200, j);
     return;
   }
@@ -613,18 +778,31 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
   // Streaming: server-sent events, one `data: {...}` per piece of text, then [DONE].
   struct StreamState {
     bool started = false;
+    bool prompt_sent = false;  // larder.prompt_tokens goes with the first chunk
+    size_t text_bytes = 0;     // reply text the client has (a resume's text_bytes included)
   };
   auto ss = std::make_shared<StreamState>();
+  ss->text_bytes = job->skip_bytes;
+  // want_ids: the "larder" field of the next chunk.
+  auto ext_of = [job, ss](const std::vector<int32_t>& ids, size_t n_text) {
+    ss->text_bytes += n_text;
+    ojson l = job->larder_json(ids, ss->text_bytes, !ss->prompt_sent);
+    ss->prompt_sent = true;
+    return l;
+  };
   res.set_header("Cache-Control", "no-cache");
   res.set_header("X-Accel-Buffering", "no");
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, job, ss](size_t, httplib::DataSink& sink) -> bool {
+      [this, job, ss, ext_of](size_t, httplib::DataSink& sink) -> bool {
         std::string buf;
+        const std::vector<int32_t> no_ids;
         if (!ss->started) {
           ss->started = true;
           if (job->kind == Endpoint::Chat) {
-            buf = chunk_json(*job, nullptr, nullptr, /*first_chat=*/true);
+            ojson l;
+            if (job->want_ids) l = ext_of(no_ids, 0);
+            buf = chunk_json(*job, nullptr, nullptr, /*first_chat=*/true, job->want_ids ? &l : nullptr);
             if (!sink.write(buf.data(), buf.size())) {
               cancel_job(job);
               return false;
@@ -634,11 +812,13 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
         }
         std::deque<Piece> pieces;
         bool fin;
+        std::vector<int32_t> tail_ids;
         {
           std::unique_lock<std::mutex> lk(job->mu);
           job->cv.wait_for(lk, std::chrono::milliseconds(100), [&] { return job->finished || !job->out.empty(); });
           pieces.swap(job->out);
           fin = job->finished;
+          if (fin) tail_ids = job->tail_ids;
         }
         if (pieces.empty() && !fin) {
           if (!sink.is_writable()) {
@@ -649,13 +829,19 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
         }
         if (fin) remember(*job);
         for (auto& p : pieces)
-          if (!p.text.empty() || !p.toks.empty()) buf += chunk_json(*job, &p, nullptr, false);
+          if (!p.text.empty() || !p.toks.empty()) {
+            ojson l;
+            if (job->want_ids) l = ext_of(p.ids, p.text.size());
+            buf += chunk_json(*job, &p, nullptr, false, job->want_ids ? &l : nullptr);
+          }
         if (fin) {
           if (job->finish_reason == "error") {
             ApiError e = make_api_error(500, "Generation failed: " + job->error, "server_error", "internal_error");
             buf += "data: " + dump_json(error_body(e)) + "\n\n";
           } else {
-            buf += chunk_json(*job, nullptr, &job->finish_reason, false);
+            ojson l;
+            if (job->want_ids) l = ext_of(tail_ids, 0);
+            buf += chunk_json(*job, nullptr, &job->finish_reason, false, job->want_ids ? &l : nullptr);
             if (job->include_usage) {
               ojson u = ojson::object();
               u["id"] = job->id;

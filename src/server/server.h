@@ -19,6 +19,10 @@
 // architecture (model_chat_template in src/chat: Gemma's for gemma*, ChatML otherwise),
 // the same that `larder chat` uses.
 //
+// The vendor field "larder" (openai_api.h LarderExt) serves a conductor in front of several
+// instances: the prompt as token ids, token ids and text byte counts in every chunk, and the
+// resumption of a reply another instance began (failover).
+//
 // The `model` field may be omitted; when given it must be the served id (the file
 // name without extension, or --alias), the file name, the path given to -m, or the
 // model's general.name; anything else is 404 model_not_found.
