@@ -241,6 +241,7 @@ TEST(KvEventsCodec, RejectsGarbageWithOneLine) {
       {BYTES("\x92\x01\x91\x95\xab" "BlockStored\x90\xc0\x90\xff"), "block_size out of range"},
       {BYTES("\x92\x01\xdd\xff\xff\xff\xff"), "array of 4294967295 elements"},
       {BYTES("\x92\x01\x91\x81\xa4type\xa5Other"), "unknown event type 'Other'"},
+      {BYTES("\x92\x01\x91\x91\xa4" "A\n\x00" "B"), "unknown event type 'A??B'"},  // found by the fuzzer
       {BYTES("\x92\x01\x91\x81\xa1x\x01"), "without a \"type\""},
       {BYTES("\x92\x01\x91\x82\xa4type\xab" "BlockStored\xa1x\x01"), "BlockStored without"},
       {BYTES("\x92\x01\x90\x00"), "1 bytes after the batch"},
@@ -543,10 +544,11 @@ TEST(KvEventsSequencer, WithoutReplayGapsAreSkipped) {
 // epoch: one connection is FIFO), replay answers late or lost, restarts (sometimes with a new
 // topic) followed by the reconnect the SUB socket's monitor reports, quiet-time polls. After
 // the stream ends and the replays settle, the follower holds exactly the publisher's state.
+// KVEVENTS_SEEDS=N runs more seeds, KVEVENTS_SEED=S only one.
 TEST(KvEventsSequencer, RandomizedAgainstModel) {
   int restarts = 0, snapshots = 0, gaps = 0;
   const uint64_t only = std::getenv("KVEVENTS_SEED") ? std::strtoull(std::getenv("KVEVENTS_SEED"), nullptr, 10) : 0;
-  const uint64_t seeds = std::getenv("KVEVENTS_SEEDS") ? std::strtoull(std::getenv("KVEVENTS_SEEDS"), nullptr, 10) : 300;
+  const uint64_t seeds = std::getenv("KVEVENTS_SEEDS") ? std::strtoull(std::getenv("KVEVENTS_SEEDS"), nullptr, 10) : 4000;
   for (uint64_t seed = 1; seed <= seeds; ++seed) {
     if (only && seed != only) continue;
     std::mt19937_64 rng(seed);
@@ -570,14 +572,7 @@ TEST(KvEventsSequencer, RandomizedAgainstModel) {
     bool reply_ready = false, reply_lost = false;
     int reply_delay = 0, reconnect_at = -1;
     std::optional<int64_t> asked;
-    const bool trace = std::getenv("KVEVENTS_TRACE") != nullptr;
     auto take = [&](Sequencer::Step s) {
-      if (trace) {
-        std::fprintf(stderr, "  -> reset=%d apply=[", s.reset);
-        for (auto& a : s.apply) std::fprintf(stderr, "%lld ", (long long)a.first);
-        std::fprintf(stderr, "] replay_from=%lld expected=%lld synced=%d\n", s.replay_from ? (long long)*s.replay_from : -9LL,
-                     (long long)sq.expected(), sq.synced());
-      }
       if (s.replay_from) {
         asked = s.replay_from;
         reply.clear();
@@ -606,7 +601,6 @@ TEST(KvEventsSequencer, RandomizedAgainstModel) {
     auto step = [&](int t, bool publishing) {
       if (publishing && chance(0.5)) {
         auto f = pub->publish(random_events());
-        if (trace) std::fprintf(stderr, "publish %lld\n", (long long)f.first);
         if (!chance(0.2)) {
           size_t back = std::min<size_t>(rng() % 4, live.size() - epoch_start);
           live.insert(live.end() - static_cast<long>(back), Frame{f.first, f.second, pub->topic, epoch});
@@ -616,7 +610,6 @@ TEST(KvEventsSequencer, RandomizedAgainstModel) {
       }
       if (publishing && chance(0.01)) {  // restart: empty state, seq from 0, maybe a new topic
         ++restarts;
-        if (trace) std::fprintf(stderr, "RESTART (old next %lld)\n", (long long)pub->next);
         auto fresh = std::make_unique<ModelPublisher>();
         fresh->cap = 2 + rng() % 12;
         fresh->topic = chance(0.3) ? "kv-" + std::to_string(t) : pub->topic;
@@ -632,19 +625,16 @@ TEST(KvEventsSequencer, RandomizedAgainstModel) {
         Frame f = std::move(live.front());
         live.pop_front();
         if (epoch_start > 0) --epoch_start;
-        if (trace) std::fprintf(stderr, "live %lld epoch %d topic %s\n", (long long)f.seq, f.epoch, f.topic.c_str());
         take(sq.feed(Src::Live, f.seq, f.payload, f.topic));
       }
       if (reconnect_at == -2 && (live.empty() || live.front().epoch == epoch)) reconnect_at = t + static_cast<int>(rng() % 4);
       if (reconnect_at >= 0 && t >= reconnect_at) {
         reconnect_at = -1;
-        if (trace) std::fprintf(stderr, "reconnected\n");
         take(sq.reconnected());
       }
       if (asked && reply_delay-- <= 0) {
         if (reply_lost) {
           asked.reset();
-          if (trace) std::fprintf(stderr, "failed\n");
           take(sq.replay_failed());
         } else {
           if (!reply_ready) {  // the publisher answers with what it has when it reads the request
@@ -654,20 +644,17 @@ TEST(KvEventsSequencer, RandomizedAgainstModel) {
           for (int k = 0, n = 1 + static_cast<int>(rng() % 4); k < n && asked; ++k) {
             if (reply.empty()) {
               asked.reset();
-              if (trace) std::fprintf(stderr, "end\n");
               take(sq.replay_end());
               break;  // a new request (if any) is answered from a later step
             } else {
               auto f = std::move(reply.front());
               reply.pop_front();
-              if (trace) std::fprintf(stderr, "replay %lld\n", (long long)f.first);
               take(sq.feed(Src::Replay, f.first, f.second));
             }
           }
         }
       }
       if (!asked && chance(0.03)) {
-        if (trace) std::fprintf(stderr, "idle\n");
         take(sq.idle());
       }
     };
@@ -688,10 +675,11 @@ TEST(KvEventsSequencer, RandomizedAgainstModel) {
     snapshots += static_cast<int>(sq.stats().barriers);
     gaps += static_cast<int>(sq.stats().gaps);
   }
-  // The run exercised what it is meant to.
-  EXPECT_GT(restarts, 50);
-  EXPECT_GT(snapshots, 50);
-  EXPECT_GT(gaps, 300);
+  if (!only && seeds >= 300) {  // the run exercised what it is meant to
+    EXPECT_GT(restarts, static_cast<int>(seeds / 6));
+    EXPECT_GT(snapshots, static_cast<int>(seeds / 6));
+    EXPECT_GT(gaps, static_cast<int>(seeds));
+  }
 }
 
 // ---------------------------------------------------------------- over loopback TCP

@@ -12,6 +12,7 @@
 #include "cli/commands.h"
 #include "cluster/etcd.h"
 #include "conductor/conductor.h"
+#include "sim/calibration.h"
 
 namespace larder::cli {
 
@@ -43,6 +44,13 @@ int cmd_conductor(Args& a) {
   if (a.transfer_gbps <= 0) return fail("--transfer-gbps must be positive");
   p.policy.transfer_bw = a.transfer_gbps * 1e9;
   p.ramp_s = a.ramp_s;
+  if (!a.calibration.empty()) {
+    auto cal = sim::load_calibration(a.calibration);
+    if (!cal.ok()) return fail("--calibration: " + cal.error());
+    p.prior = cal->cost;
+    p.policy.transfer_bw = a.transfer_gbps != 1.0 ? a.transfer_gbps * 1e9 : cal->transfer_bw;
+    p.policy.transfer_latency_s = cal->transfer_latency_s;
+  }
   p.failover = !a.no_failover;
   p.model_path = a.model;
   p.tokenizer_path = a.tokenizer;

@@ -118,7 +118,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"replay,simulate", "--tbt-slo", "", "time-between-tokens limit in ms for goodput (0 = none; simulate: as --ttft-slo)", &a.tbt_slo},
       {"simulate", "--instances", "", "N colocated instances (role both), or P,D prefill and decode instances", &a.instances},
       {"simulate", "--policy", "", "routing: random | round-robin | least-load | cache-aware | conductor", &a.policy},
-      {"simulate", "--calibration", "", "instance costs and sizes from `larder calibrate` (JSON)", &a.calibration},
+      {"simulate,conductor", "--calibration", "", "instance costs and sizes from `larder calibrate` (JSON)", &a.calibration},
       {"simulate", "--seed", "", "seed of the random choices (same seed, same result)", &a.sim_seed},
       {"calibrate", "-o,--output", "", "write the calibration (JSON) to this file", &a.out},
       {"calibrate", "--dram-bytes", "", "DRAM tier per instance, e.g. 2G: its load bandwidth is measured and its size recorded (empty = none)", &a.kv_dram},

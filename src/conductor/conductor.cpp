@@ -45,7 +45,7 @@ struct InstState {
   double suspect_until = 0;    // failed mid-answer: no new requests until then
 };
 
-struct Req : router::Hooks::Ticket {
+struct Req : router::Hooks::Ticket, std::enable_shared_from_this<Req> {
   // Set by plan(), then read-only.
   bool chat = false, stream = false, tokens_ok = false;
   json body;                     // the client's request
@@ -74,6 +74,7 @@ struct Req : router::Hooks::Ticket {
   int attempts = 1;
   double t_first = 0, t_last = 0;
   int n_tokens = 0;
+  std::atomic<int> live_tokens{0};      // n_tokens, readable without mu (slot-wait estimates)
   std::string id;                       // the first attempt's completion id (kept across re-issues)
   std::set<std::string> failed;         // decode addresses that failed it
 };
@@ -102,6 +103,7 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
 
   mutable std::mutex mu;  // guards what follows
   std::map<std::string, InstState> inst;
+  std::map<std::string, std::set<std::shared_ptr<Req>>> decoding;  // ours, per instance (slot-wait estimates)
   std::map<std::string, std::string> subscribed;  // id -> events endpoint
   uint64_t rr = 0;
   std::mt19937_64 rng{std::random_device{}()};
@@ -211,16 +213,21 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
     iv.free_blocks = i.load.free_blocks;
     iv.total_blocks = i.capacity.kv_blocks;
     iv.decode_ctx_tokens = 0;
+    // Its own fit, else the calibration, else its measured prefill speed, else a peer's model
+    // (just started: as fast as the others running the same model).
     if (s.fitted) {
       iv.cost = s.model;
-    } else if (peer) {
-      iv.cost = *peer;  // not measured yet (just started): as fast as its peers
+    } else if (calibration) {
+      iv.cost = *calibration;
     } else if (i.prefill_tokens_per_s > 0) {
       iv.cost.b = 1.0 / i.prefill_tokens_per_s;
+    } else if (peer) {
+      iv.cost = *peer;
     }
     iv.weight = 1.0;
     if (i.started_ms > 0) iv.weight = ramp_weight((cluster::wall_ms() - i.started_ms) / 1000.0, p.ramp_s);
     if (s.suspect_until > t) iv.weight = 0;
+    iv.slot_wait_s = slot_wait(key_of(i), iv);
     return iv;
   }
 
@@ -237,10 +244,34 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
     t.decode_key = key;
     t.counted_decode = true;
     inst[key].running++;
+    decoding[key].insert(t.shared_from_this());
   }
   void uncount_decode(Req& t) {
-    if (t.counted_decode) inst[t.decode_key].running--;
+    if (t.counted_decode) {
+      inst[t.decode_key].running--;
+      auto it = decoding.find(t.decode_key);
+      if (it != decoding.end()) {
+        it->second.erase(t.shared_from_this());
+        if (it->second.empty()) decoding.erase(it);
+      }
+    }
     t.counted_decode = false;
+  }
+
+  // All slots taken: when the k-th sequence (k = how many are ahead of a new one) should end,
+  // from what is left of ours there (max_tokens - generated), others assumed like ours.
+  double slot_wait(const std::string& key, const InstanceView& iv) {
+    const int ahead = iv.running + iv.waiting - iv.parallel + 1;
+    if (ahead <= 0) return 0;
+    std::vector<int> left;
+    if (auto it = decoding.find(key); it != decoding.end())
+      for (const auto& r : it->second) left.push_back(std::max(1, r->max_tokens - r->live_tokens.load()));
+    std::sort(left.begin(), left.end());
+    const int fallback = left.empty() ? 32 : left.back();
+    const int k = std::min(ahead, iv.parallel);
+    const int tokens = k <= static_cast<int>(left.size()) ? left[k - 1] : fallback;
+    const double rounds = std::ceil(static_cast<double>(ahead) / std::max(1, iv.parallel));
+    return rounds * tokens * iv.cost.decode_step_s(iv.running, static_cast<double>(iv.decode_ctx_tokens));
   }
 
   // ------------------------------------------------------------------ Hooks
@@ -309,8 +340,7 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
         }
     if (!peer && calibration) peer = *calibration;
     for (const auto& c : cands) {
-      const bool own = inst[key_of(c)].fitted || c.prefill_tokens_per_s > 0;
-      views.push_back(view_of(c, now, own ? nullptr : peer ? &*peer : nullptr));
+      views.push_back(view_of(c, now, peer ? &*peer : nullptr));
       if (exclude.count(c.api_address)) views.back().weight = 0;
     }
     return route(p.policy, rv, views, holds, rr, rng());
@@ -424,6 +454,7 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
           first_token(t, now);
           t.t_last = now;
           t.n_tokens += n;
+          t.live_tokens = t.n_tokens;
         }
       }
       j.erase(it);
@@ -811,6 +842,7 @@ Result<std::unique_ptr<Conductor>> Conductor::start(ConductorParams p) {
       if (!I.pcache->enabled()) I.pcache.reset();
     }
   }
+  I.calibration = I.p.prior;
   Impl* raw = &I;
   auto subs = kvevents::SubscriberSet::start(
       kvevents::SubscriberParams{},

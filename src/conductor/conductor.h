@@ -19,6 +19,7 @@
 //     and reports goodput, rejections and the predicted-vs-measured TTFT error on /metrics.
 #pragma once
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,8 @@ struct ConductorParams {
   double ramp_s = 10;          // a (re)started instance reaches its full share after this long
   double sync_wait_s = 3;      // at start: wait this long at most for the index to catch up
   bool failover = true;
+  // Each instance's cost model until its own measurements replace it (`larder calibrate`).
+  std::optional<CostModel> prior;
   // Like `larder serve --prompt-cache N` (0 = off): must match the instances' setting, so the
   // conductor tokenizes a conversation's next turn exactly as they would.
   size_t prompt_cache_entries = 256;

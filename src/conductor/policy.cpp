@@ -239,11 +239,12 @@ double decode_share_s(const InstanceView& i) {
 
 double predict_queue_s(const InstanceView& i) {
   const double Q = static_cast<double>(i.queued_prefill_tokens);
-  if (!(Q > 0)) return 0;
+  if (!(Q > 0)) return std::max(0.0, i.slot_wait_s);
   const int step = step_of(i, Q);
   const double attn = i.queued_prefill_attn > 0 ? i.queued_prefill_attn : Q * Q / 2 / std::max(1, i.waiting + i.running);
   const double steps = std::ceil(Q / step);
-  return steps * (i.cost.a + decode_share_s(i)) + i.cost.b * Q + i.cost.c * attn;
+  // Queued prompts compute while the slots are still taken; a new one also waits for a slot.
+  return std::max(i.slot_wait_s, steps * (i.cost.a + decode_share_s(i)) + i.cost.b * Q + i.cost.c * attn);
 }
 
 double transfer_s(const PolicyParams& p, const RequestView& r, int blocks) {
@@ -545,16 +546,23 @@ Decision route(const PolicyParams& p, const RequestView& r, const std::vector<In
   d.predicted_ttft_s = bo.ttft;
   d.predicted_tbt_s = best_tbt;
   if (ttft_slo && bo.ttft > p.slo.ttft_s) {
-    // The queue drains one second per second: after (TTFT - SLO) the prediction meets the SLO,
-    // unless the prompt alone takes longer than that; then retry when the queue is gone.
+    // The queue drains one second per second: after (TTFT - SLO) the prediction meets the SLO.
+    // A prompt too long to meet it even on an idle instance cannot be helped by waiting: it is
+    // served, best effort, while some instance is idle (its blocks then serve the requests
+    // that share its prefix), and otherwise asked to come back when one should be.
     const double queue = predict_queue_s(in[best]);
     const double over = bo.ttft - p.slo.ttft_s;
-    d.reject = true;
-    d.retry_after_s = over <= queue ? over : queue;
-    std::snprintf(why, sizeof why, "predicted TTFT %.3f s exceeds the SLO of %.3f s%s", bo.ttft, p.slo.ttft_s,
-                  over <= queue ? "" : " even on an idle instance");
-    d.reason = why;
-    return d;
+    const bool hopeless = over > queue;
+    double idle_in = std::numeric_limits<double>::infinity();
+    for (int i : pre) idle_in = std::min(idle_in, predict_queue_s(in[i]));
+    if (!hopeless || idle_in > 0) {
+      d.reject = true;
+      d.retry_after_s = hopeless ? idle_in : over;
+      std::snprintf(why, sizeof why, "predicted TTFT %.3f s exceeds the SLO of %.3f s%s", bo.ttft, p.slo.ttft_s,
+                    hopeless ? " even on an idle instance, and none is idle" : "");
+      d.reason = why;
+      return d;
+    }
   }
   d.prefill = best;
   d.decode = in[best].can_decode ? best : dsel;

@@ -12,7 +12,10 @@
 //     queue_i  = predicted time to work off the prompt tokens already queued on i
 //   prefill = argmin TTFT_i; decode = the decode candidate with the lowest predicted TBT that
 //   has room (free blocks for the whole sequence, running < parallel).
-//   SLO: no candidate with TTFT <= ttft_slo and TBT <= tbt_slo -> reject (429, Retry-After).
+//   SLO: no candidate with TTFT <= ttft_slo and TBT <= tbt_slo -> reject (429, Retry-After:
+//   when the best candidate's queue should have drained enough). A prompt that misses the
+//   TTFT SLO even on an idle instance is served best effort while some instance is idle
+//   (rejecting it cannot help it, and its blocks serve the requests sharing its prefix).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -70,6 +73,9 @@ struct InstanceView {
   // Attention work of the queued prompts: sum of new * (prefix + new/2) over them, in tokens^2.
   // 0 = unknown: estimated from queued_prefill_tokens as prompts of equal length.
   double queued_prefill_attn = 0;
+  // Every sequence slot is taken (running + waiting >= parallel): the time until one frees up
+  // (the caller's estimate from what it knows of the running sequences; 0 = a slot is free).
+  double slot_wait_s = 0;
 };
 
 // Leading blocks of a prompt that one instance holds, by where they are.

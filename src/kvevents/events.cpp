@@ -235,6 +235,13 @@ class Reader {
   const uint8_t* end_;
 };
 
+// For echoing input in an error: printable ASCII only, so the error stays one clean line.
+std::string printable(std::string_view s) {
+  std::string out;
+  for (char c : s.substr(0, 64)) out += (c >= 0x20 && c < 0x7f) ? c : '?';
+  return out;
+}
+
 BlockHash read_hash(Reader& r) {
   if (r.at_int()) return BlockHash{r.integer().bits, 0};
   if (!r.at_bin()) r.expected("a block hash (int or bin)");
@@ -321,7 +328,7 @@ Event read_array_event(Reader& r) {
   } else if (tag == "AllBlocksCleared") {
     ev = AllBlocksCleared{};
   } else {
-    r.fail("unknown event type '" + std::string(tag.substr(0, 64)) + "'");
+    r.fail("unknown event type '" + printable(tag) + "'");
   }
   for (; used < rest; ++used) r.skip();
   return ev;
@@ -339,7 +346,7 @@ Event read_map_event(Reader& r) {
       continue;
     }
     std::string_view k = r.str();
-    if (k == "type") tag = std::string(field("type", [&] { return r.str(); }).substr(0, 64));
+    if (k == "type") tag = printable(field("type", [&] { return r.str(); }));
     else if (k == "block_hashes") s.hashes = field("block_hashes", [&] { return read_hashes(r); }), has_hashes = true;
     else if (k == "parent_block_hash") s.parent = field("parent_block_hash", [&] { return read_opt_hash(r); });
     else if (k == "token_ids") s.token_ids = field("token_ids", [&] { return read_tokens(r); }), has_tokens = true;

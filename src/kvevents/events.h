@@ -15,11 +15,14 @@
 //
 // Differences from vLLM, on purpose:
 //  - block hashes are 128-bit (kvcache::BlockHash): msgpack bin of 16 bytes, lo then hi, each
-//    little-endian. vLLM sends ints (<= 0.10, or VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES) or
-//    bytes (its sha256 digests, 32 bytes). The decoder takes all: an int v (uint64 or negative
-//    int64) -> {lo = v, hi = 0}; bin of 16 bytes -> lo/hi as above; bin of any other length
-//    (1..64) -> {lo = its last 8 bytes big-endian, hi = 0}, which is exactly the int vLLM's
-//    int mode sends for the same block, so one vLLM instance maps the same either way.
+//    little-endian (a consumer that types them as int, like vLLM <= 0.10's own structs, rejects
+//    them; newer vLLM types them bytes | int). vLLM sends ints (<= 0.10, or with
+//    VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES) or bytes (its sha256 digests, 32 bytes). The decoder
+//    takes all: an int v (uint64 or negative int64) -> {lo = v, hi = 0}; bin of 16 bytes ->
+//    lo/hi as above; bin of any other length (1..64) -> {lo = its last 8 bytes big-endian,
+//    hi = 0}, exactly the int vLLM's int mode sends for the same block, so one vLLM instance
+//    maps the same either way.
+//  - data_parallel_rank: nil unless set (vLLM's publisher always sets its rank, 0 by default).
 //  - medium: we publish "L1" (the engine's pool), "DRAM" (DRAM tier), "SSD" (disk tier);
 //    vLLM publishes "GPU", "CPU", later "STORAGE", or nil. medium_of() folds them all.
 //  - lora_name, extra_keys, group_idx, ... are written nil / not written and skipped on decode.

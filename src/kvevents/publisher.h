@@ -28,7 +28,8 @@
 namespace larder::kvevents {
 
 struct PublisherParams {
-  std::string bind_host = "127.0.0.1";
+  std::string bind_host = "127.0.0.1";  // "0.0.0.0" / "*": every interface (the endpoints then
+                                        // say 0.0.0.0: advertise a reachable address instead)
   int pub_port = 0;     // 0: any free port (pub_endpoint() says which)
   int replay_port = 0;  // 0: any free port
   std::string topic;

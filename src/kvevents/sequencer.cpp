@@ -7,6 +7,11 @@
 
 namespace larder::kvevents {
 
+namespace {
+// Seqs count batches from 0; anything near the int64 limit is not one (and seq + 1 must not overflow).
+constexpr int64_t kMaxSeq = int64_t(1) << 62;
+}  // namespace
+
 Sequencer::Sequencer(SequencerParams p) : p_(p) {
   if (p_.window == 0) p_.window = 1;
   ring_.resize(p_.window);
@@ -82,7 +87,7 @@ void Sequencer::skip_to(Step& s, int64_t seq) {
       continue;
     }
     int64_t next = it != pending_.end() && it->first < seq ? it->first : seq;
-    st_.lost += next - expected_;
+    st_.lost += std::min(next - expected_, kMaxSeq - std::min(st_.lost, kMaxSeq));  // saturates
     expected_ = next;
     if (next == seq) break;
     Pending pd = std::move(it->second);
@@ -116,7 +121,7 @@ Sequencer::Step Sequencer::start() {
 
 Sequencer::Step Sequencer::feed(Source src, int64_t seq, std::string_view payload, std::string_view topic) {
   Step s;
-  if (seq < 0) return s;
+  if (seq < 0 || seq > kMaxSeq) return s;  // END_SEQ is handled by the caller; the rest is garbage
   if (src == Source::Replay && !in_flight_) return s;  // an answer nobody waits for any more
   const uint64_t fp = XXH3_64bits(payload.data(), payload.size());
   auto decoded = decode(payload);

@@ -229,7 +229,6 @@ void SubscriberSet::Impl::read_monitor(Inst& in) {
 }
 
 void SubscriberSet::Impl::run() {
-  thread_id = std::this_thread::get_id();
   std::vector<zmq::pollitem_t> items;
   std::vector<std::pair<std::shared_ptr<Inst>, int>> owners;  // per poll item: instance, kind
   for (;;) {

@@ -20,12 +20,18 @@
 //  - duplicates (replay overlapping the live stream) are recognised by seq and by a fingerprint
 //    of the payload bytes: a publisher sends the same bytes live and in replay.
 //  - new epoch (the publisher restarted and counts from 0 again): a seq we already applied
-//    arriving with other bytes, a seq older than the fingerprint window, or a topic change.
+//    arriving with other bytes (or, in an answer, a seq we never had), two different batches
+//    under one waiting seq, a seq older than the fingerprint window, or a topic change.
 //    The Sequencer then says `reset` (drop the instance's state) and resyncs from 0. A restart
 //    whose new seqs are all still ahead of ours cannot be seen in the seqs; SubscriberSet
 //    watches the SUB connection and, after a reconnect, verifies with a replay from 0.
 //  - a lost tail (the last batches dropped, nothing after them): when an instance has been
 //    quiet for a while, a replay from the next expected seq (usually answered with END alone).
+//  - an answer's END also checks the past: if we asked from below what we had applied (from 0)
+//    and the publisher's newest seq is older than ours, or a batch that came before the request
+//    is newer than everything in the answer, the publisher that sent those is gone: reset.
+// SubscriberSet sends each replay request on a fresh DEALER socket (closing the previous one),
+// so a late answer to an abandoned request can never be taken for the current one.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -125,7 +131,8 @@ struct SubscriberParams {
 
 class SubscriberSet {
  public:
-  // Called on the subscriber thread, in seq order per instance; they may call synced()/stats()
+  // Called on the subscriber thread, in seq order per instance (a snapshot may restate the seq
+  // last applied: it then describes the state already held); they may call synced()/stats()
   // but must not block for long (every instance waits).
   using BatchFn = std::function<void(const std::string& id, int64_t seq, const EventBatch& b)>;
   using ResetFn = std::function<void(const std::string& id)>;  // drop the instance's entries

@@ -1,3 +1,7 @@
+// The HTTP front door of a cluster: `larder router` (round-robin, answers passed through) and,
+// with Hooks, `larder conductor` (src/conductor: routing by cached prefixes and load, SLO
+// admission, failover). `larder router` is kept for its simple use; the conductor replaces it.
+//
 // `larder router`: a thin OpenAI-compatible front door of a prefill/decode cluster.
 //
 // Each generation request (POST /v1/completions, /v1/chat/completions and their un-prefixed
@@ -44,7 +48,7 @@ struct RouterParams {
   std::vector<std::string> decode;
   std::vector<std::string> etcd_endpoints;  // non-empty: discover instances (cluster::Directory)
   std::string cluster_name = "default";
-  double poll_s = 0.5;                      // Directory poll interval
+  double poll_s = 5;                        // Directory: it watches etcd; this is its safety-net re-list interval
   size_t max_body_bytes = 8u << 20;         // larger request bodies get 413
   int http_threads = 256;                   // a streaming request holds one for its duration
   int connect_timeout_ms = 1000;            // to an instance; a dead one is skipped after this

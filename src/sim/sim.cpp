@@ -229,7 +229,9 @@ void Sim::pin(Inst& in, Seq& s, uint64_t k) {
 }
 
 void Sim::release(Inst& in, Seq& s) {
-  for (uint64_t k : s.refs) {
+  // Tail first, as the engine: the LRU evicts a prefix's later blocks before its earlier ones.
+  for (auto r = s.refs.rbegin(); r != s.refs.rend(); ++r) {
+    const uint64_t k = *r;
     Blk& b = in.named.at(k);
     if (--b.refs == 0) {
       in.lru.push_back(k);
