@@ -775,7 +775,13 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
         if (subscribed.count(id)) continue;
         subscribed[id] = i.kv_events;
       }
-      subs->add(id, i.kv_events, i.kv_replay);
+      if (Status st = subs->add(id, i.kv_events, i.kv_replay); !st.ok()) {
+        std::fprintf(stderr, "larder conductor: cannot follow KV events of %s (%s): %s\n", id.c_str(),
+                     i.kv_events.c_str(), st.error().c_str());
+        std::lock_guard<std::mutex> lk(mu);
+        subscribed.erase(id);  // retried on the next pass
+        continue;
+      }
       if (p.verbose) std::fprintf(stderr, "larder conductor: following KV events of %s at %s\n", id.c_str(), i.kv_events.c_str());
     }
     // Instances gone from the view: drop their accounting once nothing of ours is there.
