@@ -307,7 +307,28 @@ def main():
         Z = base[1500:2900]
         complete(alive.host, alive.port, Z, 1)
         time.sleep(0.3)
+        # Killed mid-load: its clients' streams are cut (never completed wrongly), the instances
+        # cancel those requests.
+        outcomes = []
+
+        def long_stream(i):
+            body = {"prompt": base[i * 40:i * 40 + 300], "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+            st, text, _, _ = stream(cd.host, cd.port, "/v1/completions", body)
+            ref = complete("127.0.0.1", C.port, body["prompt"], 200, extra={"ignore_eos": True})[1]["choices"][0]["text"]
+            outcomes.append((st, ref.startswith(text), len(text)))
+
+        ths = [threading.Thread(target=long_stream, args=(i,)) for i in range(3)]
+        for th in ths:
+            th.start()
+        time.sleep(2.0)
         cd.kill()
+        for th in ths:
+            th.join()
+        check(len(outcomes) == 3 and all(st != 200 and prefix_ok for st, prefix_ok, _ in outcomes),
+              "streams cut by the conductor's death end incomplete and what they got is right (%s)" % outcomes)
+        check(wait_for(lambda: all(metrics(p).get("larder_running_sequences", 1) == 0 and
+                                   metrics(p).get("larder_kv_blocks_used", 1) == 0 for p in (alive, back)), 15),
+              "the instances cancelled those requests and freed their blocks")
         cd = conductor(["-m", model, "--cluster", etcd.url()], "conductor2")
         procs.append(cd)
         ex = explain(cd, {"prompt": Z, "max_tokens": 1})
