@@ -3,13 +3,14 @@
 (docs/BENCHMARKS.md, "Conductor").
 
   conductor_bench.py real [--instances 2] [--policies conductor,cache-aware,round-robin,...]
-                          [--limit 300] [--scale 32] [--speed 2] [--ttft-slo 2000] [--tbt-slo 200]
+                          [--skip 3393] [--limit 600] [--scale 64] [--speed 2] [--ttft-slo 2000] [--tbt-slo 200]
                           [--rounds 1] [--pin] [--calibration FILE] [--sim] [--out FILE]
       For each round and policy (interleaved: speed drifts by the minute): a fresh etcd, N instances
       (`larder serve --cluster`, 1 thread each, empty caches; --pin: instance i on core i % ncpu,
       else the cores are shared), `larder conductor --policy P` with the SLOs, then `larder replay`
       of the first --limit requests of the published trace (../shared/traces), scaled down by
-      --scale, sped up by --speed, through the conductor. Reports goodput (requests meeting both
+      --scale, sped up by --speed, through the conductor (--skip: a later slice, where requests share
+      more: the first requests of the trace share little with each other). Reports goodput (requests meeting both
       SLOs per second of trace time), completed, rejected (429), failed, prompt-cache hit rate and
       TTFT/TBT percentiles. With --sim, also `larder simulate` of the same slice with --calibration
       (from `larder calibrate`, measured on this machine with the instances' thread count) and the
@@ -77,7 +78,7 @@ def run_real(a):
                 procs.append(cd)
                 time.sleep(1.0)
                 rargs = [pdlib.larder_bin(), "replay", "--url", "http://127.0.0.1:%d" % cd.port, "--trace", trace_path(),
-                         "--scale", str(a.scale), "--limit", str(a.limit), "--speed", str(a.speed), "--ttft-slo",
+                         "--scale", str(a.scale), "--skip", str(a.skip), "--limit", str(a.limit), "--speed", str(a.speed), "--ttft-slo",
                          str(a.ttft_slo), "--tbt-slo", str(a.tbt_slo), "--json"]
                 if rnd == 0 and pol == a.policies.split(",")[0]:
                     sh(["larder", "serve", "-m", model, "-t", str(a.threads)] + args)
@@ -105,7 +106,7 @@ def run_real(a):
                       flush=True)
                 if a.sim and a.calibration:
                     sargs = [pdlib.larder_bin(), "simulate", "--trace", trace_path(), "--instances", str(a.instances),
-                             "--policy", pol, "--calibration", a.calibration, "--scale", str(a.scale), "--limit",
+                             "--policy", pol, "--calibration", a.calibration, "--scale", str(a.scale), "--skip", str(a.skip), "--limit",
                              str(a.limit), "--speed", str(a.speed), "--ttft-slo", str(a.ttft_slo), "--tbt-slo",
                              str(a.tbt_slo), "--json"]
                     s = subprocess.run(sargs, capture_output=True, text=True, timeout=600)
@@ -169,11 +170,11 @@ def run_sim(a):
         fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 4), squeeze=False)
         for ax, n in zip(axes[0], ns):
             for pol in POLICIES:
-                pts = sorted((r["speed"] * r.get("offered_rps", 0) / max(r["speed"], 1e-9) if r.get("offered_rps") else r["speed"],
-                              r.get("goodput_rps", 0)) for r in rows if r["instances"] == n and r["policy"] == pol)
+                pts = sorted((r["requests"] / r["trace_s"] if r.get("trace_s") else r["speed"], r.get("goodput_rps", 0))
+                             for r in rows if r["instances"] == n and r["policy"] == pol)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
             ax.set_title("%d instances (simulated, trace / %d)" % (n, a.scale))
-            ax.set_xlabel("offered load (trace speed-up)" if not any(r.get("offered_rps") for r in rows) else "offered load (req/s)")
+            ax.set_xlabel("offered load (req/s: the trace sped up 1x to %gx)" % max(r["speed"] for r in rows))
             ax.set_ylabel("goodput (req/s within TTFT %g ms, TBT %g ms)" % (a.ttft_slo, a.tbt_slo))
             ax.grid(True, alpha=0.3)
             ax.legend()
@@ -188,8 +189,9 @@ def main():
     r = sub.add_parser("real")
     r.add_argument("--instances", type=int, default=2)
     r.add_argument("--policies", default=",".join(POLICIES))
-    r.add_argument("--limit", type=int, default=300)
-    r.add_argument("--scale", type=int, default=32)
+    r.add_argument("--limit", type=int, default=600)
+    r.add_argument("--skip", type=int, default=3393)
+    r.add_argument("--scale", type=int, default=64)
     r.add_argument("--speed", type=float, default=2)
     r.add_argument("--ttft-slo", type=float, default=2000)
     r.add_argument("--tbt-slo", type=float, default=200)

@@ -118,6 +118,52 @@ def base_text():
     return text + "\n" + text[700:] + "\n" + text[1400:] + "\n" + text
 
 
+def word_start(text, pos):
+    """The first index >= pos where a word begins (after a space)."""
+    while not (text[pos - 1] == " " and text[pos].isalpha()):
+        pos += 1
+    return pos
+
+
+def word_end(text, pos):
+    """The last index <= pos where a word ends and a space and a word follow."""
+    while not (text[pos - 1].isalpha() and text[pos] == " " and text[pos + 1].isalpha()):
+        pos -= 1
+    return pos
+
+
+def load_work(base):
+    """N_LOAD requests: (path, body). Eight groups, each of nested texts (one beginning, cut at
+    different lengths): the instances and the conductor find their shared prefixes cached (the KV
+    index, fetches). Every cut is at the end of a word followed by " word" in the longer texts and each
+    text is followed by a tail that is no continuation of the story, so that the prompt caches (the
+    instances' and the conductor's, which reuse an earlier request's token ids up to a token boundary
+    inside the longest common text prefix) give the same token ids whatever was asked before: the ids
+    a fresh tokenization gives. (Cut mid-word, a nested prompt is tokenized differently after its
+    shorter sibling was answered, and its answer depends on the server's history.)"""
+    work = []
+    for i in range(N_LOAD):
+        g = i % 8
+        start = word_start(base, g * 431 + 1)
+        n_tok = 50 + (i * 37) % 751
+        text = base[start:word_end(base, start + int(n_tok * 4.1))]
+        n_gen = 32 + (i * 13) % 65
+        body = {"max_tokens": n_gen, "temperature": 0}
+        if i % 3 == 0:
+            body["ignore_eos"] = True
+        if i % 2:
+            path = "/v1/chat/completions"
+            msgs = [{"role": "user", "content": text + "\n\nWhat happens next?"}]
+            if g % 2:
+                msgs.insert(0, {"role": "system", "content": "You are a helpful assistant. Answer briefly."})
+            body["messages"] = msgs
+        else:
+            path = "/v1/completions"
+            body["prompt"] = text + "\n\n"
+        work.append((path, body))
+    return work
+
+
 def is_openai_error(body):
     try:
         j = json.loads(body)
@@ -512,25 +558,7 @@ def main():
         # ------------------------------------------------------------------ 4
         log("(4) %d concurrent streams with chaos (%d kills)" % (N_LOAD, KILLS))
         t = time.time()
-        work = []
-        for i in range(N_LOAD):
-            g = i % 8
-            n_tok = 50 + (i * 37) % 751
-            text = base[g * 431:g * 431 + int(n_tok * 4.1)]
-            n_gen = 32 + (i * 13) % 65
-            body = {"max_tokens": n_gen, "temperature": 0}
-            if i % 3 == 0:
-                body["ignore_eos"] = True
-            if i % 2:
-                path = "/v1/chat/completions"
-                msgs = [{"role": "user", "content": text}]
-                if g % 2:
-                    msgs.insert(0, {"role": "system", "content": "You are a helpful assistant. Answer briefly."})
-                body["messages"] = msgs
-            else:
-                path = "/v1/completions"
-                body["prompt"] = text
-            work.append((path, body))
+        work = load_work(base)
         refs = []
         for path, body in work:
             st, j, raw = post("127.0.0.1", C.port, path, body)
@@ -612,8 +640,10 @@ def main():
                 if s.text == rt and s.finish == rf and (s.usage or {}).get("completion_tokens") == rn:
                     correct.append(i)
                 else:
-                    wrong.append((i, "completed but differs: finish %s/%s tokens %s/%s\n      got %r\n      ref %r" % (
-                        s.finish, rf, (s.usage or {}).get("completion_tokens"), rn, s.text, rt)))
+                    wrong.append((i, "completed but differs: finish %s/%s, prompt tokens %s/%s, completion tokens %s/%s"
+                                  "\n      got %r\n      ref %r" % (s.finish, rf, (s.usage or {}).get("prompt_tokens"),
+                                                                    ref[3], (s.usage or {}).get("completion_tokens"), rn,
+                                                                    s.text, rt)))
             elif rt.startswith(s.text) and not s.exc.startswith("timeout") and "timed out" not in s.exc:
                 cut.append((i, "%s after %d/%d bytes" % (s.cut, len(s.text), len(rt))))
             else:
@@ -688,6 +718,12 @@ def main():
         signal.alarm(0)
         with plock:
             ps = list(procs)
+        logdir = os.environ.get("LARDER_E2E_LOGDIR")  # keep every process's stderr there (debugging)
+        if logdir:
+            os.makedirs(logdir, exist_ok=True)
+            for k, p in enumerate(ps):
+                with open(os.path.join(logdir, "%02d-%s.log" % (k, p.name)), "w") as f:
+                    f.write(p.text())
         for p in ps:
             try:
                 p.kill()

@@ -109,6 +109,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"replay,simulate", "--scale", "", "each 512-token hash block becomes 512/K tokens", &a.replay_scale},
       {"replay,simulate", "--speed", "", "arrivals sped up by this factor", &a.replay_speed},
       {"replay,simulate", "--limit", "", "replay only the first N requests (0 = all)", &a.replay_limit},
+      {"replay,simulate", "--skip", "", "start after the first N requests of the trace (a later slice; its first arrival at time 0)", &a.replay_skip},
       {"replay", "--url", "LARDER_URL", "server to drive", &a.url},
       {"replay,simulate", "--json", "", "print the report as one JSON object", &a.json},
       {"replay", "--vocab", "", "draw prompt token ids from [3, N) (0 = the server's vocabulary size)", &a.replay_vocab},

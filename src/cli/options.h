@@ -115,6 +115,7 @@ struct Args {
   std::string trace;
   int replay_scale = 16;
   double replay_speed = 1.0;
+  int replay_skip = 0;          // replay/simulate: start after this many requests of the trace
   int replay_limit = 0;
   std::string url = "http://127.0.0.1:8080";
   int replay_vocab = 0;            // token ids drawn from [3, N) (0 = ask the server)

@@ -336,7 +336,7 @@ int cmd_replay(Args& a) {
   if (!parse_url(a.url, tgt, err)) return fail(err);
   tgt.api_key = a.api_key;
 
-  auto loaded = sim::load_trace(a.trace, a.replay_limit);
+  auto loaded = sim::load_trace(a.trace, a.replay_limit, a.replay_skip);
   if (!loaded.ok()) return fail(loaded.error());
   std::vector<TraceReq> trace = std::move(*loaded);
 

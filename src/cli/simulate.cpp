@@ -69,7 +69,7 @@ int cmd_simulate(Args& a) {
   cfg.local_prefill_tokens = std::max(0, a.pd_local_prefill);
   cfg.seed = static_cast<uint64_t>(a.sim_seed);
 
-  auto trace = sim::load_trace(a.trace, a.replay_limit);
+  auto trace = sim::load_trace(a.trace, a.replay_limit, a.replay_skip);
   if (!trace.ok()) return fail(trace.error());
   const auto plans = sim::plan_trace(*trace, a.replay_scale, cfg.calib.max_seq_len);
   int clipped = 0;

@@ -380,6 +380,9 @@ bool has_room(const RequestView& r, const InstanceView& v) {
 
 // The conductor's prefill option on one instance: its own leading blocks (pool, then tiers
 // where loading beats recomputing), optionally the holder's longer run fetched over the network.
+// Candidates predicted within this share of the TTFT SLO count as meeting it (predictions err).
+constexpr double kSloMargin = 0.7;
+
 struct Option {
   double ttft = std::numeric_limits<double>::infinity();
   int cached = 0, fetched = 0, dram = 0, disk = 0, from = -1;
@@ -511,6 +514,9 @@ Decision route(const PolicyParams& p, const RequestView& r, const std::vector<In
   Option bo, bo_any;
   double best_score = std::numeric_limits<double>::infinity(), any_score = best_score;
   double best_tbt = 0, any_tbt = 0;
+  int fit = -1, fit_work = 0;
+  double fit_score = 0, fit_tbt = 0;
+  Option fo;
   for (int i : pre) {
     const bool colo = in[i].can_decode;
     // A P/D handoff adds the link's latency once the last layer is computed.
@@ -529,6 +535,25 @@ Decision route(const PolicyParams& p, const RequestView& r, const std::vector<In
       bo = o;
       best_tbt = tbt;
     }
+    // With a TTFT SLO the objective is goodput: of the candidates that meet it with a margin,
+    // the one that computes the fewest new tokens (the most reuse, the least work taken from
+    // later requests); the fastest one only decides among equals. Spreading for the lowest TTFT
+    // would trade cache locality for nothing the SLO rewards.
+    if (ttft_slo && o.ttft <= kSloMargin * p.slo.ttft_s) {
+      const int work = r.n_prompt - (o.cached - o.fetched) * r.block_size;
+      if (fit < 0 || work < fit_work || (work == fit_work && score < fit_score)) {
+        fit = i;
+        fit_work = work;
+        fit_score = score;
+        fo = o;
+        fit_tbt = tbt;
+      }
+    }
+  }
+  if (fit >= 0) {
+    best = fit;
+    bo = fo;
+    best_tbt = fit_tbt;
   }
   char why[200];
   if (best < 0) {

@@ -19,7 +19,7 @@ uint64_t splitmix64(uint64_t& s) {
   return z ^ (z >> 31);
 }
 
-Result<std::vector<TraceReq>> load_trace(const std::string& path, int limit) {
+Result<std::vector<TraceReq>> load_trace(const std::string& path, int limit, int skip) {
   std::ifstream f(path);
   if (!f) return Error{"cannot open the trace " + path + ": " + std::strerror(errno)};
   std::vector<TraceReq> out;
@@ -54,12 +54,19 @@ Result<std::vector<TraceReq>> load_trace(const std::string& path, int limit) {
     if (static_cast<int64_t>(r.hash_ids.size()) != need)
       return bad(std::to_string(r.hash_ids.size()) + " hash_ids, but input_length " + std::to_string(r.input_length) +
                  " needs " + std::to_string(need) + " blocks of 512");
+    if (skip > 0) {
+      --skip;
+      continue;
+    }
     out.push_back(std::move(r));
     if (limit > 0 && static_cast<int>(out.size()) >= limit) break;
   }
   if (f.bad()) return Error{"cannot read the trace " + path};
   if (out.empty()) return Error{"the trace " + path + " holds no requests"};
   std::stable_sort(out.begin(), out.end(), [](const TraceReq& a, const TraceReq& b) { return a.ts_ms < b.ts_ms; });
+  const double t0 = out.front().ts_ms;
+  if (t0 > 0)
+    for (auto& r : out) r.ts_ms -= t0;  // a slice starts at once
   return out;
 }
 

@@ -49,8 +49,9 @@ struct Planned {
   int64_t unbounded_hit = 0, trace_hit = 0;  // filled by offline_hits
 };
 
-// Reads the trace (the first `limit` requests when limit > 0). Errors name the file and line.
-Result<std::vector<TraceReq>> load_trace(const std::string& path, int limit);
+// Reads the trace (the first `limit` requests when limit > 0, after the first `skip`, their
+// timestamps then counted from the first one read). Errors name the file and line.
+Result<std::vector<TraceReq>> load_trace(const std::string& path, int limit, int skip = 0);
 // "" when K divides 512, else why not.
 std::string check_scale(int K);
 std::vector<Planned> plan_trace(const std::vector<TraceReq>& trace, int K, int n_ctx);
