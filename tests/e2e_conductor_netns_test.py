@@ -17,6 +17,9 @@ SmolLM2 is not cached (scripts/models smollm2) or the shared sample text is miss
      is SIGKILLed; the stream completes (one completion id, [DONE]) and its text equals the reference's
      byte for byte, usage counting all 200 tokens. Same for a chat completion stream (one role chunk).
      larder_conductor_resumes_total grows. The victim is restarted in its namespace on the same port.
+     (1b) one long stream whose serving instance is killed three times in a row, each restarted on
+     its address (as a pod keeps its address) and followed by the conductor before the next kill:
+     after the third failure two healthy instances are up, so the stream must still complete.
   2. prefill killed: a ~1500-token prompt (streamed, then not streamed) is in flight before its first
      token; the instance computing it (larder_conductor_instance_queued_prefill_tokens) is SIGKILLed;
      the request is re-issued and completes on another instance with the reference's answer (the
@@ -31,7 +34,10 @@ SmolLM2 is not cached (scripts/models smollm2) or the shared sample text is miss
      one), 4 times, never two down at once. Each stream ends correct (text, finish reason and token
      count of the reference, computed before on the reference instance, one at a time) or with a clean
      error (HTTP 4xx/5xx with an OpenAI-style JSON body, or a stream cut before [DONE] whose text so far
-     is a prefix of the reference's): no wrong answer, and most correct. Afterwards, with no load,
+     is a prefix of the reference's; counted and listed): no wrong answer (a hung stream, 90 s without
+     a byte, is one), most (more than half) correct. The prompts nest at word ends only (see
+     load_work: the prompt caches would otherwise make an answer depend on what the server was asked
+     before). Afterwards, with no load,
      nothing leaked (bounded waits): every live instance has larder_kv_blocks_used,
      larder_running_sequences and larder_requests_active at 0; the conductor's
      larder_conductor_instance_inflight and larder_conductor_instance_queued_prefill_tokens are all 0,
@@ -40,7 +46,8 @@ SmolLM2 is not cached (scripts/models smollm2) or the shared sample text is miss
   5. teardown leaves no namespace, veth or bridge of this run.
 
 A global deadline (DEADLINE_S, SIGALRM) bounds the whole run; every wait is bounded as well. A short
-summary (counts and timings) is printed at the end.
+summary (counts and timings) is printed at the end. LARDER_E2E_LOGDIR=DIR keeps every process's stderr
+there (the conductor runs with -v).
 """
 
 import http.client
@@ -391,8 +398,20 @@ def main():
             inst[name]["proc"].kill()
             return start_instance(name, PORT if same_port else 0)
 
+        fetches = {}  # KV pool fetches of the instances (read from each before it is killed, and at the end)
+
+        def count_fetches(p):
+            try:
+                for k, v in metrics(p).items():
+                    if k.startswith("larder_kv_fetches_total{"):
+                        r = k.split('"')[1]
+                        fetches[r] = fetches.get(r, 0) + int(v)
+            except (OSError, AssertionError, http.client.HTTPException):
+                pass
+
         def kill(name, why):
             i = inst[name]["id"]
+            count_fetches(inst[name]["proc"])
             inst[name]["proc"].kill()
             if i:
                 killed_ids.append(i)
@@ -460,12 +479,48 @@ def main():
               "the restarted instances are registered and followed again (3 instances)")
         timings["failover"] = time.time() - t
 
+        log("(1b) one stream whose instance dies three times, each restarted on its address before the next")
+        # Instances restart where they were (a pod keeps its address): after the third failure the
+        # two restarted instances are healthy, registered and followed, so the stream can go on.
+        t = time.time()
+        body = {"prompt": base[4200:4700], "max_tokens": 1800, "temperature": 0, "ignore_eos": True}
+        ref = stream("127.0.0.1", C.port, "/v1/completions", body)
+        s = Stream()
+        th = threading.Thread(target=stream, args=(cd.host, cd.port, "/v1/completions", body),
+                              kwargs={"state": s, "timeout": 120}, daemon=True)
+        th.start()
+        kills = []
+        for k in range(3):
+            grown = len(s.text) + 60
+            if not wait_for(lambda: len(s.text) >= grown or s.t_end is not None, 30, 0.05) or s.t_end is not None:
+                break
+            ids = inflight()
+            name = name_of_id(next(iter(ids), None)) if len(ids) == 1 else None
+            if name is None:
+                log("    serving instance not found: %s" % ids)
+                break
+            kill(name, "successive failure %d, after %d of %d bytes" % (k + 1, len(s.text), len(ref.text)))
+            kills.append(name)
+            restart(name, same_port=True)
+            if not wait_for(lambda: members_ok(3), 20):
+                log("    the restarted %s was not followed within 20 s" % name)
+        th.join(120)
+        check(len(set(kills)) == 3, "the stream was served by each instance in turn, each killed mid-stream (%s)" % kills)
+        okb = s.status == 200 and s.done and s.text == ref.text
+        if not check(okb, "after three failures (two instances restarted healthy) the stream completed = reference (%s)" % (
+                "done" if s.done else "cut after %d of %d bytes: %s" % (len(s.text), len(ref.text), s.cut))):
+            log("    status %s, reference done %s; the text so far is the reference's beginning: %s" % (
+                s.status, ref.done, ref.text.startswith(s.text)))
+        check(wait_for(lambda: members_ok(3), 20), "three instances again")
+        timings["successive failures"] = time.time() - t
+
         # ------------------------------------------------------------------ 2
         log("(2) the instance computing a long prompt is killed before its first token")
         t = time.time()
-        long_prompt = base[1000:7300]
         for streamed in (True, False):
             what = "streamed" if streamed else "not streamed"
+            # Two prompts with different beginnings: nothing of the second is cached anywhere.
+            long_prompt = base[1000:7300] if streamed else base[1700:8000]
             body = {"prompt": long_prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
             st, rj, _ = post("127.0.0.1", C.port, "/v1/completions", body)
             if not check(st == 200, "%s: the reference answered (status %d)" % (what, st)):
@@ -494,7 +549,7 @@ def main():
                     victim = name_of_id(next(iter(q)))
                 return victim is not None
             found = wait_for(find, 10, 0.05)
-            first_before = bool(res.get("s") and res["s"].text)
+            first_before = bool(res.get("s") and res["s"].text) or "j" in res  # text (or the whole answer) came first
             dec = inflight()
             if found:
                 kill(victim, "%s, %d-token prompt queued there (decode on %s), no text yet: %s" % (
@@ -579,7 +634,7 @@ def main():
 
         def one(i):
             path, body = work[i]
-            results[i] = stream(cd.host, cd.port, path, body, timeout=150)
+            results[i] = stream(cd.host, cd.port, path, body, timeout=90)  # 90 s without a byte: hung
 
         def chaos():
             rng = random.Random(7)
@@ -616,7 +671,7 @@ def main():
         ch = threading.Thread(target=chaos, daemon=True)
         ch.start()
         for th in ths:
-            th.join(max(1, 200 - (time.time() - tl)))
+            th.join(max(1, 150 - (time.time() - tl)))
         load_done.set()
         timings["load"] = time.time() - tl
         ch.join(60)
@@ -648,9 +703,17 @@ def main():
                 cut.append((i, "%s after %d/%d bytes" % (s.cut, len(s.text), len(rt))))
             else:
                 wrong.append((i, "cut (%s) with text that is not the reference's beginning: %r" % (s.cut, s.text[-100:])))
-            if len(s.ids) > 1 or s.after_done or (chat and s.status == 200 and s.roles != 1):
+            if len(s.ids) > 1 or s.after_done or (chat and s.done and s.roles != 1):
                 anomalies.append((i, "ids %d, roles %d, data after [DONE] %s" % (len(s.ids), s.roles, s.after_done)))
-        resumes = cmetrics().get("larder_conductor_resumes_total", 0) - resumes0
+        mc = cmetrics()
+        resumes = mc.get("larder_conductor_resumes_total", 0) - resumes0
+        log("    conductor (whole run): requests %s; fetch routes %d; router failovers %d, upstream errors %d" % (
+            {k.split('"')[1]: int(v) for k, v in mc.items() if k.startswith("larder_conductor_requests_total{")},
+            mc.get("larder_conductor_fetch_routes_total", 0), mc.get("larder_router_failovers_total", 0),
+            mc.get("larder_router_upstream_errors_total", 0)))
+        for n in names:
+            count_fetches(inst[n]["proc"])
+        log("    KV pool fetches (X-Larder-Fetch, over UCX) by the instances, whole run: %s" % (fetches or "none"))
         summary = {"correct": len(correct), "clean HTTP errors": len(clean_http), "cut streams": len(cut),
                    "wrong": len(wrong), "resumes": int(resumes), "kills": len(chaos_log)}
         ttfts = sorted(s.t_first for s in results if s is not None and s.t_first is not None)
@@ -665,7 +728,7 @@ def main():
         for i, why in wrong:
             log("    WRONG request %d (%s): %s" % (i, work[i][0], why))
         check(not wrong, "no wrong answer (%d)" % len(wrong))
-        check(len(correct) >= N_LOAD * 3 // 4, "most streams correct (%d/%d; >= 75%%)" % (len(correct), N_LOAD))
+        check(len(correct) > N_LOAD // 2, "most streams correct (%d/%d)" % (len(correct), N_LOAD))
         check(not anomalies, "streams well formed: one id, one role chunk for chats, nothing after [DONE] %s" % (
             anomalies[:4] or ""))
         check(resumes >= 1, "the conductor resumed streams of killed instances (%d)" % resumes)

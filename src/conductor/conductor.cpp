@@ -45,6 +45,8 @@ struct InstState {
   double suspect_until = 0;    // failed mid-answer: no new requests until then
 };
 
+constexpr int kMaxAttempts = 8;
+
 struct Req : router::Hooks::Ticket, std::enable_shared_from_this<Req> {
   // Set by plan(), then read-only.
   bool chat = false, stream = false, tokens_ok = false;
@@ -76,7 +78,8 @@ struct Req : router::Hooks::Ticket, std::enable_shared_from_this<Req> {
   int n_tokens = 0;
   std::atomic<int> live_tokens{0};      // n_tokens, readable without mu (slot-wait estimates)
   std::string id;                       // the first attempt's completion id (kept across re-issues)
-  std::set<std::string> failed;         // decode addresses that failed it
+  std::set<std::string> failed;         // ids of the instances that failed it (a restarted one at the
+                                        // same address is a new instance, with a new id)
 };
 
 }  // namespace
@@ -341,7 +344,7 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
     if (!peer && calibration) peer = *calibration;
     for (const auto& c : cands) {
       views.push_back(view_of(c, now, peer ? &*peer : nullptr));
-      if (exclude.count(c.api_address)) views.back().weight = 0;
+      if (exclude.count(key_of(c))) views.back().weight = 0;
     }
     return route(p.policy, rv, views, holds, rr, rng());
   }
@@ -502,15 +505,19 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
     const double now = now_s();
     router::View v = router->view();
     const std::vector<InstanceInfo> cands = candidates(v);
-    {
-      std::lock_guard<std::mutex> lk(mu);
-      for (const auto& i : cands)
-        if (i.api_address == failed.decode) inst[key_of(i)].suspect_until = now + 5;
-    }
     std::set<std::string> exclude;
     {
       std::lock_guard<std::mutex> lk(t.mu);
-      t.failed.insert(failed.decode);
+      // A request that brought down (or met the death of) this many instances stops here.
+      if (t.attempts >= kMaxAttempts) return std::nullopt;
+      // The instance that failed is the one the request was counted on (by id: a process
+      // restarted at the same address is healthy and has another id).
+      const std::string failed_id = t.decode_key;
+      if (!failed_id.empty()) {
+        t.failed.insert(failed_id);
+        std::lock_guard<std::mutex> lk2(mu);
+        inst[failed_id].suspect_until = now + 5;
+      }
       exclude = t.failed;
       // A stream that already sent text continues only where the instance can resume it.
       if (t.stream && (t.text_bytes > 0 || !t.gen.empty()) && !t.tokens_ok) return std::nullopt;
@@ -528,8 +535,8 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
     std::lock_guard<std::mutex> lk2(t.mu);
     router::Attempt a;
     a.decode = cands[d.decode].api_address;
-    if (exclude.count(a.decode)) return std::nullopt;
-    a.prefill = d.prefill != d.decode && !exclude.count(cands[d.prefill].api_address) ? cands[d.prefill].api_address : "";
+    if (exclude.count(key_of(cands[d.decode]))) return std::nullopt;
+    a.prefill = d.prefill != d.decode && !exclude.count(key_of(cands[d.prefill])) ? cands[d.prefill].api_address : "";
     const bool resume = t.stream && t.tokens_ok;
     a.body = body_for(t, resume);
     t.resumed = true;

@@ -20,10 +20,18 @@ uint8_t medium_bit(const std::string& medium) {
 int KvIndex::slot(const std::string& instance) {
   auto it = slots_.find(instance);
   if (it != slots_.end()) return it->second;
-  const int s = static_cast<int>(names_.size());
+  int s;
+  if (!free_slots_.empty()) {  // an instance that left: its slot holds no entry any more
+    s = free_slots_.back();
+    free_slots_.pop_back();
+    names_[s] = instance;
+    counts_[s] = Counts{};
+  } else {
+    s = static_cast<int>(names_.size());
+    names_.push_back(instance);
+    counts_.emplace_back();
+  }
   slots_.emplace(instance, s);
-  names_.push_back(instance);
-  counts_.emplace_back();
   return s;
 }
 
@@ -64,7 +72,7 @@ void KvIndex::set_bits(int inst, const kvcache::BlockHash& h, uint8_t bits, bool
 
 void KvIndex::apply(const std::string& instance, const kvevents::EventBatch& batch) {
   std::unique_lock<std::shared_mutex> lk(mu_);
-  const int s = slot(instance);
+  int s = slot(instance);
   for (const auto& ev : batch.events) {
     if (const auto* st = std::get_if<kvevents::BlockStored>(&ev)) {
       const uint8_t b = medium_bit(st->medium);
@@ -77,6 +85,7 @@ void KvIndex::apply(const std::string& instance, const kvevents::EventBatch& bat
       lk.unlock();
       clear(instance);
       lk.lock();
+      s = slot(instance);  // clear() forgot it
     }
   }
 }
@@ -105,6 +114,10 @@ void KvIndex::clear(const std::string& instance) {
     else ++m;
   }
   counts_[s] = Counts{};
+  // Forgotten entirely (its metrics series go too); the slot is reused by the next newcomer.
+  names_[s].clear();
+  slots_.erase(it);
+  free_slots_.push_back(s);
 }
 
 std::vector<Holding> KvIndex::holdings(std::span<const kvcache::BlockHash> names,
@@ -151,7 +164,8 @@ std::vector<Holding> KvIndex::holdings(std::span<const kvcache::BlockHash> names
 std::map<std::string, KvIndex::Counts> KvIndex::counts() const {
   std::shared_lock<std::shared_mutex> lk(mu_);
   std::map<std::string, Counts> out;
-  for (size_t s = 0; s < names_.size(); ++s) out[names_[s]] = counts_[s];
+  for (size_t s = 0; s < names_.size(); ++s)
+    if (!names_[s].empty()) out[names_[s]] = counts_[s];
   return out;
 }
 

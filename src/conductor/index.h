@@ -38,7 +38,7 @@ class KvIndex {
   void apply(const std::string& instance, const kvevents::EventBatch& batch);
   void stored(const std::string& instance, std::span<const kvcache::BlockHash> hashes, uint8_t medium);
   void removed(const std::string& instance, std::span<const kvcache::BlockHash> hashes, uint8_t medium);
-  // Drops every entry of the instance (cleared, resync, or it left the cluster).
+  // Drops every entry of the instance and forgets it (cleared, resync, or it left the cluster).
   void clear(const std::string& instance);
 
   // holdings[i] for instances[i] along the chain `names` (block j's name is names[j]).
@@ -61,6 +61,7 @@ class KvIndex {
   std::unordered_map<std::string, int> slots_;
   std::vector<std::string> names_;  // slot -> instance id
   std::vector<Counts> counts_;      // per slot
+  std::vector<int> free_slots_;     // of instances cleared (left): reused
   // name -> (slot, medium bits) of every instance holding it
   std::unordered_map<kvcache::BlockHash, std::vector<std::pair<int, uint8_t>>, kvcache::BlockHashHasher> map_;
 };
