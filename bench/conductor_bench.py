@@ -96,6 +96,19 @@ def run_real(a):
                 rep["wall_s"] = time.time() - t0
                 rep["conductor_fetch_routes"] = m.get("larder_conductor_fetch_routes_total", 0)
                 rep["conductor_ttft_abs_err_s"] = m.get("larder_conductor_ttft_prediction_abs_error_seconds", 0)
+                # The cost model the conductor fitted during the run (the instances under this very
+                # load, front door and load generator included): a calibration measured in situ.
+                st, _, data = pdlib.req(cd.host, cd.port, "POST", "/internal/conductor/explain",
+                                        {"request": {"prompt": "x", "max_tokens": 1}})
+                fitted = [e for e in json.loads(data)["instances"].values() if e.get("cost_fitted")] if st == 200 else []
+                if fitted and a.calibration:
+                    cal = json.load(open(a.calibration))
+                    keys = ("a", "b", "c", "d0", "d1", "d2")
+                    cal["cost"] = {k: sum(e["cost"][k] for e in fitted) / len(fitted) for k in keys}
+                    cal["measured_at"] = "fitted by the conductor during the %s run" % pol
+                    rep["insitu_calibration"] = "/tmp/conductor_bench_insitu_%s.json" % pol
+                    with open(rep["insitu_calibration"], "w") as f:
+                        json.dump(cal, f)
                 results.append(rep)
                 print("%-12s round %d: goodput %.3f req/s, %d ok, %d rejected, %d failed, hit %.1f%%, TTFT p50 %.0f "
                       "p90 %.0f ms, TPOT p50 %.0f p90 %.0f ms, fetch routes %d (%.0f s)" % (
@@ -105,16 +118,23 @@ def run_real(a):
                           1000 * (rep["tpot_s"].get("p90") or 0), rep["conductor_fetch_routes"], rep["wall_s"]),
                       flush=True)
                 if a.sim and a.calibration:
-                    sargs = [pdlib.larder_bin(), "simulate", "--trace", trace_path(), "--instances", str(a.instances),
-                             "--policy", pol, "--calibration", a.calibration, "--scale", str(a.scale), "--skip", str(a.skip), "--limit",
-                             str(a.limit), "--speed", str(a.speed), "--ttft-slo", str(a.ttft_slo), "--tbt-slo",
-                             str(a.tbt_slo), "--json"]
-                    s = subprocess.run(sargs, capture_output=True, text=True, timeout=600)
-                    if s.returncode == 0:
+                    for tag, calf in (("sim", a.calibration), ("sim_insitu", rep.get("insitu_calibration"))):
+                        if not calf:
+                            continue
+                        sargs = [pdlib.larder_bin(), "simulate", "--trace", trace_path(), "--instances", str(a.instances),
+                                 "--policy", pol, "--calibration", calf, "--scale", str(a.scale), "--skip", str(a.skip),
+                                 "--limit", str(a.limit), "--speed", str(a.speed), "--ttft-slo", str(a.ttft_slo),
+                                 "--tbt-slo", str(a.tbt_slo), "--json"]
+                        s = subprocess.run(sargs, capture_output=True, text=True, timeout=600)
+                        if s.returncode != 0:
+                            continue
                         sim = json.loads(s.stdout)
-                        rep["sim"] = sim
-                        print("    simulated: %s" % json.dumps({k: sim.get(k) for k in ("hit_rate", "ttft_s", "goodput_rps")}),
-                              flush=True)
+                        rep[tag] = sim
+                        ratio = lambda k, q: (sim["ttft_s"][q] / rep["ttft_s"][q]) if rep["ttft_s"].get(q) else float("nan")
+                        print("    %-10s hit %.1f%% (x%.2f), TTFT p50 %.0f ms (x%.2f), p90 %.0f ms (x%.2f), goodput %.3f" % (
+                            tag, 100 * sim["hit_rate"], sim["hit_rate"] / max(rep.get("hit_rate") or 1e-9, 1e-9),
+                            1000 * sim["ttft_s"]["p50"], ratio(0, "p50"), 1000 * sim["ttft_s"]["p90"], ratio(0, "p90"),
+                            sim["goodput_rps"]), flush=True)
             finally:
                 for p in procs:
                     p.kill()

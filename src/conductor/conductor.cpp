@@ -46,6 +46,7 @@ struct InstState {
 };
 
 constexpr int kMaxAttempts = 8;
+constexpr double kTrustRegistrationS = 5;  // see view_of()
 
 struct Req : router::Hooks::Ticket, std::enable_shared_from_this<Req> {
   // Set by plan(), then read-only.
@@ -101,6 +102,7 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
   std::unique_ptr<router::Router> router;
   std::thread sync_thread;
   std::atomic<bool> stopping{false};
+  double started_s = now_s();
   std::mutex sync_mu;
   std::condition_variable sync_cv;
 
@@ -209,10 +211,19 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
     iv.can_prefill = i.can_prefill();
     iv.can_decode = i.can_decode();
     iv.parallel = i.capacity.parallel > 0 ? i.capacity.parallel : 4;
-    // The registration is a second old at best; our own count is exact for what we sent.
-    iv.running = std::max(i.load.running, s.running);
-    iv.waiting = i.load.waiting;
-    iv.queued_prefill_tokens = std::max(i.load.queued_prefill_tokens, s.prefill_tokens);
+    // Our own count is exact for what we sent and changes the moment a request starts or ends;
+    // the registration is up to a second old (a finished burst would still look queued there,
+    // and requests would be rejected for work already done). So the registration counts only
+    // while we know nothing better: the first seconds after this conductor started (work sent
+    // by its previous run).
+    iv.running = s.running;
+    iv.waiting = 0;
+    iv.queued_prefill_tokens = s.prefill_tokens;
+    if (t - started_s < kTrustRegistrationS) {
+      iv.running = std::max(i.load.running, s.running);
+      iv.waiting = i.load.waiting;
+      iv.queued_prefill_tokens = std::max(i.load.queued_prefill_tokens, s.prefill_tokens);
+    }
     iv.free_blocks = i.load.free_blocks;
     iv.total_blocks = i.capacity.kv_blocks;
     iv.decode_ctx_tokens = 0;
@@ -731,6 +742,14 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
       e["disk"] = h.empty() ? 0 : h[0].disk;
       e["synced"] = subs && subs->synced(key_of(cands[i]));
       e["weight"] = views[i].weight;
+      const CostModel& cm = views[i].cost;  // what routing uses now (fitted from this run's requests once it has enough)
+      e["cost"] = {{"a", cm.a}, {"b", cm.b}, {"c", cm.c}, {"d0", cm.d0}, {"d1", cm.d1}, {"d2", cm.d2}};
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        auto it = inst.find(key_of(cands[i]));
+        e["cost_fitted"] = it != inst.end() && it->second.fitted;
+        e["cost_samples"] = it != inst.end() ? it->second.fitter.n_prefill() : 0;
+      }
       e["predicted_ttft_s"] = views[i].can_prefill ? predict_ttft(p.policy, RequestView{static_cast<int>(t.prompt.size()),
                                                      t.max_tokens, t.block_size, id.block_bytes, 0},
                                                      views[i], h.empty() ? 0 : h[0].total(), 0,
