@@ -287,12 +287,11 @@ double predict_tbt(const RequestView& r, const InstanceView& i) {
   const double batch = i.running + 1;
   const double ctx = static_cast<double>(i.decode_ctx_tokens) + r.n_prompt + r.max_tokens / 2.0;
   double tbt = i.cost.decode_step_s(batch, ctx);
-  // Colocated: queued prompt chunks share the steps with the decode batch.
-  if (i.can_prefill && i.queued_prefill_tokens > 0) {
-    const double room = std::max(0.0, step_of(i, static_cast<double>(i.queued_prefill_tokens)) - batch);
-    const double chunk = std::min(static_cast<double>(i.queued_prefill_tokens), room);
-    if (chunk > 0) tbt += std::max(0.0, i.cost.a - i.cost.d0) + i.cost.b * chunk + i.cost.c * chunk * chunk / 2;
-  }
+  // Prompts queued there now are not counted: chunked prefill takes prompts oldest first, so
+  // they are computed before this request's own prompt and are done by its first token. What
+  // slows its steps is prompts that arrive later, which their own routing weighs (and which no
+  // one can know now). Counting the queue here made an instance with any queued prompt look
+  // unable to meet a TBT SLO and turned away requests that then met it elsewhere.
   return tbt;
 }
 
