@@ -19,7 +19,9 @@
   conductor_bench.py sim [--instances 16,32,64] [--speeds 1,2,4,8,16] [--calibration FILE]
                          [--ttft-slo 1000] [--tbt-slo 50] [--png docs/conductor_goodput.png]
       The whole trace on simulated clusters: every policy at every offered load (speed); goodput,
-      hit rate and TTFT/TBT percentiles; a PNG of goodput vs offered load per policy (matplotlib).
+      hit rate and TTFT/TBT percentiles; a PNG of goodput vs offered load per policy (matplotlib; Debian's
+      python3-matplotlib pulls in python3-brotli 1.0.9, whose old API breaks the openai client of
+      tests/e2e_server_test.py on brotli-compressed answers: use a separate venv with PyPI matplotlib).
 
 Larder's own commands are printed; nothing here builds or runs a peer.
 """

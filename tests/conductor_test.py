@@ -252,7 +252,10 @@ def main():
         ex = explain(cd, {"prompt": Y + " And then", "max_tokens": 8})
         log("    decision with A busy: %s" % json.dumps(ex["decision"]))
         fetch_routed = ex["decision"]["prefill"] == idB and ex["decision"]["fetch_from"] == idA
-        check(fetch_routed, "with A busy, the conductor sends Y's continuation to B with a fetch from A")
+        # B may already hold Y's blocks (an earlier fetch or route replicated them): then no fetch is needed.
+        b_has = explain(cd, {"prompt": Y, "max_tokens": 1})["instances"][idB]["l1"] >= 10
+        check(ex["decision"]["prefill"] == idB and (fetch_routed or b_has),
+              "with A busy, the conductor sends Y's continuation to B (fetching from A: %s)" % fetch_routed)
         before = metrics(B).get('larder_kv_fetches_total{result="ok"}', 0)
         st, ref = complete("127.0.0.1", C.port, Y + " And then", 8)
         st2, got = complete(cd.host, cd.port, Y + " And then", 8)
@@ -344,6 +347,11 @@ def main():
         slo_ms = 1500
         cs = conductor(["-m", model, "--cluster", etcd.url(), "--ttft-slo", str(slo_ms), "-v"], "conductor-slo")
         procs.append(cs)
+        # Warm-up: sequential requests of assorted lengths, so the conductor fits this machine's
+        # speed now (a CI machine running other tests is slower than the instances' idle figures).
+        for i, n in enumerate([60, 700, 200, 1400, 120, 1000, 400, 1600, 300, 900]):
+            stream(cs.host, cs.port, "/v1/completions",
+                   {"prompt": "%d " % i + base[(i * 331) % 2000:(i * 331) % 2000 + n], "max_tokens": 2, "temperature": 0})
         results = []
         lock = threading.Lock()
 

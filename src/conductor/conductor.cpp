@@ -216,14 +216,14 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
     // and requests would be rejected for work already done). So the registration counts only
     // while we know nothing better: the first seconds after this conductor started (work sent
     // by its previous run).
-    iv.running = s.running;
-    iv.waiting = 0;
+    // Sequences are different: requests sent to the instance by others (clients, other conductors)
+    // hold its slots too, and a second-old count of them costs little (a slot wait that is a
+    // little long, briefly), so running/waiting take the larger of the two.
+    iv.running = std::max(i.load.running, s.running);
+    iv.waiting = i.load.waiting;
     iv.queued_prefill_tokens = s.prefill_tokens;
-    if (t - started_s < kTrustRegistrationS) {
-      iv.running = std::max(i.load.running, s.running);
-      iv.waiting = i.load.waiting;
+    if (t - started_s < kTrustRegistrationS)
       iv.queued_prefill_tokens = std::max(i.load.queued_prefill_tokens, s.prefill_tokens);
-    }
     iv.free_blocks = i.load.free_blocks;
     iv.total_blocks = i.capacity.kv_blocks;
     iv.decode_ctx_tokens = 0;
