@@ -50,23 +50,6 @@ using Clock = std::chrono::steady_clock;
 
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// "512M", "2G", "1048576" -> bytes (binary units); -1 when malformed (as serve's --kv-dram).
-int64_t parse_bytes(const std::string& s) {
-  size_t i = 0;
-  while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) ++i;
-  if (i == 0 || i > 15) return -1;
-  int64_t v = std::stoll(s.substr(0, i));
-  std::string unit;
-  for (size_t j = i; j < s.size(); ++j) unit += static_cast<char>(std::toupper(static_cast<unsigned char>(s[j])));
-  if (unit.empty() || unit == "B") return v;
-  int64_t mul = 1;
-  for (const char* u : {"K", "M", "G", "T"}) {
-    mul *= 1024;
-    const std::string U = u;
-    if (unit == U || unit == U + "B" || unit == U + "IB") return v * mul;
-  }
-  return -1;
-}
 
 // Runs requests on the engine and waits for them; token times relative to the submission.
 struct Runner {
@@ -178,9 +161,9 @@ int cmd_calibrate(Args& a) {
   if (!(a.calib_transfer_gbps > 0)) return fail("--transfer-gbps must be positive");
   if (!(a.calib_transfer_latency_ms >= 0)) return fail("--transfer-latency-ms must be >= 0");
   int64_t dram_bytes = 0, disk_bytes = 0;
-  if (!a.kv_dram.empty() && (dram_bytes = parse_bytes(a.kv_dram)) <= 0)
+  if (!a.kv_dram.empty() && (dram_bytes = parse_size(a.kv_dram)) <= 0)
     return fail("--dram-bytes: cannot read size '" + a.kv_dram + "' (e.g. 512M, 2G)");
-  if (!a.kv_disk.empty() && (disk_bytes = parse_bytes(a.kv_disk_size)) <= 0)
+  if (!a.kv_disk.empty() && (disk_bytes = parse_size(a.kv_disk_size)) <= 0)
     return fail("--disk-bytes: cannot read size '" + a.kv_disk_size + "' (e.g. 512M, 20G)");
   const auto t_all = Clock::now();
   auto log = [&](const char* fmt, auto... args) {

@@ -1,4 +1,5 @@
 #include "cli/commands.h"
+#include <cctype>
 
 #include <pthread.h>
 
@@ -399,6 +400,25 @@ int cmd_logits(Args& a) {
     std::printf("%s\n", nlohmann::json(gen).dump().c_str());
   }
   return 0;
+}
+
+// "512M", "1G", "64MiB", "1048576" -> bytes (binary units); -1 when malformed.
+int64_t parse_size(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) ++i;
+  if (i == 0 || i > 15) return -1;
+  int64_t v = std::stoll(s.substr(0, i));
+  std::string unit;
+  for (size_t j = i; j < s.size(); ++j) unit += static_cast<char>(std::toupper(static_cast<unsigned char>(s[j])));
+  if (unit.empty() || unit == "B") return v;
+  const char* units[] = {"K", "M", "G", "T"};
+  int64_t mul = 1;
+  for (const char* u : units) {
+    mul *= 1024;
+    std::string U = u;
+    if (unit == U || unit == U + "B" || unit == U + "IB") return v * mul;
+  }
+  return -1;
 }
 
 }  // namespace larder::cli

@@ -18,6 +18,8 @@ int cmd_bench(Args& a);
 int cmd_quantize(Args& a);    // src/cli/quantize.cpp
 int cmd_perplexity(Args& a);  // src/cli/perplexity.cpp
 int cmd_serve(Args& a);       // src/cli/serve.cpp
+// "512M", "1G", "64MiB", "1048576" -> bytes (binary units); -1 when malformed (serve, calibrate).
+int64_t parse_size(const std::string& s);
 int cmd_router(Args& a);      // src/cli/router.cpp
 int cmd_conductor(Args& a);   // src/cli/conductor.cpp
 int cmd_replay(Args& a);      // src/cli/replay.cpp
