@@ -45,6 +45,7 @@ long peak_rss_bytes() {
 }  // namespace
 
 int cmd_bench(Args& a) {
+  if (!a.spec_prompts.empty() || !a.spec_replay.empty()) return bench_spec(a);
   auto models = split(a.bench_models);
   if (models.empty()) return fail("bench needs -m MODEL[,MODEL]");
   auto pp = split_ints(a.bench_prompt, "prompt length");

@@ -11,6 +11,7 @@
 #include "core/mmap_file.h"
 #include "engine/context.h"
 #include "engine/sampler.h"
+#include "spec/spec.h"
 #include "kernels/kernels.h"
 #include "model/gguf.h"
 #include "model/model.h"
@@ -131,33 +132,55 @@ int cmd_run(Args& a) {
     std::fputs(prompt.c_str(), stdout);
     std::fflush(stdout);
   }
+  std::unique_ptr<spec::Drafter> drafter;
+  if (!a.spec.empty() && a.spec != "none") {
+    if (a.spec_max < 1 || a.spec_max > 64) return fail("--spec-max must be 1..64");
+    spec::DrafterOptions o;
+    o.n_threads = a.n_threads;
+    o.max_seq_len = ctx.n_ctx();
+    auto d = spec::make_drafter(a.spec, m, o);
+    if (!d.ok()) return fail(d.error());
+    drafter = std::move(*d);
+  }
+  spec::SpecParams spp;
+  spp.max_tokens = a.spec_max;
+  spp.tree = a.spec_tree;
+  spp.adaptive = !a.spec_fixed;
+  spec::Generator gen(ctx, sampler, drafter.get(), spp);
   auto t0 = Clock::now();
-  Status st = ctx.decode(toks);
+  Status st = gen.start(toks);
   if (!st.ok()) return fail(st.error());
   auto t1 = Clock::now();
-  std::vector<int32_t> history = toks;
   StreamDecoder dec(*m.tokenizer, /*strip_first_space=*/prompt.empty());
   int n_gen = 0;
   const int limit = a.n_predict < 0 ? INT32_MAX : a.n_predict;
-  while (n_gen < limit) {
-    int32_t next = sampler.sample(ctx.logits(), history);
-    if (m.tokenizer->is_eog(next) && !a.ignore_eos) break;
-    history.push_back(next);
-    ++n_gen;
-    std::string piece = dec.push(next);
-    if (!piece.empty()) {
-      std::fwrite(piece.data(), 1, piece.size(), stdout);
-      std::fflush(stdout);
+  bool stop = limit == 0;
+  while (!stop) {
+    for (int32_t next : gen.take()) {
+      if (m.tokenizer->is_eog(next) && !a.ignore_eos) {
+        stop = true;
+        break;
+      }
+      ++n_gen;
+      std::string piece = dec.push(next);
+      if (!piece.empty()) {
+        std::fwrite(piece.data(), 1, piece.size(), stdout);
+        std::fflush(stdout);
+      }
+      if (n_gen == limit) {
+        stop = true;
+        break;
+      }
     }
-    if (ctx.n_past() >= ctx.n_ctx()) {
+    if (stop) break;
+    if (static_cast<int>(gen.history().size()) >= ctx.n_ctx()) {
       std::fprintf(stderr, "\nlarder: context full (%d tokens), stopping\n", ctx.n_ctx());
       break;
     }
-    if (n_gen == limit) break;
-    int32_t one[1] = {next};
-    st = ctx.decode(one);
+    st = gen.advance();
     if (!st.ok()) return fail(st.error());
   }
+  gen.finish(true);
   std::string rest = dec.flush();
   std::fwrite(rest.data(), 1, rest.size(), stdout);
   std::fputc('\n', stdout);
@@ -166,6 +189,14 @@ int cmd_run(Args& a) {
   double pp = secs(t0, t1), tg = secs(t1, t2);
   std::fprintf(stderr, "larder: prompt %zu tokens in %.3f s (%.2f tok/s); generation %d tokens in %.3f s (%.2f tok/s); seed %" PRIu64 "\n",
                toks.size(), pp, toks.size() / std::max(pp, 1e-9), n_gen, tg, n_gen / std::max(tg, 1e-9), sampler.seed());
+  if (drafter) {
+    const auto& ss = gen.stats();
+    std::fprintf(stderr, "larder: spec %s: %" PRId64 " verify passes (%" PRId64 " without a draft), %" PRId64
+                         " drafted, %" PRId64 " accepted (%.0f%%), %.2f tokens per pass\n",
+                 drafter->name().c_str(), ss.steps + ss.plain, ss.plain, ss.proposed, ss.accepted,
+                 100.0 * ss.accepted / std::max<int64_t>(1, ss.proposed),
+                 static_cast<double>(n_gen) / std::max<int64_t>(1, ss.steps + ss.plain + 1));
+  }
   return 0;
 }
 

@@ -15,6 +15,8 @@ int cmd_tokenize(Args& a);
 int cmd_synth(Args& a);
 int cmd_logits(Args& a);
 int cmd_bench(Args& a);
+// bench --spec-prompts / --spec-replay (spec_bench.cpp)
+int bench_spec(Args& a);
 int cmd_quantize(Args& a);    // src/cli/quantize.cpp
 int cmd_perplexity(Args& a);  // src/cli/perplexity.cpp
 int cmd_serve(Args& a);       // src/cli/serve.cpp

@@ -102,6 +102,13 @@ struct Args {
   double ramp_s = 10;                 // a (re)started instance reaches its full share after this long
   bool no_failover = false;
   double transfer_gbps = 1.0;         // KV transfer bandwidth between instances assumed by the policy
+  // speculative decoding
+  std::string spec;          // ngram[:N] | suffix | draft:FILE | self:skip=A-B | self:keep=K (bench: comma list, "none" = plain)
+  int spec_max = 8;          // draft nodes per verify pass (upper bound; adaptive below it)
+  bool spec_tree = false;    // several candidates per pass (tree attention)
+  bool spec_fixed = false;   // always draft spec_max (no adaptive length)
+  std::string spec_prompts;  // bench: JSONL of {"category", "prompt"} to generate from
+  std::string spec_replay;   // bench: traces of (draft nodes, accepted) per pass to time on this model
   int kv_events_port = -1;            // serve: KV events PUB port (-1: on with --cluster, any port; 0 any)
   // tiered KV store (serve, kv)
   std::string kv_dram;          // L2 DRAM tier size ("" = off)

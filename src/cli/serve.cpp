@@ -187,6 +187,19 @@ int cmd_serve(Args& a) {
     events->cleared();  // a new epoch: nothing held before what follows (the SSD tier is announced next)
     p.block_listener = events_out.get();
   }
+  std::unique_ptr<spec::Drafter> drafter;  // outlives the scheduler (declared first)
+  if (!a.spec.empty() && a.spec != "none") {
+    spec::DrafterOptions o;
+    o.n_threads = a.n_threads;
+    o.max_seq_len = a.n_ctx > 0 ? a.n_ctx : std::min(m.cfg.n_ctx_train, 4096);
+    o.parallel = a.parallel;
+    auto d = spec::make_drafter(a.spec, m, o);
+    if (!d.ok()) return fail(d.error());
+    drafter = std::move(*d);
+    p.drafter = drafter.get();
+    p.spec_max = a.spec_max;
+    p.spec_tree = a.spec_tree;
+  }
   auto sched = Scheduler::create(m, p);
   if (!sched.ok()) return fail(sched.error());
   Scheduler& s = **sched;

@@ -120,6 +120,19 @@ void Context::copy_block(int32_t src, int32_t dst) {
   }
 }
 
+void Context::move_kv(std::span<const int32_t> table, int from, int to) {
+  LARDER_ASSERT(from >= 0 && to >= 0 && static_cast<size_t>(std::max(from, to) / block_size_) < table.size());
+  if (from == to) return;
+  const size_t a = static_cast<size_t>(table[from / block_size_]) * block_size_ + from % block_size_;
+  const size_t b = static_cast<size_t>(table[to / block_size_]) * block_size_ + to % block_size_;
+  for (int l = 0; l < model_.cfg.n_layer; ++l) {
+    uint8_t* kb = &k_cache_[static_cast<size_t>(l) * n_slots_ * k_row_];
+    uint8_t* vb = &v_cache_[static_cast<size_t>(l) * n_slots_ * v_row_];
+    std::memcpy(kb + b * k_row_, kb + a * k_row_, k_row_);
+    std::memcpy(vb + b * v_row_, vb + a * v_row_, v_row_);
+  }
+}
+
 Context::PoolView Context::pool_view() {
   PoolView v;
   v.k_base = k_cache_.data();
@@ -156,8 +169,10 @@ void Context::write_block(int32_t b, const uint8_t* in) {
   }
 }
 
-Status Context::decode(std::span<const int32_t> tokens, float* all_logits) {
+Status Context::decode(std::span<const int32_t> tokens, float* all_logits, const AttnMask* mask) {
   if (tokens.empty()) return make_error("decode: no tokens");
+  if (mask && static_cast<int>(tokens.size()) > n_batch_)
+    return make_error("decode: a masked input of %zu tokens exceeds the batch size %d", tokens.size(), n_batch_);
   if (n_past_ + static_cast<int64_t>(tokens.size()) > n_ctx_)
     return make_error("context is full: %d cached + %zu new tokens exceed the context size %d (use a larger -c)",
                       n_past_, tokens.size(), n_ctx_);
@@ -167,6 +182,7 @@ Status Context::decode(std::span<const int32_t> tokens, float* all_logits) {
     sb.tokens = tokens.subspan(off, n);
     sb.block_table = identity_table_;
     sb.n_kv = n_past_;
+    sb.mask = mask;
     sb.all_logits = all_logits != nullptr;
     sb.logits = all_logits ? all_logits + off * model_.cfg.n_vocab : last_logits_.data();
     LARDER_CHECK_STATUS(decode_batch(std::span<const SeqBatch>(&sb, 1)));

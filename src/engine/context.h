@@ -70,13 +70,18 @@ class Context {
   // Single sequence (sequence 0, identity block table): appends tokens at n_past and
   // runs the forward pass, chunked by n_batch. all_logits receives [tokens][n_vocab];
   // the last token's logits are always available from logits().
-  Status decode(std::span<const int32_t> tokens, float* all_logits = nullptr);
+  // mask: visibility of the new tokens (logical indices), for inputs of at most n_batch() tokens.
+  Status decode(std::span<const int32_t> tokens, float* all_logits = nullptr, const AttnMask* mask = nullptr);
   const float* logits() const { return last_logits_.data(); }
   int n_past() const { return n_past_; }
   // Forgets cached positions >= n (n <= n_past).
   void truncate(int n);
   void reset() { truncate(0); }
 
+  // Copies the K/V (all layers) of logical entry `from` of a sequence to entry `to` (speculative
+  // decoding keeps the accepted path of a draft tree: its nodes move to consecutive entries).
+  void move_kv(std::span<const int32_t> table, int from, int to);
+  std::span<const int32_t> identity_table() const { return identity_table_; }
   // Copies one pool block's K/V (all layers) to another (copy-on-write).
   void copy_block(int32_t src, int32_t dst);
   // A block's K/V as one payload for lower tiers: per layer, K [block_size] rows then V

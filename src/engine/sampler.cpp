@@ -22,7 +22,39 @@ void Sampler::skip_draw() {
   (void)dist(rng_);
 }
 
+double Sampler::uniform() {
+  std::uniform_real_distribution<double> dist(0.0, 1.0);
+  return dist(rng_);
+}
+
+void Sampler::distribution(const float* logits, const std::vector<int32_t>& history, std::vector<TokenProb>* out) {
+  out->clear();
+  const int32_t g = prepare(logits, history);
+  if (g >= 0) {
+    out->push_back({g, 1.f});
+    return;
+  }
+  double total = 0;
+  for (auto& c : cands_) total += c.p;
+  for (auto& c : cands_) out->push_back({c.id, static_cast<float>(c.p / total)});
+}
+
 int32_t Sampler::sample(const float* logits, const std::vector<int32_t>& history) {
+  const int32_t g = prepare(logits, history);
+  if (g >= 0) return g;
+  double total = 0;
+  for (auto& c : cands_) total += c.p;
+  std::uniform_real_distribution<double> dist(0.0, total);
+  double r = dist(rng_);
+  double acc = 0;
+  for (auto& c : cands_) {
+    acc += c.p;
+    if (r < acc) return c.id;
+  }
+  return cands_.back().id;
+}
+
+int32_t Sampler::prepare(const float* logits, const std::vector<int32_t>& history) {
   const float* lg = logits;
   const bool penalties = p_.repeat_penalty != 1.f || p_.freq_penalty != 0.f || p_.presence_penalty != 0.f;
   if (penalties && !history.empty()) {
@@ -88,16 +120,7 @@ int32_t Sampler::sample(const float* logits, const std::vector<int32_t>& history
     }
     cands_.resize(keep);
   }
-  double total = 0;
-  for (auto& c : cands_) total += c.p;
-  std::uniform_real_distribution<double> dist(0.0, total);
-  double r = dist(rng_);
-  double acc = 0;
-  for (auto& c : cands_) {
-    acc += c.p;
-    if (r < acc) return c.id;
-  }
-  return cands_.back().id;
+  return -1;
 }
 
 }  // namespace larder

@@ -28,6 +28,17 @@ class Sampler {
   // Consumes the random draw one sample() would (none when greedy): a decode instance
   // continuing a stream whose first token was sampled by a prefill instance.
   void skip_draw();
+  // The distribution sample() draws from (penalties, temperature, top-k, min-p, top-p applied),
+  // renormalised, best first; greedy: the argmax alone with p = 1. Speculative verification
+  // compares it with a drafter's proposal.
+  struct TokenProb {
+    int32_t id;
+    float p;
+  };
+  void distribution(const float* logits, const std::vector<int32_t>& history, std::vector<TokenProb>* out);
+  // One uniform draw in [0, 1) from the sampler's generator (acceptance tests of verification).
+  double uniform();
+  bool greedy() const { return p_.temp <= 0.f; }
   uint64_t seed() const { return seed_; }
   const SamplerParams& params() const { return p_; }
 
@@ -37,6 +48,8 @@ class Sampler {
     float logit;
     float p;
   };
+  // Fills cands_ (kept candidates, unnormalised p, best first) or, when greedy, returns the argmax.
+  int32_t prepare(const float* logits, const std::vector<int32_t>& history);
   SamplerParams p_;
   int n_vocab_;
   uint64_t seed_;

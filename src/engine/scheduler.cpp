@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 
 namespace larder {
 
@@ -36,6 +37,14 @@ struct Scheduler::Seq {
   int load_block0 = 0;
   bool count_hits = false;      // first admission: loaded tokens count as cached
   bool remote = false;          // waiting for the prompt's KV from a prefill instance (req.kv_source)
+  // Speculative decoding: the drafter's handle (-1 = not started), this step's draft (its nodes'
+  // blocks reserved; empty = none) and the verify pass's inputs.
+  int spec_handle = -1;
+  std::unique_ptr<spec::LengthControl> spec_len;
+  int spec_k = 0;
+  spec::Draft draft;
+  std::vector<int32_t> v_tokens, v_pos;
+  AttnMask v_mask;
 };
 
 Result<std::unique_ptr<Scheduler>> Scheduler::create(const Model& model, const SchedulerParams& p) {
@@ -84,6 +93,11 @@ Result<std::unique_ptr<Scheduler>> Scheduler::create(const Model& model, const S
   if (p.block_listener) {
     s->blocks_.set_listener(p.block_listener);
     if (s->store_) s->store_->set_listener(p.block_listener);
+  }
+  if (p.drafter) {
+    if (p.spec_max < 1 || p.spec_max > 64) return make_error("--spec-max must be 1..64");
+    s->st_.drafter = p.drafter->name();
+    s->calibrate_cost();
   }
   s->thread_ = std::thread([raw = s.get()] { raw->loop(); });
   return s;
@@ -179,6 +193,10 @@ void Scheduler::finish(Seq& s, FinishReason r, const std::string& err) {
   if (s.load) {
     s.load->cancelled = true;
     s.load.reset();
+  }
+  if (s.spec_handle >= 0 && params_.drafter) {
+    params_.drafter->finish(s.spec_handle, std::span<const int32_t>(s.tokens).subspan(s.n_prompt), r == FinishReason::None);
+    s.spec_handle = -1;
   }
   const auto id = static_cast<kvcache::SeqId>(s.id);
   if (s.req.kv_sink) {
@@ -439,10 +457,28 @@ bool Scheduler::step() {
     return a->arrival < b->arrival;
   });
   int budget = params_.step_tokens;
+  if (params_.drafter) plan_drafts(order, budget);
   std::vector<SeqBatch> batch;
   std::vector<Seq*> in_batch;
   std::vector<int> n_take;
   for (Seq* s : order) {
+    if (!s->draft.empty()) {  // decode token + draft nodes, verified together (budget reserved by plan_drafts)
+      const int k = static_cast<int>(s->v_tokens.size());
+      budget -= k;
+      SeqBatch sb;
+      sb.tokens = s->v_tokens;
+      sb.positions = s->v_pos;
+      sb.mask = s->draft.is_chain() ? nullptr : &s->v_mask;
+      sb.n_kv = s->n_computed;
+      sb.block_table = blocks_.block_table(static_cast<kvcache::SeqId>(s->id));
+      s->logits.resize(static_cast<size_t>(k) * model_.cfg.n_vocab);
+      sb.logits = s->logits.data();
+      sb.all_logits = true;
+      batch.push_back(sb);
+      in_batch.push_back(s);
+      n_take.push_back(k);
+      continue;
+    }
     const int pending = static_cast<int>(s->tokens.size()) - s->n_computed;
     if (pending <= 0 || budget <= 0) continue;
     const int k = std::min(pending, budget);
@@ -482,6 +518,8 @@ bool Scheduler::step() {
   const auto t_step = std::chrono::steady_clock::now();
   Status st = ctx_->decode_batch(batch);
   if (any_sink) ctx_->set_layer_hook({});
+  if (st.ok() && params_.drafter)
+    observe_cost(batch_tokens, std::chrono::duration<double>(std::chrono::steady_clock::now() - t_step).count());
   if (st.ok() && batch_tokens >= 32 && 2 * batch_prompt >= batch_tokens) {
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_step).count();
     const double rate = batch_tokens / std::max(dt, 1e-6);
@@ -506,6 +544,10 @@ bool Scheduler::step() {
       done.push_back(s);
       continue;
     }
+    if (!s->draft.empty()) {
+      accept_drafts(s, done, evicted, store_ ? &named : nullptr);
+      continue;
+    }
     s->n_computed += n_take[i];
     blocks_.mark_computed(static_cast<kvcache::SeqId>(s->id), s->n_computed, store_ ? &named : nullptr);
     if (s->n_computed < static_cast<int>(s->tokens.size())) continue;  // still prefilling
@@ -522,6 +564,11 @@ bool Scheduler::step() {
 
 void Scheduler::emit(Seq* s, int32_t tok, const float* logits, const RemoteFirst* remote, std::vector<Seq*>& done,
                      std::vector<Seq*>& evicted) {
+  if (report(s, tok, logits, remote, done)) return;
+  make_room(s, tok, done, evicted);
+}
+
+bool Scheduler::report(Seq* s, int32_t tok, const float* logits, const RemoteFirst* remote, std::vector<Seq*>& done) {
   TokenEvent ev;
   ev.prompt_tokens = s->n_prompt;
   ev.cached_tokens = s->cached_tokens;
@@ -565,8 +612,12 @@ void Scheduler::emit(Seq* s, int32_t tok, const float* logits, const RemoteFirst
     done.push_back(s);
     std::lock_guard<std::mutex> lk(mu_);
     st_.requests_done++;
-    return;
+    return true;
   }
+  return false;
+}
+
+void Scheduler::make_room(Seq* s, int32_t tok, std::vector<Seq*>& done, std::vector<Seq*>& evicted) {
   // Room for the new token; preempt the youngest others when the pool is full.
   for (;;) {
     auto plan = blocks_.prepare_append(static_cast<kvcache::SeqId>(s->id), std::span<const int32_t>(&tok, 1));
@@ -707,6 +758,187 @@ void Scheduler::refresh_stats_locked() {
   st_.remote_pending = remote;
   st_.held = static_cast<int>(held_.size());
   st_.has_store = store_ != nullptr;
+}
+
+// ---- Speculative decoding -------------------------------------------------------------------
+
+void Scheduler::calibrate_cost() {
+  // Two pass sizes on scratch KV (blocks nothing holds yet): t = a + b * rows through them.
+  const int big = std::min({32, ctx_->n_batch(), ctx_->n_blocks() * params_.block_size});
+  std::vector<int32_t> table((big + params_.block_size - 1) / params_.block_size);
+  for (size_t b = 0; b < table.size(); ++b) table[b] = static_cast<int32_t>(b);
+  std::vector<int32_t> toks(big, model_.tokenizer && model_.tokenizer->bos() >= 0 ? model_.tokenizer->bos() : 0);
+  std::vector<float> logits(model_.cfg.n_vocab);
+  auto time_rows = [&](int n) {
+    double best = 1e30;
+    for (int r = 0; r < 3; ++r) {
+      SeqBatch sb;
+      sb.tokens = std::span<const int32_t>(toks).first(n);
+      sb.block_table = table;
+      sb.logits = logits.data();
+      const auto t0 = std::chrono::steady_clock::now();
+      if (!ctx_->decode_batch(std::span<const SeqBatch>(&sb, 1)).ok()) return 0.0;
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return best;
+  };
+  const double t1 = time_rows(1), tb = big > 1 ? time_rows(big) : t1;
+  cost_b_ = big > 1 ? std::max(1e-7, (tb - t1) / (big - 1)) : 1e-4;
+  cost_a_ = std::max(1e-6, t1 - cost_b_);
+  prior_ = {t1, tb, static_cast<double>(big)};
+  st_.spec_row_cost_s = cost_b_;
+  st_.spec_pass_cost_s = cost_a_;
+}
+
+void Scheduler::observe_cost(int rows, double seconds) {
+  // Recent steps, forgotten at 1% per step, plus the start-up measurement as a fixed prior (the
+  // steps of a steady load all have about the same size and cannot pin the slope alone).
+  const double f = 0.99, x = rows, y = seconds;
+  cs_n_ = f * cs_n_ + 1;
+  cs_x_ = f * cs_x_ + x;
+  cs_y_ = f * cs_y_ + y;
+  cs_xx_ = f * cs_xx_ + x * x;
+  cs_xy_ = f * cs_xy_ + x * y;
+  const double w = 5;  // prior weight of each calibration point
+  const double n = cs_n_ + 2 * w, sx = cs_x_ + w * (1 + prior_[2]), sy = cs_y_ + w * (prior_[0] + prior_[1]);
+  const double sxx = cs_xx_ + w * (1 + prior_[2] * prior_[2]), sxy = cs_xy_ + w * (prior_[0] + prior_[2] * prior_[1]);
+  const double den = n * sxx - sx * sx;
+  if (den <= 0) return;
+  const double b = (n * sxy - sx * sy) / den, a = (sy - b * sx) / n;
+  if (b > 0 && a > 0) {
+    cost_a_ = a;
+    cost_b_ = b;
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  st_.spec_row_cost_s = cost_b_;
+  st_.spec_pass_cost_s = cost_a_;
+}
+
+void Scheduler::plan_drafts(const std::vector<Seq*>& order, int budget) {
+  // The pass as it would be without drafts: rows and generated tokens.
+  int rows = 0, left = budget;
+  std::vector<Seq*> cand;
+  std::vector<int> cap;
+  for (Seq* s : order) {
+    s->draft.clear();
+    s->spec_k = 0;
+    const int pending = static_cast<int>(s->tokens.size()) - s->n_computed;
+    if (pending <= 0 || left <= 0) continue;
+    const int take = std::min(pending, left);
+    left -= take;
+    rows += take;
+    if (pending != 1 || s->req.kv_sink || s->req.spec_max == 0) continue;
+    const int want = s->req.spec_max > 0 ? std::min(s->req.spec_max, 64) : params_.spec_max;
+    const int kmax = std::min({want, s->req.max_tokens - s->n_generated - 1,
+                               max_seq_len_ - static_cast<int>(s->tokens.size()) - 1});
+    if (kmax <= 0) continue;
+    if (!s->spec_len) s->spec_len = std::make_unique<spec::LengthControl>(want);
+    const int k = std::min(kmax, s->spec_len->next());
+    if (k <= 0) continue;
+    cand.push_back(s);
+    cap.push_back(k);
+  }
+  if (cand.empty()) return;
+  int decoding = 0;
+  for (Seq* s : order) decoding += static_cast<int>(s->tokens.size()) - s->n_computed == 1;
+  // Rows go where they buy the most expected tokens (the j-th guess of a sequence accepted with
+  // about rate^j) while that beats the pass's tokens per second: a memory-bound pass takes many,
+  // a compute-bound one (large batch, prompt chunks) few or none.
+  double gen = decoding, time = cost_a_ + cost_b_ * rows;
+  std::vector<double> next(cand.size());
+  for (size_t i = 0; i < cand.size(); ++i) next[i] = cand[i]->spec_len->rate();
+  int extra = 0;
+  while (extra < left) {
+    size_t best = cand.size();
+    for (size_t i = 0; i < cand.size(); ++i)
+      if (cand[i]->spec_k < cap[i] && (best == cand.size() || next[i] > next[best])) best = i;
+    if (best == cand.size()) break;
+    const double g = next[best];
+    if (g / cost_b_ <= gen / time) break;
+    gen += g;
+    time += cost_b_;
+    cand[best]->spec_k++;
+    next[best] *= cand[best]->spec_len->rate();
+    ++extra;
+  }
+  std::vector<spec::DraftJob> jobs;
+  for (Seq* s : cand) {
+    if (s->spec_k <= 0) continue;
+    if (s->spec_handle < 0) s->spec_handle = params_.drafter->start(std::span<const int32_t>(s->tokens).first(s->n_prompt));
+    spec::DraftJob j;
+    j.handle = s->spec_handle;
+    j.context = s->tokens;
+    j.max_tokens = s->spec_k;
+    j.tree = params_.spec_tree;
+    j.sampling = &s->req.sampling;
+    j.out = &s->draft;
+    jobs.push_back(j);
+  }
+  if (jobs.empty()) return;
+  params_.drafter->propose(jobs);
+  const int V = model_.cfg.n_vocab;
+  for (Seq* s : cand) {
+    spec::Draft& d = s->draft;
+    if (d.empty()) continue;
+    if (d.size() > s->spec_k) {  // over budget: cut (parents come before children)
+      d.tokens.resize(s->spec_k);
+      d.parent.resize(s->spec_k);
+      if (!d.q.empty()) d.q.resize(static_cast<size_t>(s->spec_k) * V);
+    }
+    // The draft nodes' KV slots; no room now means no draft this step.
+    auto plan = blocks_.prepare_append(static_cast<kvcache::SeqId>(s->id), d.tokens);
+    if (!plan.ok() || !blocks_.apply(*plan, [&](kvcache::BlockId a, kvcache::BlockId b) { ctx_->copy_block(a, b); }).ok()) {
+      d.clear();
+      continue;
+    }
+    spec::verify_inputs(d, s->tokens.back(), s->n_computed, &s->v_tokens, &s->v_pos, &s->v_mask);
+  }
+}
+
+void Scheduler::accept_drafts(Seq* s, std::vector<Seq*>& done, std::vector<Seq*>& evicted,
+                              std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>>* named) {
+  const int V = model_.cfg.n_vocab;
+  spec::Draft d = std::move(s->draft);
+  s->draft.clear();
+  const spec::Verdict v = spec::verify(d, s->logits.data(), V, *s->sampler, s->tokens);
+  const auto id = static_cast<kvcache::SeqId>(s->id);
+  const int base = s->n_computed + 1;  // the pending token's KV is in
+  // Accepted nodes' KV moves to consecutive entries; the rest of the draft is dropped.
+  std::vector<int32_t> tail;
+  {
+    const auto& table = blocks_.block_table(id);
+    for (size_t j = 0; j < v.path.size(); ++j) {
+      ctx_->move_kv(table, base + v.path[j], base + static_cast<int>(j));
+      tail.push_back(d.tokens[v.path[j]]);
+    }
+  }
+  auto plan = blocks_.prepare_truncate(id, base + static_cast<int>(tail.size()), tail);
+  LARDER_ASSERT(plan.ok());
+  LARDER_ASSERT(blocks_.apply(*plan).ok());
+  blocks_.mark_computed(id, base + static_cast<int>(tail.size()), named);
+  s->n_computed = base;
+  const int acc = static_cast<int>(tail.size());
+  s->spec_len->observe(spec::max_depth(d), acc);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    st_.spec_passes++;
+    st_.spec_proposed += d.size();
+    st_.spec_accepted += acc;
+    if (st_.spec_accept_hist.size() <= static_cast<size_t>(acc)) st_.spec_accept_hist.resize(acc + 1, 0);
+    st_.spec_accept_hist[acc]++;
+  }
+  // Each kept token is reported with the logits row that predicted it.
+  int row = 0;
+  for (size_t j = 0; j < tail.size(); ++j) {
+    if (report(s, tail[j], s->logits.data() + static_cast<size_t>(row) * V, nullptr, done)) return;
+    s->tokens.push_back(tail[j]);
+    s->n_computed++;
+    row = 1 + v.path[j];
+  }
+  // The correction / bonus token is pending like any sampled one. Its logits row moves to the
+  // front so a later step (logprobs) finds it where it expects.
+  if (row > 0) std::memmove(s->logits.data(), s->logits.data() + static_cast<size_t>(row) * V, V * sizeof(float));
+  emit(s, v.next, s->logits.data(), nullptr, done, evicted);
 }
 
 }  // namespace larder

@@ -8,6 +8,7 @@
 // recomputed later, mostly from cached blocks) instead of failing. New requests first
 // look up their longest cached prefix and prefill only the rest.
 #pragma once
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -25,6 +26,7 @@
 #include "kvcache/block_manager.h"
 #include "kvcache/kv_store.h"
 #include "model/model.h"
+#include "spec/spec.h"
 
 namespace larder {
 
@@ -45,6 +47,13 @@ struct SchedulerParams {
   // Told of every block named or dropped in the pool and the tiers (KV events); outlives the
   // scheduler. What the SSD tier already holds is announced at creation.
   kvcache::BlockListener* block_listener = nullptr;
+  // Speculative decoding (none when null; outlives the scheduler): each step, decoding sequences
+  // get draft tokens while a pass's predicted extra cost (a cost model fitted to this machine's
+  // steps) buys more expected tokens than the step makes per second, so a compute-bound batch
+  // drafts nothing and speculation never lowers throughput.
+  spec::Drafter* drafter = nullptr;
+  int spec_max = 8;        // draft nodes per sequence per pass
+  bool spec_tree = false;  // several candidates (tree attention)
 };
 
 enum class FinishReason { None, Stop, Length, Cancelled, Error };
@@ -111,6 +120,7 @@ struct GenRequest {
   std::shared_ptr<KvSink> kv_sink;      // prefill instance of a handoff (max_tokens 1)
   std::shared_ptr<KvSource> kv_source;  // decode instance of a handoff
   bool serves_fetch = false;  // another instance fetches this prompt's cached KV: admitted first
+  int spec_max = -1;          // draft tokens per pass: -1 = the scheduler's, 0 = no speculation
 };
 
 struct TokenEvent {
@@ -145,6 +155,12 @@ struct SchedulerStats {
   int64_t fetched_tokens = 0;        // prompt tokens whose KV was fetched from another instance
   bool has_store = false;
   kvcache::KvStoreStats store;
+  // Speculative decoding (drafter empty when off): passes that verified a draft, draft nodes
+  // verified, draft tokens accepted, accept_hist[k] = passes that kept k draft tokens.
+  std::string drafter;
+  int64_t spec_passes = 0, spec_proposed = 0, spec_accepted = 0;
+  std::vector<int64_t> spec_accept_hist;
+  double spec_row_cost_s = 0, spec_pass_cost_s = 0;  // the fitted cost model: pass = a + b * rows
 };
 
 class Scheduler {
@@ -184,7 +200,18 @@ class Scheduler {
   // Reports a sampled token and makes room for it (preempting the youngest when the pool is full).
   void emit(Seq* s, int32_t tok, const float* logits, const RemoteFirst* remote, std::vector<Seq*>& done,
             std::vector<Seq*>& evicted);
+  void make_room(Seq* s, int32_t tok, std::vector<Seq*>& done, std::vector<Seq*>& evicted);
+  // Reports a token without making room (its KV is in already: an accepted draft token); true
+  // when it ended the sequence.
+  bool report(Seq* s, int32_t tok, const float* logits, const RemoteFirst* remote, std::vector<Seq*>& done);
   void poll_remote(std::vector<Seq*>& done, std::vector<Seq*>& evicted);
+  // Speculative decoding: draft for the step's decoding sequences (blocks reserved for the
+  // drafts), and after the pass keep what verification accepted.
+  void plan_drafts(const std::vector<Seq*>& order, int budget);
+  void accept_drafts(Seq* s, std::vector<Seq*>& done, std::vector<Seq*>& evicted,
+                     std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>>* named);
+  void calibrate_cost();
+  void observe_cost(int rows, double seconds);
   void release_held();
   // Blocks of ended sequences kept until a transfer reading or writing them has settled.
   struct Held {
@@ -209,6 +236,9 @@ class Scheduler {
   bool stopping_ = false, draining_ = false;
   SchedulerStats st_;
   double prefill_rate_ = 0;  // prompt tokens/s measured on prefill-heavy steps (scheduler thread)
+  // Pass cost t = a + b * rows, least squares over recent steps (exponentially forgotten).
+  double cs_n_ = 0, cs_x_ = 0, cs_y_ = 0, cs_xx_ = 0, cs_xy_ = 0, cost_a_ = 0, cost_b_ = 0;
+  std::array<double, 3> prior_{};  // start-up measurement: t(1 row), t(R rows), R
   // Declared after cv_/mu_: destroyed (flushed) first, while what its callbacks touch lives.
   std::unique_ptr<kvcache::KvStore> store_;
   std::thread thread_;

@@ -129,6 +129,23 @@ Result<BlockManager::Plan> BlockManager::prepare_fork(SeqId child, SeqId parent)
   return p;
 }
 
+Result<BlockManager::Plan> BlockManager::prepare_truncate(SeqId seq, int n_keep, std::span<const int32_t> tail) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return make_error("unknown sequence %lld", static_cast<long long>(seq));
+  const Seq& s = it->second;
+  const int base = n_keep - static_cast<int>(tail.size());
+  if (base < s.n_computed || n_keep > static_cast<int>(s.tokens.size()))
+    return make_error("truncate to %d tokens (tail %zu) would change computed tokens or grow the sequence (%zu, %d computed)",
+                      n_keep, tail.size(), s.tokens.size(), s.n_computed);
+  Plan p;
+  p.kind = Plan::TRUNCATE;
+  p.seq = seq;
+  p.n_keep = n_keep;
+  p.tokens.assign(tail.begin(), tail.end());
+  p.generation = generation_;
+  return p;
+}
+
 BlockId BlockManager::take_block() {
   BlockId b;
   if (!free_.empty()) {
@@ -190,6 +207,17 @@ Status BlockManager::apply(const Plan& p, const std::function<void(BlockId, Bloc
       }
       for (int i = 0; i < p.n_new_blocks - (p.cow_tail ? 1 : 0); ++i) s.table.push_back(take_block());
       s.tokens.insert(s.tokens.end(), p.tokens.begin(), p.tokens.end());
+      break;
+    }
+    case Plan::TRUNCATE: {
+      Seq& s = seqs_.at(p.seq);
+      s.tokens.resize(p.n_keep);
+      std::copy(p.tokens.begin(), p.tokens.end(), s.tokens.end() - p.tokens.size());
+      const size_t n_blocks = (static_cast<size_t>(p.n_keep) + block_size_ - 1) / block_size_;
+      while (s.table.size() > n_blocks) {
+        unref(s.table.back());  // past the computed tokens: never named, so freed
+        s.table.pop_back();
+      }
       break;
     }
     case Plan::FORK: {

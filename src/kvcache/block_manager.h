@@ -84,10 +84,11 @@ class BlockManager {
 
   // A plan for a step; apply() performs it. Plans are invalidated by any other apply().
   struct Plan {
-    enum Kind { ADD, APPEND, FORK } kind = ADD;
+    enum Kind { ADD, APPEND, FORK, TRUNCATE } kind = ADD;
     SeqId seq = -1;
     SeqId parent = -1;                 // FORK
-    std::vector<int32_t> tokens;       // ADD: prompt; APPEND: new tokens
+    std::vector<int32_t> tokens;       // ADD: prompt; APPEND: new tokens; TRUNCATE: the new tail
+    int n_keep = 0;                    // TRUNCATE: tokens the sequence keeps
     std::vector<BlockId> reuse;        // ADD: cached blocks taken over
     int n_new_blocks = 0;              // fresh blocks to take (free list first, then evict LRU)
     bool cow_tail = false;             // the shared partial tail must be copied first
@@ -103,6 +104,11 @@ class BlockManager {
   Result<Plan> prepare_append(SeqId seq, std::span<const int32_t> tokens) const;
   // A new sequence sharing all of parent's blocks (partial tail copied on first write).
   Result<Plan> prepare_fork(SeqId child, SeqId parent) const;
+
+  // Shortens a sequence to n_keep tokens whose last tail.size() are replaced by `tail` (speculative
+  // decoding: the draft's accepted tokens stay, the rest go); blocks past the end are freed.
+  // Computed tokens cannot change: n_keep - tail.size() must be >= the sequence's computed count.
+  Result<Plan> prepare_truncate(SeqId seq, int n_keep, std::span<const int32_t> tail) const;
 
   // copy_block(src, dst) is called when a shared partial tail must be copied.
   Status apply(const Plan& plan, const std::function<void(BlockId src, BlockId dst)>& copy_block = {});

@@ -127,6 +127,30 @@ std::string Metrics::render(const SchedulerStats* st, int active_requests) const
          static_cast<double>(st->preemptions));
   scalar(out, "larder_scheduler_steps_total", "counter", "Batched forward passes (steps) run by the scheduler.",
          static_cast<double>(st->steps));
+  if (!st->drafter.empty()) {
+    // Speculative decoding, per drafter (one per server).
+    const std::string lab = "{drafter=\"" + escape_label(st->drafter) + "\"}";
+    header(out, "larder_spec_passes_total", "counter", "Verify passes that checked a draft.");
+    out += "larder_spec_passes_total" + lab + " " + std::to_string(st->spec_passes) + "\n";
+    header(out, "larder_spec_proposed_tokens_total", "counter", "Draft tokens verified.");
+    out += "larder_spec_proposed_tokens_total" + lab + " " + std::to_string(st->spec_proposed) + "\n";
+    header(out, "larder_spec_accepted_tokens_total", "counter", "Draft tokens accepted (kept without a pass of their own).");
+    out += "larder_spec_accepted_tokens_total" + lab + " " + std::to_string(st->spec_accepted) + "\n";
+    header(out, "larder_spec_accepted_length", "histogram", "Draft tokens accepted per verify pass.");
+    int64_t cum = 0, sum = 0;
+    for (size_t k = 0; k < st->spec_accept_hist.size(); ++k) {
+      cum += st->spec_accept_hist[k];
+      sum += static_cast<int64_t>(k) * st->spec_accept_hist[k];
+      out += "larder_spec_accepted_length_bucket{drafter=\"" + escape_label(st->drafter) + "\",le=\"" + std::to_string(k) +
+             "\"} " + std::to_string(cum) + "\n";
+    }
+    out += "larder_spec_accepted_length_bucket{drafter=\"" + escape_label(st->drafter) + "\",le=\"+Inf\"} " +
+           std::to_string(cum) + "\n";
+    out += "larder_spec_accepted_length_sum" + lab + " " + std::to_string(sum) + "\n";
+    out += "larder_spec_accepted_length_count" + lab + " " + std::to_string(cum) + "\n";
+    scalar(out, "larder_spec_row_cost_seconds", "gauge", "Fitted cost of one more row in a forward pass.", st->spec_row_cost_s);
+    scalar(out, "larder_spec_pass_cost_seconds", "gauge", "Fitted fixed cost of a forward pass.", st->spec_pass_cost_s);
+  }
   if (st->has_store) render_store(out, *st);
   header(out, "larder_ttft_seconds", "histogram", "Time from request to first generated token.");
   ttft_.render(out, "larder_ttft_seconds");

@@ -169,7 +169,13 @@ void parse_larder(const ojson& body, LarderExt& out) {
   const ojson* l = field(body, "larder");
   if (!l) return;
   if (!l->is_object()) bad_type("larder", *l, "an object");
-  only_known(*l, "larder", {"prompt_tokens", "token_ids", "resume"});
+  only_known(*l, "larder", {"prompt_tokens", "token_ids", "resume", "spec_max"});
+  if (const ojson* sm = field(*l, "spec_max")) {
+    if (!sm->is_number_integer() && !sm->is_number_unsigned()) bad_type("larder.spec_max", *sm, "an integer");
+    const int64_t v = sm->get<int64_t>();
+    if (v < 0 || v > 64) bad("larder.spec_max", "'larder.spec_max' must be in 0..64 (0 = no speculative decoding).", "invalid_value");
+    out.spec_max = static_cast<int>(v);
+  }
   if (const ojson* pt = field(*l, "prompt_tokens")) {
     if (!pt->is_array()) bad_type("larder.prompt_tokens", *pt, "an array of token ids");
     if (pt->empty()) bad("larder.prompt_tokens", "'larder.prompt_tokens' must not be empty.", "invalid_value");

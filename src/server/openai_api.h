@@ -70,6 +70,8 @@ struct LarderExt {
   // are not sent again, but text_bytes above counts the resumed bytes too.
   bool resume = false;
   std::vector<int32_t> resume_tokens;
+  // Speculative decoding for this request: draft tokens per pass (0 = off; -1 = the server's).
+  int spec_max = -1;
   size_t resume_text_bytes = 0;
 };
 

@@ -685,6 +685,7 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
   g.max_tokens = max_tokens - job->n_resumed;
   g.ignore_eos = pr.ignore_eos;
   g.n_logprobs = pr.logprobs < 0 ? 0 : std::max(1, pr.logprobs);
+  g.spec_max = pr.larder.spec_max;
   // Disaggregated: the router named the prefill instance that computes this prompt.
   // X-Larder-Fetch: HOST:PORT;N (the conductor's KV pool): the first N prompt tokens' KV is
   // fetched from that instance, which holds it, instead of computed here.
