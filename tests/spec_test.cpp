@@ -285,3 +285,233 @@ TEST(SpecGenerator, GreedyOutputIdenticalToPlainDecoding) {
 
 }  // namespace
 }  // namespace larder
+
+// ---- In the scheduler: continuous batches --------------------------------------------------
+
+#include "scheduler_util.h"
+
+namespace {
+
+using namespace larder;
+using namespace larder::testing;
+
+// A prompt that repeats itself, so prompt lookup and suffix decoding have something to copy.
+std::vector<int32_t> looping_prompt(int n, int seed) {
+  std::vector<int32_t> v = {1};
+  for (int i = 1; i < n; ++i) v.push_back(3 + ((i % 11) * 31 + seed * 17) % 390);
+  return v;
+}
+
+// Greedy through speculative sequences in one batch with plain ones (spec_max 0) equals greedy
+// alone, for every drafter, chain and tree; blocks all come back; accepted tokens' blocks are
+// named correctly (a later request extending the answer reuses them and answers identically).
+TEST(SpecScheduler, GreedyBatchesEqualPlainDecodingAndLeakNothing) {
+  const Model& m = *fx().model;
+  for (std::string name : {"ngram", "suffix", "self:keep=1"})
+    for (bool tree : {false, true}) {
+      SCOPED_TRACE(name + (tree ? " tree" : " chain"));
+      spec::DrafterOptions o;
+      o.n_threads = 2;
+      o.max_seq_len = 256;
+      o.parallel = 4;
+      auto d = spec::make_drafter(name, m, o);
+      ASSERT_TRUE(d.ok()) << d.error();
+      SchedulerParams p;
+      p.parallel = 4;
+      p.max_seq_len = 256;
+      p.step_tokens = 48;
+      p.n_threads = 2;
+      p.drafter = d->get();
+      p.spec_max = 6;
+      p.spec_tree = tree;
+      auto s = Scheduler::create(m, p);
+      ASSERT_TRUE(s.ok()) << s.error();
+      std::vector<std::vector<int32_t>> prompts = {looping_prompt(60, 1), prompt(9, 2), looping_prompt(30, 3),
+                                                   prompt(80, 4), looping_prompt(45, 5)};
+      std::vector<std::unique_ptr<Collected>> res;
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        res.push_back(std::make_unique<Collected>());
+        GenRequest r = greedy_req(prompts[i], 40);
+        if (i == 1) r.spec_max = 0;  // a plain sequence in the same batches
+        ASSERT_TRUE((*s)->submit(std::move(r), collector(res.back().get())).ok());
+      }
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        ASSERT_EQ(res[i]->done.get_future().wait_for(std::chrono::seconds(60)), std::future_status::ready);
+        EXPECT_EQ(res[i]->finish, FinishReason::Length);
+        EXPECT_EQ(res[i]->tokens, greedy_alone(prompts[i], 40)) << "request " << i;
+        EXPECT_EQ(res[i]->completion, 40);
+      }
+      wait_idle(**s);
+      auto st = (*s)->stats();
+      EXPECT_EQ(st.kv_used, 0);
+      EXPECT_GT(st.spec_accepted, 0) << "no guess accepted: the test proves little";
+      EXPECT_EQ(st.drafter, (*d)->name());
+      // The next turn: prompt + answer + 2 tokens reuses the answer's blocks.
+      auto turn2 = prompts[0];
+      turn2.insert(turn2.end(), res[0]->tokens.begin(), res[0]->tokens.end());
+      turn2.push_back(5);
+      turn2.push_back(6);
+      Collected next;
+      ASSERT_TRUE((*s)->submit(greedy_req(turn2, 8), collector(&next)).ok());
+      next.done.get_future().wait();
+      EXPECT_GE(next.cached, 80);
+      EXPECT_EQ(next.tokens, greedy_alone(turn2, 8));
+      wait_idle(**s);
+      EXPECT_EQ((*s)->stats().kv_used, 0);
+    }
+}
+
+// Knows the right answer (plain greedy's) and puts it in a tree's second branch, behind a wrong
+// first branch: the accepted path's KV must move (nodes 1.. to consecutive entries).
+class OracleDrafter final : public spec::Drafter {
+ public:
+  OracleDrafter(std::vector<std::vector<int32_t>> full) : full_(std::move(full)) {}
+  std::string name() const override { return "oracle"; }
+  int start(std::span<const int32_t> prompt) override {
+    for (size_t i = 0; i < full_.size(); ++i)
+      if (full_[i].size() >= prompt.size() && std::equal(prompt.begin(), prompt.end(), full_[i].begin()))
+        return static_cast<int>(i);
+    return -1;
+  }
+  void propose(std::span<spec::DraftJob> jobs) override {
+    for (auto& j : jobs) {
+      j.out->clear();
+      if (j.handle < 0) continue;
+      const auto& f = full_[j.handle];
+      const size_t at = j.context.size();
+      const int n = std::min<int>((j.max_tokens - 1), static_cast<int>(f.size()) - static_cast<int>(at));
+      if (n <= 0) continue;
+      const int V = 400;
+      j.out->push((f[at] + 1) % V, -1);  // a wrong first branch
+      for (int i = 0; i < n; ++i) j.out->push(f[at + i], i == 0 ? -1 : j.out->size() - 1);
+      if (n > 1 && j.out->size() < j.max_tokens) j.out->push((f[at + 1] + 3) % V, 1);  // a wrong sibling deeper
+    }
+  }
+  void finish(int, std::span<const int32_t>, bool) override {}
+
+ private:
+  std::vector<std::vector<int32_t>> full_;
+};
+
+// Plain greedy with each chosen token's log-probability (a KV entry out of place changes those
+// even where it does not flip an argmax).
+std::pair<std::vector<int32_t>, std::vector<float>> greedy_logprobs(const std::vector<int32_t>& p, int n) {
+  ContextParams cp;
+  cp.n_ctx = 512;
+  cp.n_threads = 2;
+  auto c = Context::create(*fx().model, cp);
+  EXPECT_TRUE((*c)->decode(p).ok());
+  std::vector<int32_t> toks;
+  std::vector<float> lps;
+  const int V = (*c)->n_vocab();
+  for (int i = 0; i < n; ++i) {
+    const float* lg = (*c)->logits();
+    int32_t b = 0;
+    for (int v = 1; v < V; ++v)
+      if (lg[v] > lg[b]) b = v;
+    double sum = 0;
+    for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(lg[v] - lg[b]));
+    toks.push_back(b);
+    lps.push_back(static_cast<float>(-std::log(sum)));
+    if (i + 1 < n) EXPECT_TRUE((*c)->decode(std::span<const int32_t>(&b, 1)).ok());
+  }
+  return {toks, lps};
+}
+
+TEST(SpecScheduler, AcceptedSecondBranchKeepsItsKv) {
+  const Model& m = *fx().model;
+  std::vector<std::vector<int32_t>> prompts = {prompt(20, 1), prompt(37, 2)}, full;
+  std::vector<std::pair<std::vector<int32_t>, std::vector<float>>> ref;
+  for (auto& pr : prompts) {
+    ref.push_back(greedy_logprobs(pr, 30));
+    full.push_back(pr);
+    full.back().insert(full.back().end(), ref.back().first.begin(), ref.back().first.end());
+  }
+  OracleDrafter oracle(full);
+  SchedulerParams p;
+  p.parallel = 2;
+  p.max_seq_len = 256;
+  p.n_threads = 2;
+  p.drafter = &oracle;
+  p.spec_max = 6;
+  p.spec_tree = true;
+  p.spec_fixed = true;
+  auto s = Scheduler::create(m, p);
+  ASSERT_TRUE(s.ok()) << s.error();
+  std::vector<std::unique_ptr<Collected>> res;
+  std::vector<std::vector<float>> lps(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    res.push_back(std::make_unique<Collected>());
+    GenRequest r = greedy_req(prompts[i], 30);
+    r.n_logprobs = 1;
+    auto inner = collector(res.back().get());
+    ASSERT_TRUE((*s)->submit(std::move(r), [inner, out = &lps[i]](const TokenEvent& ev) {
+                    if (ev.token >= 0) out->push_back(ev.logprob);
+                    return inner(ev);
+                  }).ok());
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_EQ(res[i]->done.get_future().wait_for(std::chrono::seconds(60)), std::future_status::ready);
+    EXPECT_EQ(res[i]->tokens, ref[i].first) << "request " << i;
+    ASSERT_EQ(lps[i].size(), ref[i].second.size());
+    for (size_t t = 0; t < lps[i].size(); ++t) EXPECT_NEAR(lps[i][t], ref[i].second[t], 2e-4) << "request " << i << " token " << t;
+  }
+  wait_idle(**s);
+  EXPECT_EQ((*s)->stats().kv_used, 0);
+  EXPECT_GT((*s)->stats().spec_accepted, 20);
+  // The same through the single-sequence Generator.
+  ContextParams cp;
+  cp.n_ctx = 512;
+  cp.n_threads = 2;
+  auto c = Context::create(m, cp);
+  ASSERT_TRUE(c.ok());
+  SamplerParams sp;
+  sp.temp = 0;
+  Sampler smp(sp, m.cfg.n_vocab);
+  spec::SpecParams gp;
+  gp.max_tokens = 6;
+  gp.tree = true;
+  gp.adaptive = false;
+  spec::Generator g(**c, smp, &oracle, gp);
+  ASSERT_TRUE(g.start(prompts[1]).ok());
+  std::vector<int32_t> out;
+  while (out.size() < 30) {
+    for (int32_t t : g.take()) out.push_back(t);
+    if (out.size() >= 30) break;
+    ASSERT_TRUE(g.advance().ok());
+  }
+  out.resize(30);
+  EXPECT_EQ(out, ref[1].first);
+  EXPECT_GT(g.stats().accepted, 10);
+}
+
+// A pool too small for every sequence's drafts: drafts go without (or preempt), results stay
+// exact, nothing leaks.
+TEST(SpecScheduler, TinyPoolKeepsResultsExact) {
+  const Model& m = *fx().model;
+  auto d = spec::make_drafter("ngram", m, {});
+  ASSERT_TRUE(d.ok());
+  SchedulerParams p;
+  p.parallel = 3;
+  p.max_seq_len = 128;
+  p.kv_blocks = 9;  // 144 tokens for three sequences of up to ~100
+  p.n_threads = 2;
+  p.drafter = d->get();
+  p.spec_max = 8;
+  auto s = Scheduler::create(m, p);
+  ASSERT_TRUE(s.ok()) << s.error();
+  std::vector<std::vector<int32_t>> prompts = {looping_prompt(40, 1), looping_prompt(35, 2), looping_prompt(30, 3)};
+  std::vector<std::unique_ptr<Collected>> res;
+  for (auto& pr : prompts) {
+    res.push_back(std::make_unique<Collected>());
+    ASSERT_TRUE((*s)->submit(greedy_req(pr, 50), collector(res.back().get())).ok());
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_EQ(res[i]->done.get_future().wait_for(std::chrono::seconds(60)), std::future_status::ready);
+    EXPECT_EQ(res[i]->tokens, greedy_alone(prompts[i], 50)) << "request " << i;
+  }
+  wait_idle(**s);
+  EXPECT_EQ((*s)->stats().kv_used, 0);
+}
+
+}  // namespace

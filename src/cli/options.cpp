@@ -102,7 +102,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"run,bench,serve", "--spec", "LARDER_SPEC", "speculative decoding drafter: ngram[:N] (prompt lookup) | suffix (suffix decoding) | draft:FILE (a smaller model, same vocabulary) | self:skip=A-B[,C-D] | self:keep=K (the target without some layers); bench: comma list, none = plain", &a.spec},
       {"run,bench,serve", "--spec-max,--draft-max", "LARDER_SPEC_MAX", "most draft tokens verified per pass (the length adapts below it to the acceptance rate)", &a.spec_max},
       {"run,bench,serve", "--spec-tree", "", "verify several candidate continuations per pass (tree attention)", &a.spec_tree},
-      {"run,bench", "--spec-fixed", "", "always draft --spec-max tokens (no adaptive length)", &a.spec_fixed},
+      {"run,bench,serve", "--spec-fixed", "", "always draft --spec-max tokens (no adaptive length; serve: nor the cost model that turns drafting down under load)", &a.spec_fixed},
       {"bench", "--spec-prompts", "", "JSONL file of {\"category\": ..., \"prompt\": ...}: generation tokens/s with and without --spec on each (-n tokens, -r repetitions)", &a.spec_prompts},
       {"serve", "--kv-events-port", "LARDER_KV_EVENTS_PORT", "publish KV events (vLLM's ZeroMQ format) on this port, the replay endpoint on the next free one (0 = any; default: on with --cluster)", &a.kv_events_port},
       {"serve", "--kv-dram", "LARDER_KV_DRAM", "DRAM tier (L2) for KV blocks evicted from the engine's pool, e.g. 2G (empty = off)", &a.kv_dram},

@@ -199,6 +199,7 @@ int cmd_serve(Args& a) {
     p.drafter = drafter.get();
     p.spec_max = a.spec_max;
     p.spec_tree = a.spec_tree;
+    p.spec_fixed = a.spec_fixed;
   }
   auto sched = Scheduler::create(m, p);
   if (!sched.ok()) return fail(sched.error());

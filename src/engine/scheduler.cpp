@@ -833,7 +833,7 @@ void Scheduler::plan_drafts(const std::vector<Seq*>& order, int budget) {
                                max_seq_len_ - static_cast<int>(s->tokens.size()) - 1});
     if (kmax <= 0) continue;
     if (!s->spec_len) s->spec_len = std::make_unique<spec::LengthControl>(want);
-    const int k = std::min(kmax, s->spec_len->next());
+    const int k = params_.spec_fixed ? kmax : std::min(kmax, s->spec_len->next());
     if (k <= 0) continue;
     cand.push_back(s);
     cap.push_back(k);
@@ -848,7 +848,12 @@ void Scheduler::plan_drafts(const std::vector<Seq*>& order, int budget) {
   std::vector<double> next(cand.size());
   for (size_t i = 0; i < cand.size(); ++i) next[i] = cand[i]->spec_len->rate();
   int extra = 0;
-  while (extra < left) {
+  if (params_.spec_fixed)
+    for (size_t i = 0; i < cand.size() && extra < left; ++i) {
+      cand[i]->spec_k = std::min(cap[i], left - extra);
+      extra += cand[i]->spec_k;
+    }
+  while (!params_.spec_fixed && extra < left) {
     size_t best = cand.size();
     for (size_t i = 0; i < cand.size(); ++i)
       if (cand[i]->spec_k < cap[i] && (best == cand.size() || next[i] > next[best])) best = i;

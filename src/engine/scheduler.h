@@ -54,6 +54,7 @@ struct SchedulerParams {
   spec::Drafter* drafter = nullptr;
   int spec_max = 8;        // draft nodes per sequence per pass
   bool spec_tree = false;  // several candidates (tree attention)
+  bool spec_fixed = false; // always draft spec_max (no adaptive length, no cost model): tests, experiments
 };
 
 enum class FinishReason { None, Stop, Length, Cancelled, Error };
