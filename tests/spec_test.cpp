@@ -393,31 +393,6 @@ class OracleDrafter final : public spec::Drafter {
   std::vector<std::vector<int32_t>> full_;
 };
 
-// Plain greedy with each chosen token's log-probability (a KV entry out of place changes those
-// even where it does not flip an argmax).
-std::pair<std::vector<int32_t>, std::vector<float>> greedy_logprobs(const std::vector<int32_t>& p, int n) {
-  ContextParams cp;
-  cp.n_ctx = 512;
-  cp.n_threads = 2;
-  auto c = Context::create(*fx().model, cp);
-  EXPECT_TRUE((*c)->decode(p).ok());
-  std::vector<int32_t> toks;
-  std::vector<float> lps;
-  const int V = (*c)->n_vocab();
-  for (int i = 0; i < n; ++i) {
-    const float* lg = (*c)->logits();
-    int32_t b = 0;
-    for (int v = 1; v < V; ++v)
-      if (lg[v] > lg[b]) b = v;
-    double sum = 0;
-    for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(lg[v] - lg[b]));
-    toks.push_back(b);
-    lps.push_back(static_cast<float>(-std::log(sum)));
-    if (i + 1 < n) EXPECT_TRUE((*c)->decode(std::span<const int32_t>(&b, 1)).ok());
-  }
-  return {toks, lps};
-}
-
 TEST(SpecScheduler, AcceptedSecondBranchKeepsItsKv) {
   const Model& m = *fx().model;
   std::vector<std::vector<int32_t>> prompts = {prompt(20, 1), prompt(37, 2)}, full;
