@@ -93,7 +93,7 @@ Context::Context(const Model& m, const ContextParams& p, int n_ctx, int n_thread
   pos_.resize(n_batch);
   tok_seq_.resize(n_batch);
   tiles_.reserve(n_batch);
-  mask_seen_.resize(n_threads);
+  mask_scratch_.resize(n_threads);
   last_logits_.resize(c.n_vocab);
   // Largest activation format is q8_0-like (34 bytes per 32 values); reserve once.
   scratch_.xq.reserve(static_cast<size_t>(n_batch) * (std::max(c.n_embd, c.n_ff) / 32 + 1) * 40);
@@ -318,20 +318,18 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
       // head, so they run as one tile of `group` score rows and its K/V is read and converted once
       // instead of once per head (SmolLM2 shape at 4096 tokens, one thread: q8_0 21.5 -> 8.5 ms per
       // token, f16 ~30 -> ~24). Not for f32, where it measured slower (52-57 -> 66 ms).
-      const bool grouped = ntok == 1 && group > 1 && group <= kQBlock && !(type_k_ == DType::F32 && type_v_ == DType::F32);
+      const bool grouped = !s.mask && ntok == 1 && group > 1 && group <= kQBlock && !(type_k_ == DType::F32 && type_v_ == DType::F32);
       if (grouped && h % group != 0) continue;  // done by the group's first head
       const int nt = grouped ? group : ntok;     // score rows of the tile
       const int64_t ldq = grouped ? hd : q_dim;  // row stride of its queries and outputs
       auto tok = [&](int i) { return grouped ? 0 : i; };  // row i's token within the tile
-      // Logical KV length the tile needs.
-      int len = 0;
-      if (s.mask) {
-        for (int i = 0; i < ntok; ++i)
-          for (auto [b, e] : s.mask->visible[lt0 + i]) len = std::max(len, e);
-      } else {
-        len = s.n_kv + lt0 + ntok;
-      }
       const int t0 = seq_off[si] + lt0;  // batch row of the tile's first token
+      if (s.mask) {
+        masked_tile(layer, s, t0, lt0, ntok, h, tid);
+        continue;
+      }
+      // Logical KV length the tile needs.
+      const int len = s.n_kv + lt0 + ntok;
       const float* q = q_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
       auto win_lo = [&](int i) { return W > 0 ? std::max(0, s.n_kv + lt0 + tok(i) - W + 1) : 0; };
       const int lo = std::min(win_lo(0), len);
@@ -347,31 +345,11 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
       for (int i = 0; i < nt; ++i) {
         float* row = sc + static_cast<size_t>(i) * ld;
         const int wlo = win_lo(i);
-        if (!s.mask) {
-          const int lt = s.n_kv + lt0 + tok(i) + 1;  // causal
-          for (int p = wlo; p < lt; ++p) row[p] *= scale;
-          kernels::softmax(row + wlo, lt - wlo);
-          for (int p = lo; p < wlo; ++p) row[p] = 0.f;
-          for (int p = lt; p < len; ++p) row[p] = 0.f;
-        } else {
-          const auto& vis = s.mask->visible[lt0 + tok(i)];
-          float mx = -INFINITY;
-          for (auto [b, e] : vis)
-            for (int p = std::max(b, wlo); p < e; ++p) mx = std::max(mx, row[p] * scale);
-          // Ranges may overlap: mark to count each entry once (buffer reused per thread).
-          std::vector<char>& seen = mask_seen_[tid];
-          seen.assign(len, 0);
-          double sum = 0;
-          for (auto [b, e] : vis)
-            for (int p = std::max(b, wlo); p < e; ++p)
-              if (!seen[p]) {
-                seen[p] = 1;
-                row[p] = std::exp(row[p] * scale - mx);
-                sum += row[p];
-              }
-          const float inv = sum > 0 ? static_cast<float>(1.0 / sum) : 0.f;  // 0: the window left nothing visible
-          for (int p = lo; p < len; ++p) row[p] = seen[p] ? row[p] * inv : 0.f;
-        }
+        const int lt = s.n_kv + lt0 + tok(i) + 1;  // causal
+        for (int p = wlo; p < lt; ++p) row[p] *= scale;
+        kernels::softmax(row + wlo, lt - wlo);
+        for (int p = lo; p < wlo; ++p) row[p] = 0.f;
+        for (int p = lt; p < len; ++p) row[p] = 0.f;
       }
       float* out = att_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
       for (int i = 0; i < nt; ++i) std::memset(out + static_cast<size_t>(i) * ldq, 0, hd * sizeof(float));
@@ -386,6 +364,97 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
       }
     }
   });
+}
+
+// A tile of a sequence with a visibility mask (tree verification, parallel context encoding). Each
+// query row sees its visible entries as if they were one causal sequence (its "virtual" order:
+// the entries sorted by index; a sliding window keeps the last W of them), and computes exactly
+// what that sequence would: scores of the same entries, one softmax over them laid out
+// contiguously, P.V grouped by blocks of the virtual order. So a draft tree's node gives the
+// logits plain decoding of its path gives, bit for bit (greedy verification stays exact).
+void Context::masked_tile(int layer, const SeqBatch& s, int t0, int lt0, int ntok, int h, int tid) {
+  const ModelConfig& c = model_.cfg;
+  const int hd = c.head_dim, q_dim = c.n_head * hd, group = c.n_head / c.n_head_kv, kvh = h / group;
+  const float scale = c.attn_scale > 0 ? c.attn_scale : 1.f / std::sqrt(static_cast<float>(hd));
+  const int W = c.is_swa(layer) ? c.sliding_window : 0;
+  const uint8_t* kc = k_cache_.data() + static_cast<size_t>(layer) * n_slots_ * k_row_;
+  const uint8_t* vc = v_cache_.data() + static_cast<size_t>(layer) * n_slots_ * v_row_;
+  const kernels::Isa isa = kernels::active_isa();
+  const int ld = max_seq_len_;
+  float* sc = scores_.data() + static_cast<size_t>(tid) * kQBlock * ld;  // [kQBlock][max_seq_len]
+  MaskScratch& ms = mask_scratch_[tid];
+  ms.idx.resize(kQBlock);
+  int v0[kQBlock];  // virtual index of each row's first kept entry
+  int lo = INT32_MAX, len = 0;
+  for (int i = 0; i < ntok; ++i) {
+    std::vector<int>& ix = ms.idx[i];
+    ix.clear();
+    for (auto [b, e] : s.mask->visible[lt0 + i])
+      for (int p = b; p < e; ++p) ix.push_back(p);
+    std::sort(ix.begin(), ix.end());
+    ix.erase(std::unique(ix.begin(), ix.end()), ix.end());
+    const int all = static_cast<int>(ix.size());
+    if (W > 0 && all > W) ix.erase(ix.begin(), ix.begin() + (all - W));
+    v0[i] = all - static_cast<int>(ix.size());
+    if (!ix.empty()) {
+      lo = std::min(lo, ix.front());
+      len = std::max(len, ix.back() + 1);
+    }
+  }
+  // Scores as plain decoding computes them: its one-token tiles run a GQA group's heads together
+  // (attention()'s `grouped`), whose kernel rounds like any multi-row tile; otherwise one row at a
+  // time, whose kernel rounds differently. A lone masked row of a grouped model gets a duplicate.
+  const bool decode_grouped = group > 1 && group <= kQBlock && !(type_k_ == DType::F32 && type_v_ == DType::F32);
+  const float* q = q_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
+  auto scores = [&](const float* qr, int64_t ldq, int nt, float* y) {
+    for (int j0 = lo; j0 < len;) {  // over runs of physically consecutive blocks
+      int blk = j0 / block_size_, j1 = std::min(len, (blk + 1) * block_size_);
+      while (j1 < len && s.block_table[j1 / block_size_] == s.block_table[blk] + (j1 / block_size_ - blk))
+        j1 = std::min(len, j1 + block_size_);
+      kernels::attn_scores(type_k_, kc + slot(s, j0) * k_row_ + kvh * k_head_, static_cast<int64_t>(k_row_), j1 - j0,
+                           qr, ldq, nt, hd, y + j0, ld, isa);
+      j0 = j1;
+    }
+  };
+  if (decode_grouped)
+    scores(q, ntok > 1 ? q_dim : 0, std::max(ntok, 2), sc);
+  else
+    for (int i = 0; i < ntok; ++i) scores(q + static_cast<size_t>(i) * q_dim, q_dim, 1, sc + static_cast<size_t>(i) * ld);
+  if (ms.g.size() < static_cast<size_t>(ld)) ms.g.resize(ld);
+  if (ms.v.size() < static_cast<size_t>(block_size_) * v_head_) ms.v.resize(static_cast<size_t>(block_size_) * v_head_);
+  // P.V likewise: the one-row kernel (plain decoding of a model without grouped heads) keeps two
+  // accumulators, the multi-row one one per row; a grouped model's row runs as two identical rows.
+  const int pv_rows = decode_grouped ? 2 : 1;
+  if (ms.o.size() < static_cast<size_t>(2 * hd)) ms.o.resize(2 * hd);
+  for (int i = 0; i < ntok; ++i) {
+    float* out = att_.data() + static_cast<size_t>(t0 + i) * q_dim + h * hd;
+    float* acc = ms.o.data();  // [pv_rows][hd]
+    std::memset(acc, 0, static_cast<size_t>(pv_rows) * hd * sizeof(float));
+    const std::vector<int>& ix = ms.idx[i];
+    const int m = static_cast<int>(ix.size());
+    if (m > 0) {
+      const float* row = sc + static_cast<size_t>(i) * ld;
+      float* g = ms.g.data();
+      for (int k = 0; k < m; ++k) g[k] = row[ix[k]] * scale;
+      kernels::softmax(g, m);
+      for (int k0 = 0; k0 < m;) {
+        const int k1 = std::min(m, ((v0[i] + k0) / block_size_ + 1) * block_size_ - v0[i]);
+        const bool direct = ix[k1 - 1] - ix[k0] == k1 - 1 - k0 && ix[k0] / block_size_ == ix[k1 - 1] / block_size_;
+        const uint8_t* vr = vc + slot(s, ix[k0]) * v_row_ + kvh * v_head_;
+        int64_t ldv = static_cast<int64_t>(v_row_);
+        if (!direct) {  // entries from elsewhere (a draft's ancestors): gathered into virtual order
+          for (int k = k0; k < k1; ++k)
+            std::memcpy(ms.v.data() + static_cast<size_t>(k - k0) * v_head_, vc + slot(s, ix[k]) * v_row_ + kvh * v_head_,
+                        v_head_);
+          vr = ms.v.data();
+          ldv = static_cast<int64_t>(v_head_);
+        }
+        kernels::attn_pv(type_v_, g + k0, 0, pv_rows, vr, ldv, k1 - k0, hd, acc, hd, isa);
+        k0 = k1;
+      }
+    }
+    std::memcpy(out, acc, hd * sizeof(float));  // nothing visible: a zero output
+  }
 }
 
 void Context::mm(const Tensor& W, const kernels::W8Tensor* w8, const float* x, int n, float* y, int64_t ldy) {

@@ -129,6 +129,7 @@ class Context {
   void add_rmsnorm(int n, const float* w);
   void post_norm(int n, const float* w);
   void attention(int layer, std::span<const SeqBatch> batch);
+  void masked_tile(int layer, const SeqBatch& s, int t0, int lt0, int ntok, int h, int tid);
   // One way into every weight product: picks W8A8, GEMM or dot-product kernels.
   void mm(const Tensor& W, const kernels::W8Tensor* w8, const float* x, int n, float* y, int64_t ldy);
   size_t slot(const SeqBatch& s, int kv_index) const {
@@ -158,7 +159,13 @@ class Context {
   std::vector<int> tok_seq_;      // [n_batch] index of the sequence each token belongs to
   std::vector<int> seq_off_;      // [batch size + 1] first token of each sequence
   std::vector<std::pair<int, int>> tiles_;  // attention tiles of the batch: (sequence, first local token)
-  std::vector<std::vector<char>> mask_seen_;  // [n_threads] scratch for masked attention
+  struct MaskScratch {
+    std::vector<std::vector<int>> idx;  // [kQBlock] visible entries of each row, sorted
+    std::vector<float> g;               // [max_seq_len] one row's probabilities in virtual order
+    std::vector<uint8_t> v;             // [block_size][one head's V bytes] gathered rows
+    std::vector<float> o;               // [2][head_dim] P.V accumulators
+  };
+  std::vector<MaskScratch> mask_scratch_;  // [n_threads] scratch for masked attention
   std::vector<float> out_rows_;   // [n_batch][n_vocab] logits staging when rows are gathered
   std::vector<float> last_logits_;  // [n_vocab]
   struct LayerW8 {
