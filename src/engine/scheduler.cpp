@@ -763,55 +763,30 @@ void Scheduler::refresh_stats_locked() {
 // ---- Speculative decoding -------------------------------------------------------------------
 
 void Scheduler::calibrate_cost() {
-  // Two pass sizes on scratch KV (blocks nothing holds yet): t = a + b * rows through them.
+  // One pass of 1 and of R rows on scratch KV (blocks nothing holds yet).
   const int big = std::min({32, ctx_->n_batch(), ctx_->n_blocks() * params_.block_size});
   std::vector<int32_t> table((big + params_.block_size - 1) / params_.block_size);
   for (size_t b = 0; b < table.size(); ++b) table[b] = static_cast<int32_t>(b);
   std::vector<int32_t> toks(big, model_.tokenizer && model_.tokenizer->bos() >= 0 ? model_.tokenizer->bos() : 0);
   std::vector<float> logits(model_.cfg.n_vocab);
-  auto time_rows = [&](int n) {
-    double best = 1e30;
-    for (int r = 0; r < 3; ++r) {
-      SeqBatch sb;
-      sb.tokens = std::span<const int32_t>(toks).first(n);
-      sb.block_table = table;
-      sb.logits = logits.data();
-      const auto t0 = std::chrono::steady_clock::now();
-      if (!ctx_->decode_batch(std::span<const SeqBatch>(&sb, 1)).ok()) return 0.0;
-      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-    return best;
-  };
-  const double t1 = time_rows(1), tb = big > 1 ? time_rows(big) : t1;
-  cost_b_ = big > 1 ? std::max(1e-7, (tb - t1) / (big - 1)) : 1e-4;
-  cost_a_ = std::max(1e-6, t1 - cost_b_);
-  prior_ = {t1, tb, static_cast<double>(big)};
-  st_.spec_row_cost_s = cost_b_;
-  st_.spec_pass_cost_s = cost_a_;
+  cost_.calibrate(big, [&](int n) {
+    SeqBatch sb;
+    sb.tokens = std::span<const int32_t>(toks).first(n);
+    sb.block_table = table;
+    sb.logits = logits.data();
+    const auto t0 = std::chrono::steady_clock::now();
+    (void)ctx_->decode_batch(std::span<const SeqBatch>(&sb, 1));
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  });
+  st_.spec_row_cost_s = cost_.b();
+  st_.spec_pass_cost_s = cost_.a();
 }
 
 void Scheduler::observe_cost(int rows, double seconds) {
-  // Recent steps, forgotten at 1% per step, plus the start-up measurement as a fixed prior (the
-  // steps of a steady load all have about the same size and cannot pin the slope alone).
-  const double f = 0.99, x = rows, y = seconds;
-  cs_n_ = f * cs_n_ + 1;
-  cs_x_ = f * cs_x_ + x;
-  cs_y_ = f * cs_y_ + y;
-  cs_xx_ = f * cs_xx_ + x * x;
-  cs_xy_ = f * cs_xy_ + x * y;
-  const double w = 5;  // prior weight of each calibration point
-  const double n = cs_n_ + 2 * w, sx = cs_x_ + w * (1 + prior_[2]), sy = cs_y_ + w * (prior_[0] + prior_[1]);
-  const double sxx = cs_xx_ + w * (1 + prior_[2] * prior_[2]), sxy = cs_xy_ + w * (prior_[0] + prior_[2] * prior_[1]);
-  const double den = n * sxx - sx * sx;
-  if (den <= 0) return;
-  const double b = (n * sxy - sx * sy) / den, a = (sy - b * sx) / n;
-  if (b > 0 && a > 0) {
-    cost_a_ = a;
-    cost_b_ = b;
-  }
+  cost_.observe(rows, seconds);
   std::lock_guard<std::mutex> lk(mu_);
-  st_.spec_row_cost_s = cost_b_;
-  st_.spec_pass_cost_s = cost_a_;
+  st_.spec_row_cost_s = cost_.b();
+  st_.spec_pass_cost_s = cost_.a();
 }
 
 void Scheduler::plan_drafts(const std::vector<Seq*>& order, int budget) {
@@ -833,7 +808,7 @@ void Scheduler::plan_drafts(const std::vector<Seq*>& order, int budget) {
                                max_seq_len_ - static_cast<int>(s->tokens.size()) - 1});
     if (kmax <= 0) continue;
     if (!s->spec_len) s->spec_len = std::make_unique<spec::LengthControl>(want);
-    const int k = params_.spec_fixed ? kmax : std::min(kmax, s->spec_len->next());
+    const int k = params_.spec_fixed ? kmax : std::min(kmax, s->spec_len->next(cost_));
     if (k <= 0) continue;
     cand.push_back(s);
     cap.push_back(k);
@@ -844,9 +819,13 @@ void Scheduler::plan_drafts(const std::vector<Seq*>& order, int budget) {
   // Rows go where they buy the most expected tokens (the j-th guess of a sequence accepted with
   // about rate^j) while that beats the pass's tokens per second: a memory-bound pass takes many,
   // a compute-bound one (large batch, prompt chunks) few or none.
-  double gen = decoding, time = cost_a_ + cost_b_ * rows;
+  const double cost_b = cost_.b();
+  double gen = decoding, time = cost_.a() + cost_b * rows;
   std::vector<double> next(cand.size());
-  for (size_t i = 0; i < cand.size(); ++i) next[i] = cand[i]->spec_len->rate();
+  // A probe (a sequence turned down tries one guess now and then) is worth a row where a guess
+  // kept half the time would be: not in a compute-bound pass.
+  for (size_t i = 0; i < cand.size(); ++i)
+    next[i] = cand[i]->spec_len->probing() ? std::max(0.5, cand[i]->spec_len->rate()) : cand[i]->spec_len->rate();
   int extra = 0;
   if (params_.spec_fixed)
     for (size_t i = 0; i < cand.size() && extra < left; ++i) {
@@ -859,9 +838,9 @@ void Scheduler::plan_drafts(const std::vector<Seq*>& order, int budget) {
       if (cand[i]->spec_k < cap[i] && (best == cand.size() || next[i] > next[best])) best = i;
     if (best == cand.size()) break;
     const double g = next[best];
-    if (g / cost_b_ <= gen / time) break;
+    if (g / cost_b <= gen / time) break;
     gen += g;
-    time += cost_b_;
+    time += cost_b;
     cand[best]->spec_k++;
     next[best] *= cand[best]->spec_len->rate();
     ++extra;

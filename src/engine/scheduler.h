@@ -237,9 +237,7 @@ class Scheduler {
   bool stopping_ = false, draining_ = false;
   SchedulerStats st_;
   double prefill_rate_ = 0;  // prompt tokens/s measured on prefill-heavy steps (scheduler thread)
-  // Pass cost t = a + b * rows, least squares over recent steps (exponentially forgotten).
-  double cs_n_ = 0, cs_x_ = 0, cs_y_ = 0, cs_xx_ = 0, cs_xy_ = 0, cost_a_ = 0, cost_b_ = 0;
-  std::array<double, 3> prior_{};  // start-up measurement: t(1 row), t(R rows), R
+  spec::CostModel cost_;  // pass cost t = a + b * rows on this machine (scheduler thread)
   // Declared after cv_/mu_: destroyed (flushed) first, while what its callbacks touch lives.
   std::unique_ptr<kvcache::KvStore> store_;
   std::thread thread_;

@@ -1,6 +1,7 @@
 #include "spec/spec.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 namespace larder::spec {
@@ -203,23 +204,69 @@ std::unique_ptr<Drafter> make_ngram_drafter(const NgramParams& p) { return std::
 
 // ---- Length control, statistics -------------------------------------------------------------
 
-int LengthControl::next() {
-  // Expected kept tokens of a chain of k with per-token acceptance r: r + r^2 + ... ; a guess is
-  // worth its verify row while r is reasonable, so k follows r: r 0.9 -> max, r 0.3 -> 1.
-  if (rate_ < 0.12) {
-    if (++idle_ < 8) return 0;  // turned down; probe again now and then
-    idle_ = 0;
-    return 1;
-  }
-  const double k = 1.0 / std::max(1e-3, 1.0 - rate_);
-  return std::clamp(static_cast<int>(k + 0.5), 1, max_);
+void CostModel::prior(double t1, double tr, int r) {
+  p1_ = t1;
+  pr_ = tr;
+  r_ = r;
+  b_ = r > 1 ? std::max(1e-7, (tr - t1) / (r - 1)) : 1e-4;
+  a_ = std::max(1e-6, t1 - b_);
 }
 
-void LengthControl::observe(int proposed, int accepted) {
-  if (proposed <= 0) return;
-  // Each proposed node counts once; a chain stopping early rejects the rest.
-  const double r = static_cast<double>(accepted) / proposed;
-  rate_ = 0.7 * rate_ + 0.3 * r;
+void CostModel::observe(int rows, double seconds) {
+  if (r_ == 0) {  // no start-up measurement: a prior from this pass, a row at 12% of a pass
+    const double a = seconds / (1 + 0.12 * rows);
+    prior(a * 1.12, a * (1 + 0.12 * 16), 16);
+  }
+  const double f = 0.99, x = rows, y = seconds;
+  n_ = f * n_ + 1;
+  x_ = f * x_ + x;
+  y_ = f * y_ + y;
+  xx_ = f * xx_ + x * x;
+  xy_ = f * xy_ + x * y;
+  const double w = r_ > 0 ? 5 : 0;  // weight of each prior point
+  const double n = n_ + 2 * w, sx = x_ + w * (1 + r_), sy = y_ + w * (p1_ + pr_);
+  const double sxx = xx_ + w * (1 + r_ * r_), sxy = xy_ + w * (p1_ + r_ * pr_);
+  const double den = n * sxx - sx * sx;
+  if (den <= 1e-12) return;
+  const double b = (n * sxy - sx * sy) / den, a = (sy - b * sx) / n;
+  if (b > 0 && a > 0) {
+    a_ = a;
+    b_ = b;
+  }
+}
+
+int best_length(double rate, double a, double b, int kmax) {
+  double best = 1.0 / (a + b), tokens = 1, term = 1;
+  int k_best = 0;
+  for (int k = 1; k <= kmax; ++k) {
+    term *= rate;
+    tokens += term;
+    const double v = tokens / (a + b * (k + 1));
+    if (v > best * 1.02) {  // a margin: noise in rate and cost should not make drafting a loss
+      best = v;
+      k_best = k;
+    }
+  }
+  return k_best;
+}
+
+int LengthControl::next(const CostModel& cost) {
+  const int k = best_length(rate(), cost.a(), cost.b(), max_);
+  probing_ = false;
+  if (k > 0) {
+    idle_ = 0;
+    return k;
+  }
+  if (++idle_ < 8) return 0;
+  idle_ = 0;
+  probing_ = true;
+  return 1;  // a probe: acceptance may have changed (a copy-heavy stretch began)
+}
+
+void LengthControl::observe(int depth, int accepted) {
+  if (depth <= 0) return;
+  kept_ = 0.85 * kept_ + accepted;
+  lost_ = 0.85 * lost_ + (accepted < depth ? 1 : 0);
 }
 
 void SpecStats::add(int prop, int acc) {
@@ -267,7 +314,9 @@ Status Generator::start(std::span<const int32_t> prompt) {
   n_kv_ = n_prompt_;
   logits_.assign(static_cast<size_t>(V), 0.f);
   history_.push_back(sampler_.sample(ctx_.logits(), history_));
-  if (drafter_) handle_ = drafter_->start(prompt);
+  if (drafter_) {
+    handle_ = drafter_->start(prompt);
+  }
   return Status::Ok();
 }
 
@@ -283,7 +332,7 @@ Status Generator::advance() {
   if (room < 0) return make_error("context is full (%d tokens)", ctx_.n_ctx());
   Draft d;
   if (drafter_) {
-    int k = p_.adaptive ? len_.next() : p_.max_tokens;
+    int k = p_.adaptive ? len_.next(cost_) : p_.max_tokens;
     k = std::min({k, room, ctx_.n_batch() - 1});
     if (k > 0) {
       DraftJob j;
@@ -313,7 +362,10 @@ Status Generator::advance() {
   sb.mask = d.is_chain() ? nullptr : &mask;
   sb.all_logits = true;
   sb.logits = logits_.data();
+  const auto t0 = std::chrono::steady_clock::now();
   LARDER_CHECK_STATUS(ctx_.decode_batch(std::span<const SeqBatch>(&sb, 1)));
+  cost_.observe(static_cast<int>(toks.size()),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   std::vector<int32_t> hist(history_);
   Verdict v = verify(d, logits_.data(), V, sampler_, hist);
   // The pending token's KV is in; the accepted nodes' KV moves to consecutive entries.

@@ -12,6 +12,7 @@
 // - Generator: one sequence on a Context (larder run / bench); the scheduler drives the same
 //   pieces for continuous batches.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -93,20 +94,61 @@ Result<std::unique_ptr<Drafter>> make_drafter(const std::string& spec, const Mod
 
 // ---- Length control -------------------------------------------------------------------------
 
-// Per sequence: how many nodes to draft next. Tracks the acceptance rate; drafts shrink when
-// guesses fail (to 0, with a probe every few steps) and grow back as they succeed.
+// A forward pass's cost on this machine: t = a + b * rows, least squares over recent passes
+// (forgotten at 1% a pass) plus a start-up measurement of 1 and R rows as a fixed prior (passes
+// of a steady load all have about the same size and cannot pin the slope alone). Without one,
+// the first pass sets a prior of a row at 12% of a pass (what decode measures on CPUs here).
+class CostModel {
+ public:
+  void prior(double t1, double tr, int r);
+  // Times a 1-row and an R-row pass with `pass(rows)` (best of 3) and sets the prior.
+  template <class F>
+  void calibrate(int r, F&& pass);
+  void observe(int rows, double seconds);
+  double a() const { return a_; }  // fixed cost of a pass (s)
+  double b() const { return b_; }  // cost of one more row (s)
+
+ private:
+  double a_ = 1e-3, b_ = 1e-4;
+  double n_ = 0, x_ = 0, y_ = 0, xx_ = 0, xy_ = 0;
+  double p1_ = 0, pr_ = 0, r_ = 0;
+};
+
+// The draft length that maximises expected tokens per second of a pass: a chain of k guesses each
+// kept with probability `rate` (given the previous) yields 1 + rate + ... + rate^k tokens for
+// a + b (k + 1) seconds. 0 when no k beats plain decoding (1 token for a + b).
+int best_length(double rate, double a, double b, int kmax);
+
+// Per sequence: the probability that a guess is kept, given the ones before it were. Each
+// verified draft is a run of kept guesses ended by a rejection (or by the draft's end): kept
+// and rejected counts, forgotten at 15% a draft, with a weak prior of 0.6.
 class LengthControl {
  public:
   explicit LengthControl(int max) : max_(max) {}
-  int next();
-  void observe(int proposed, int accepted);
-  double rate() const { return rate_; }
+  // Guesses to draft next under `cost`; 0 = none (after 8 passes without, one probe).
+  int next(const CostModel& cost);
+  void observe(int depth, int accepted);
+  double rate() const { return (kept_ + 0.6) / (kept_ + lost_ + 1.0); }
+  int max() const { return max_; }
+  bool probing() const { return probing_; }  // the last next() was a probe
 
  private:
   int max_;
-  double rate_ = 0.6;  // EMA of accepted / proposed
-  int idle_ = 0;       // steps since the last draft when turned down
+  double kept_ = 0, lost_ = 0;
+  int idle_ = 0;  // passes since the last draft when turned down
+  bool probing_ = false;
 };
+
+template <class F>
+void CostModel::calibrate(int r, F&& pass) {
+  auto best = [&](int n) {
+    double t = 1e30;
+    for (int i = 0; i < 3; ++i) t = std::min(t, pass(n));
+    return t;
+  };
+  const double t1 = best(1), tr = r > 1 ? best(r) : t1;
+  prior(t1, tr, r);
+}
 
 // Longest root-to-leaf path of a draft (what a perfect verification would keep).
 int max_depth(const Draft& d);
@@ -155,6 +197,7 @@ class Generator {
   Drafter* drafter_;
   SpecParams p_;
   LengthControl len_;
+  CostModel cost_;
   int handle_ = -1;
   int n_prompt_ = 0;
   int n_kv_ = 0;                  // target KV entries (history_ minus the pending last token)
