@@ -331,6 +331,26 @@ TEST(SpecTree, NodeLogitsEqualPlainDecodingBitForBit) {
     }
 }
 
+std::vector<int32_t> testing_greedy(const Model& m, const std::vector<int32_t>& prompt, int n) {
+  ContextParams cp;
+  cp.n_ctx = 512;
+  cp.n_threads = 2;
+  auto c = Context::create(m, cp);
+  EXPECT_TRUE(c.ok());
+  SamplerParams sp;
+  sp.temp = 0;
+  Sampler s(sp, m.cfg.n_vocab);
+  EXPECT_TRUE((*c)->decode(prompt).ok());
+  std::vector<int32_t> h = prompt, out;
+  for (int i = 0; i < n; ++i) {
+    const int32_t t = s.sample((*c)->logits(), h);
+    h.push_back(t);
+    out.push_back(t);
+    EXPECT_TRUE((*c)->decode(std::span<const int32_t>(&t, 1)).ok());
+  }
+  return out;
+}
+
 // Greedy generation through the Generator is token-for-token plain greedy decoding, with every
 // drafter, chain and tree (the small random model loops, so n-gram guesses get accepted).
 TEST(SpecGenerator, GreedyOutputIdenticalToPlainDecoding) {
@@ -341,21 +361,7 @@ TEST(SpecGenerator, GreedyOutputIdenticalToPlainDecoding) {
   std::vector<int32_t> prompt = {1, 20, 30, 40, 20, 30, 40, 50, 60, 20, 30};
   SamplerParams sp;
   sp.temp = 0;
-  // Plain greedy, one token at a time.
-  std::vector<int32_t> ref;
-  {
-    auto c = Context::create(m, cp);
-    ASSERT_TRUE(c.ok());
-    Sampler s(sp, m.cfg.n_vocab);
-    ASSERT_TRUE((*c)->decode(prompt).ok());
-    std::vector<int32_t> h = prompt;
-    for (int i = 0; i < 120; ++i) {
-      const int32_t t = s.sample((*c)->logits(), h);
-      h.push_back(t);
-      ref.push_back(t);
-      ASSERT_TRUE((*c)->decode(std::span<const int32_t>(&t, 1)).ok());
-    }
-  }
+  const std::vector<int32_t> ref = testing_greedy(m, prompt, 120);
   for (std::string name : {"ngram", "suffix", "self:keep=1"})
     for (bool tree : {false, true}) {
       SCOPED_TRACE(name + (tree ? " tree" : " chain"));
@@ -382,6 +388,67 @@ TEST(SpecGenerator, GreedyOutputIdenticalToPlainDecoding) {
       EXPECT_EQ(out, ref);
       EXPECT_GT(g.stats().accepted, 0) << "no guess was ever accepted: the test proves little";
     }
+}
+
+// draft:FILE — a separate, smaller model with the same vocabulary drafts for the target; another
+// vocabulary is refused with a clear error.
+TEST(SpecGenerator, DraftModelFromAFile) {
+  const auto& sm = testing::small_model();
+  const Model& m = *sm.model;
+  const std::string dir = std::filesystem::temp_directory_path();
+  const std::string draft = dir + "/larder_spec_draft_" + std::to_string(getpid()) + ".gguf";
+  const std::string other = dir + "/larder_spec_other_" + std::to_string(getpid()) + ".gguf";
+  SynthShape ss;  // half the width, one layer, the same 400-token vocabulary
+  ss.n_embd = 32;
+  ss.n_ff = 64;
+  ss.n_layer = 1;
+  ss.n_head = 2;
+  ss.n_head_kv = 1;
+  ss.n_vocab = m.cfg.n_vocab;
+  ss.n_ctx = 512;
+  SynthOptions so;
+  so.progress = false;
+  so.scale = 3.0f;
+  so.vocab_from = sm.path;
+  ASSERT_TRUE(synth_model(ss, so, draft).ok());
+  ss.n_vocab = 300;
+  so.vocab_from.clear();
+  ASSERT_TRUE(synth_model(ss, so, other).ok());
+  spec::DrafterOptions o;
+  o.n_threads = 2;
+  o.max_seq_len = 512;
+  auto bad = spec::make_drafter("draft:" + other, m, o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.error().find("vocabulary"), std::string::npos) << bad.error();
+  EXPECT_FALSE(spec::make_drafter("draft:/nonexistent.gguf", m, o).ok());
+  auto d = spec::make_drafter("draft:" + draft, m, o);
+  ASSERT_TRUE(d.ok()) << d.error();
+  std::filesystem::remove(draft);
+  std::filesystem::remove(other);
+  ContextParams cp;
+  cp.n_ctx = 512;
+  cp.n_threads = 2;
+  auto c = Context::create(m, cp);
+  ASSERT_TRUE(c.ok());
+  const std::vector<int32_t> prompt = {1, 20, 30, 40, 20, 30, 40, 50, 60, 20, 30};
+  SamplerParams sp;
+  sp.temp = 0;
+  Sampler s(sp, m.cfg.n_vocab);
+  spec::SpecParams gp;
+  gp.max_tokens = 4;
+  gp.adaptive = false;
+  spec::Generator g(**c, s, d->get(), gp);
+  ASSERT_TRUE(g.start(prompt).ok());
+  std::vector<int32_t> out;
+  while (out.size() < 60) {
+    for (int32_t t : g.take()) out.push_back(t);
+    if (out.size() >= 60) break;
+    ASSERT_TRUE(g.advance().ok());
+  }
+  out.resize(60);
+  auto ref = testing_greedy(m, prompt, 60);
+  EXPECT_EQ(out, ref);
+  EXPECT_GT(g.stats().proposed, 0);
 }
 
 // End to end on a model: seeded speculative generations' first two tokens follow the model's
