@@ -42,7 +42,9 @@ inline std::pair<std::vector<int32_t>, std::vector<float>> greedy_logprobs(const
     for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(lg[v] - lg[b]));
     toks.push_back(b);
     lps.push_back(static_cast<float>(-std::log(sum)));
-    if (i + 1 < n) EXPECT_TRUE((*c)->decode(std::span<const int32_t>(&b, 1)).ok());
+    if (i + 1 < n) {
+      EXPECT_TRUE((*c)->decode(std::span<const int32_t>(&b, 1)).ok());
+    }
   }
   return {toks, lps};
 }

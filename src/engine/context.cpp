@@ -370,11 +370,12 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
 // query row sees its visible entries as if they were one causal sequence (its "virtual" order:
 // the entries sorted by index; a sliding window keeps the last W of them), and computes exactly
 // what that sequence would: scores of the same entries, one softmax over them laid out
-// contiguously, P.V grouped by blocks of the virtual order. So a draft tree's node gives the
-// logits plain decoding of its path gives, bit for bit (greedy verification stays exact).
+// contiguously, P.V grouped by blocks of the virtual order, with kernels whose rounding does not
+// depend on the tile's shape. So a draft tree's node gives the logits plain decoding of its path
+// gives, bit for bit (greedy verification stays exact).
 void Context::masked_tile(int layer, const SeqBatch& s, int t0, int lt0, int ntok, int h, int tid) {
   const ModelConfig& c = model_.cfg;
-  const int hd = c.head_dim, q_dim = c.n_head * hd, group = c.n_head / c.n_head_kv, kvh = h / group;
+  const int hd = c.head_dim, q_dim = c.n_head * hd, kvh = h / (c.n_head / c.n_head_kv);
   const float scale = c.attn_scale > 0 ? c.attn_scale : 1.f / std::sqrt(static_cast<float>(hd));
   const int W = c.is_swa(layer) ? c.sliding_window : 0;
   const uint8_t* kc = k_cache_.data() + static_cast<size_t>(layer) * n_slots_ * k_row_;
@@ -401,59 +402,44 @@ void Context::masked_tile(int layer, const SeqBatch& s, int t0, int lt0, int nto
       len = std::max(len, ix.back() + 1);
     }
   }
-  // Scores as plain decoding computes them: its one-token tiles run a GQA group's heads together
-  // (attention()'s `grouped`), whose kernel rounds like any multi-row tile; otherwise one row at a
-  // time, whose kernel rounds differently. A lone masked row of a grouped model gets a duplicate.
-  const bool decode_grouped = group > 1 && group <= kQBlock && !(type_k_ == DType::F32 && type_v_ == DType::F32);
+  // Scores (per entry the same in every tile shape) over runs of physically consecutive blocks.
   const float* q = q_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
-  auto scores = [&](const float* qr, int64_t ldq, int nt, float* y) {
-    for (int j0 = lo; j0 < len;) {  // over runs of physically consecutive blocks
-      int blk = j0 / block_size_, j1 = std::min(len, (blk + 1) * block_size_);
-      while (j1 < len && s.block_table[j1 / block_size_] == s.block_table[blk] + (j1 / block_size_ - blk))
-        j1 = std::min(len, j1 + block_size_);
-      kernels::attn_scores(type_k_, kc + slot(s, j0) * k_row_ + kvh * k_head_, static_cast<int64_t>(k_row_), j1 - j0,
-                           qr, ldq, nt, hd, y + j0, ld, isa);
-      j0 = j1;
-    }
-  };
-  if (decode_grouped)
-    scores(q, ntok > 1 ? q_dim : 0, std::max(ntok, 2), sc);
-  else
-    for (int i = 0; i < ntok; ++i) scores(q + static_cast<size_t>(i) * q_dim, q_dim, 1, sc + static_cast<size_t>(i) * ld);
+  for (int j0 = lo; j0 < len;) {
+    int blk = j0 / block_size_, j1 = std::min(len, (blk + 1) * block_size_);
+    while (j1 < len && s.block_table[j1 / block_size_] == s.block_table[blk] + (j1 / block_size_ - blk))
+      j1 = std::min(len, j1 + block_size_);
+    kernels::attn_scores(type_k_, kc + slot(s, j0) * k_row_ + kvh * k_head_, static_cast<int64_t>(k_row_), j1 - j0, q,
+                         q_dim, ntok, hd, sc + j0, ld, isa);
+    j0 = j1;
+  }
   if (ms.g.size() < static_cast<size_t>(ld)) ms.g.resize(ld);
   if (ms.v.size() < static_cast<size_t>(block_size_) * v_head_) ms.v.resize(static_cast<size_t>(block_size_) * v_head_);
-  // P.V likewise: the one-row kernel (plain decoding of a model without grouped heads) keeps two
-  // accumulators, the multi-row one one per row; a grouped model's row runs as two identical rows.
-  const int pv_rows = decode_grouped ? 2 : 1;
-  if (ms.o.size() < static_cast<size_t>(2 * hd)) ms.o.resize(2 * hd);
   for (int i = 0; i < ntok; ++i) {
     float* out = att_.data() + static_cast<size_t>(t0 + i) * q_dim + h * hd;
-    float* acc = ms.o.data();  // [pv_rows][hd]
-    std::memset(acc, 0, static_cast<size_t>(pv_rows) * hd * sizeof(float));
+    std::memset(out, 0, hd * sizeof(float));
     const std::vector<int>& ix = ms.idx[i];
     const int m = static_cast<int>(ix.size());
-    if (m > 0) {
-      const float* row = sc + static_cast<size_t>(i) * ld;
-      float* g = ms.g.data();
-      for (int k = 0; k < m; ++k) g[k] = row[ix[k]] * scale;
-      kernels::softmax(g, m);
-      for (int k0 = 0; k0 < m;) {
-        const int k1 = std::min(m, ((v0[i] + k0) / block_size_ + 1) * block_size_ - v0[i]);
-        const bool direct = ix[k1 - 1] - ix[k0] == k1 - 1 - k0 && ix[k0] / block_size_ == ix[k1 - 1] / block_size_;
-        const uint8_t* vr = vc + slot(s, ix[k0]) * v_row_ + kvh * v_head_;
-        int64_t ldv = static_cast<int64_t>(v_row_);
-        if (!direct) {  // entries from elsewhere (a draft's ancestors): gathered into virtual order
-          for (int k = k0; k < k1; ++k)
-            std::memcpy(ms.v.data() + static_cast<size_t>(k - k0) * v_head_, vc + slot(s, ix[k]) * v_row_ + kvh * v_head_,
-                        v_head_);
-          vr = ms.v.data();
-          ldv = static_cast<int64_t>(v_head_);
-        }
-        kernels::attn_pv(type_v_, g + k0, 0, pv_rows, vr, ldv, k1 - k0, hd, acc, hd, isa);
-        k0 = k1;
+    if (m == 0) continue;  // nothing visible: a zero output
+    const float* row = sc + static_cast<size_t>(i) * ld;
+    float* g = ms.g.data();
+    for (int k = 0; k < m; ++k) g[k] = row[ix[k]] * scale;
+    kernels::softmax(g, m);
+    // P.V in blocks of the virtual order (rows round alike in every tile shape: the kernels).
+    for (int k0 = 0; k0 < m;) {
+      const int k1 = std::min(m, ((v0[i] + k0) / block_size_ + 1) * block_size_ - v0[i]);
+      const bool direct = ix[k1 - 1] - ix[k0] == k1 - 1 - k0 && ix[k0] / block_size_ == ix[k1 - 1] / block_size_;
+      const uint8_t* vr = vc + slot(s, ix[k0]) * v_row_ + kvh * v_head_;
+      int64_t ldv = static_cast<int64_t>(v_row_);
+      if (!direct) {  // entries from elsewhere (a draft's ancestors): gathered into virtual order
+        for (int k = k0; k < k1; ++k)
+          std::memcpy(ms.v.data() + static_cast<size_t>(k - k0) * v_head_, vc + slot(s, ix[k]) * v_row_ + kvh * v_head_,
+                      v_head_);
+        vr = ms.v.data();
+        ldv = static_cast<int64_t>(v_head_);
       }
+      kernels::attn_pv(type_v_, g + k0, ld, 1, vr, ldv, k1 - k0, hd, out, q_dim, isa);
+      k0 = k1;
     }
-    std::memcpy(out, acc, hd * sizeof(float));  // nothing visible: a zero output
   }
 }
 

@@ -163,7 +163,6 @@ class Context {
     std::vector<std::vector<int>> idx;  // [kQBlock] visible entries of each row, sorted
     std::vector<float> g;               // [max_seq_len] one row's probabilities in virtual order
     std::vector<uint8_t> v;             // [block_size][one head's V bytes] gathered rows
-    std::vector<float> o;               // [2][head_dim] P.V accumulators
   };
   std::vector<MaskScratch> mask_scratch_;  // [n_threads] scratch for masked attention
   std::vector<float> out_rows_;   // [n_batch][n_vocab] logits staging when rows are gathered

@@ -303,24 +303,14 @@ LARDER_TARGET_AVX512 void sc_tile_avx512(const uint8_t* K, int64_t ldk, const fl
 template <DType T, int NT>
 LARDER_TARGET_AVX512 void pv_tile_avx512(const float* P, int64_t ldp, const uint8_t* V, int64_t ldv, int64_t len, int d0,
                                          int nj, const __mmask16* m, float* out, int64_t ldo) {
-  __m512 acc[NT][4], acc2[4];
+  // One accumulator chain per row, whatever NT is: a row's sum then rounds the same in every tile
+  // shape (a decode row, the 7th row of a prefill tile, a draft node), so outputs do not depend on
+  // how prompts were chunked or batched. (Two interleaved chains for NT == 1 were faster for
+  // one-row decode but made such a row round differently: greedy answers changed with the load.)
+  __m512 acc[NT][4];
   for (int t = 0; t < NT; ++t)
     for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_setzero_ps();
-  for (int j = 0; j < 4; ++j) acc2[j] = _mm512_setzero_ps();
-  int64_t p = 0;
-  if constexpr (NT == 1) {  // decode: two rows in flight, twice the independent FMA chains
-    for (; p + 2 <= len; p += 2) {
-      const uint8_t* r0 = V + p * ldv;
-      const uint8_t* r1 = r0 + ldv;
-      const __m512 s0 = _mm512_set1_ps(P[p]), s1 = _mm512_set1_ps(P[p + 1]);
-      for (int j = 0; j < 4; ++j)
-        if (j < nj) {
-          acc[0][j] = _mm512_fmadd_ps(s0, load16<T>(r0, d0 + 16 * j, m[j]), acc[0][j]);
-          acc2[j] = _mm512_fmadd_ps(s1, load16<T>(r1, d0 + 16 * j, m[j]), acc2[j]);
-        }
-    }
-  }
-  for (; p < len; ++p) {
+  for (int64_t p = 0; p < len; ++p) {
     const uint8_t* row = V + p * ldv;
     __m512 vv[4];
     for (int j = 0; j < 4; ++j)
@@ -331,8 +321,6 @@ LARDER_TARGET_AVX512 void pv_tile_avx512(const float* P, int64_t ldp, const uint
         if (j < nj) acc[t][j] = _mm512_fmadd_ps(s, vv[j], acc[t][j]);
     }
   }
-  if constexpr (NT == 1)
-    for (int j = 0; j < 4; ++j) acc[0][j] = _mm512_add_ps(acc[0][j], acc2[j]);
   for (int t = 0; t < NT; ++t)
     for (int j = 0; j < 4; ++j)
       if (j < nj) {
