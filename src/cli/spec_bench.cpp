@@ -257,34 +257,50 @@ int bench_spec_replay(Args& a) {
     *secs = std::chrono::duration<double>(Clock::now() - t0).count();
     return Status::Ok();
   };
+  // Per prompt: plain decoding of as many tokens as the longest trace produced, then each trace.
+  std::map<int, std::vector<const nlohmann::json*>> by_prompt;
+  for (const auto& run : j["runs"])
+    if (run["spec"] != "none" && run.value("rep", 0) == 0) by_prompt[run["prompt"].get<int>()].push_back(&run);
   for (int r = -1; r < a.reps; ++r)
-    for (const auto& run : j["runs"]) {
-      if (run["spec"] == "none" || run.value("rep", 0) != 0) continue;  // one trace per prompt and drafter
-      const std::string name = run["spec"].get<std::string>(), cat = run["category"].get<std::string>();
-      if (std::find(specs.begin(), specs.end(), name) == specs.end()) specs.push_back(name);
-      std::vector<std::pair<int, int>> passes, plain;
-      int64_t produced = 0, acc_sum = 0, n_pass = 0;
-      for (const auto& p : run["trace"]) {
-        const int nodes = std::min(64, p[0].get<int>()), acc = std::min(nodes, p[1].get<int>());
-        passes.emplace_back(nodes, acc);
-        produced += 1 + acc;
-        acc_sum += acc;
-        ++n_pass;
+    for (const auto& [pi, runs] : by_prompt) {
+      struct One {
+        std::string name, cat;
+        std::vector<std::pair<int, int>> passes;
+        int64_t produced = 0, acc = 0;
+      };
+      std::vector<One> ones;
+      int64_t longest = 0;
+      for (const nlohmann::json* run : runs) {
+        One o;
+        o.name = (*run)["spec"].get<std::string>();
+        o.cat = (*run)["category"].get<std::string>();
+        if (std::find(specs.begin(), specs.end(), o.name) == specs.end()) specs.push_back(o.name);
+        for (const auto& p : (*run)["trace"]) {
+          const int nodes = std::min(64, p[0].get<int>()), acc = std::min(nodes, p[1].get<int>());
+          o.passes.emplace_back(nodes, acc);
+          o.produced += 1 + acc;
+          o.acc += acc;
+        }
+        longest = std::max(longest, o.produced);
+        ones.push_back(std::move(o));
       }
-      for (int64_t i = 0; i < produced; ++i) plain.emplace_back(0, 0);
-      double ts = 0, tp = 0;
+      std::vector<std::pair<int, int>> plain(longest, {0, 0});
+      double tp = 0;
       Status st = run_passes(plain, &tp);
-      if (st.ok()) st = run_passes(passes, &ts);
       if (!st.ok()) return fail(st.error());
-      if (r < 0) continue;
-      Cell& base = cells[cat]["none"];
-      base.tokens += produced;
-      base.seconds += tp;
-      Cell& c = cells[cat][name];
-      c.tokens += produced;
-      c.seconds += ts;
-      c.passes += n_pass;
-      c.accepted += acc_sum;
+      for (const One& o : ones) {
+        double ts = 0;
+        if (!(st = run_passes(o.passes, &ts)).ok()) return fail(st.error());
+        if (r < 0) continue;
+        Cell& base = cells[o.cat]["none"];  // plain time prorated to this trace's tokens
+        base.tokens += o.produced;
+        base.seconds += tp * o.produced / std::max<int64_t>(1, longest);
+        Cell& c = cells[o.cat][o.name];
+        c.tokens += o.produced;
+        c.seconds += ts;
+        c.passes += o.passes.size();
+        c.accepted += o.acc;
+      }
     }
   std::printf("replayed on %s (%s, %d threads, isa %s): acceptance from %s\n", m.path.c_str(), m.cfg.arch.c_str(),
               ctx.n_threads(), kernels::active_isa_name(), a.spec_replay.c_str());

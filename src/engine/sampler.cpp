@@ -84,8 +84,24 @@ int32_t Sampler::prepare(const float* logits, const std::vector<int32_t>& histor
   cands_.clear();
   for (int32_t i = 0; i < n_vocab_; ++i) cands_.push_back({i, lg[i], 0.f});
   auto by_logit = [](const Cand& a, const Cand& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); };
+  const bool whole = p_.top_k <= 0 || p_.top_k >= n_vocab_;
+  if (whole && p_.top_p >= 1.f) {
+    // No truncation that needs an order (temperature and min-p only): the vocabulary in id order,
+    // no sort (a full sort of a large vocabulary costs more than the rest of a decode step).
+    float mx = cands_[0].logit;
+    for (const auto& c : cands_) mx = std::max(mx, c.logit);
+    double sum = 0;
+    for (auto& c : cands_) sum += c.p = std::exp((c.logit - mx) / p_.temp);
+    float pmax = 0;
+    for (auto& c : cands_) pmax = std::max(pmax, c.p = static_cast<float>(c.p / sum));
+    if (p_.min_p > 0.f) {
+      const float thresh = p_.min_p * pmax;
+      cands_.erase(std::remove_if(cands_.begin(), cands_.end(), [&](const Cand& c) { return c.p < thresh; }), cands_.end());
+    }
+    return -1;
+  }
   size_t k = cands_.size();
-  if (p_.top_k > 0 && static_cast<size_t>(p_.top_k) < k) {
+  if (!whole) {
     k = p_.top_k;
     std::partial_sort(cands_.begin(), cands_.begin() + k, cands_.end(), by_logit);
     cands_.resize(k);

@@ -29,7 +29,7 @@ class Sampler {
   // continuing a stream whose first token was sampled by a prefill instance.
   void skip_draw();
   // The distribution sample() draws from (penalties, temperature, top-k, min-p, top-p applied),
-  // renormalised, best first; greedy: the argmax alone with p = 1. Speculative verification
+  // renormalised, in no particular order; greedy: the argmax alone with p = 1. Speculative verification
   // compares it with a drafter's proposal.
   struct TokenProb {
     int32_t id;
@@ -48,7 +48,8 @@ class Sampler {
     float logit;
     float p;
   };
-  // Fills cands_ (kept candidates, unnormalised p, best first) or, when greedy, returns the argmax.
+  // Fills cands_ (kept candidates, unnormalised p; sorted best first only where top-k/top-p need it)
+  // or, when greedy, returns the argmax.
   int32_t prepare(const float* logits, const std::vector<int32_t>& history);
   SamplerParams p_;
   int n_vocab_;

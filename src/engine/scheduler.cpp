@@ -808,7 +808,7 @@ void Scheduler::plan_drafts(const std::vector<Seq*>& order, int budget) {
                                max_seq_len_ - static_cast<int>(s->tokens.size()) - 1});
     if (kmax <= 0) continue;
     if (!s->spec_len) s->spec_len = std::make_unique<spec::LengthControl>(want);
-    const int k = params_.spec_fixed ? kmax : std::min(kmax, s->spec_len->next(cost_));
+    const int k = params_.spec_fixed ? kmax : std::min(kmax, s->spec_len->next(cost_, params_.drafter->seconds_per_token()));
     if (k <= 0) continue;
     cand.push_back(s);
     cap.push_back(k);
@@ -819,7 +819,7 @@ void Scheduler::plan_drafts(const std::vector<Seq*>& order, int budget) {
   // Rows go where they buy the most expected tokens (the j-th guess of a sequence accepted with
   // about rate^j) while that beats the pass's tokens per second: a memory-bound pass takes many,
   // a compute-bound one (large batch, prompt chunks) few or none.
-  const double cost_b = cost_.b();
+  const double cost_b = cost_.b() + params_.drafter->seconds_per_token();  // a verify row and its guess
   double gen = decoding, time = cost_.a() + cost_b * rows;
   std::vector<double> next(cand.size());
   // A probe (a sequence turned down tries one guess now and then) is worth a row where a guess

@@ -1,6 +1,7 @@
 // Model drafters (a smaller model, or the target with layers skipped), suffix decoding's wrapper,
 // and the factory that parses --spec.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +27,7 @@ class ModelDrafter final : public Drafter {
   }
   std::string name() const override { return name_; }
   bool samples() const override { return true; }
+  double seconds_per_token() const override { return per_token_s_; }
 
   int start(std::span<const int32_t>) override {
     for (size_t i = 0; i < reqs_.size(); ++i)
@@ -47,11 +49,24 @@ class ModelDrafter final : public Drafter {
   }
 
   void propose(std::span<DraftJob> jobs) override {
+    const auto t_start = std::chrono::steady_clock::now();
+    int drafted = 0;
+    propose_(jobs);
+    for (const DraftJob& j : jobs) drafted += j.out->size();
+    if (drafted > 0) {
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() / drafted;
+      per_token_s_ = per_token_s_ > 0 ? 0.8 * per_token_s_ + 0.2 * s : s;
+    }
+  }
+
+ private:
+  void propose_(std::span<DraftJob> jobs) {
     const int V = ctx_->n_vocab();
     const int bs = ctx_->block_size();
     struct Act {
       DraftJob* job;
       Req* r;
+      std::span<const int32_t> ctx;  // the context from the request's window offset
       std::vector<int32_t> hist;   // context + drafted so far (penalties)
       std::vector<float> logits;   // [V] after the last fed token
       bool sampling;
@@ -63,7 +78,12 @@ class ModelDrafter final : public Drafter {
       j.out->clear();
       if (j.max_tokens <= 0 || j.handle < 0 || j.handle >= static_cast<int>(reqs_.size()) || j.context.empty()) continue;
       Req& r = reqs_[j.handle];
-      const int need = static_cast<int>(j.context.size()) + j.max_tokens;
+      // A draft model sees at most the last kWindow tokens it did not see before: its first call does
+      // not prefill a long prompt (the guesses mostly depend on the recent text).
+      if (r.kv.empty()) r.offset = std::max<int>(0, static_cast<int>(j.context.size()) - kWindow);
+      if (r.offset >= static_cast<int>(j.context.size())) r.offset = 0;
+      const std::span<const int32_t> ctx = j.context.subspan(r.offset);
+      const int need = static_cast<int>(ctx.size()) + j.max_tokens;
       if (need > ctx_->n_ctx()) continue;
       while (static_cast<int>(r.table.size()) * bs < need && !free_.empty()) {
         r.table.push_back(free_.back());
@@ -72,10 +92,10 @@ class ModelDrafter final : public Drafter {
       if (static_cast<int>(r.table.size()) * bs < need) continue;  // the draft pool is full: no draft this time
       // Keep the longest common prefix of what the draft KV holds and the context.
       size_t keep = 0;
-      while (keep < r.kv.size() && keep < j.context.size() && r.kv[keep] == j.context[keep]) ++keep;
-      if (keep >= j.context.size()) keep = j.context.size() - 1;  // the last token's logits are needed
+      while (keep < r.kv.size() && keep < ctx.size() && r.kv[keep] == ctx[keep]) ++keep;
+      if (keep >= ctx.size()) keep = ctx.size() - 1;  // the last token's logits are needed
       r.kv.resize(keep);
-      Act a{&j, &r, std::vector<int32_t>(j.context.begin(), j.context.end()), std::vector<float>(V),
+      Act a{&j, &r, ctx, std::vector<int32_t>(j.context.begin(), j.context.end()), std::vector<float>(V),
             j.sampling && j.sampling->temp > 0 && !j.tree};
       act.push_back(std::move(a));
     }
@@ -90,12 +110,12 @@ class ModelDrafter final : public Drafter {
         std::vector<int> n_take;
         int budget = ctx_->n_batch();
         for (size_t i = 0; i < act.size() && budget > 0; ++i) {
-          const int left = static_cast<int>(act[i].job->context.size() - fed[i]);
+          const int left = static_cast<int>(act[i].ctx.size() - fed[i]);
           if (left <= 0) continue;
           const int k = std::min(left, budget);
           budget -= k;
           SeqBatch sb;
-          sb.tokens = act[i].job->context.subspan(fed[i], k);
+          sb.tokens = act[i].ctx.subspan(fed[i], k);
           sb.block_table = act[i].r->table;
           sb.n_kv = static_cast<int>(fed[i]);
           sb.logits = k == left ? act[i].logits.data() : nullptr;
@@ -107,8 +127,7 @@ class ModelDrafter final : public Drafter {
         if (!ctx_->decode_batch(batch).ok()) return;  // drafting is best effort: no draft
         for (size_t b = 0; b < who.size(); ++b) {
           Act& a = act[who[b]];
-          a.r->kv.insert(a.r->kv.end(), a.job->context.begin() + fed[who[b]],
-                         a.job->context.begin() + fed[who[b]] + n_take[b]);
+          a.r->kv.insert(a.r->kv.end(), a.ctx.begin() + fed[who[b]], a.ctx.begin() + fed[who[b]] + n_take[b]);
           fed[who[b]] += n_take[b];
         }
       }
@@ -149,8 +168,9 @@ class ModelDrafter final : public Drafter {
             x = dist[0].id;
             px = top_prob(a.logits.data(), V, x);
           } else {
-            x = dist[0].id;
-            px = dist[0].p;
+            const auto best = std::max_element(dist.begin(), dist.end(), [](const auto& u, const auto& v) { return u.p < v.p; });
+            x = best->id;
+            px = best->p;
           }
         }
         const int parent = a.chain;
@@ -184,8 +204,11 @@ class ModelDrafter final : public Drafter {
 
  private:
   static constexpr float kMinConfidence = 0.3f;
+  static constexpr int kWindow = 128;
+  double per_token_s_ = 0;
   struct Req {
     bool live = false;
+    int offset = 0;              // context tokens before the draft's window
     std::vector<int32_t> table;  // draft pool blocks
     std::vector<int32_t> kv;     // tokens whose draft KV is in the blocks
     std::unique_ptr<Sampler> sampler;

@@ -235,13 +235,13 @@ void CostModel::observe(int rows, double seconds) {
   }
 }
 
-int best_length(double rate, double a, double b, int kmax) {
+int best_length(double rate, double a, double b, int kmax, double draft_s) {
   double best = 1.0 / (a + b), tokens = 1, term = 1;
   int k_best = 0;
   for (int k = 1; k <= kmax; ++k) {
     term *= rate;
     tokens += term;
-    const double v = tokens / (a + b * (k + 1));
+    const double v = tokens / (a + b * (k + 1) + draft_s * k);
     if (v > best * 1.02) {  // a margin: noise in rate and cost should not make drafting a loss
       best = v;
       k_best = k;
@@ -250,14 +250,16 @@ int best_length(double rate, double a, double b, int kmax) {
   return k_best;
 }
 
-int LengthControl::next(const CostModel& cost) {
-  const int k = best_length(rate(), cost.a(), cost.b(), max_);
+int LengthControl::next(const CostModel& cost, double draft_s) {
+  const int k = best_length(rate(), cost.a(), cost.b(), max_, draft_s);
   probing_ = false;
   if (k > 0) {
     idle_ = 0;
     return k;
   }
-  if (++idle_ < 8) return 0;
+  // Probes are rare where a guess costs the drafter a good part of a pass (a draft model catches up
+  // on everything since its last guess): every 8 passes, else every 64.
+  if (++idle_ < (draft_s > 0.1 * (cost.a() + cost.b()) ? 64 : 8)) return 0;
   idle_ = 0;
   probing_ = true;
   return 1;  // a probe: acceptance may have changed (a copy-heavy stretch began)
@@ -332,7 +334,7 @@ Status Generator::advance() {
   if (room < 0) return make_error("context is full (%d tokens)", ctx_.n_ctx());
   Draft d;
   if (drafter_) {
-    int k = p_.adaptive ? len_.next(cost_) : p_.max_tokens;
+    int k = p_.adaptive ? len_.next(cost_, drafter_->seconds_per_token()) : p_.max_tokens;
     k = std::min({k, room, ctx_.n_batch() - 1});
     if (k > 0) {
       DraftJob j;

@@ -71,6 +71,9 @@ class Drafter {
   virtual void finish(int handle, std::span<const int32_t> output, bool completed) = 0;
   // Whether guesses carry q and follow the sampler (draft models) or are deterministic.
   virtual bool samples() const { return false; }
+  // Seconds a drafted token costs the drafter itself (a draft model's passes; ~0 for lookups),
+  // measured: the draft length weighs it like the target's rows.
+  virtual double seconds_per_token() const { return 0; }
 };
 
 // Prompt lookup: the most recent earlier occurrence of the last n tokens (n = max_n .. min_n) in
@@ -117,7 +120,8 @@ class CostModel {
 // The draft length that maximises expected tokens per second of a pass: a chain of k guesses each
 // kept with probability `rate` (given the previous) yields 1 + rate + ... + rate^k tokens for
 // a + b (k + 1) seconds. 0 when no k beats plain decoding (1 token for a + b).
-int best_length(double rate, double a, double b, int kmax);
+// draft_s: what each guess costs the drafter (seconds).
+int best_length(double rate, double a, double b, int kmax, double draft_s = 0);
 
 // Per sequence: the probability that a guess is kept, given the ones before it were. Each
 // verified draft is a run of kept guesses ended by a rejection (or by the draft's end): kept
@@ -126,7 +130,7 @@ class LengthControl {
  public:
   explicit LengthControl(int max) : max_(max) {}
   // Guesses to draft next under `cost`; 0 = none (after 8 passes without, one probe).
-  int next(const CostModel& cost);
+  int next(const CostModel& cost, double draft_s = 0);
   void observe(int depth, int accepted);
   double rate() const { return (kept_ + 0.6) / (kept_ + lost_ + 1.0); }
   int max() const { return max_; }
