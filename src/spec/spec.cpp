@@ -242,7 +242,7 @@ int best_length(double rate, double a, double b, int kmax, double draft_s) {
     term *= rate;
     tokens += term;
     const double v = tokens / (a + b * (k + 1) + draft_s * k);
-    if (v > best * 1.02) {  // a margin: noise in rate and cost should not make drafting a loss
+    if (v > best * 1.05) {  // a margin: noise in rate and cost should not make drafting a loss
       best = v;
       k_best = k;
     }

@@ -132,7 +132,7 @@ class LengthControl {
   // Guesses to draft next under `cost`; 0 = none (after 8 passes without, one probe).
   int next(const CostModel& cost, double draft_s = 0);
   void observe(int depth, int accepted);
-  double rate() const { return (kept_ + 0.6) / (kept_ + lost_ + 1.0); }
+  double rate() const { return (kept_ + 0.3) / (kept_ + lost_ + 1.0); }
   int max() const { return max_; }
   bool probing() const { return probing_; }  // the last next() was a probe
 
