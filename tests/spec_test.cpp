@@ -331,6 +331,19 @@ TEST(SpecTree, NodeLogitsEqualPlainDecodingBitForBit) {
     }
 }
 
+// The first n tokens a Generator produces for `prompt` (empty when a pass failed).
+std::vector<int32_t> generate(spec::Generator& g, const std::vector<int32_t>& prompt, size_t n) {
+  std::vector<int32_t> out;
+  if (!g.start(prompt).ok()) return {};
+  for (;;) {
+    for (int32_t t : g.take()) out.push_back(t);
+    if (out.size() >= n) break;
+    if (!g.advance().ok()) return {};
+  }
+  out.resize(n);
+  return out;
+}
+
 std::vector<int32_t> testing_greedy(const Model& m, const std::vector<int32_t>& prompt, int n) {
   ContextParams cp;
   cp.n_ctx = 512;
@@ -377,15 +390,7 @@ TEST(SpecGenerator, GreedyOutputIdenticalToPlainDecoding) {
       p.max_tokens = 6;
       p.tree = tree;
       spec::Generator g(**c, s, d->get(), p);
-      ASSERT_TRUE(g.start(prompt).ok());
-      std::vector<int32_t> out;
-      while (out.size() < ref.size()) {
-        for (int32_t t : g.take()) out.push_back(t);
-        if (out.size() >= ref.size()) break;
-        ASSERT_TRUE(g.advance().ok());
-      }
-      out.resize(ref.size());
-      EXPECT_EQ(out, ref);
+      EXPECT_EQ(generate(g, prompt, ref.size()), ref);
       EXPECT_GT(g.stats().accepted, 0) << "no guess was ever accepted: the test proves little";
     }
 }
@@ -438,16 +443,7 @@ TEST(SpecGenerator, DraftModelFromAFile) {
   gp.max_tokens = 4;
   gp.adaptive = false;
   spec::Generator g(**c, s, d->get(), gp);
-  ASSERT_TRUE(g.start(prompt).ok());
-  std::vector<int32_t> out;
-  while (out.size() < 60) {
-    for (int32_t t : g.take()) out.push_back(t);
-    if (out.size() >= 60) break;
-    ASSERT_TRUE(g.advance().ok());
-  }
-  out.resize(60);
-  auto ref = testing_greedy(m, prompt, 60);
-  EXPECT_EQ(out, ref);
+  EXPECT_EQ(generate(g, prompt, 60), testing_greedy(m, prompt, 60));
   EXPECT_GT(g.stats().proposed, 0);
 }
 
@@ -696,15 +692,7 @@ TEST(SpecScheduler, AcceptedSecondBranchKeepsItsKv) {
   gp.tree = true;
   gp.adaptive = false;
   spec::Generator g(**c, smp, &oracle, gp);
-  ASSERT_TRUE(g.start(prompts[1]).ok());
-  std::vector<int32_t> out;
-  while (out.size() < 30) {
-    for (int32_t t : g.take()) out.push_back(t);
-    if (out.size() >= 30) break;
-    ASSERT_TRUE(g.advance().ok());
-  }
-  out.resize(30);
-  EXPECT_EQ(out, ref[1].first);
+  EXPECT_EQ(generate(g, prompts[1], 30), ref[1].first);
   EXPECT_GT(g.stats().accepted, 10);
 }
 

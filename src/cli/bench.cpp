@@ -17,7 +17,6 @@
 
 namespace larder::cli {
 
-namespace {
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
   std::stringstream ss(s);
@@ -26,6 +25,8 @@ std::vector<std::string> split(const std::string& s) {
     if (!x.empty()) out.push_back(x);
   return out;
 }
+
+namespace {
 Result<std::vector<int>> split_ints(const std::string& s, const char* what) {
   std::vector<int> v;
   for (auto& x : split(s)) {

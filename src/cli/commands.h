@@ -15,6 +15,8 @@ int cmd_tokenize(Args& a);
 int cmd_synth(Args& a);
 int cmd_logits(Args& a);
 int cmd_bench(Args& a);
+// A comma-separated list's non-empty items (bench.cpp).
+std::vector<std::string> split(const std::string& s);
 // bench --spec-prompts / --spec-replay (spec_bench.cpp)
 int bench_spec(Args& a);
 int cmd_quantize(Args& a);    // src/cli/quantize.cpp

@@ -32,18 +32,6 @@ struct Cell {  // one (category, drafter)
   int64_t passes = 0, drafted = 0, accepted = 0;
 };
 
-std::vector<std::string> split_list(const std::string& s) {
-  std::vector<std::string> out;
-  size_t i = 0;
-  while (i <= s.size()) {
-    size_t j = s.find(',', i);
-    if (j == std::string::npos) j = s.size();
-    if (j > i) out.push_back(s.substr(i, j - i));
-    i = j + 1;
-  }
-  return out;
-}
-
 void print_table(const std::vector<std::string>& specs, const std::map<std::string, std::map<std::string, Cell>>& cells,
                  const char* what) {
   std::printf("\n| category | %s |", what);
@@ -81,7 +69,7 @@ struct Loaded {
   std::unique_ptr<Context> ctx;
 };
 Result<Loaded> load_one(const Args& a, const char* flag, int n_ctx) {
-  auto models = split_list(a.bench_models);
+  auto models = split(a.bench_models);
   if (models.size() != 1) return make_error("%s takes one model (-m)", flag);
   Loaded l;
   LARDER_TRY(m, load_model(models[0], "", !a.no_repack));
@@ -117,7 +105,7 @@ int bench_spec(Args& a) {
     }
   }
   if (prompts.empty()) return fail(a.spec_prompts + " has no prompts");
-  std::vector<std::string> specs = split_list(a.spec.empty() ? "ngram" : a.spec);
+  std::vector<std::string> specs = split(a.spec.empty() ? "ngram" : a.spec);
   if (std::find(specs.begin(), specs.end(), "none") == specs.end()) specs.insert(specs.begin(), "none");
   const int n_gen = std::atoi(a.bench_gen.c_str());
   if (n_gen <= 0) return fail("-n must be positive");

@@ -21,8 +21,9 @@ namespace {
 // of all jobs together, one token per job per pass.
 class ModelDrafter final : public Drafter {
  public:
-  ModelDrafter(std::unique_ptr<Model> owned, const Model* m, std::unique_ptr<Context> ctx, std::string name)
-      : owned_(std::move(owned)), m_(m), ctx_(std::move(ctx)), name_(std::move(name)) {
+  // owned: the draft model the context runs on (the context only refers to it).
+  ModelDrafter(std::unique_ptr<Model> owned, std::unique_ptr<Context> ctx, std::string name)
+      : owned_(std::move(owned)), ctx_(std::move(ctx)), name_(std::move(name)) {
     for (int b = ctx_->n_blocks() - 1; b >= 0; --b) free_.push_back(b);
   }
   std::string name() const override { return name_; }
@@ -236,7 +237,6 @@ class ModelDrafter final : public Drafter {
     return r;
   }
   std::unique_ptr<Model> owned_;
-  const Model* m_;
   std::unique_ptr<Context> ctx_;
   std::string name_;
   std::vector<Req> reqs_;
@@ -298,16 +298,16 @@ std::unique_ptr<Model> layer_view(const Model& t, const std::vector<int>& keep) 
   return m;
 }
 
-Result<std::unique_ptr<Drafter>> model_drafter(std::unique_ptr<Model> owned, const Model* m, const DrafterOptions& o,
+Result<std::unique_ptr<Drafter>> model_drafter(std::unique_ptr<Model> owned, const DrafterOptions& o,
                                                std::string name) {
   ContextParams cp;
   cp.n_threads = o.n_threads;
   cp.max_seq_len = o.max_seq_len + 64;
   cp.n_ctx = std::max(1, o.parallel) * (o.max_seq_len + 64);
   cp.n_batch = 256;
-  auto c = Context::create(*m, cp);
+  auto c = Context::create(*owned, cp);
   if (!c.ok()) return make_error("draft model: %s", c.error().c_str());
-  return std::unique_ptr<Drafter>(new ModelDrafter(std::move(owned), m, std::move(*c), std::move(name)));
+  return std::unique_ptr<Drafter>(new ModelDrafter(std::move(owned), std::move(*c), std::move(name)));
 }
 
 }  // namespace
@@ -336,8 +336,7 @@ Result<std::unique_ptr<Drafter>> make_drafter(const std::string& spec, const Mod
       for (int id : {0, 1, 2, 100, target.cfg.n_vocab / 2, target.cfg.n_vocab - 1})
         if ((*m)->tokenizer->vocab().tokens[id] != target.tokenizer->vocab().tokens[id])
           return bad("the draft model's token " + std::to_string(id) + " differs from the target's");
-    const Model* p = m->get();
-    return model_drafter(std::move(*m), p, o, "draft");
+    return model_drafter(std::move(*m), o, "draft");
   }
   if (spec.rfind("self:", 0) == 0) {
     const std::string a = spec.substr(5);
@@ -372,8 +371,7 @@ Result<std::unique_ptr<Drafter>> make_drafter(const std::string& spec, const Mod
       if (!skip[l]) keep.push_back(l);
     if (keep.empty() || static_cast<int>(keep.size()) == L) return bad("it must keep some layers and skip some");
     auto view = layer_view(target, keep);
-    const Model* p = view.get();
-    return model_drafter(std::move(view), p, o, "self");
+    return model_drafter(std::move(view), o, "self");
   }
   return bad("unknown drafter");
 }
