@@ -55,6 +55,8 @@ std::string model_path(const Args& a) {
   return a.positional;
 }
 
+}  // namespace
+
 Result<std::vector<int32_t>> parse_ids(const std::string& s) {
   std::vector<int32_t> ids;
   size_t i = 0;
@@ -75,8 +77,6 @@ Result<std::unique_ptr<Model>> open_model(const Args& a) {
   if (p.empty()) return make_error("no model given (use -m PATH or set LARDER_MODEL)");
   return load_model(p, a.tokenizer, !a.no_repack);
 }
-
-}  // namespace
 
 SamplerParams sampler_params(const Args& a) {
   SamplerParams sp;

@@ -6,6 +6,7 @@
 #include "core/result.h"
 #include "engine/sampler.h"
 #include "model/dtype.h"
+#include "model/model.h"
 
 namespace larder::cli {
 int cmd_run(Args& a);
@@ -14,6 +15,10 @@ int cmd_info(Args& a);
 int cmd_tokenize(Args& a);
 int cmd_synth(Args& a);
 int cmd_logits(Args& a);
+int cmd_docs(Args& a);        // src/cli/docs.cpp
+// The model of -m (or the positional file), and a comma/space-separated id list.
+Result<std::unique_ptr<Model>> open_model(const Args& a);
+Result<std::vector<int32_t>> parse_ids(const std::string& s);
 int cmd_bench(Args& a);
 // A comma-separated list's non-empty items (bench.cpp).
 std::vector<std::string> split(const std::string& s);

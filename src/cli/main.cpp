@@ -81,6 +81,7 @@ int main(int argc, char** argv) {
       {"simulate", "simulate a cluster serving a trace (--trace FILE --instances N|P,D --policy NAME --calibration FILE) and report hit rate, TTFT, TBT, goodput", cmd_simulate},
       {"calibrate", "measure an instance's costs on a real engine (prefill, decode, tiers) for `larder simulate`: -m MODEL -o calib.json", cmd_calibrate},
       {"logits", "dump logits / greedy ids for token ids (for reference tests)", cmd_logits},
+      {"docs", "per-document KV (RAG): compose one prompt from token ids (--tokens-json, --dump) or run the fidelity benchmark (--cases, --methods, -o)", cmd_docs},
   };
   std::vector<std::pair<CLI::App*, const Cmd*>> subs;
   DashAliases aliases;

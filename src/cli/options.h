@@ -57,6 +57,12 @@ struct Args {
   int tied = 0;
   bool llama3_rope = false;
   std::string vocab_from;
+  // docs (per-document KV)
+  std::string doc_mode = "focus";
+  float ape_t = 0.9f, ape_s = 0.9f, blend_ratio = 0.15f, focus_budget = 0.15f;
+  int blend_layers = 2, link_k = 16, focus_k = 4;
+  std::string tokens_json, dump, doc_cases, doc_methods;
+  int doc_limit = 0, doc_gen = 8;
   // bench
   std::string bench_models;
   std::string bench_prompt = "512";

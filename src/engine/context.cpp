@@ -202,10 +202,27 @@ Status Context::validate(std::span<const SeqBatch> batch, int* n_total) const {
     total += n;
     if (!s.positions.empty() && s.positions.size() != s.tokens.size())
       return make_error("sequence %zu: %zu positions for %d tokens", i, s.positions.size(), n);
-    if (s.n_kv < 0 || s.n_kv + n > max_seq_len_)
+    int n_entries = s.n_kv + n;  // logical entries the batch may touch
+    if (!s.kv_index.empty()) {
+      if (s.kv_index.size() != s.tokens.size())
+        return make_error("sequence %zu: %zu KV indices for %d tokens", i, s.kv_index.size(), n);
+      n_entries = s.n_kv;
+      for (int32_t e : s.kv_index) {
+        if (e < 0 || e >= max_seq_len_) return make_error("sequence %zu: KV index %d is out of range", i, e);
+        n_entries = std::max(n_entries, e + 1);
+      }
+      std::vector<int32_t> sorted(s.kv_index.begin(), s.kv_index.end());
+      std::sort(sorted.begin(), sorted.end());
+      if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+        return make_error("sequence %zu: two tokens write the same KV entry", i);
+    }
+    if (s.seg && (s.seg->begin < 0 || s.seg->end < s.seg->begin || !(s.seg->t > 0.f) || !(s.seg->s > 0.f)))
+      return make_error("sequence %zu: bad segment attention [%d, %d) t %g s %g", i, s.seg->begin, s.seg->end,
+                        s.seg->t, s.seg->s);
+    if (s.n_kv < 0 || n_entries > max_seq_len_)
       return make_error("sequence %zu: %d cached + %d new tokens exceed the maximum sequence length %d", i, s.n_kv, n,
                         max_seq_len_);
-    const size_t need_blocks = (static_cast<size_t>(s.n_kv) + n + block_size_ - 1) / block_size_;
+    const size_t need_blocks = (static_cast<size_t>(n_entries) + block_size_ - 1) / block_size_;
     if (s.block_table.size() < need_blocks)
       return make_error("sequence %zu: block table has %zu blocks, %zu needed", i, s.block_table.size(), need_blocks);
     for (size_t b = 0; b < need_blocks; ++b)
@@ -219,24 +236,106 @@ Status Context::validate(std::span<const SeqBatch> batch, int* n_total) const {
       for (const auto& row : s.mask->visible) {
         bool any = false;
         for (auto [b, e] : row) {
-          if (b < 0 || e > s.n_kv + n || b > e) return make_error("sequence %zu: mask range [%d, %d) is out of bounds", i, b, e);
+          if (b < 0 || e > n_entries || b > e) return make_error("sequence %zu: mask range [%d, %d) is out of bounds", i, b, e);
           any |= e > b;
         }
         if (!any) return make_error("sequence %zu: a token sees no KV entry", i);
       }
     }
   }
+  int n_mass = 0;
+  for (const SeqBatch& s : batch) n_mass += s.attn_mass != nullptr;
+  if (n_mass > 1) return make_error("attention mass is collected for one sequence of a batch at most");
   if (total > n_batch_) return make_error("batch of %lld tokens exceeds the batch size %d", static_cast<long long>(total), n_batch_);
   *n_total = static_cast<int>(total);
   return Status::Ok();
 }
 
-Status Context::decode_batch(std::span<const SeqBatch> batch) {
+Status Context::decode_batch(std::span<const SeqBatch> batch, const LayerRange* layers) {
   if (batch.empty()) return make_error("decode: empty batch");
   int n = 0;
   LARDER_CHECK_STATUS(validate(batch, &n));
-  forward(batch, n);
+  int l0 = 0, l1 = model_.cfg.n_layer;
+  if (layers) {
+    l0 = layers->begin;
+    l1 = layers->end < 0 ? model_.cfg.n_layer : layers->end;
+    if (l0 < 0 || l1 > model_.cfg.n_layer || l0 >= l1)
+      return make_error("layer range [%d, %d) is out of [0, %d)", l0, l1, model_.cfg.n_layer);
+    if (l0 > 0 && !layers->x_in) return make_error("a layer range starting at %d needs its input hidden states", l0);
+  }
+  forward(batch, n, l0, l1, layers ? layers->x_in : nullptr, layers ? layers->x_out : nullptr);
   return Status::Ok();
+}
+
+void Context::copy_kv(std::span<const int32_t> src_table, int src0, std::span<const int32_t> dst_table, int dst0,
+                      int n) {
+  LARDER_ASSERT(n >= 0 && src0 >= 0 && dst0 >= 0);
+  LARDER_ASSERT(static_cast<size_t>((src0 + n + block_size_ - 1) / block_size_) <= src_table.size());
+  LARDER_ASSERT(static_cast<size_t>((dst0 + n + block_size_ - 1) / block_size_) <= dst_table.size());
+  auto at = [&](std::span<const int32_t> t, int e) {
+    return static_cast<size_t>(t[e / block_size_]) * block_size_ + e % block_size_;
+  };
+  for (int l = 0; l < model_.cfg.n_layer; ++l) {
+    uint8_t* kb = &k_cache_[static_cast<size_t>(l) * n_slots_ * k_row_];
+    uint8_t* vb = &v_cache_[static_cast<size_t>(l) * n_slots_ * v_row_];
+    for (int i = 0; i < n;) {  // runs within one source and one destination block
+      const int a = src0 + i, b = dst0 + i;
+      const int run = std::min({n - i, block_size_ - a % block_size_, block_size_ - b % block_size_});
+      std::memmove(kb + at(dst_table, b) * k_row_, kb + at(src_table, a) * k_row_, run * k_row_);
+      std::memmove(vb + at(dst_table, b) * v_row_, vb + at(src_table, a) * v_row_, run * v_row_);
+      i += run;
+    }
+  }
+}
+
+void Context::rotate_k(std::span<const int32_t> table, int begin, int n, int delta) {
+  const ModelConfig& c = model_.cfg;
+  const int hd = c.head_dim, half = hd / 2, kv_dim = c.n_head_kv * hd;
+  LARDER_ASSERT(begin >= 0 && n >= 0 && static_cast<size_t>((begin + n + block_size_ - 1) / block_size_) <= table.size());
+  if (delta == 0 || n == 0) return;
+  const bool neox = c.rope_type == RopeType::NEOX;
+  const kernels::Isa isa = kernels::active_isa();
+  for (int local = 0; local < 2; ++local) {
+    const std::vector<float>& f = local ? inv_freq_swa_ : inv_freq_;
+    if (f.empty()) continue;
+    std::vector<float> cs(half), sn(half);
+    for (int i = 0; i < half; ++i) {
+      const double ang = static_cast<double>(delta) * f[i];
+      cs[i] = static_cast<float>(std::cos(ang));
+      sn[i] = static_cast<float>(std::sin(ang));
+    }
+    pool_.parallel_for(
+        static_cast<int64_t>(c.n_layer) * n,
+        [&](int64_t b, int64_t e, int) {
+          std::vector<float> row(kv_dim);
+          for (int64_t w = b; w < e; ++w) {
+            const int l = static_cast<int>(w / n), ent = begin + static_cast<int>(w % n);
+            if (c.is_swa(l) != (local == 1)) continue;
+            const size_t sl = static_cast<size_t>(table[ent / block_size_]) * block_size_ + ent % block_size_;
+            uint8_t* kr = &k_cache_[(static_cast<size_t>(l) * n_slots_ + sl) * k_row_];
+            kernels::kv_to_float(type_k_, kr, row.data(), kv_dim);
+            for (int h = 0; h < c.n_head_kv; ++h) {
+              float* v = row.data() + static_cast<size_t>(h) * hd;
+              for (int i = 0; i < half; ++i) {
+                const int ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
+                const float x0 = v[ia], x1 = v[ib];
+                v[ia] = x0 * cs[i] - x1 * sn[i];
+                v[ib] = x0 * sn[i] + x1 * cs[i];
+              }
+            }
+            kernels::kv_from_float(type_k_, row.data(), kr, kv_dim, isa);
+          }
+        },
+        64);
+  }
+}
+
+void Context::read_k(std::span<const int32_t> table, int entry, int layer, float* out) const {
+  const ModelConfig& c = model_.cfg;
+  LARDER_ASSERT(entry >= 0 && static_cast<size_t>(entry / block_size_) < table.size() && layer >= 0 && layer < c.n_layer);
+  const size_t sl = static_cast<size_t>(table[entry / block_size_]) * block_size_ + entry % block_size_;
+  kernels::kv_to_float(type_k_, &k_cache_[(static_cast<size_t>(layer) * n_slots_ + sl) * k_row_], out,
+                       static_cast<int64_t>(c.n_head_kv) * c.head_dim);
 }
 
 // x += xb, then xb = rmsnorm(x) * w, row by row while the row is in L1.
@@ -318,13 +417,13 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
       // head, so they run as one tile of `group` score rows and its K/V is read and converted once
       // instead of once per head (SmolLM2 shape at 4096 tokens, one thread: q8_0 21.5 -> 8.5 ms per
       // token, f16 ~30 -> ~24). Not for f32, where it measured slower (52-57 -> 66 ms).
-      const bool grouped = !s.mask && ntok == 1 && group > 1 && group <= kQBlock && !(type_k_ == DType::F32 && type_v_ == DType::F32);
+      const bool grouped = !needs_masked(s) && ntok == 1 && group > 1 && group <= kQBlock && !(type_k_ == DType::F32 && type_v_ == DType::F32);
       if (grouped && h % group != 0) continue;  // done by the group's first head
       const int nt = grouped ? group : ntok;     // score rows of the tile
       const int64_t ldq = grouped ? hd : q_dim;  // row stride of its queries and outputs
       auto tok = [&](int i) { return grouped ? 0 : i; };  // row i's token within the tile
       const int t0 = seq_off[si] + lt0;  // batch row of the tile's first token
-      if (s.mask) {
+      if (needs_masked(s)) {
         masked_tile(layer, s, t0, lt0, ntok, h, tid);
         continue;
       }
@@ -390,8 +489,12 @@ void Context::masked_tile(int layer, const SeqBatch& s, int t0, int lt0, int nto
   for (int i = 0; i < ntok; ++i) {
     std::vector<int>& ix = ms.idx[i];
     ix.clear();
-    for (auto [b, e] : s.mask->visible[lt0 + i])
-      for (int p = b; p < e; ++p) ix.push_back(p);
+    if (s.mask) {
+      for (auto [b, e] : s.mask->visible[lt0 + i])
+        for (int p = b; p < e; ++p) ix.push_back(p);
+    } else {  // causal by the token's own entry
+      for (int p = 0, e = entry_of(s, lt0 + i); p <= e; ++p) ix.push_back(p);
+    }
     std::sort(ix.begin(), ix.end());
     ix.erase(std::unique(ix.begin(), ix.end()), ix.end());
     const int all = static_cast<int>(ix.size());
@@ -423,7 +526,36 @@ void Context::masked_tile(int layer, const SeqBatch& s, int t0, int lt0, int nto
     const float* row = sc + static_cast<size_t>(i) * ld;
     float* g = ms.g.data();
     for (int k = 0; k < m; ++k) g[k] = row[ix[k]] * scale;
-    kernels::softmax(g, m);
+    if (s.seg && (s.seg->t != 1.f || s.seg->s != 1.f)) {
+      // APE: documents' logits / t, their group's log-sum-exp * s * t, merged with the rest.
+      const SegAttn& sg = *s.seg;
+      auto in_doc = [&](int k) { return ix[k] >= sg.begin && ix[k] < sg.end; };
+      double mo = -INFINITY, md = -INFINITY;
+      for (int k = 0; k < m; ++k) {
+        if (in_doc(k)) md = std::max(md, static_cast<double>(g[k]) / sg.t);
+        else mo = std::max(mo, static_cast<double>(g[k]));
+      }
+      double so = 0, sd = 0;
+      for (int k = 0; k < m; ++k) {
+        if (in_doc(k)) sd += std::exp(static_cast<double>(g[k]) / sg.t - md);
+        else so += std::exp(static_cast<double>(g[k]) - mo);
+      }
+      const double lse_o = so > 0 ? mo + std::log(so) : -INFINITY;
+      const double w_d = sd > 0 ? static_cast<double>(sg.s) * sg.t * (md + std::log(sd)) : -INFINITY;
+      const double top = std::max(lse_o, w_d);
+      const double z = (so > 0 ? std::exp(lse_o - top) : 0.0) + (sd > 0 ? std::exp(w_d - top) : 0.0);
+      const double fo = so > 0 ? std::exp(lse_o - top) / z / so : 0.0;  // per exp(g - mo)
+      const double fd = sd > 0 ? std::exp(w_d - top) / z / sd : 0.0;   // per exp(g/t - md)
+      for (int k = 0; k < m; ++k)
+        g[k] = in_doc(k) ? static_cast<float>(fd * std::exp(static_cast<double>(g[k]) / sg.t - md))
+                         : static_cast<float>(fo * std::exp(static_cast<double>(g[k]) - mo));
+    } else {
+      kernels::softmax(g, m);
+    }
+    if (s.attn_mass) {
+      float* mass = mass_[tid].data();
+      for (int k = 0; k < m; ++k) mass[ix[k]] += g[k];
+    }
     // P.V in blocks of the virtual order (rows round alike in every tile shape: the kernels).
     for (int k0 = 0; k0 < m;) {
       const int k1 = std::min(m, ((v0[i] + k0) / block_size_ + 1) * block_size_ - v0[i]);
@@ -472,7 +604,7 @@ bool packed_concat(std::initializer_list<const Tensor*> ts, Tensor* out) {
 }
 }  // namespace
 
-void Context::forward(std::span<const SeqBatch> batch, int n) {
+void Context::forward(std::span<const SeqBatch> batch, int n, int l0, int l1, const float* x_in, float* x_out) {
   const ModelConfig& c = model_.cfg;
   const int E = c.n_embd, hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, F = c.n_ff;
   const int half = hd / 2;
@@ -499,6 +631,7 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
         sin_swa_[static_cast<size_t>(t) * half + k] = static_cast<float>(std::sin(ang));
       }
       // Embedding lookup: x [n][E]
+      if (x_in) continue;
       const Tensor& te = model_.tok_embd;
       float* xr = x_.data() + static_cast<size_t>(t) * E;
       if (!te.packed || !kernels::packed_row_to_float(te.type, te.packed, te.rows(), E, sb.tokens[i], xr))
@@ -508,13 +641,21 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
     }
   }
 
+  if (x_in) std::memcpy(x_.data(), x_in, static_cast<size_t>(n) * E * sizeof(float));
+  const SeqBatch* mass_seq = nullptr;
+  for (const SeqBatch& sb : batch)
+    if (sb.attn_mass) mass_seq = &sb;
+  if (mass_seq) {
+    mass_.resize(pool_.size());
+    for (auto& m : mass_) m.assign(max_seq_len_, 0.f);
+  }
   // The gated activation of the FFN: out = act(gate) * up (may alias gate).
   auto glu = [&](float* out, const float* gate, const float* up, int64_t m) {
     if (c.ffn_act == FfnAct::GELU_TANH) kernels::geglu_tanh(out, gate, up, m);
     else kernels::swiglu(out, gate, up, m);
   };
   bool fused_norm = false;  // xb_ already holds this layer's normed input
-  for (int l = 0; l < c.n_layer; ++l) {
+  for (int l = l0; l < l1; ++l) {
     const LayerWeights& L = model_.layers[l];
     const LayerW8* W8 = w8_.empty() ? nullptr : &w8_[l];
     const float* an = static_cast<const float*>(L.attn_norm.data);
@@ -565,7 +706,7 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
         [&](int64_t b, int64_t e, int) {
           for (int t = static_cast<int>(b); t < e; ++t) {
             const SeqBatch& sb = batch[tok_seq_[t]];
-            const size_t sl = slot(sb, sb.n_kv + (t - seq_off_[tok_seq_[t]]));
+            const size_t sl = slot(sb, entry_of(sb, t - seq_off_[tok_seq_[t]]));
             const size_t r = static_cast<size_t>(t);
             if (c.qk_norm) {  // per-head RMSNorm before RoPE (in place: q/k rows are this token's own)
               float* qr = qs + r * qld;
@@ -602,7 +743,7 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
     }
     mm(L.ffn_down, W8 ? W8->down.get() : nullptr, hb_.data(), n, xb_.data(), E);
     if (c.post_norms) post_norm(n, static_cast<const float*>(L.post_ffn_norm.data));
-    if (l + 1 < c.n_layer) {
+    if (l + 1 < l1) {
       // The residual add fused with the next layer's attention norm (one pass per row).
       add_rmsnorm(n, static_cast<const float*>(model_.layers[l + 1].attn_norm.data));
       fused_norm = true;
@@ -610,6 +751,20 @@ void Context::forward(std::span<const SeqBatch> batch, int n) {
       for (int t = 0; t < n; ++t) kernels::axpy(&x_[static_cast<size_t>(t) * E], &xb_[static_cast<size_t>(t) * E], 1.f, E);
     }
   }
+  if (mass_seq) {  // up to the last entry any of its tokens sees
+    int lim = 0;
+    const SeqBatch& sb = *mass_seq;
+    for (int i = 0; i < static_cast<int>(sb.tokens.size()); ++i) {
+      if (sb.mask)
+        for (auto [b, e] : sb.mask->visible[i]) lim = std::max(lim, e);
+      else
+        lim = std::max(lim, entry_of(sb, i) + 1);
+    }
+    for (const auto& m : mass_)
+      for (int e = 0; e < lim; ++e) sb.attn_mass[e] += m[e];
+  }
+  if (x_out) std::memcpy(x_out, x_.data(), static_cast<size_t>(n) * E * sizeof(float));
+  if (l1 < c.n_layer) return;
   // Output: all rows of all_logits sequences go straight to their buffers; the last
   // rows of the others are gathered into one product.
   const float* on = static_cast<const float*>(model_.output_norm.data);

@@ -49,6 +49,15 @@ struct AttnMask {
   std::vector<std::vector<std::pair<int, int>>> visible;
 };
 
+// APE's attention (Yang et al., ICLR'25) of tokens that follow documents encoded in parallel: the
+// visible entries in [begin, end) (the documents) are scored with temperature t, their group's
+// log-sum-exp is weighed by s*t, and merged with the other visible entries' attention by
+// log-sum-exp. t = s = 1 is plain attention.
+struct SegAttn {
+  int begin = 0, end = 0;
+  float t = 1.f, s = 1.f;
+};
+
 struct SeqBatch {
   std::span<const int32_t> tokens;       // new tokens
   std::span<const int32_t> positions;    // RoPE positions; empty = n_kv, n_kv+1, ...
@@ -57,6 +66,23 @@ struct SeqBatch {
   const AttnMask* mask = nullptr;        // nullptr = causal
   float* logits = nullptr;               // [tokens][vocab] if all_logits, else [vocab] for the last token
   bool all_logits = false;
+  // Logical KV entry each new token's K/V goes to (distinct); empty = n_kv, n_kv+1, ... With it, a
+  // token without a mask sees entries [0, kv_index[i]] (recomputing scattered tokens in place).
+  std::span<const int32_t> kv_index;
+  const SegAttn* seg = nullptr;          // APE attention for these tokens (nullptr = none)
+  // += the attention probability each logical entry gets from these tokens, summed over heads
+  // and the layers run ([entries] floats, at least the largest visible entry + 1). At most one
+  // sequence of a batch.
+  float* attn_mass = nullptr;
+};
+
+// Runs only layers [begin, end) (end -1 = all): x_in (when set) is the residual stream entering
+// layer begin ([tokens][n_embd], instead of the embeddings), x_out receives it after layer end-1.
+// Logits are computed only when the last layer runs.
+struct LayerRange {
+  int begin = 0, end = -1;
+  const float* x_in = nullptr;
+  float* x_out = nullptr;
 };
 
 class Context {
@@ -65,7 +91,7 @@ class Context {
 
   // Multi-sequence forward pass. Writes each token's K/V into its slot, then attends.
   // The total number of tokens must not exceed n_batch().
-  Status decode_batch(std::span<const SeqBatch> batch);
+  Status decode_batch(std::span<const SeqBatch> batch, const LayerRange* layers = nullptr);
 
   // Single sequence (sequence 0, identity block table): appends tokens at n_past and
   // runs the forward pass, chunked by n_batch. all_logits receives [tokens][n_vocab];
@@ -82,6 +108,13 @@ class Context {
   // decoding keeps the accepted path of a draft tree: its nodes move to consecutive entries).
   void move_kv(std::span<const int32_t> table, int from, int to);
   std::span<const int32_t> identity_table() const { return identity_table_; }
+  // Copies the K/V (all layers) of n logical entries from one sequence's table to another's.
+  void copy_kv(std::span<const int32_t> src_table, int src0, std::span<const int32_t> dst_table, int dst0, int n);
+  // Re-rotates the stored keys of logical entries [begin, begin + n) from position p to p + delta
+  // (RoPE composes: R(p + d) = R(d) R(p)), every layer; documents moved to another place.
+  void rotate_k(std::span<const int32_t> table, int begin, int n, int delta);
+  // One entry's K row of a layer (all KV heads, post-RoPE) as floats: [n_head_kv * head_dim].
+  void read_k(std::span<const int32_t> table, int entry, int layer, float* out) const;
   // Copies one pool block's K/V (all layers) to another (copy-on-write).
   void copy_block(int32_t src, int32_t dst);
   // A block's K/V as one payload for lower tiers: per layer, K [block_size] rows then V
@@ -123,13 +156,15 @@ class Context {
  private:
   Context(const Model& m, const ContextParams& p, int n_ctx, int n_threads, int n_batch);
   Status validate(std::span<const SeqBatch> batch, int* n_total) const;
-  void forward(std::span<const SeqBatch> batch, int n);
+  void forward(std::span<const SeqBatch> batch, int n, int l0, int l1, const float* x_in, float* x_out);
   // RoPE of one token's heads from src into dst (may alias); local = the sliding-window layers' base.
   void rope_row(const float* src, float* dst, int t, int n_heads, bool local) const;
   void add_rmsnorm(int n, const float* w);
   void post_norm(int n, const float* w);
   void attention(int layer, std::span<const SeqBatch> batch);
   void masked_tile(int layer, const SeqBatch& s, int t0, int lt0, int ntok, int h, int tid);
+  static bool needs_masked(const SeqBatch& s) { return s.mask || s.seg || !s.kv_index.empty() || s.attn_mass; }
+  int entry_of(const SeqBatch& s, int i) const { return s.kv_index.empty() ? s.n_kv + i : s.kv_index[i]; }
   // One way into every weight product: picks W8A8, GEMM or dot-product kernels.
   void mm(const Tensor& W, const kernels::W8Tensor* w8, const float* x, int n, float* y, int64_t ldy);
   size_t slot(const SeqBatch& s, int kv_index) const {
@@ -165,6 +200,7 @@ class Context {
     std::vector<uint8_t> v;             // [block_size][one head's V bytes] gathered rows
   };
   std::vector<MaskScratch> mask_scratch_;  // [n_threads] scratch for masked attention
+  std::vector<std::vector<float>> mass_;   // [n_threads][max_seq_len] attention mass (SeqBatch::attn_mass)
   std::vector<float> out_rows_;   // [n_batch][n_vocab] logits staging when rows are gathered
   std::vector<float> last_logits_;  // [n_vocab]
   struct LayerW8 {
