@@ -121,6 +121,7 @@ int cmd_serve(Args& a) {
   if (a.prompt_cache < 0) return fail("--prompt-cache must not be negative");
   sp.prompt_cache_entries = static_cast<size_t>(a.prompt_cache);
   sp.prompt_cache_echo = !a.prompt_cache_strict;
+  sp.documents_dir = a.kv_disk;  // document texts live beside the SSD tier's KV
   server::Server srv(sp);
   if (Status st = srv.start(); !st.ok()) return fail(st.error());
   std::fprintf(stderr, "larder serve: listening on http://%s:%d\n", a.host.c_str(), srv.port());

@@ -34,7 +34,10 @@ Status Params::validate() const {
   if (!(ape_t > 0.f && ape_t <= 10.f)) return make_error("ape temperature must be in (0, 10]");
   if (!(ape_s > 0.f && ape_s <= 10.f)) return make_error("ape scale must be in (0, 10]");
   if (!(blend_ratio >= 0.f && blend_ratio <= 1.f)) return make_error("blend ratio must be in [0, 1]");
-  if (blend_layers < 1 || blend_layers > 1024) return make_error("blend layers must be >= 1");
+  // The first layer's keys depend on nothing but the token and its position: a deviation is only
+  // measurable from the second layer on.
+  if (blend_layers < 2 || blend_layers > 1024)
+    return make_error("blend layers must be >= 2 (the first layer's keys do not depend on the context)");
   if (link_k < 0 || link_k > 1 << 20) return make_error("link k must be >= 0");
   if (!(focus_budget >= 0.f && focus_budget <= 1.f)) return make_error("focus budget must be in [0, 1]");
   if (focus_k < 0 || focus_k > 1 << 20) return make_error("focus k must be >= 0");

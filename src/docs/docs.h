@@ -43,7 +43,7 @@ struct Params {
   Mode mode = Mode::Focus;
   float ape_t = 0.9f, ape_s = 0.9f;  // parallel: APE's temperature and scale
   float blend_ratio = 0.15f;         // blend: fraction of document tokens recomputed after the full layers
-  int blend_layers = 2;              // blend: first layers recomputed for every token (>= 1)
+  int blend_layers = 2;              // blend: first layers recomputed for every token (>= 2)
   int link_k = 16;                   // link: first tokens of every document but the first
   float focus_budget = 0.15f;        // focus: fraction of document tokens recomputed (every layer)
   int focus_k = 4;                   // focus: first tokens of every document but the first (in the budget)

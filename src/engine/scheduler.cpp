@@ -45,6 +45,23 @@ struct Scheduler::Seq {
   spec::Draft draft;
   std::vector<int32_t> v_tokens, v_pos;
   AttnMask v_mask;
+  // Documents (req.docs, a mode other than sequential): the layout, APE's attention and positions
+  // of the tokens after them (parallel mode), what the composition reused and recomputed.
+  bool composed = false;
+  docs::Layout lay;
+  SegAttn seg;
+  std::vector<int32_t> d_pos;
+  int doc_reused = 0, doc_recomputed = 0;
+  double doc_fraction = 0;
+  bool composes() const { return req.docs && req.docs->params.mode != docs::Mode::Sequential; }
+  bool parallel() const { return req.docs && req.docs->params.mode == docs::Mode::Parallel; }
+  void fill(TokenEvent& ev) const {
+    if (!req.docs) return;
+    ev.doc_tokens = lay.doc_tokens();
+    ev.doc_reused_tokens = doc_reused;
+    ev.doc_recomputed_tokens = doc_recomputed;
+    ev.doc_recompute_fraction = doc_fraction;
+  }
 };
 
 Result<std::unique_ptr<Scheduler>> Scheduler::create(const Model& model, const SchedulerParams& p) {
@@ -130,6 +147,20 @@ Result<uint64_t> Scheduler::submit(GenRequest req, TokenCallback cb) {
   if (static_cast<int64_t>(req.prompt.size()) + std::max(req.max_tokens, 1) > max_seq_len_)
     return make_error("this request needs %zu prompt + %d completion tokens, more than the context of %d tokens",
                       req.prompt.size(), req.max_tokens, max_seq_len_);
+  if (req.docs) {
+    const DocRequest& d = *req.docs;
+    LARDER_CHECK_STATUS(d.params.validate());
+    int64_t n = d.prefix;
+    for (int len : d.doc_len) {
+      if (len <= 0) return make_error("a document is empty");
+      n += len;
+    }
+    if (d.prefix < 0 || n > static_cast<int64_t>(req.prompt.size()))
+      return make_error("the documents' layout does not fit the prompt");
+    if (n == static_cast<int64_t>(req.prompt.size()) && req.max_tokens > 0)
+      return make_error("a prompt with documents needs a query after them (or max_tokens 0 to only store them)");
+    if (d.params.mode == docs::Mode::Parallel) req.spec_max = 0;  // drafts would need APE positions
+  }
   auto s = std::make_unique<Seq>();
   s->tokens = req.prompt;
   s->n_prompt = static_cast<int>(req.prompt.size());
@@ -188,6 +219,7 @@ void Scheduler::finish(Seq& s, FinishReason r, const std::string& err) {
     ev.prompt_tokens = s.n_prompt;
     ev.cached_tokens = s.cached_tokens;
     ev.completion_tokens = s.n_generated;
+    s.fill(ev);
     s.cb(ev);
   }
   if (s.load) {
@@ -360,7 +392,10 @@ bool Scheduler::step() {
         running_.erase(it);
         break;
       }
-  // 2. Admission: longest cached prefix reused, blocks for the rest reserved up front.
+  // 2. Admission: longest cached prefix reused, blocks for the rest reserved up front. Composed
+  // documents' KV is not what prefill of their tokens gives: only the prefix is named or reused.
+  auto name_limit = [](const Seq& q) { return q.composes() ? q.req.docs->prefix : -1; };
+  std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>> doc_named;
   for (;;) {
     std::unique_ptr<Seq> s;
     std::string refuse;
@@ -369,7 +404,7 @@ bool Scheduler::step() {
       if (waiting_.empty()) break;
       if (static_cast<int>(running_.size()) >= params_.parallel + (waiting_.front()->req.serves_fetch ? 4 : 0)) break;
       auto plan = blocks_.prepare_add(static_cast<kvcache::SeqId>(waiting_.front()->id), waiting_.front()->tokens,
-                                      waiting_.front()->req.cache_salt);
+                                      waiting_.front()->req.cache_salt, name_limit(*waiting_.front()));
       if (!plan.ok()) {
         if (!running_.empty()) break;  // wait for running sequences to free blocks
         s = std::move(waiting_.front());
@@ -384,7 +419,7 @@ bool Scheduler::step() {
     {
       std::lock_guard<std::mutex> lk(mu_);
       auto plan = blocks_.prepare_add(static_cast<kvcache::SeqId>(waiting_.front()->id), waiting_.front()->tokens,
-                                      waiting_.front()->req.cache_salt);
+                                      waiting_.front()->req.cache_salt, name_limit(*waiting_.front()));
       LARDER_ASSERT(plan.ok());
       s = std::move(waiting_.front());
       waiting_.pop_front();
@@ -404,7 +439,9 @@ bool Scheduler::step() {
       const int covers = s->req.kv_source ? s->req.kv_source->covers() : -1;
       const bool fetch = covers >= 0 && covers > plan->n_cached_tokens && covers < s->n_prompt &&
                          covers % params_.block_size == 0;
-      if (s->req.kv_source && (covers < 0 ? s->n_prompt - plan->n_cached_tokens >
+      if (s->composes()) {
+        s->req.kv_source.reset();  // composed here, at admission (below)
+      } else if (s->req.kv_source && (covers < 0 ? s->n_prompt - plan->n_cached_tokens >
                                                 s->req.kv_source->local_prefill_tokens()
                                           : fetch)) {
         // The rest of the prompt's KV (or of its first `covers` tokens) comes from another
@@ -425,8 +462,21 @@ bool Scheduler::step() {
       }
       if (s->req.kv_sink && plan->n_cached_tokens > 0) s->req.kv_sink->on_kv(-1, 0, plan->n_cached_tokens, table);
     }
+    if (s->req.docs && !s->composes()) s->lay = docs::Layout{s->req.docs->prefix, s->req.docs->doc_len};
+    if (s->composes()) {
+      Status st = compose_docs(*s, doc_named);
+      if (!st.ok()) {
+        finish(*s, FinishReason::Error, st.error());
+        continue;
+      }
+      if (s->n_computed >= static_cast<int>(s->tokens.size())) {  // documents only: stored
+        finish(*s, FinishReason::Length);
+        continue;
+      }
+    }
     running_.push_back(std::move(s));
   }
+  if (store_ && !doc_named.empty()) write_back(doc_named);
   if (running_.empty()) {
     std::lock_guard<std::mutex> lk(mu_);
     refresh_stats_locked();
@@ -486,6 +536,12 @@ bool Scheduler::step() {
     SeqBatch sb;
     sb.tokens = std::span<const int32_t>(s->tokens).subspan(s->n_computed, k);
     sb.n_kv = s->n_computed;
+    if (s->parallel()) {  // after documents encoded in parallel: their positions, APE's attention
+      s->d_pos.resize(k);
+      for (int i = 0; i < k; ++i) s->d_pos[i] = s->lay.position(docs::Mode::Parallel, s->n_computed + i);
+      sb.positions = s->d_pos;
+      sb.seg = &s->seg;
+    }
     sb.block_table = blocks_.block_table(static_cast<kvcache::SeqId>(s->id));
     sb.logits = k == pending ? s->logits.data() : nullptr;
     batch.push_back(sb);
@@ -573,6 +629,7 @@ bool Scheduler::report(Seq* s, int32_t tok, const float* logits, const RemoteFir
   ev.prompt_tokens = s->n_prompt;
   ev.cached_tokens = s->cached_tokens;
   ev.sampled = tok;
+  s->fill(ev);
   if (s->req.n_logprobs > 0 && remote) {
     ev.logprob = remote->logprob;
     ev.top = remote->top;
@@ -725,6 +782,117 @@ bool Scheduler::install_loaded(Seq& s) {
     return false;
   }
   return true;
+}
+
+Status Scheduler::compose_docs(Seq& s, std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>>& named) {
+  const DocRequest& d = *s.req.docs;
+  const auto id = static_cast<kvcache::SeqId>(s.id);
+  const int bs = params_.block_size, P = d.prefix;
+  s.lay = docs::Layout{P, d.doc_len};
+  s.seg = docs::seg_attn(s.lay, d.params);
+  // The table is copied: the block manager's own may move while documents are registered.
+  const std::vector<int32_t> table = blocks_.block_table(id);
+  const std::span<const int32_t> toks(s.tokens);
+  // 1. The prefix (usually cached: the system prompt or the template's header).
+  if (s.n_computed < P) {
+    LARDER_CHECK_STATUS(docs::encode(*ctx_, table, s.n_computed, toks.subspan(s.n_computed, P - s.n_computed)));
+    s.n_computed = P;
+    blocks_.mark_computed(id, P, store_ ? &named : nullptr);
+  }
+  // 2. Every document's stored KV: named by the prefix and its tokens (padded to whole blocks
+  // with -1, never a token, so a document is not a prefix of a longer one), found in the pool,
+  // else in the tiers, else encoded right after the prefix (in this sequence's own blocks, which
+  // the composition overwrites later) and stored.
+  const kvcache::BlockHash doc_root =
+      kvcache::chain_hash(kvcache::root_hash(cache_identity(), s.req.cache_salt), toks.first(P));
+  const std::string salt = "doc:" + doc_root.hex();
+  std::vector<kvcache::SeqId> doc_seqs;
+  std::vector<std::vector<int32_t>> doc_tables;
+  auto release_docs = [&] {
+    for (kvcache::SeqId q : doc_seqs) blocks_.release(q);
+  };
+  int reused = 0, encoded = 0, off = P;
+  for (int i = 0; i < s.lay.n_docs(); ++i) {
+    const int n = d.doc_len[i];
+    std::vector<int32_t> padded(toks.begin() + off, toks.begin() + off + n);
+    padded.resize((n + bs - 1) / bs * bs, -1);
+    const kvcache::SeqId q = next_doc_seq_--;
+    auto plan = blocks_.prepare_add(q, padded, salt, -1, /*reuse_all=*/true);
+    if (!plan.ok()) {
+      release_docs();
+      return make_error("the KV cache is too small for these documents: %s", plan.error().c_str());
+    }
+    Status ap = blocks_.apply(*plan, [&](kvcache::BlockId a, kvcache::BlockId b) { ctx_->copy_block(a, b); });
+    LARDER_ASSERT(ap.ok());
+    doc_seqs.push_back(q);
+    doc_tables.push_back(blocks_.block_table(q));
+    const std::vector<int32_t>& dt = doc_tables.back();
+    int have = std::min(plan->n_cached_tokens, n);
+    if (have < n && store_) {
+      // The rest from DRAM / SSD when every remaining block is there (waited for: a document is
+      // one short read, and the composition needs all of it).
+      kvcache::BlockHash h = plan->root;
+      std::vector<kvcache::BlockHash> keys;
+      for (int j = 0; j < static_cast<int>(padded.size()) / bs; ++j) {
+        h = kvcache::chain_hash(h, std::span<const int32_t>(padded).subspan(j * bs, bs));
+        if (j * bs >= have) keys.push_back(h);
+      }
+      bool all = true;
+      for (const auto& k : keys) all &= store_->exists(k);
+      if (all) {
+        auto job = store_->get_async(keys);
+        const auto t0 = std::chrono::steady_clock::now();
+        int got = 0;
+        for (size_t j = 0; j < keys.size();) {
+          const int state = job->state[j].load();
+          if (state == 2) break;
+          if (state == 1) {
+            ctx_->write_block(dt[have / bs + j], job->data[j].data());
+            ++j;
+            ++got;
+            continue;
+          }
+          if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(30)) break;
+          std::this_thread::sleep_for(std::chrono::microseconds(100));
+        }
+        job->cancelled = true;
+        if (got == static_cast<int>(keys.size())) {
+          std::lock_guard<std::mutex> lk(mu_);
+          st_.tier_hit_tokens += n - have;
+          have = n;
+        }
+      }
+    }
+    if (have < n) {
+      LARDER_CHECK_STATUS(docs::encode(*ctx_, table, P, toks.subspan(off, n)));
+      ctx_->copy_kv(table, P + have, dt, have, n - have);
+      encoded += n - have;
+    } else {
+      reused += n;
+    }
+    blocks_.mark_computed(q, static_cast<int>(padded.size()), store_ ? &named : nullptr);
+    off += n;
+  }
+  // 3. Into place, then repositioned and repaired for the mode.
+  for (int i = 0; i < s.lay.n_docs(); ++i) ctx_->copy_kv(doc_tables[i], 0, table, s.lay.doc_begin(i), d.doc_len[i]);
+  release_docs();  // named: cached for the next request (and evictable)
+  docs::Stats st;
+  LARDER_CHECK_STATUS(docs::compose(*ctx_, table, s.lay, toks, d.params, &st));
+  s.n_computed = s.lay.end();
+  blocks_.mark_computed(id, s.n_computed, store_ ? &named : nullptr);
+  s.doc_reused = reused;
+  s.doc_recomputed = st.recomputed_tokens;
+  s.doc_fraction = st.fraction();
+  std::lock_guard<std::mutex> lk(mu_);
+  if (!s.composed) {
+    st_.doc_requests++;
+    st_.doc_tokens_reused += reused;
+    st_.doc_token_layers_recomputed += st.recomputed_token_layers;
+    st_.computed_prompt_tokens += encoded;
+  }
+  st_.doc_tokens_encoded += encoded;
+  s.composed = true;
+  return Status::Ok();
 }
 
 void Scheduler::write_back(const std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>>& named) {

@@ -26,6 +26,7 @@
 #include "kvcache/block_manager.h"
 #include "kvcache/kv_store.h"
 #include "model/model.h"
+#include "docs/docs.h"
 #include "spec/spec.h"
 
 namespace larder {
@@ -111,6 +112,16 @@ class KvSource {
   virtual int covers() const { return -1; }
 };
 
+// A RAG prompt: a shared prefix, documents, then the query (GenRequest::prompt is their tokens back
+// to back). Each document's KV is stored once, as computed right after the prefix, in blocks
+// named by the prefix and the document's tokens (in the pool and every tier below it), and
+// composed into the prompt in the request's mode (src/docs) instead of being prefilled again.
+struct DocRequest {
+  docs::Params params;
+  int prefix = 0;            // prefix tokens
+  std::vector<int> doc_len;  // each document's tokens, in prompt order
+};
+
 struct GenRequest {
   std::vector<int32_t> prompt;
   SamplerParams sampling;
@@ -122,6 +133,8 @@ struct GenRequest {
   std::shared_ptr<KvSource> kv_source;  // decode instance of a handoff
   bool serves_fetch = false;  // another instance fetches this prompt's cached KV: admitted first
   int spec_max = -1;          // draft tokens per pass: -1 = the scheduler's, 0 = no speculation
+  std::shared_ptr<const DocRequest> docs;  // the prompt is prefix + documents + query (null: plain)
+  // Documents only: store their KV and end (max_tokens 0, no query).
 };
 
 struct TokenEvent {
@@ -134,6 +147,10 @@ struct TokenEvent {
   int prompt_tokens = 0;
   int cached_tokens = 0;                       // prompt tokens served from cached KV
   int completion_tokens = 0;
+  // Documents (DocRequest): their tokens, how many came from stored KV (the rest were encoded now),
+  // document token-layers recomputed by the composition's repair and its fraction of all of them.
+  int doc_tokens = 0, doc_reused_tokens = 0, doc_recomputed_tokens = 0;
+  double doc_recompute_fraction = 0;
 };
 
 // Called on the scheduler thread for each token; the last call has finish set. Return
@@ -154,6 +171,9 @@ struct SchedulerStats {
   int remote_pending = 0;            // sequences waiting for their prompt's KV from a prefill instance
   int64_t remote_done = 0, remote_failed = 0, remote_fallbacks = 0;
   int64_t fetched_tokens = 0;        // prompt tokens whose KV was fetched from another instance
+  // Documents: requests with documents, document tokens served from stored KV / encoded, document
+  // token-layers recomputed by repairs.
+  int64_t doc_requests = 0, doc_tokens_reused = 0, doc_tokens_encoded = 0, doc_token_layers_recomputed = 0;
   bool has_store = false;
   kvcache::KvStoreStats store;
   // Speculative decoding (drafter empty when off): passes that verified a draft, draft nodes
@@ -214,6 +234,11 @@ class Scheduler {
   void calibrate_cost();
   void observe_cost(int rows, double seconds);
   void release_held();
+  // Admission of a prompt with documents: the prefix computed, every document's stored KV found
+  // (pool, then tiers) or encoded and stored, copied into place and composed; the query is then
+  // prefilled like any prompt.
+  Status compose_docs(Seq& s, std::vector<std::pair<kvcache::BlockId, kvcache::BlockHash>>& named);
+  kvcache::SeqId next_doc_seq_ = -2;  // block-manager ids of documents being stored (negative)
   // Blocks of ended sequences kept until a transfer reading or writing them has settled.
   struct Held {
     kvcache::SeqId id;

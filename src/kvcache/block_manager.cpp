@@ -67,7 +67,7 @@ Result<int> BlockManager::blocks_needed(const Seq& s, size_t n_more) const {
 }
 
 Result<BlockManager::Plan> BlockManager::prepare_add(SeqId seq, std::span<const int32_t> prompt,
-                                                     std::string_view salt) const {
+                                                     std::string_view salt, int name_limit, bool reuse_all) const {
   if (seqs_.count(seq)) return make_error("sequence %lld already exists", static_cast<long long>(seq));
   if (prompt.empty()) return make_error("empty prompt");
   Plan p;
@@ -77,9 +77,12 @@ Result<BlockManager::Plan> BlockManager::prepare_add(SeqId seq, std::span<const 
   p.generation = generation_;
   BlockHash h = salt.empty() ? identity_root_ : root_hash(identity_, salt);
   p.root = h;
+  p.name_limit = name_limit;
   int n = 0;
   int reused_from_lru = 0;
-  while (n + block_size_ < static_cast<int>(prompt.size())) {
+  const int size = static_cast<int>(prompt.size());
+  while ((reuse_all ? n + block_size_ <= size : n + block_size_ < size) &&
+         (name_limit < 0 || n + block_size_ <= name_limit)) {
     h = chain_hash(h, prompt.subspan(n, block_size_));
     auto it = by_hash_.find(h);
     if (it == by_hash_.end()) break;
@@ -177,6 +180,7 @@ Status BlockManager::apply(const Plan& p, const std::function<void(BlockId, Bloc
     case Plan::ADD: {
       Seq s;
       s.root = p.root;
+      s.name_limit = p.name_limit;
       for (BlockId b : p.reuse) {
         Block& blk = blocks_[b];
         if (blk.in_lru) {
@@ -236,7 +240,8 @@ void BlockManager::mark_computed(SeqId seq, int n_computed, std::vector<std::pai
   s.n_computed = std::max(s.n_computed, n_computed);
   // Name every block that is now full and computed.
   BlockHash h = s.tail_hash;  // name of the last named block (or the root): no re-hash from block 0
-  while ((s.n_named + 1) * block_size_ <= s.n_computed) {
+  while ((s.n_named + 1) * block_size_ <= s.n_computed &&
+         (s.name_limit < 0 || (s.n_named + 1) * block_size_ <= s.name_limit)) {
     const int i = s.n_named;
     const BlockHash parent = h;
     h = chain_hash(h, std::span<const int32_t>(s.tokens).subspan(i * block_size_, block_size_));

@@ -94,12 +94,17 @@ class BlockManager {
     bool cow_tail = false;             // the shared partial tail must be copied first
     int n_cached_tokens = 0;           // ADD: tokens whose KV is already there
     BlockHash root;                    // ADD: root of the name chain (identity + salt)
+    int name_limit = -1;               // ADD: only blocks within the first name_limit tokens are reused or named (-1: all)
     uint64_t generation = 0;
   };
 
   // Registers a new sequence for a prompt: reuses its longest cached prefix and
   // reserves blocks for the rest. Error if it cannot fit even after evicting.
-  Result<Plan> prepare_add(SeqId seq, std::span<const int32_t> prompt, std::string_view salt = {}) const;
+  // name_limit >= 0: blocks past the first name_limit tokens are neither reused nor ever named (their
+  // KV is not what plain prefill of the tokens gives: composed documents). reuse_all: every whole
+  // cached block counts, the last one too (stored payloads that need no logits: documents).
+  Result<Plan> prepare_add(SeqId seq, std::span<const int32_t> prompt, std::string_view salt = {}, int name_limit = -1,
+                           bool reuse_all = false) const;
   // Makes room for n more tokens at the end of a sequence.
   Result<Plan> prepare_append(SeqId seq, std::span<const int32_t> tokens) const;
   // A new sequence sharing all of parent's blocks (partial tail copied on first write).
@@ -156,6 +161,7 @@ class BlockManager {
     int n_named = 0;  // leading blocks already named
     BlockHash root;
     BlockHash tail_hash;  // chain hash of block n_named-1 (root when none)
+    int name_limit = -1;  // blocks past this many tokens stay anonymous (-1: none)
   };
 
   Result<int> blocks_needed(const Seq& s, size_t n_more) const;

@@ -127,6 +127,15 @@ std::string Metrics::render(const SchedulerStats* st, int active_requests) const
          static_cast<double>(st->preemptions));
   scalar(out, "larder_scheduler_steps_total", "counter", "Batched forward passes (steps) run by the scheduler.",
          static_cast<double>(st->steps));
+  scalar(out, "larder_document_requests_total", "counter", "Requests whose documents were composed from stored KV.",
+         static_cast<double>(st->doc_requests));
+  scalar(out, "larder_document_tokens_reused_total", "counter", "Document tokens whose KV came from a stored encoding.",
+         static_cast<double>(st->doc_tokens_reused));
+  scalar(out, "larder_document_tokens_encoded_total", "counter", "Document tokens encoded (first use, or evicted).",
+         static_cast<double>(st->doc_tokens_encoded));
+  scalar(out, "larder_document_token_layers_recomputed_total", "counter",
+         "Document token-layers recomputed by composition repairs (blend, link, focus).",
+         static_cast<double>(st->doc_token_layers_recomputed));
   if (!st->drafter.empty()) {
     // Speculative decoding, per drafter (one per server).
     const std::string lab = "{drafter=\"" + escape_label(st->drafter) + "\"}";

@@ -374,6 +374,15 @@ ojson usage_json(const Usage& u) {
   ojson d = ojson::object();
   d["cached_tokens"] = u.cached_tokens;
   j["prompt_tokens_details"] = std::move(d);
+  if (u.doc_tokens >= 0) {
+    ojson k = ojson::object();
+    k["mode"] = u.doc_mode;
+    k["tokens"] = u.doc_tokens;
+    k["reused_tokens"] = u.doc_reused;
+    k["recomputed_tokens"] = u.doc_recomputed;
+    k["recompute_fraction"] = u.doc_fraction;
+    j["documents"] = std::move(k);
+  }
   return j;
 }
 

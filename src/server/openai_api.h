@@ -124,6 +124,11 @@ struct TokenInfo {
 
 struct Usage {
   int prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
+  // Requests with documents (-1: none): "documents": {mode, tokens, reused_tokens, recomputed_tokens,
+  // recompute_fraction} (tokens reused from stored KV; recomputed by the mode's repair).
+  int doc_tokens = -1, doc_reused = 0, doc_recomputed = 0;
+  double doc_fraction = 0;
+  std::string doc_mode;
 };
 ojson usage_json(const Usage& u);
 

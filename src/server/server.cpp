@@ -23,6 +23,8 @@
 #include "server/metrics.h"
 #include "server/openai_api.h"
 #include "server/prompt_cache.h"
+#include "server/documents.h"
+#include <future>
 #include "pd/pd.h"
 #include "tokenizer/tokenizer.h"
 
@@ -241,6 +243,12 @@ struct Job {
         usage.cached_tokens = n_resumed ? std::min(ev.cached_tokens, usage.prompt_tokens) : ev.cached_tokens;
       if (ev.completion_tokens > 0)
         usage.completion_tokens = std::max(usage.completion_tokens, n_resumed + ev.completion_tokens);
+      if (usage.doc_tokens >= 0 && ev.doc_tokens > 0) {
+        usage.doc_tokens = ev.doc_tokens;
+        usage.doc_reused = ev.doc_reused_tokens;
+        usage.doc_recomputed = ev.doc_recomputed_tokens;
+        usage.doc_fraction = ev.doc_recompute_fraction;
+      }
       if (ev.token >= 0) gen_ids.push_back(ev.token);
     }
     if (want_ids) {
@@ -343,6 +351,7 @@ struct Server::Impl {
   std::mutex jobs_mu;
   std::set<std::shared_ptr<Job>> jobs;
   std::unique_ptr<PromptCache> prompt_cache;  // set by attach() unless disabled
+  std::unique_ptr<DocumentStore> documents;   // set by start()
   int bound_port = -1;
   int listen_fd = -1;
 
@@ -420,6 +429,14 @@ struct Server::Impl {
                                       PromptMode& mode);
   std::optional<ApiError> use_prompt_tokens(const ParsedRequest& pr, std::vector<int32_t>& tokens, size_t& text_base,
                                            PromptMode& mode);
+  // Documents: the prompt's tokens as prefix + documents + query, and its layout.
+  std::optional<ApiError> build_doc_prompt(const ParsedRequest& pr, const DocsField& df, std::vector<int32_t>& tokens,
+                                           DocRequest& dr, size_t& text_base);
+  // Chat: the rendered conversation cut where the documents go (the start of the last user
+  // message's content): prefix tokens and query tokens.
+  std::optional<ApiError> chat_split(const ojson& messages, const ojson& tools, std::vector<int32_t>& prefix,
+                                     std::vector<int32_t>* query);
+  void handle_documents(const httplib::Request& req, httplib::Response& res);
   std::string chunk_json(const Job& job, const Piece* piece, const std::string* finish, bool first_chat,
                          const ojson* larder = nullptr) const;
 };
@@ -517,6 +534,223 @@ std::optional<ApiError> Server::Impl::use_prompt_tokens(const ParsedRequest& pr,
   return std::nullopt;
 }
 
+// Where the documents go in a rendered chat: no text a client sends contains this (a control
+// character the templates copy through untouched).
+static const std::string kDocMark = "\x1f<larder:documents>\x1f";
+
+std::optional<ApiError> Server::Impl::chat_split(const ojson& messages, const ojson& tools,
+                                                 std::vector<int32_t>& prefix, std::vector<int32_t>* query) {
+  const Model& m = *model.load();
+  const Tokenizer& tok = *m.tokenizer;
+  if (!tools.is_null() && !(chat_template && template_has_tools))
+    return make_api_error(400, "This model's chat template does not support tools.", "invalid_request_error",
+                          "unsupported_parameter", "tools");
+  if (!chat_template)
+    return make_api_error(500, "The server has no chat template.", "server_error", "internal_error", "messages");
+  ojson msgs = messages;
+  int last = -1;
+  for (size_t i = 0; i < msgs.size(); ++i)
+    if (msgs[i].is_object() && msgs[i].value("role", "") == "user") last = static_cast<int>(i);
+  if (last < 0)
+    return make_api_error(400, "Documents go at the start of the last user message, and there is none.",
+                          "invalid_request_error", "invalid_value", "messages");
+  if (!msgs[last].contains("content") || !msgs[last]["content"].is_string())
+    return make_api_error(400, "The last user message's content must be text to put documents before it.",
+                          "invalid_request_error", "invalid_value", "messages");
+  msgs[last]["content"] = kDocMark + msgs[last]["content"].get<std::string>();
+  const Vocab& v = tok.vocab();
+  ojson extra = ojson::object();
+  extra["bos_token"] = v.bos >= 0 && v.bos < tok.n_vocab() ? v.tokens[v.bos] : "";
+  extra["eos_token"] = v.eos >= 0 && v.eos < tok.n_vocab() ? v.tokens[v.eos] : "";
+  if (!tools.is_null()) extra["tools"] = tools;
+  auto r = chat_template->apply(msgs, /*add_generation_prompt=*/true, extra);
+  if (!r.ok())
+    return make_api_error(400, "The chat template could not be applied to these messages: " + r.error(),
+                          "invalid_request_error", "invalid_value", "messages");
+  const std::string& text = *r;
+  const size_t pos = text.find(kDocMark);
+  if (pos == std::string::npos || text.find(kDocMark, pos + 1) != std::string::npos)
+    return make_api_error(400, "This model's chat template does not keep the user message's text as it is, so documents "
+                               "cannot be placed in it.",
+                          "invalid_request_error", "invalid_value", "documents");
+  const std::string bos = extra["bos_token"].get<std::string>();
+  const bool has_bos_text = !bos.empty() && text.rfind(bos, 0) == 0;
+  prefix = tok.encode(std::string_view(text).substr(0, pos), !has_bos_text, true);
+  if (query) *query = tok.encode(std::string_view(text).substr(pos + kDocMark.size()), false, true);
+  return std::nullopt;
+}
+
+std::optional<ApiError> Server::Impl::build_doc_prompt(const ParsedRequest& pr, const DocsField& df,
+                                                       std::vector<int32_t>& tokens, DocRequest& dr, size_t& text_base) {
+  const Tokenizer& tok = *model.load()->tokenizer;
+  std::vector<int32_t> prefix, query;
+  const char* qparam = pr.kind == Endpoint::Chat ? "messages" : "prompt";
+  if (pr.kind == Endpoint::Completions) {
+    prefix = tok.encode(df.prefix, /*add_bos=*/true, /*parse_special=*/false);
+    if (pr.prompt_is_tokens) {
+      for (int32_t t : pr.prompt_tokens)
+        if (t >= tok.n_vocab())
+          return make_api_error(400, "Token id " + std::to_string(t) + " is out of range (vocabulary size " +
+                                         std::to_string(tok.n_vocab()) + ").",
+                                "invalid_request_error", "invalid_value", "prompt");
+      query = pr.prompt_tokens;
+      text_base = tok.decode(query).size();
+    } else {
+      query = tok.encode(pr.prompt_text, false, false);
+      text_base = pr.prompt_text.size();
+    }
+  } else {
+    if (auto e = chat_split(pr.messages, pr.tools, prefix, &query)) return e;
+    text_base = 0;
+  }
+  if (query.empty())
+    return make_api_error(400, "Documents need a question after them: the prompt is empty.", "invalid_request_error",
+                          "invalid_value", qparam);
+  tokens = prefix;
+  dr.prefix = static_cast<int>(prefix.size());
+  dr.params = df.params;
+  for (size_t i = 0; i < df.texts.size(); ++i) {
+    std::vector<int32_t> ids = tok.encode(df.texts[i], false, false);
+    if (ids.empty())
+      return make_api_error(400, "Document " + std::to_string(i) + " has no tokens.", "invalid_request_error",
+                            "invalid_value", "documents[" + std::to_string(i) + "]");
+    dr.doc_len.push_back(static_cast<int>(ids.size()));
+    tokens.insert(tokens.end(), ids.begin(), ids.end());
+  }
+  tokens.insert(tokens.end(), query.begin(), query.end());
+  return std::nullopt;
+}
+
+void Server::Impl::handle_documents(const httplib::Request& req, httplib::Response& res) {
+  if (req.method == "GET" || req.method == "DELETE") {
+    const std::string id = req.matches.size() > 1 ? req.matches[1].str() : "";
+    auto text = documents ? documents->get(id) : std::nullopt;
+    if (!text) {
+      reply_error(res, make_api_error(404, "The document '" + id + "' does not exist.", "invalid_request_error",
+                                      "document_not_found", "id"));
+      return;
+    }
+    ojson j = ojson::object();
+    j["id"] = id;
+    j["object"] = "document";
+    j["bytes"] = text->size();
+    if (req.method == "DELETE") {
+      documents->remove(id);
+      j["deleted"] = true;
+    } else {
+      j["text"] = *text;
+    }
+    reply_json(res, 200, j);
+    return;
+  }
+  if (st() != State::Ready) {
+    reply_error(res, make_api_error(503, st() == State::Loading ? "The model is loading; try again shortly."
+                                                                 : "The server is shutting down.",
+                                    "unavailable_error", st() == State::Loading ? "model_loading" : "shutting_down"));
+    return;
+  }
+  ojson body = ojson::parse(req.body, nullptr, /*allow_exceptions=*/false);
+  if (body.is_discarded() || !body.is_object()) {
+    reply_error(res, make_api_error(400, "The body must be a JSON object {\"text\": ...}.", "invalid_request_error",
+                                    "invalid_json"));
+    return;
+  }
+  if (!body.contains("text") || !body["text"].is_string() || body["text"].get<std::string>().empty()) {
+    reply_error(res, make_api_error(400, "'text' must be a non-empty string.", "invalid_request_error", "invalid_value",
+                                    "text"));
+    return;
+  }
+  const bool encode = !body.contains("encode") || body["encode"] == true;
+  const std::string text = body["text"].get<std::string>();
+  const Tokenizer& tok = *model.load()->tokenizer;
+  std::vector<int32_t> prefix;
+  if (encode) {
+    if (body.contains("document_prefix")) {
+      if (!body["document_prefix"].is_string()) {
+        reply_error(res, make_api_error(400, "'document_prefix' must be a string", "invalid_request_error",
+                                        "invalid_value", "document_prefix"));
+        return;
+      }
+      prefix = tok.encode(body["document_prefix"].get<std::string>(), true, false);
+    } else {
+      // The prefix a chat request with these earlier messages (default: none) gives its documents.
+      ojson msgs = ojson::array();
+      if (body.contains("messages")) {
+        const ojson& m = body["messages"];
+        bool ok = m.is_array();
+        for (size_t i = 0; ok && i < m.size(); ++i)
+          ok = m[i].is_object() && m[i].contains("role") && m[i]["role"].is_string() && m[i].contains("content") &&
+               m[i]["content"].is_string();
+        if (!ok) {
+          reply_error(res, make_api_error(400, "'messages' must be an array of {\"role\": string, \"content\": string}",
+                                          "invalid_request_error", "invalid_value", "messages"));
+          return;
+        }
+        msgs = m;
+      }
+      msgs.push_back(ojson{{"role", "user"}, {"content", ""}});
+      if (auto e = chat_split(msgs, nullptr, prefix, nullptr)) {
+        reply_error(res, *e);
+        return;
+      }
+    }
+  }
+  auto id = documents->put(text);
+  if (!id.ok()) {
+    reply_error(res, make_api_error(500, id.error(), "server_error", "storage_error"));
+    return;
+  }
+  ojson j = ojson::object();
+  j["id"] = *id;
+  j["object"] = "document";
+  j["bytes"] = text.size();
+  const std::vector<int32_t> ids = tok.encode(text, false, false);
+  j["tokens"] = ids.size();
+  if (encode && !ids.empty()) {
+    Scheduler& sch = *sched.load();
+    if (static_cast<int64_t>(prefix.size() + ids.size()) >= sch.max_seq_len()) {
+      reply_error(res, make_api_error(400,
+                                      "The document is " + std::to_string(ids.size()) +
+                                          " tokens: with its prefix it exceeds this model's maximum context length of " +
+                                          std::to_string(sch.max_seq_len()) + " tokens.",
+                                      "invalid_request_error", "context_length_exceeded", "text"));
+      return;
+    }
+    GenRequest g;
+    g.prompt = prefix;
+    g.prompt.insert(g.prompt.end(), ids.begin(), ids.end());
+    g.max_tokens = 0;
+    auto dr = std::make_shared<DocRequest>();
+    dr->prefix = static_cast<int>(prefix.size());
+    dr->doc_len = {static_cast<int>(ids.size())};
+    dr->params.mode = docs::Mode::Reposition;  // any composing mode stores; one document needs no repair
+    g.docs = dr;
+    auto done = std::make_shared<std::promise<TokenEvent>>();
+    auto fut = done->get_future();
+    auto sid = sch.submit(std::move(g), [done](const TokenEvent& ev) {
+      if (ev.finish != FinishReason::None) done->set_value(ev);
+      return true;
+    });
+    if (!sid.ok()) {
+      reply_error(res, make_api_error(503, "The document could not be encoded now: " + sid.error(), "unavailable_error",
+                                      "overloaded"));
+      return;
+    }
+    const TokenEvent ev = fut.get();
+    if (ev.finish == FinishReason::Error) {
+      reply_error(res, make_api_error(500, "The document could not be encoded: " + ev.error, "server_error",
+                                      "internal_error"));
+      return;
+    }
+    j["encoded"] = true;
+    j["prefix_tokens"] = prefix.size();
+    j["reused_tokens"] = ev.doc_reused_tokens;
+  } else {
+    j["encoded"] = false;
+  }
+  reply_json(res, 200, j);
+}
+
 std::string Server::Impl::chunk_json(const Job& job, const Piece* piece, const std::string* finish,
                                      bool first_chat, const ojson* larder) const {
   ojson j = ojson::object();
@@ -588,11 +822,27 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
   std::vector<int32_t> tokens;
   size_t text_base = 0;
   PromptMode mode;
-  if (auto e = build_prompt(pr, tokens, text_base, mode)) {
+  DocsField df;
+  if (auto e = parse_documents(body, documents.get(), df)) {
     reply_error(res, *e);
     return;
   }
-  if (pr.larder.prompt_tokens)
+  if (df.present && kind == Endpoint::Completions && pr.larder.prompt_tokens) {
+    reply_error(res, make_api_error(400, "'documents' cannot be combined with larder.prompt_tokens",
+                                    "invalid_request_error", "invalid_value", "documents"));
+    return;
+  }
+  auto doc_req = std::make_shared<DocRequest>();
+  if (df.present) {
+    if (auto e = build_doc_prompt(pr, df, tokens, *doc_req, text_base)) {
+      reply_error(res, *e);
+      return;
+    }
+  } else if (auto e = build_prompt(pr, tokens, text_base, mode)) {
+    reply_error(res, *e);
+    return;
+  }
+  if (pr.larder.prompt_tokens && !df.present)
     if (auto e = use_prompt_tokens(pr, tokens, text_base, mode)) {
       reply_error(res, *e);
       return;
@@ -661,6 +911,10 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
     job->prompt_text = std::move(mode.text);
     job->prompt_enc = std::move(mode.enc);
   }
+  if (df.present) {
+    job->usage.doc_tokens = 0;
+    job->usage.doc_mode = docs::mode_name(doc_req->params.mode);
+  }
   job->want_ids = ext.token_ids;
   job->cache_ids = job->cacheable && mode.ids_only;
   if (job->want_ids || job->cache_ids) job->prompt_ids = tokens;
@@ -686,10 +940,11 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
   g.ignore_eos = pr.ignore_eos;
   g.n_logprobs = pr.logprobs < 0 ? 0 : std::max(1, pr.logprobs);
   g.spec_max = pr.larder.spec_max;
+  if (df.present) g.docs = doc_req;
   // Disaggregated: the router named the prefill instance that computes this prompt.
   // X-Larder-Fetch: HOST:PORT;N (the conductor's KV pool): the first N prompt tokens' KV is
   // fetched from that instance, which holds it, instead of computed here.
-  if (pd::PdNode* node = pd.load(); node && node->params().role != "prefill") {
+  if (pd::PdNode* node = pd.load(); node && node->params().role != "prefill" && !df.present) {
     std::string fetch_api;
     int fetch_tokens = 0;
     if (std::string f = req.get_header_value("X-Larder-Fetch"); !f.empty()) {
@@ -996,6 +1251,10 @@ void Server::Impl::setup_routes() {
     post_only(path, [this](const httplib::Request& req, httplib::Response& res) {
       handle_generate(req, res, Endpoint::Chat);
     });
+  auto docs_handler = [this](const httplib::Request& req, httplib::Response& res) { handle_documents(req, res); };
+  http.Post("/v1/documents", docs_handler);
+  http.Get(R"(/v1/documents/([^/]+))", docs_handler);
+  http.Delete(R"(/v1/documents/([^/]+))", docs_handler);
 }
 
 Server::Server(ServerParams p) : impl_(std::make_unique<Impl>(std::move(p))) {}
@@ -1004,6 +1263,9 @@ Server::~Server() { stop(); }
 
 Status Server::start() {
   Impl& I = *impl_;
+  auto docs = DocumentStore::open(I.p.documents_dir);
+  if (!docs.ok()) return make_error("documents: %s", docs.error().c_str());
+  I.documents = std::move(*docs);
   I.setup_routes();
   int port = I.p.port;
   if (port == 0) {

@@ -69,6 +69,9 @@ struct ServerParams {
   // the model then sees its earlier turn as it produced it. On by default (a client cannot
   // send back bytes that were not valid text); --prompt-cache-strict turns it off.
   bool prompt_cache_echo = true;
+  // Where /v1/documents keeps document texts across restarts (DIR/documents; serve passes its
+  // --kv-disk directory); empty: in memory only.
+  std::string documents_dir;
 };
 
 class Server {
