@@ -357,6 +357,10 @@ def check_blend(case, label, m, lay, F, rec, stored, F_asked):
     if F != F_asked:
         R.add_fail("%s %s" % (case, label), "full_layers %r, asked %d" % (F, F_asked))
         return
+    if F >= m.cfg["n_layer"]:  # every layer recomputed for every token: nothing left to select
+        if rec:
+            R.add_fail("%s %s" % (case, label), "F >= n_layer but %d tokens selected" % len(rec))
+        return
     want = m.blend_count(BLEND_RATIO, lay.N)
     if len(rec) != want:
         R.add_fail("%s %s" % (case, label), "recomputed %d tokens, expected round(%g*%d) = %d"
