@@ -195,3 +195,44 @@ TEST(KvBlocks, RandomizedAgainstModel) {
     EXPECT_TRUE(bm.check_consistency().ok());
   }
 }
+
+// Composed documents: a sequence whose KV past its prefix is not plain prefill's names only the
+// prefix (and reuses only it); stored documents (padded to whole blocks) are found whole, the last
+// block included.
+TEST(KvBlocks, NameLimitAndReuseAll) {
+  BlockManager bm(32, ident());
+  auto p = seq_tokens(70, 3);
+  auto plan = bm.prepare_add(1, p);  // plain: names the 4 full blocks once computed
+  ASSERT_TRUE(plan.ok()) << plan.error();
+  ASSERT_TRUE(bm.apply(*plan).ok());
+  bm.mark_computed(1, 70);
+  bm.release(1);
+  // Same tokens, composed after a 20-token prefix: reuses block 0 only, names nothing past 16.
+  auto c = bm.prepare_add(2, p, {}, /*name_limit=*/20);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->n_cached_tokens, 16);
+  ASSERT_TRUE(bm.apply(*c).ok());
+  std::vector<std::pair<BlockId, BlockHash>> named;
+  bm.mark_computed(2, 70, &named);
+  EXPECT_TRUE(named.empty());
+  for (size_t j = 1; j < bm.block_table(2).size(); ++j) EXPECT_FALSE(bm.block_hash(bm.block_table(2)[j]).has_value());
+  bm.release(2);
+  EXPECT_TRUE(bm.check_consistency().ok());
+  // A stored document: 37 tokens padded with -1 to 48, every block named and found again whole.
+  auto d = seq_tokens(37, 4);
+  d.resize(48, -1);
+  auto s = bm.prepare_add(-2, d, "doc:x", -1, /*reuse_all=*/true);
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->n_cached_tokens, 0);
+  ASSERT_TRUE(bm.apply(*s).ok());
+  named.clear();
+  bm.mark_computed(-2, 48, &named);
+  EXPECT_EQ(named.size(), 3u);
+  bm.release(-2);
+  auto again = bm.prepare_add(-3, d, "doc:x", -1, true);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->n_cached_tokens, 48);
+  EXPECT_EQ(bm.prepare_add(-3, d, "doc:y", -1, true)->n_cached_tokens, 0);  // another prefix: not found
+  EXPECT_EQ(bm.prepare_add(-3, d, "doc:x")->n_cached_tokens, 32);          // without reuse_all: last block left
+  EXPECT_TRUE(bm.check_consistency().ok());
+}
