@@ -384,6 +384,37 @@ void Context::rope_row(const float* src, float* dst, int t, int n_heads, bool lo
   }
 }
 
+// Softmax of one row's scaled scores g[0, m) (entry(k): the logical entry of g[k]) with APE's
+// segment attention: the entries in [seg.begin, seg.end) scored with temperature t, their group's
+// log-sum-exp weighed by s * t, merged with the others' by log-sum-exp. t = s = 1: plain softmax.
+template <class Entry>
+static void ape_softmax(float* g, int m, Entry entry, const SegAttn& sg) {
+  if (sg.t == 1.f && sg.s == 1.f) {
+    kernels::softmax(g, m);
+    return;
+  }
+  auto in_doc = [&](int k) { return entry(k) >= sg.begin && entry(k) < sg.end; };
+  double mo = -INFINITY, md = -INFINITY;
+  for (int k = 0; k < m; ++k) {
+    if (in_doc(k)) md = std::max(md, static_cast<double>(g[k]) / sg.t);
+    else mo = std::max(mo, static_cast<double>(g[k]));
+  }
+  double so = 0, sd = 0;
+  for (int k = 0; k < m; ++k) {
+    if (in_doc(k)) sd += std::exp(static_cast<double>(g[k]) / sg.t - md);
+    else so += std::exp(static_cast<double>(g[k]) - mo);
+  }
+  const double lse_o = so > 0 ? mo + std::log(so) : -INFINITY;
+  const double w_d = sd > 0 ? static_cast<double>(sg.s) * sg.t * (md + std::log(sd)) : -INFINITY;
+  const double top = std::max(lse_o, w_d);
+  const double z = (so > 0 ? std::exp(lse_o - top) : 0.0) + (sd > 0 ? std::exp(w_d - top) : 0.0);
+  const double fo = so > 0 ? std::exp(lse_o - top) / z / so : 0.0;  // per exp(g - mo)
+  const double fd = sd > 0 ? std::exp(w_d - top) / z / sd : 0.0;   // per exp(g/t - md)
+  for (int k = 0; k < m; ++k)
+    g[k] = in_doc(k) ? static_cast<float>(fd * std::exp(static_cast<double>(g[k]) / sg.t - md))
+                     : static_cast<float>(fo * std::exp(static_cast<double>(g[k]) - mo));
+}
+
 // Attention of each sequence's new queries over its KV (already holding the new
 // keys/values), read through its block table, in tiles of kQBlock queries of one head:
 // scores for the tile come from GEMM tiles over runs of consecutive blocks (never the
@@ -417,21 +448,25 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
       // head, so they run as one tile of `group` score rows and its K/V is read and converted once
       // instead of once per head (SmolLM2 shape at 4096 tokens, one thread: q8_0 21.5 -> 8.5 ms per
       // token, f16 ~30 -> ~24). Not for f32, where it measured slower (52-57 -> 66 ms).
-      const bool grouped = !needs_masked(s) && ntok == 1 && group > 1 && group <= kQBlock && !(type_k_ == DType::F32 && type_v_ == DType::F32);
+      const bool grouped = !s.mask && !s.seg && !s.attn_mass && s.kv_index.empty() && ntok == 1 && group > 1 && group <= kQBlock && !(type_k_ == DType::F32 && type_v_ == DType::F32);
       if (grouped && h % group != 0) continue;  // done by the group's first head
       const int nt = grouped ? group : ntok;     // score rows of the tile
       const int64_t ldq = grouped ? hd : q_dim;  // row stride of its queries and outputs
       auto tok = [&](int i) { return grouped ? 0 : i; };  // row i's token within the tile
       const int t0 = seq_off[si] + lt0;  // batch row of the tile's first token
-      if (needs_masked(s)) {
+      if (s.mask) {
         masked_tile(layer, s, t0, lt0, ntok, h, tid);
         continue;
       }
-      // Logical KV length the tile needs.
-      const int len = s.n_kv + lt0 + ntok;
+      // Row i is causal over its own entry (the next after the cached ones, or kv_index's).
+      auto entry = [&](int i) { return entry_of(s, lt0 + tok(i)); };
+      int len = 0, lo = INT32_MAX;  // logical KV range the tile needs
+      auto win_lo = [&](int i) { return W > 0 ? std::max(0, entry(i) - W + 1) : 0; };
+      for (int i = 0; i < nt; ++i) {
+        len = std::max(len, entry(i) + 1);
+        lo = std::min(lo, win_lo(i));
+      }
       const float* q = q_.data() + static_cast<size_t>(t0) * q_dim + h * hd;
-      auto win_lo = [&](int i) { return W > 0 ? std::max(0, s.n_kv + lt0 + tok(i) - W + 1) : 0; };
-      const int lo = std::min(win_lo(0), len);
       // Scores over runs of physically consecutive blocks.
       for (int j0 = lo; j0 < len;) {
         int blk = j0 / block_size_, j1 = std::min(len, (blk + 1) * block_size_);
@@ -444,9 +479,14 @@ void Context::attention(int layer, std::span<const SeqBatch> batch) {
       for (int i = 0; i < nt; ++i) {
         float* row = sc + static_cast<size_t>(i) * ld;
         const int wlo = win_lo(i);
-        const int lt = s.n_kv + lt0 + tok(i) + 1;  // causal
+        const int lt = entry(i) + 1;  // causal
         for (int p = wlo; p < lt; ++p) row[p] *= scale;
-        kernels::softmax(row + wlo, lt - wlo);
+        if (s.seg) ape_softmax(row + wlo, lt - wlo, [&](int k) { return wlo + k; }, *s.seg);
+        else kernels::softmax(row + wlo, lt - wlo);
+        if (s.attn_mass) {
+          float* mass = mass_[tid].data();
+          for (int p = wlo; p < lt; ++p) mass[p] += row[p];
+        }
         for (int p = lo; p < wlo; ++p) row[p] = 0.f;
         for (int p = lt; p < len; ++p) row[p] = 0.f;
       }
@@ -526,32 +566,8 @@ void Context::masked_tile(int layer, const SeqBatch& s, int t0, int lt0, int nto
     const float* row = sc + static_cast<size_t>(i) * ld;
     float* g = ms.g.data();
     for (int k = 0; k < m; ++k) g[k] = row[ix[k]] * scale;
-    if (s.seg && (s.seg->t != 1.f || s.seg->s != 1.f)) {
-      // APE: documents' logits / t, their group's log-sum-exp * s * t, merged with the rest.
-      const SegAttn& sg = *s.seg;
-      auto in_doc = [&](int k) { return ix[k] >= sg.begin && ix[k] < sg.end; };
-      double mo = -INFINITY, md = -INFINITY;
-      for (int k = 0; k < m; ++k) {
-        if (in_doc(k)) md = std::max(md, static_cast<double>(g[k]) / sg.t);
-        else mo = std::max(mo, static_cast<double>(g[k]));
-      }
-      double so = 0, sd = 0;
-      for (int k = 0; k < m; ++k) {
-        if (in_doc(k)) sd += std::exp(static_cast<double>(g[k]) / sg.t - md);
-        else so += std::exp(static_cast<double>(g[k]) - mo);
-      }
-      const double lse_o = so > 0 ? mo + std::log(so) : -INFINITY;
-      const double w_d = sd > 0 ? static_cast<double>(sg.s) * sg.t * (md + std::log(sd)) : -INFINITY;
-      const double top = std::max(lse_o, w_d);
-      const double z = (so > 0 ? std::exp(lse_o - top) : 0.0) + (sd > 0 ? std::exp(w_d - top) : 0.0);
-      const double fo = so > 0 ? std::exp(lse_o - top) / z / so : 0.0;  // per exp(g - mo)
-      const double fd = sd > 0 ? std::exp(w_d - top) / z / sd : 0.0;   // per exp(g/t - md)
-      for (int k = 0; k < m; ++k)
-        g[k] = in_doc(k) ? static_cast<float>(fd * std::exp(static_cast<double>(g[k]) / sg.t - md))
-                         : static_cast<float>(fo * std::exp(static_cast<double>(g[k]) - mo));
-    } else {
-      kernels::softmax(g, m);
-    }
+    if (s.seg) ape_softmax(g, m, [&](int k) { return ix[k]; }, *s.seg);
+    else kernels::softmax(g, m);
     if (s.attn_mass) {
       float* mass = mass_[tid].data();
       for (int k = 0; k < m; ++k) mass[ix[k]] += g[k];

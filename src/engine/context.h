@@ -163,7 +163,6 @@ class Context {
   void post_norm(int n, const float* w);
   void attention(int layer, std::span<const SeqBatch> batch);
   void masked_tile(int layer, const SeqBatch& s, int t0, int lt0, int ntok, int h, int tid);
-  static bool needs_masked(const SeqBatch& s) { return s.mask || s.seg || !s.kv_index.empty() || s.attn_mass; }
   int entry_of(const SeqBatch& s, int i) const { return s.kv_index.empty() ? s.n_kv + i : s.kv_index[i]; }
   // One way into every weight product: picks W8A8, GEMM or dot-product kernels.
   void mm(const Tensor& W, const kernels::W8Tensor* w8, const float* x, int n, float* y, int64_t ldy);
