@@ -174,6 +174,7 @@ Result<docs::Params> params_from(const Args& a) {
   p.link_k = a.link_k;
   p.focus_budget = a.focus_budget;
   p.focus_k = a.focus_k;
+  p.focus_rounds = a.focus_rounds;
   LARDER_CHECK_STATUS(p.validate());
   return p;
 }
@@ -200,7 +201,9 @@ Result<std::pair<std::string, docs::Params>> method_from(const std::string& spec
     else if (key == "f") p.blend_layers = static_cast<int>(v);
     else if (key == "k") (m == docs::Mode::Link ? p.link_k : p.focus_k) = static_cast<int>(v);
     else if (key == "b") p.focus_budget = static_cast<float>(v);
-    else return make_error("method '%s': unknown key '%s' (t, s, r, f, k, b)", spec.c_str(), key.c_str());
+    else if (key == "n") p.focus_rounds = static_cast<int>(v);
+    else if (key == "q") p.focus_last = static_cast<int>(v);
+    else return make_error("method '%s': unknown key '%s' (t, s, r, f, k, b, n, q)", spec.c_str(), key.c_str());
   }
   LARDER_CHECK_STATUS(p.validate());
   return std::make_pair(spec, p);

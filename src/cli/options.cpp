@@ -48,6 +48,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"docs", "--blend-layers", "", "blend: first layers recomputed for every document token", &a.blend_layers},
       {"docs", "--link-k", "", "link: first tokens of every document but the first recomputed", &a.link_k},
       {"docs", "--focus-budget", "", "focus: fraction of document tokens recomputed (every layer)", &a.focus_budget},
+      {"docs", "--focus-rounds", "", "focus: probe-then-recompute rounds (the budget is split between them)", &a.focus_rounds},
       {"docs", "--focus-k", "", "focus: first tokens of every document but the first recomputed (part of the budget)", &a.focus_k},
       {"docs", "--tokens-json", "", "compose one prompt given as token ids: {\"prefix\": [...], \"docs\": [[...], ...], \"query\": [...]} (with --dump)", &a.tokens_json},
       {"docs", "--dump", "", "write the composed prompt's positions, recomputed entries and the query's logits (JSON) to this file", &a.dump},

@@ -59,8 +59,8 @@ struct Args {
   std::string vocab_from;
   // docs (per-document KV)
   std::string doc_mode = "focus";
-  float ape_t = 0.9f, ape_s = 0.9f, blend_ratio = 0.15f, focus_budget = 0.15f;
-  int blend_layers = 2, link_k = 16, focus_k = 4;
+  float ape_t = 0.8f, ape_s = 1.0f, blend_ratio = 0.15f, focus_budget = 0.2f;
+  int blend_layers = 2, link_k = 16, focus_k = 0, focus_rounds = 1;
   std::string tokens_json, dump, doc_cases, doc_methods;
   int doc_limit = 0, doc_gen = 8;
   // bench

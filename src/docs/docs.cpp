@@ -41,6 +41,8 @@ Status Params::validate() const {
   if (link_k < 0 || link_k > 1 << 20) return make_error("link k must be >= 0");
   if (!(focus_budget >= 0.f && focus_budget <= 1.f)) return make_error("focus budget must be in [0, 1]");
   if (focus_k < 0 || focus_k > 1 << 20) return make_error("focus k must be >= 0");
+  if (focus_rounds < 1 || focus_rounds > 16) return make_error("focus rounds must be 1..16");
+  if (focus_last < 0) return make_error("focus last must be >= 0");
   return Status::Ok();
 }
 
@@ -50,7 +52,7 @@ std::string Params::key() const {
     case Mode::Parallel: std::snprintf(buf, sizeof buf, "parallel:t=%g:s=%g", ape_t, ape_s); break;
     case Mode::Blend: std::snprintf(buf, sizeof buf, "blend:r=%g:f=%d", blend_ratio, blend_layers); break;
     case Mode::Link: std::snprintf(buf, sizeof buf, "link:k=%d", link_k); break;
-    case Mode::Focus: std::snprintf(buf, sizeof buf, "focus:b=%g:k=%d", focus_budget, focus_k); break;
+    case Mode::Focus: std::snprintf(buf, sizeof buf, "focus:b=%g:k=%d:r=%d", focus_budget, focus_k, focus_rounds); break;
     default: std::snprintf(buf, sizeof buf, "%s", mode_name(mode));
   }
   return buf;
@@ -190,35 +192,49 @@ Status compose(Context& ctx, std::span<const int32_t> table, const Layout& lay, 
     const int k = p.mode == Mode::Link ? p.link_k : p.focus_k;
     for (int i = 1; i < lay.n_docs(); ++i)
       for (int j = 0; j < std::min(k, lay.doc_len[i]); ++j) sel.push_back(lay.doc_begin(i) + j);
-    if (p.mode == Mode::Focus) {
-      const int budget = static_cast<int>(std::lround(p.focus_budget * N));
-      if (static_cast<int>(sel.size()) > budget) sel.resize(budget);
-      const int q0 = lay.end(), nq = static_cast<int>(tokens.size()) - q0;
-      if (static_cast<int>(sel.size()) < budget && nq > 0 && first < lay.end()) {
-        // Probe: the query over the repositioned cache; which document tokens does it read?
-        std::vector<float> mass(tokens.size(), 0.f);
-        for (int off = 0; off < nq; off += ctx.n_batch()) {
-          SeqBatch sb;
-          sb.tokens = tokens.subspan(q0 + off, std::min(ctx.n_batch(), nq - off));
-          sb.block_table = table;
-          sb.n_kv = q0 + off;
-          sb.attn_mass = mass.data();
-          LARDER_CHECK_STATUS(ctx.decode_batch(std::span<const SeqBatch>(&sb, 1)));
-        }
-        s.probe_tokens = nq;
-        std::vector<char> taken(tokens.size(), 0);
-        for (int32_t e : sel) taken[e] = 1;
-        std::vector<std::pair<float, int>> cand;
-        for (int e = first; e < lay.end(); ++e)
-          if (!taken[e]) cand.emplace_back(mass[e], e);
-        const int m = std::min<int>(budget - static_cast<int>(sel.size()), static_cast<int>(cand.size()));
-        std::partial_sort(cand.begin(), cand.begin() + m, cand.end(),
-                          [](auto& a, auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; });
-        for (int j = 0; j < m; ++j) sel.push_back(cand[j].second);
-      }
-    }
+    const int budget = p.mode == Mode::Focus ? static_cast<int>(std::lround(p.focus_budget * N)) : 0;
+    if (p.mode == Mode::Focus && static_cast<int>(sel.size()) > budget) sel.resize(budget);
     std::sort(sel.begin(), sel.end());
     if (!sel.empty()) LARDER_CHECK_STATUS(recompute(ctx, table, lay, p.mode, tokens, sel, 0, L, nullptr, nullptr));
+    const int q0 = lay.end(), nq = static_cast<int>(tokens.size()) - q0;
+    std::vector<char> taken(tokens.size(), 0);
+    for (int32_t e : sel) taken[e] = 1;
+    // Focus: rounds of probe (the query over the current cache: which document tokens does it
+    // read?) then recompute of the most-read ones, in context; later rounds see the earlier ones fixed.
+    const int rounds = p.mode == Mode::Focus && nq > 0 && first < lay.end() ? p.focus_rounds : 0;
+    for (int r = 0; r < rounds && static_cast<int>(sel.size()) < budget; ++r) {
+      std::vector<float> mass(tokens.size(), 0.f);
+      // Only the last focus_last query tokens' attention counts (0: all of them).
+      const int counted = p.focus_last > 0 ? std::min(p.focus_last, nq) : nq;
+      for (int off = 0; off < nq;) {
+        const int end = off < nq - counted ? nq - counted : nq;
+        const int n = std::min(ctx.n_batch(), end - off);
+        SeqBatch sb;
+        sb.tokens = tokens.subspan(q0 + off, n);
+        sb.block_table = table;
+        sb.n_kv = q0 + off;
+        sb.attn_mass = off >= nq - counted ? mass.data() : nullptr;
+        LARDER_CHECK_STATUS(ctx.decode_batch(std::span<const SeqBatch>(&sb, 1)));
+        off += n;
+      }
+      s.probe_tokens += nq;
+      std::vector<std::pair<float, int>> cand;
+      for (int e = first; e < lay.end(); ++e)
+        if (!taken[e]) cand.emplace_back(mass[e], e);
+      const int want = (budget - static_cast<int>(sel.size())) / (rounds - r);
+      const int m = std::min<int>(want, static_cast<int>(cand.size()));
+      std::partial_sort(cand.begin(), cand.begin() + m, cand.end(),
+                        [](auto& a, auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; });
+      std::vector<int32_t> now;
+      for (int j = 0; j < m; ++j) {
+        now.push_back(cand[j].second);
+        taken[cand[j].second] = 1;
+      }
+      std::sort(now.begin(), now.end());
+      if (!now.empty()) LARDER_CHECK_STATUS(recompute(ctx, table, lay, p.mode, tokens, now, 0, L, nullptr, nullptr));
+      sel.insert(sel.end(), now.begin(), now.end());
+    }
+    std::sort(sel.begin(), sel.end());
     s.recomputed_token_layers = static_cast<int64_t>(sel.size()) * L;
     s.recomputed_tokens = static_cast<int>(sel.size());
   }

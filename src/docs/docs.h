@@ -41,12 +41,15 @@ Result<Mode> parse_mode(const std::string& s);
 
 struct Params {
   Mode mode = Mode::Focus;
-  float ape_t = 0.9f, ape_s = 0.9f;  // parallel: APE's temperature and scale
+  // parallel: APE's temperature and scale; tuned on SmolLM2 (docs/BENCHMARKS.md; APE's paper: 0.9, 0.9)
+  float ape_t = 0.8f, ape_s = 1.0f;
   float blend_ratio = 0.15f;         // blend: fraction of document tokens recomputed after the full layers
   int blend_layers = 2;              // blend: first layers recomputed for every token (>= 2)
   int link_k = 16;                   // link: first tokens of every document but the first
-  float focus_budget = 0.15f;        // focus: fraction of document tokens recomputed (every layer)
-  int focus_k = 4;                   // focus: first tokens of every document but the first (in the budget)
+  float focus_budget = 0.2f;         // focus: fraction of document tokens recomputed (every layer)
+  int focus_k = 0;                   // focus: first tokens of every document but the first (in the budget)
+  int focus_rounds = 1;              // focus: probe-then-recompute rounds (the budget split between them)
+  int focus_last = 0;                // focus: only the last this many query tokens' attention counts (0: all)
   // Checks ranges; the error names the field.
   Status validate() const;
   // Identity of what composition produces (mode and every parameter that changes the KV).

@@ -148,9 +148,10 @@ std::optional<ApiError> parse_documents(const ojson& body, const DocumentStore* 
       else if (it.key() == "link_k") out.params.link_k = static_cast<int>(v);
       else if (it.key() == "focus_budget") out.params.focus_budget = static_cast<float>(v);
       else if (it.key() == "focus_k") out.params.focus_k = static_cast<int>(v);
+      else if (it.key() == "focus_rounds") out.params.focus_rounds = static_cast<int>(v);
       else
         return bad("unknown key '" + it.key() +
-                       "' (ape_t, ape_s, blend_ratio, blend_layers, link_k, focus_budget, focus_k)",
+                       "' (ape_t, ape_s, blend_ratio, blend_layers, link_k, focus_budget, focus_k, focus_rounds)",
                    param);
     }
     Status st = out.params.validate();
