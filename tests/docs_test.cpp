@@ -11,31 +11,15 @@
 
 #include "docs/docs.h"
 #include "engine/context.h"
-#include "model/synth.h"
+#include "test_model.h"
 
 using namespace larder;
 
 namespace {
 
-struct Fixture {
-  std::string path;
-  std::unique_ptr<Model> model;
-  Fixture() {
-    SynthShape s;
-    s.n_embd = 64; s.n_ff = 128; s.n_layer = 4; s.n_head = 4; s.n_head_kv = 2; s.n_vocab = 300; s.n_ctx = 512;
-    path = std::filesystem::temp_directory_path() / ("larder_docs_" + std::to_string(getpid()) + ".gguf");
-    SynthOptions o;
-    o.progress = false;
-    o.scale = 3.0f;
-    EXPECT_TRUE(synth_model(s, o, path).ok());
-    auto m = load_model(path);
-    EXPECT_TRUE(m.ok()) << m.error();
-    model = std::move(m).value();
-  }
-  ~Fixture() { std::filesystem::remove(path); }
-};
-Fixture& fx() {
-  static Fixture f;
+// 4 layers: blend's two full layers leave layers to select for.
+larder::testing::SmallModel& fx() {
+  static larder::testing::SmallModel f(4, 300, "docs");
   return f;
 }
 

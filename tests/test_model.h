@@ -17,10 +17,10 @@ namespace larder::testing {
 struct SmallModel {
   std::string path;
   std::unique_ptr<Model> model;
-  SmallModel() {
+  explicit SmallModel(int n_layer = 2, int n_vocab = 400, const std::string& tag = "small") {
     SynthShape s;
-    s.n_embd = 64; s.n_ff = 128; s.n_layer = 2; s.n_head = 4; s.n_head_kv = 2; s.n_vocab = 400; s.n_ctx = 512;
-    path = std::filesystem::temp_directory_path() / ("larder_small_" + std::to_string(getpid()) + ".gguf");
+    s.n_embd = 64; s.n_ff = 128; s.n_layer = n_layer; s.n_head = 4; s.n_head_kv = 2; s.n_vocab = n_vocab; s.n_ctx = 512;
+    path = std::filesystem::temp_directory_path() / ("larder_" + tag + "_" + std::to_string(getpid()) + ".gguf");
     SynthOptions o;
     o.progress = false;
     o.scale = 3.0f;

@@ -38,6 +38,7 @@ class Blocks {
     free_.resize(free_.size() - n);
     return t;
   }
+  bool can_take(int tokens) const { return (static_cast<size_t>(tokens) + bs_ - 1) / bs_ <= free_.size(); }
   void give(std::vector<int32_t>& t) {
     free_.insert(free_.end(), t.begin(), t.end());
     t.clear();
@@ -85,6 +86,19 @@ class Composer {
     return &(docs_[key] = std::move(store));
   }
   Blocks& blocks() { return blocks_; }
+  // Room for a prompt of `work` tokens with these documents (stored or not): when the pool cannot
+  // hold them, it forgets every stored document first (encoded again when they recur).
+  void make_room(const std::vector<int32_t>& prefix, const std::vector<std::vector<int32_t>>& ds, int work) {
+    int need = work + static_cast<int>(prefix.size()), longest = 0;
+    for (const auto& d : ds) {
+      need += static_cast<int>(d.size()) + ctx_.block_size();  // stored copy, rounded up
+      longest = std::max(longest, static_cast<int>(d.size()));
+    }
+    need += static_cast<int>(prefix.size()) + longest;  // encoding scratch
+    if (blocks_.can_take(need)) return;
+    for (auto& [k, t] : docs_) blocks_.give(t);
+    docs_.clear();
+  }
 
  private:
   Context& ctx_;
@@ -324,6 +338,7 @@ int bench_mode(Args& a, const Model& m, Context& ctx, Composer& comp) {
     const std::string answer = c.value("answer", "");
     int total = static_cast<int>(prefix.size() + query.size()) + n_tf + n_gen;
     for (const auto& d : ds) total += static_cast<int>(d.size());
+    comp.make_room(prefix, ds, total);
     auto tr = comp.blocks().take(total);
     if (!tr.ok()) return fail(tr.error());
     std::vector<int32_t> table = *tr;

@@ -810,7 +810,12 @@ Status Scheduler::compose_docs(Seq& s, std::vector<std::pair<kvcache::BlockId, k
   std::vector<std::vector<int32_t>> doc_tables;
   auto release_docs = [&] {
     for (kvcache::SeqId q : doc_seqs) blocks_.release(q);
+    doc_seqs.clear();
   };
+  struct Guard {  // documents' blocks go back to the cache on every way out
+    std::function<void()> f;
+    ~Guard() { f(); }
+  } guard{release_docs};
   int reused = 0, encoded = 0, off = P;
   for (int i = 0; i < s.lay.n_docs(); ++i) {
     const int n = d.doc_len[i];

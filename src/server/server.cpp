@@ -436,6 +436,9 @@ struct Server::Impl {
   // message's content): prefix tokens and query tokens.
   std::optional<ApiError> chat_split(const ojson& messages, const ojson& tools, std::vector<int32_t>& prefix,
                                      std::vector<int32_t>* query);
+  // The conversation through the chat template (with the generation prompt); has_bos_text: it
+  // starts with the BOS text (so no BOS token is added).
+  std::optional<ApiError> render_chat(const ojson& messages, const ojson& tools, std::string& text, bool& has_bos_text);
   void handle_documents(const httplib::Request& req, httplib::Response& res);
   std::string chunk_json(const Job& job, const Piece* piece, const std::string* finish, bool first_chat,
                          const ojson* larder = nullptr) const;
@@ -468,6 +471,31 @@ void Server::Impl::handle_models(const httplib::Request& req, httplib::Response&
   reply_json(res, 200, j);
 }
 
+std::optional<ApiError> Server::Impl::render_chat(const ojson& messages, const ojson& tools, std::string& text,
+                                                  bool& has_bos_text) {
+  const Tokenizer& tok = *model.load()->tokenizer;
+  const Vocab& v = tok.vocab();
+  std::string bos = v.bos >= 0 && v.bos < tok.n_vocab() ? v.tokens[v.bos] : "";
+  std::string eos = v.eos >= 0 && v.eos < tok.n_vocab() ? v.tokens[v.eos] : "";
+  if (!tools.is_null() && !(chat_template && template_has_tools))
+    return make_api_error(400, "This model's chat template does not support tools.", "invalid_request_error",
+                          "unsupported_parameter", "tools");
+  if (!chat_template)  // attach() always sets one
+    return make_api_error(500, "The server has no chat template.", "server_error", "internal_error", "messages");
+  ojson extra = ojson::object();
+  extra["bos_token"] = bos;
+  extra["eos_token"] = eos;
+  if (!tools.is_null()) extra["tools"] = tools;
+  auto r = chat_template->apply(messages, /*add_generation_prompt=*/true, extra);
+  if (!r.ok())
+    return make_api_error(400, "The chat template could not be applied to these messages: " + r.error(),
+                          "invalid_request_error", "invalid_value", "messages");
+  text = std::move(r.value());
+  // Templates usually write the BOS text themselves; add the token only when they don't.
+  has_bos_text = !bos.empty() && text.rfind(bos, 0) == 0;
+  return std::nullopt;
+}
+
 std::optional<ApiError> Server::Impl::build_prompt(const ParsedRequest& pr, std::vector<int32_t>& tokens,
                                                    size_t& text_base, PromptMode& mode) {
   const Model& m = *model.load();
@@ -487,26 +515,9 @@ std::optional<ApiError> Server::Impl::build_prompt(const ParsedRequest& pr, std:
     }
     return std::nullopt;
   }
-  const Vocab& v = tok.vocab();
-  std::string bos = v.bos >= 0 && v.bos < tok.n_vocab() ? v.tokens[v.bos] : "";
-  std::string eos = v.eos >= 0 && v.eos < tok.n_vocab() ? v.tokens[v.eos] : "";
   std::string text;
-  if (!pr.tools.is_null() && !(chat_template && template_has_tools))
-    return make_api_error(400, "This model's chat template does not support tools.", "invalid_request_error",
-                          "unsupported_parameter", "tools");
-  if (!chat_template)  // attach() always sets one
-    return make_api_error(500, "The server has no chat template.", "server_error", "internal_error", "messages");
-  ojson extra = ojson::object();
-  extra["bos_token"] = bos;
-  extra["eos_token"] = eos;
-  if (!pr.tools.is_null()) extra["tools"] = pr.tools;
-  auto r = chat_template->apply(pr.messages, /*add_generation_prompt=*/true, extra);
-  if (!r.ok())
-    return make_api_error(400, "The chat template could not be applied to these messages: " + r.error(),
-                          "invalid_request_error", "invalid_value", "messages");
-  text = std::move(r.value());
-  // Templates usually write the BOS text themselves; add the token only when they don't.
-  bool has_bos_text = !bos.empty() && text.rfind(bos, 0) == 0;
+  bool has_bos_text = false;
+  if (auto e = render_chat(pr.messages, pr.tools, text, has_bos_text)) return e;
   tokens = encode_prompt(tok, text, /*add_bos=*/!has_bos_text, /*parse_special=*/true, mode);
   text_base = 0;
   return std::nullopt;
@@ -540,13 +551,7 @@ static const std::string kDocMark = "\x1f<larder:documents>\x1f";
 
 std::optional<ApiError> Server::Impl::chat_split(const ojson& messages, const ojson& tools,
                                                  std::vector<int32_t>& prefix, std::vector<int32_t>* query) {
-  const Model& m = *model.load();
-  const Tokenizer& tok = *m.tokenizer;
-  if (!tools.is_null() && !(chat_template && template_has_tools))
-    return make_api_error(400, "This model's chat template does not support tools.", "invalid_request_error",
-                          "unsupported_parameter", "tools");
-  if (!chat_template)
-    return make_api_error(500, "The server has no chat template.", "server_error", "internal_error", "messages");
+  const Tokenizer& tok = *model.load()->tokenizer;
   ojson msgs = messages;
   int last = -1;
   for (size_t i = 0; i < msgs.size(); ++i)
@@ -558,23 +563,14 @@ std::optional<ApiError> Server::Impl::chat_split(const ojson& messages, const oj
     return make_api_error(400, "The last user message's content must be text to put documents before it.",
                           "invalid_request_error", "invalid_value", "messages");
   msgs[last]["content"] = kDocMark + msgs[last]["content"].get<std::string>();
-  const Vocab& v = tok.vocab();
-  ojson extra = ojson::object();
-  extra["bos_token"] = v.bos >= 0 && v.bos < tok.n_vocab() ? v.tokens[v.bos] : "";
-  extra["eos_token"] = v.eos >= 0 && v.eos < tok.n_vocab() ? v.tokens[v.eos] : "";
-  if (!tools.is_null()) extra["tools"] = tools;
-  auto r = chat_template->apply(msgs, /*add_generation_prompt=*/true, extra);
-  if (!r.ok())
-    return make_api_error(400, "The chat template could not be applied to these messages: " + r.error(),
-                          "invalid_request_error", "invalid_value", "messages");
-  const std::string& text = *r;
+  std::string text;
+  bool has_bos_text = false;
+  if (auto e = render_chat(msgs, tools, text, has_bos_text)) return e;
   const size_t pos = text.find(kDocMark);
   if (pos == std::string::npos || text.find(kDocMark, pos + 1) != std::string::npos)
     return make_api_error(400, "This model's chat template does not keep the user message's text as it is, so documents "
                                "cannot be placed in it.",
                           "invalid_request_error", "invalid_value", "documents");
-  const std::string bos = extra["bos_token"].get<std::string>();
-  const bool has_bos_text = !bos.empty() && text.rfind(bos, 0) == 0;
   prefix = tok.encode(std::string_view(text).substr(0, pos), !has_bos_text, true);
   if (query) *query = tok.encode(std::string_view(text).substr(pos + kDocMark.size()), false, true);
   return std::nullopt;
