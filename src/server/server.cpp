@@ -471,6 +471,16 @@ void Server::Impl::handle_models(const httplib::Request& req, httplib::Response&
   reply_json(res, 200, j);
 }
 
+// A 400 naming `param` when some id is outside the vocabulary.
+static std::optional<ApiError> check_ids(const Tokenizer& tok, const std::vector<int32_t>& ids, const char* param) {
+  for (int32_t t : ids)
+    if (t >= tok.n_vocab())
+      return make_api_error(400, "Token id " + std::to_string(t) + " is out of range (vocabulary size " +
+                                     std::to_string(tok.n_vocab()) + ").",
+                            "invalid_request_error", "invalid_value", param);
+  return std::nullopt;
+}
+
 std::optional<ApiError> Server::Impl::render_chat(const ojson& messages, const ojson& tools, std::string& text,
                                                   bool& has_bos_text) {
   const Tokenizer& tok = *model.load()->tokenizer;
@@ -502,11 +512,7 @@ std::optional<ApiError> Server::Impl::build_prompt(const ParsedRequest& pr, std:
   const Tokenizer& tok = *m.tokenizer;
   if (pr.kind == Endpoint::Completions) {
     if (pr.prompt_is_tokens) {
-      for (int32_t t : pr.prompt_tokens)
-        if (t >= tok.n_vocab())
-          return make_api_error(400, "Token id " + std::to_string(t) + " is out of range (vocabulary size " +
-                                         std::to_string(tok.n_vocab()) + ").",
-                                "invalid_request_error", "invalid_value", "prompt");
+      if (auto e = check_ids(tok, pr.prompt_tokens, "prompt")) return e;
       tokens = pr.prompt_tokens;
       text_base = tok.decode(tokens).size();
     } else {
@@ -530,11 +536,7 @@ std::optional<ApiError> Server::Impl::use_prompt_tokens(const ParsedRequest& pr,
                                                         size_t& text_base, PromptMode& mode) {
   const std::vector<int32_t>& ids = *pr.larder.prompt_tokens;
   const Tokenizer& tok = *model.load()->tokenizer;
-  for (int32_t t : ids)
-    if (t >= tok.n_vocab())
-      return make_api_error(400, "Token id " + std::to_string(t) + " is out of range (vocabulary size " +
-                                     std::to_string(tok.n_vocab()) + ").",
-                            "invalid_request_error", "invalid_value", "larder.prompt_tokens");
+  if (auto e = check_ids(tok, ids, "larder.prompt_tokens")) return e;
   if (mode.cacheable && mode.enc.ids != ids) {
     std::string text;
     mode.ids_only = prompt_cache->decode(ids, mode.add_bos, mode.parse_special, text) && text == mode.text;
@@ -584,11 +586,7 @@ std::optional<ApiError> Server::Impl::build_doc_prompt(const ParsedRequest& pr, 
   if (pr.kind == Endpoint::Completions) {
     prefix = tok.encode(df.prefix, /*add_bos=*/true, /*parse_special=*/false);
     if (pr.prompt_is_tokens) {
-      for (int32_t t : pr.prompt_tokens)
-        if (t >= tok.n_vocab())
-          return make_api_error(400, "Token id " + std::to_string(t) + " is out of range (vocabulary size " +
-                                         std::to_string(tok.n_vocab()) + ").",
-                                "invalid_request_error", "invalid_value", "prompt");
+      if (auto e = check_ids(tok, pr.prompt_tokens, "prompt")) return e;
       query = pr.prompt_tokens;
       text_base = tok.decode(query).size();
     } else {
@@ -879,13 +877,10 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
     max_tokens = kind == Endpoint::Completions ? std::min(16, max_seq - n_prompt) : max_seq - n_prompt;
   }
   const LarderExt& ext = pr.larder;
-  for (int32_t t : ext.resume_tokens)
-    if (t >= mdl.tokenizer->n_vocab()) {
-      reply_error(res, make_api_error(400, "Token id " + std::to_string(t) + " is out of range (vocabulary size " +
-                                               std::to_string(mdl.tokenizer->n_vocab()) + ").",
-                                      "invalid_request_error", "invalid_value", "larder.resume.tokens"));
-      return;
-    }
+  if (auto e = check_ids(*mdl.tokenizer, ext.resume_tokens, "larder.resume.tokens")) {
+    reply_error(res, *e);
+    return;
+  }
 
   auto job = std::make_shared<Job>();
   job->kind = kind;
