@@ -10,6 +10,9 @@
 
 namespace larder {
 
+static void rotate_heads(const float* src, float* dst, const float* cs, const float* sn, int n_heads, int hd,
+                         bool neox);
+
 Result<DType> parse_kv_type(const std::string& s) {
   DType t;
   if (parse_dtype(s, &t) && kernels::kv_type_supported(t)) return t;
@@ -314,15 +317,7 @@ void Context::rotate_k(std::span<const int32_t> table, int begin, int n, int del
             const size_t sl = static_cast<size_t>(table[ent / block_size_]) * block_size_ + ent % block_size_;
             uint8_t* kr = &k_cache_[(static_cast<size_t>(l) * n_slots_ + sl) * k_row_];
             kernels::kv_to_float(type_k_, kr, row.data(), kv_dim);
-            for (int h = 0; h < c.n_head_kv; ++h) {
-              float* v = row.data() + static_cast<size_t>(h) * hd;
-              for (int i = 0; i < half; ++i) {
-                const int ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
-                const float x0 = v[ia], x1 = v[ib];
-                v[ia] = x0 * cs[i] - x1 * sn[i];
-                v[ib] = x0 * sn[i] + x1 * cs[i];
-              }
-            }
+            rotate_heads(row.data(), row.data(), cs.data(), sn.data(), c.n_head_kv, hd, neox);
             kernels::kv_from_float(type_k_, row.data(), kr, kv_dim, isa);
           }
         },
@@ -366,12 +361,11 @@ void Context::post_norm(int n, const float* w) {
       32);
 }
 
-// RoPE of one token's heads (position of batch token t), from src into dst (may alias).
-void Context::rope_row(const float* src, float* dst, int t, int n_heads, bool local) const {
-  const int hd = model_.cfg.head_dim, half = hd / 2;
-  const bool neox = model_.cfg.rope_type == RopeType::NEOX;
-  const float* cs = (local ? cos_swa_ : cos_).data() + static_cast<size_t>(t) * half;
-  const float* sn = (local ? sin_swa_ : sin_).data() + static_cast<size_t>(t) * half;
+// Rotates n_heads heads of hd values from src into dst (may alias) by the angles whose cosines and
+// sines are cs, sn [hd/2]: RoPE at a position, or by a difference of positions (rotate_k).
+static void rotate_heads(const float* src, float* dst, const float* cs, const float* sn, int n_heads, int hd,
+                         bool neox) {
+  const int half = hd / 2;
   for (int h = 0; h < n_heads; ++h) {
     const float* v = src + static_cast<size_t>(h) * hd;
     float* o = dst + static_cast<size_t>(h) * hd;
@@ -382,6 +376,14 @@ void Context::rope_row(const float* src, float* dst, int t, int n_heads, bool lo
       o[b] = x0 * sn[i] + x1 * cs[i];
     }
   }
+}
+
+// RoPE of one token's heads (position of batch token t), from src into dst (may alias).
+void Context::rope_row(const float* src, float* dst, int t, int n_heads, bool local) const {
+  const int half = model_.cfg.head_dim / 2;
+  rotate_heads(src, dst, (local ? cos_swa_ : cos_).data() + static_cast<size_t>(t) * half,
+               (local ? sin_swa_ : sin_).data() + static_cast<size_t>(t) * half, n_heads, model_.cfg.head_dim,
+               model_.cfg.rope_type == RopeType::NEOX);
 }
 
 // Softmax of one row's scaled scores g[0, m) (entry(k): the logical entry of g[k]) with APE's
