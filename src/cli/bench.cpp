@@ -80,9 +80,12 @@ int cmd_bench(Args& a) {
     std::printf("| --- | ---: | ---: | ---: | --- | ---: | --- | --- | --- | ---: | ---: |\n");
   }
   for (const auto& path : models) {
-    auto mr = load_model(path, "", !a.no_repack);
+    auto mr = load_model(path, "", !a.no_repack, ffn_on_disk(a));
     if (!mr.ok()) return fail(mr.error());
     const Model& m = **mr;
+    auto ffn = open_ffn(a, m);
+    if (!ffn.ok()) return fail(ffn.error());
+    if (*ffn) std::fprintf(stderr, "larder bench: %s\n", (*ffn)->describe().c_str());
     size_t n_params = 0;
     for (const Tensor* t : {&m.tok_embd, &m.output_norm}) n_params += t->cols() * t->rows();
     if (!m.cfg.tied_embeddings) n_params += m.output.cols() * m.output.rows();
@@ -112,6 +115,7 @@ int cmd_bench(Args& a) {
         cp.n_ctx = t.depth + t.n_prompt + t.n_gen + 1;
         cp.n_batch = std::max({1, t.n_prompt, std::min(t.depth, 512)});
         cp.w8a8 = a.w8a8;
+        cp.ffn = *ffn;
         auto cr = Context::create(m, cp);
         if (!cr.ok()) return fail(cr.error());
         Context& ctx = **cr;
@@ -126,6 +130,7 @@ int cmd_bench(Args& a) {
         std::vector<double> ts;
         for (int r = -1; r < a.reps; ++r) {  // r = -1 is a warm-up run
           ctx.truncate(t.depth);
+          if (cp.ffn && r == 0) cp.ffn->reset_stats();  // the timed runs' figures
           auto t0 = std::chrono::steady_clock::now();
           if (t.n_prompt > 0) {
             Status st = ctx.decode(toks);
@@ -149,6 +154,7 @@ int cmd_bench(Args& a) {
         std::string test = t.n_prompt ? "pp" + std::to_string(t.n_prompt) : "tg" + std::to_string(t.n_gen);
         if (t.depth > 0) test += " @ d" + std::to_string(t.depth);  // llama-bench's notation
         long rss = peak_rss_bytes();
+        if (cp.ffn) std::fprintf(stderr, "larder bench: %s: %s\n", test.c_str(), ffn_report(*cp.ffn).c_str());
         if (a.out_format == "md") {
           // repacked: the weights pack_model_weights moved into panels / huge pages (no = the file's rows).
           std::printf("| %s%s | %.2f MiB | %.2f M | %d | %s | %s | %s | %s | %s | %.2f ± %.2f | %.1f MiB |\n", path.c_str(),
@@ -163,6 +169,16 @@ int cmd_bench(Args& a) {
                            {"cpu_info", kernels::active_isa_name()}, {"w8a8", a.w8a8}, {"peak_rss_bytes", rss},
                            {"repacked_bytes", m.panel_bytes},
                            {"type_k", dtype_name(type_k)}, {"type_v", dtype_name(type_v)}, {"copied_bytes", m.packed_bytes - m.panel_bytes}});
+        if (cp.ffn) {
+          const offload::Stats& f = cp.ffn->stats();
+          const double nt_ = static_cast<double>(std::max<int64_t>(1, f.tokens));
+          results.back()["ffn"] = {{"io_wait_ms_per_token", 1e3 * f.io_wait_s / nt_}, {"cache_ms_per_token", 1e3 * f.cache_s / nt_},
+                                   {"compute_ms_per_token", 1e3 * f.compute_s / nt_}, {"bytes_per_token", f.bytes_read / nt_},
+                                   {"reads_per_token", f.reads / nt_},
+                                   {"active_fraction", static_cast<double>(f.active) / std::max<int64_t>(1, f.neurons)},
+                                   {"hit_rate", static_cast<double>(f.hits) / std::max<int64_t>(1, f.hits + f.misses)},
+                                   {"cache_bytes", cp.ffn->cache_bytes()}, {"resident_bytes", cp.ffn->resident_bytes()}};
+        }
       }
     }
   }

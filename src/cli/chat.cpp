@@ -159,7 +159,7 @@ int cmd_chat(Args& a) {
   auto kvt = cache_types(a);
   if (!kvt.ok()) return fail(kvt.error());
   auto t_load0 = Clock::now();
-  auto mr = load_model(a.model, a.tokenizer, !a.no_repack);
+  auto mr = load_model(a.model, a.tokenizer, !a.no_repack, ffn_on_disk(a));
   if (!mr.ok()) return fail(mr.error());
   Model& m = **mr;
   const Tokenizer& tok = *m.tokenizer;
@@ -188,6 +188,9 @@ int cmd_chat(Args& a) {
   cp.w8a8 = a.w8a8;
   cp.type_k = kvt->first;
   cp.type_v = kvt->second;
+  auto ffn = open_ffn(a, m);
+  if (!ffn.ok()) return fail(ffn.error());
+  cp.ffn = *ffn;
   auto cr = Context::create(m, cp);
   if (!cr.ok()) return fail(cr.error());
   Context& ctx = **cr;

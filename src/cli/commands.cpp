@@ -75,7 +75,7 @@ Result<std::vector<int32_t>> parse_ids(const std::string& s) {
 Result<std::unique_ptr<Model>> open_model(const Args& a) {
   std::string p = model_path(a);
   if (p.empty()) return make_error("no model given (use -m PATH or set LARDER_MODEL)");
-  return load_model(p, a.tokenizer, !a.no_repack);
+  return load_model(p, a.tokenizer, !a.no_repack, ffn_on_disk(a));
 }
 
 SamplerParams sampler_params(const Args& a) {
@@ -113,6 +113,9 @@ int cmd_run(Args& a) {
   cp.type_k = kvt->first;
   cp.type_v = kvt->second;
   if (a.n_ctx < 0 || a.n_threads < 0 || a.n_batch <= 0) return fail("context size, threads and batch size must be positive");
+  auto ffn = open_ffn(a, m);
+  if (!ffn.ok()) return fail(ffn.error());
+  cp.ffn = *ffn;
   auto cr = Context::create(m, cp);
   if (!cr.ok()) return fail(cr.error());
   Context& ctx = **cr;
@@ -128,6 +131,7 @@ int cmd_run(Args& a) {
   std::fprintf(stderr, "larder: model %s (%s, %s, %d layers, %.1f MiB), %d threads, ctx %d, isa %s, load %.2f s\n",
                m.path.c_str(), m.format.c_str(), m.cfg.arch.c_str(), m.cfg.n_layer, m.weight_bytes() / 1048576.0,
                ctx.n_threads(), ctx.n_ctx(), kernels::active_isa_name(), t_load);
+  if (cp.ffn) std::fprintf(stderr, "larder: %s\n", cp.ffn->describe().c_str());
   if (!a.no_display_prompt) {
     std::fputs(prompt.c_str(), stdout);
     std::fflush(stdout);
@@ -189,6 +193,7 @@ int cmd_run(Args& a) {
   double pp = secs(t0, t1), tg = secs(t1, t2);
   std::fprintf(stderr, "larder: prompt %zu tokens in %.3f s (%.2f tok/s); generation %d tokens in %.3f s (%.2f tok/s); seed %" PRIu64 "\n",
                toks.size(), pp, toks.size() / std::max(pp, 1e-9), n_gen, tg, n_gen / std::max(tg, 1e-9), sampler.seed());
+  if (cp.ffn) std::fprintf(stderr, "larder: %s\n", ffn_report(*cp.ffn).c_str());
   if (drafter) {
     const auto& ss = gen.stats();
     std::fprintf(stderr, "larder: spec %s: %" PRId64 " verify passes (%" PRId64 " without a draft), %" PRId64
@@ -395,6 +400,9 @@ int cmd_logits(Args& a) {
   cp.w8a8 = a.w8a8;
   cp.type_k = kvt->first;
   cp.type_v = kvt->second;
+  auto ffn = open_ffn(a, m);
+  if (!ffn.ok()) return fail(ffn.error());
+  cp.ffn = *ffn;
   auto cr = Context::create(m, cp);
   if (!cr.ok()) return fail(cr.error());
   Context& ctx = **cr;

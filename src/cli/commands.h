@@ -7,6 +7,7 @@
 #include "engine/sampler.h"
 #include "model/dtype.h"
 #include "model/model.h"
+#include "offload/offload.h"
 
 namespace larder::cli {
 int cmd_run(Args& a);
@@ -16,6 +17,17 @@ int cmd_tokenize(Args& a);
 int cmd_synth(Args& a);
 int cmd_logits(Args& a);
 int cmd_docs(Args& a);        // src/cli/docs.cpp
+// src/cli/offload.cpp: FFN sparsity and SSD offload.
+int cmd_offload_prepare(Args& a);
+int cmd_calibrate_sparsity(Args& a);
+// Whether the FFN options ask for a sparse / offloaded FFN, and whether its up/down weights stay
+// on disk (then load the model with ffn_on_disk).
+bool ffn_wanted(const Args& a);
+bool ffn_on_disk(const Args& a);
+// The sparse FFN the options describe for this model (nullptr when none is asked for).
+Result<std::shared_ptr<offload::SparseFfn>> open_ffn(const Args& a, const Model& m);
+// One line of the FFN's figures per token (I/O wait, cache, compute, bytes, active, hit rate).
+std::string ffn_report(const offload::SparseFfn& f);
 // The model of -m (or the positional file), and a comma/space-separated id list.
 Result<std::unique_ptr<Model>> open_model(const Args& a);
 Result<std::vector<int32_t>> parse_ids(const std::string& s);

@@ -81,6 +81,8 @@ int main(int argc, char** argv) {
       {"simulate", "simulate a cluster serving a trace (--trace FILE --instances N|P,D --policy NAME --calibration FILE) and report hit rate, TTFT, TBT, goodput", cmd_simulate},
       {"calibrate", "measure an instance's costs on a real engine (prefill, decode, tiers) for `larder simulate`: -m MODEL -o calib.json", cmd_calibrate},
       {"logits", "dump logits / greedy ids for token ids (for reference tests)", cmd_logits},
+      {"offload-prepare", "write the FFN offload layout: larder offload-prepare MODEL DIR (up rows and transposed down columns bundled per neuron, checksummed)", cmd_offload_prepare},
+      {"calibrate-sparsity", "calibrate per-layer FFN activation thresholds on a text: larder calibrate-sparsity MODEL TEXT [-o FILE]", cmd_calibrate_sparsity},
       {"docs", "per-document KV (RAG): compose one prompt from token ids (--tokens-json, --dump) or run the fidelity benchmark (--cases, --methods, -o)", cmd_docs},
   };
   std::vector<std::pair<CLI::App*, const Cmd*>> subs;
@@ -91,6 +93,8 @@ int main(int argc, char** argv) {
     if (std::string(c.name) == "info") sub->add_option("file", a.positional, "model file (or use -m)");
     if (std::string(c.name) == "tokenize") sub->add_option("text", a.positional, "text to tokenize");
     if (std::string(c.name) == "kv") sub->add_option("action", a.positional, "stats | verify | clear");
+    if (std::string(c.name) == "offload-prepare") sub->add_option("args", a.pos_args, "MODEL DIR (or -m MODEL DIR)")->expected(1, 2);
+    if (std::string(c.name) == "calibrate-sparsity") sub->add_option("args", a.pos_args, "MODEL TEXT (or -m MODEL TEXT)")->expected(1, 2);
     if (std::string(c.name) == "quantize") sub->add_option("args", a.quant_args, "IN OUT TYPE")->expected(3);
     subs.emplace_back(sub, &c);
   }

@@ -140,6 +140,17 @@ struct Args {
   // calibrate (also -m -t -c --parallel --kv-blocks -o; --dram-bytes/--disk-dir/--disk-bytes fill kv_dram/kv_disk/kv_disk_size)
   double calib_transfer_gbps = 0.36;  // GB/s between instances (docs/BENCHMARKS.md, P/D: TCP, 4-16 KiB ops)
   double calib_transfer_latency_ms = 2;
+  // FFN sparsity and SSD offload (run, chat, logits, perplexity, bench, serve)
+  std::string ffn_offload;          // prepared layout directory
+  std::string weights_budget;       // --weights-dram-budget SIZE
+  double ffn_sparsity = -1;         // -1: no sparse FFN unless --ffn-offload; 0: dense through it
+  std::string ffn_thresholds;
+  int ffn_window = 5;
+  int ffn_io_threads = 8;
+  bool ffn_naive = false;
+  bool ffn_no_direct = false;
+  std::string down_type = "auto";   // offload-prepare (and the in-memory records)
+  std::vector<std::string> pos_args;  // offload-prepare MODEL DIR, calibrate-sparsity MODEL TEXT
   // positional
   std::string positional;
 };

@@ -46,12 +46,14 @@ int cmd_perplexity(Args& a) {
   auto text = read_file(a.file);
   if (!text.ok()) return fail(text.error());
 
-  auto mr = load_model(a.model, a.tokenizer, !a.no_repack);
+  auto mr = load_model(a.model, a.tokenizer, !a.no_repack, ffn_on_disk(a));
   if (!mr.ok()) return fail(mr.error());
   const Model& m = **mr;
+  auto ffn = open_ffn(a, m);
+  if (!ffn.ok()) return fail(ffn.error());
   std::unique_ptr<Model> base;
   const Model* basep = nullptr;
-  if (a.kl_base == a.model) {  // the same model, e.g. with another KV cache type: load it once
+  if (a.kl_base == a.model && !ffn_on_disk(a)) {  // the same model, e.g. with another KV cache type: load it once
     basep = &m;
   } else if (!a.kl_base.empty()) {
     auto br = load_model(a.kl_base, a.tokenizer, !a.no_repack);
@@ -67,6 +69,7 @@ int cmd_perplexity(Args& a) {
   pp.n_ctx = a.n_ctx;
   pp.n_threads = a.n_threads;
   pp.n_batch = a.n_batch;
+  pp.ffn = *ffn;
   pp.w8a8 = a.w8a8;  // the model under test only: --kl-base BASE then measures what int8 prefill changes
   pp.type_k = kvt->first;
   pp.type_v = kvt->second;

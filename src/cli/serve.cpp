@@ -127,9 +127,12 @@ int cmd_serve(Args& a) {
   std::fprintf(stderr, "larder serve: listening on http://%s:%d\n", a.host.c_str(), srv.port());
   std::fflush(stderr);
 
-  auto model = load_model(a.model, a.tokenizer, !a.no_repack);
+  auto model = load_model(a.model, a.tokenizer, !a.no_repack, ffn_on_disk(a));
   if (!model.ok()) return fail(model.error());
   const Model& m = **model;
+  auto ffn = open_ffn(a, m);
+  if (!ffn.ok()) return fail(ffn.error());
+  if (*ffn) std::fprintf(stderr, "larder serve: %s\n", (*ffn)->describe().c_str());
 
   SchedulerParams p;
   p.n_threads = a.n_threads;
@@ -137,6 +140,7 @@ int cmd_serve(Args& a) {
   p.parallel = a.parallel;
   p.max_queue = a.queue;
   p.w8a8 = a.w8a8;
+  p.ffn = *ffn;
   p.kv_blocks = a.kv_blocks;
   p.type_k = kvt->first;
   p.type_v = kvt->second;

@@ -31,6 +31,7 @@ Result<std::unique_ptr<Context>> Context::create(const Model& model, const Conte
   if (n_threads > 256) return make_error("thread count %d is too large", n_threads);
   int n_batch = std::max(1, std::min(p.n_batch, n_ctx));
   if (p.block_size <= 0 || p.block_size > 4096) return make_error("invalid KV block size %d", p.block_size);
+  if (p.w8a8 && p.ffn) return make_error("--w8a8 and a sparse or offloaded FFN do not combine");
   if (p.max_seq_len < 0) return make_error("invalid max sequence length %d", p.max_seq_len);
   const ModelConfig& c = model.cfg;
   for (auto [t, which] : {std::pair{p.type_k, "K"}, std::pair{p.type_v, "V"}}) {
@@ -55,7 +56,8 @@ Result<std::unique_ptr<Context>> Context::create(const Model& model, const Conte
 }
 
 Context::Context(const Model& m, const ContextParams& p, int n_ctx, int n_threads, int n_batch)
-    : model_(m), n_batch_(n_batch), block_size_(p.block_size), pool_(n_threads), type_k_(p.type_k), type_v_(p.type_v) {
+    : model_(m), n_batch_(n_batch), block_size_(p.block_size), pool_(n_threads), type_k_(p.type_k), type_v_(p.type_v),
+      ffn_(p.ffn) {
   const ModelConfig& c = m.cfg;
   n_blocks_ = (n_ctx + block_size_ - 1) / block_size_;
   n_ctx_ = n_ctx;
@@ -100,7 +102,7 @@ Context::Context(const Model& m, const ContextParams& p, int n_ctx, int n_thread
   last_logits_.resize(c.n_vocab);
   // Largest activation format is q8_0-like (34 bytes per 32 values); reserve once.
   scratch_.xq.reserve(static_cast<size_t>(n_batch) * (std::max(c.n_embd, c.n_ff) / 32 + 1) * 40);
-  if (p.w8a8) {
+  if (p.w8a8 && !ffn_) {  // (the sparse FFN keeps its own records; w8a8 then covers nothing of it)
     auto q = [&](const Tensor& t) { return kernels::w8_from_tensor(t.type, t.data, t.rows(), t.cols(), pool_); };
     for (const LayerWeights& L : m.layers)
       w8_.push_back({q(L.wq), q(L.wk), q(L.wv), q(L.wo), q(L.ffn_gate), q(L.ffn_up), q(L.ffn_down)});
@@ -266,8 +268,9 @@ Status Context::decode_batch(std::span<const SeqBatch> batch, const LayerRange* 
       return make_error("layer range [%d, %d) is out of [0, %d)", l0, l1, model_.cfg.n_layer);
     if (l0 > 0 && !layers->x_in) return make_error("a layer range starting at %d needs its input hidden states", l0);
   }
+  ffn_status_ = Status::Ok();
   forward(batch, n, l0, l1, layers ? layers->x_in : nullptr, layers ? layers->x_out : nullptr);
-  return Status::Ok();
+  return ffn_status_;
 }
 
 void Context::copy_kv(std::span<const int32_t> src_table, int src0, std::span<const int32_t> dst_table, int dst0,
@@ -748,8 +751,12 @@ void Context::forward(std::span<const SeqBatch> batch, int n, int l0, int l1, co
     mm(L.wo, W8 ? W8->wo.get() : nullptr, att_.data(), n, xb_.data(), E);
     if (c.post_norms) post_norm(n, static_cast<const float*>(L.post_attn_norm.data));
     add_rmsnorm(n, static_cast<const float*>(L.ffn_norm.data));
-    if (!w8_now && packed_concat({&L.ffn_gate, &L.ffn_up}, &fused)) {
+    if (ffn_) {  // sparse / streamed: the gate here, the rest over the active neurons only
+      mm(L.ffn_gate, nullptr, xb_.data(), n, hb_.data(), F);
+      if (Status st = ffn_->forward(l, xb_.data(), hb_.data(), n, pool_); !st.ok() && ffn_status_.ok()) ffn_status_ = st;
+    } else if (!w8_now && packed_concat({&L.ffn_gate, &L.ffn_up}, &fused)) {
       kernels::matmul(fused, xb_.data(), n, hb_.data(), 2 * F, pool_, scratch_);
+      if (gate_hook_) gate_hook_(l, hb_.data(), n, 2 * F);
       // In place, row by row: row t's result [tF, tF + F) only covers inputs of rows < t.
       for (int t = 0; t < n; ++t)
         glu(&hb_[static_cast<size_t>(t) * F], &hb_[static_cast<size_t>(t) * 2 * F], &hb_[static_cast<size_t>(t) * 2 * F + F], F);
@@ -757,9 +764,10 @@ void Context::forward(std::span<const SeqBatch> batch, int n, int l0, int l1, co
       float* up = hb_.data() + static_cast<size_t>(n) * F;
       mm(L.ffn_gate, W8 ? W8->gate.get() : nullptr, xb_.data(), n, hb_.data(), F);
       mm(L.ffn_up, W8 ? W8->up.get() : nullptr, xb_.data(), n, up, F);
+      if (gate_hook_) gate_hook_(l, hb_.data(), n, F);
       glu(hb_.data(), hb_.data(), up, static_cast<int64_t>(n) * F);
     }
-    mm(L.ffn_down, W8 ? W8->down.get() : nullptr, hb_.data(), n, xb_.data(), E);
+    if (!ffn_) mm(L.ffn_down, W8 ? W8->down.get() : nullptr, hb_.data(), n, xb_.data(), E);
     if (c.post_norms) post_norm(n, static_cast<const float*>(L.post_ffn_norm.data));
     if (l + 1 < l1) {
       // The residual add fused with the next layer's attention norm (one pass per row).

@@ -19,6 +19,7 @@
 #include "kernels/kernels.h"
 #include "kernels/w8a8.h"
 #include "model/model.h"
+#include "offload/offload.h"
 
 namespace larder {
 
@@ -34,6 +35,9 @@ struct ContextParams {
   // attention streams per token at no measurable accuracy cost (see docs/ARCHITECTURE.md).
   DType type_k = DType::F16;
   DType type_v = DType::F16;
+  // Sparse / SSD-streamed FFN (src/offload): every layer's FFN goes through it (the gate product
+  // stays here). nullptr = the dense FFN.
+  std::shared_ptr<offload::SparseFfn> ffn;
 };
 
 // Parses a KV cache type name (f32, f16, bf16, q8_0); the error lists the valid ones.
@@ -138,6 +142,10 @@ class Context {
   // batch are in the pool (before attention reads them): lets a prefill instance send a
   // layer's KV while the next layers compute. Empty = none.
   void set_layer_hook(std::function<void(int layer)> f) { layer_hook_ = std::move(f); }
+  // Called with each layer's FFN gate pre-activations ([n] rows of n_ff floats, ld apart) on the
+  // dense path (calibrate-sparsity). Empty = none.
+  void set_gate_hook(std::function<void(int layer, const float* gate, int n, int64_t ld)> f) { gate_hook_ = std::move(f); }
+  offload::SparseFfn* ffn() const { return ffn_.get(); }
 
   int n_vocab() const { return model_.cfg.n_vocab; }
   int n_ctx() const { return n_ctx_; }
@@ -207,6 +215,9 @@ class Context {
   };
   std::vector<LayerW8> w8_;  // empty unless w8a8
   std::function<void(int)> layer_hook_;
+  std::function<void(int, const float*, int, int64_t)> gate_hook_;
+  std::shared_ptr<offload::SparseFfn> ffn_;
+  Status ffn_status_;  // the first error of the sparse FFN in this forward pass
   kernels::W8A8Scratch w8_scratch_;
   kernels::W8A8Stats w8a8_stats_;
 };

@@ -81,6 +81,7 @@ struct PerplexityParams {
   int n_threads = 0;  // 0 = all cores
   int n_batch = 512;  // max tokens per forward pass
   bool w8a8 = false;  // int8 prefill for the model under test (never for the base model)
+  std::shared_ptr<offload::SparseFfn> ffn;  // sparse / offloaded FFN of the model under test
   DType type_k = DType::F16, type_v = DType::F16;            // KV cache types of the model under test
   DType base_type_k = DType::F16, base_type_v = DType::F16;  // ... and of the base run
 };
@@ -175,6 +176,7 @@ inline Result<PerplexityResult> compute_perplexity(const Model& model, const Mod
   cp.n_batch = p.n_batch;
   ContextParams mcp = cp;
   mcp.w8a8 = p.w8a8;
+  mcp.ffn = p.ffn;
   mcp.type_k = p.type_k;
   mcp.type_v = p.type_v;
   LARDER_TRY(ctx, Context::create(model, mcp));

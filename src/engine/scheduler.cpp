@@ -83,6 +83,7 @@ Result<std::unique_ptr<Scheduler>> Scheduler::create(const Model& model, const S
   cp.w8a8 = p.w8a8;
   cp.type_k = p.type_k;
   cp.type_v = p.type_v;
+  cp.ffn = p.ffn;
   LARDER_TRY(ctx, Context::create(model, cp));
   auto s = std::unique_ptr<Scheduler>(new Scheduler(model, p, std::move(ctx), max_seq, kv_blocks));
   if (p.store.dram_bytes > 0 || !p.store.disk_dir.empty()) {
@@ -129,7 +130,8 @@ Scheduler::Scheduler(const Model& m, const SchedulerParams& p, std::unique_ptr<C
     : model_(m),
       params_(p),
       ctx_(std::move(ctx)),
-      blocks_identity_(m.cfg.name + "#" + m.fingerprint() + "#" + std::to_string(m.weight_bytes())),
+      blocks_identity_(m.cfg.name + "#" + m.fingerprint() + "#" + std::to_string(m.weight_bytes()) +
+                       (p.ffn ? "#" + p.ffn->identity() : std::string())),
       blocks_(kv_blocks, kvcache::CacheIdentity{blocks_identity_, kv_types_name(p.type_k, p.type_v), p.block_size}),
       max_seq_len_(max_seq_len) {
   params_.step_tokens = std::max(p.step_tokens, p.parallel);
@@ -614,6 +616,10 @@ bool Scheduler::step() {
   if (store_) write_back(named);
   std::lock_guard<std::mutex> lk(mu_);
   st_.steps++;
+  if (params_.ffn) {
+    st_.has_ffn = true;
+    st_.ffn = params_.ffn->stats();
+  }
   refresh_stats_locked();
   return true;
 }

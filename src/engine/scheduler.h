@@ -33,6 +33,8 @@ namespace larder {
 
 struct SchedulerParams {
   int n_threads = 0;
+  // Sparse / SSD-streamed FFN (src/offload); its identity joins the KV blocks' (other values).
+  std::shared_ptr<offload::SparseFfn> ffn;
   int kv_blocks = 0;          // 0: enough for `parallel` sequences of max_seq_len
   int block_size = 16;
   int max_seq_len = 0;        // prompt + completion limit per request (0 = model context, capped at 4096)
@@ -174,6 +176,8 @@ struct SchedulerStats {
   // Documents: requests with documents, document tokens served from stored KV / encoded, document
   // token-layers recomputed by repairs.
   int64_t doc_requests = 0, doc_tokens_reused = 0, doc_tokens_encoded = 0, doc_token_layers_recomputed = 0;
+  bool has_ffn = false;   // a sparse / SSD-streamed FFN (src/offload)
+  offload::Stats ffn;
   bool has_store = false;
   kvcache::KvStoreStats store;
   // Speculative decoding (drafter empty when off): passes that verified a draft, draft nodes

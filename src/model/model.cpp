@@ -163,12 +163,13 @@ static bool ends_with(const std::string& s, const std::string& suf) {
   return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
 }
 
-size_t pack_model_weights(Model& m) {
+size_t pack_model_weights(Model& m, bool skip_ffn_up_down) {
   const kernels::Isa isa = kernels::active_isa();
   if (isa == kernels::Isa::Scalar) return 0;  // the scalar path reads the file's rows
   std::vector<Tensor*> ts;
   for (auto& l : m.layers)
-    for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down}) ts.push_back(t);
+    for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down})
+      if (!skip_ffn_up_down || (t != &l.ffn_up && t != &l.ffn_down)) ts.push_back(t);
   ts.push_back(&m.output);
   // The 1-D norms and biases too: they sit between the big tensors in the file, and reading one
   // faults in the whole large folio around it (2 MiB on this ext4), which would bring back much
@@ -249,9 +250,10 @@ size_t pack_model_weights(Model& m) {
   return total;
 }
 
-Result<std::unique_ptr<Model>> load_model(const std::string& path, const std::string& tokenizer_path, bool repack) {
+Result<std::unique_ptr<Model>> load_model(const std::string& path, const std::string& tokenizer_path, bool repack,
+                                          bool ffn_on_disk) {
   auto r = load_model_any(path, tokenizer_path);
-  if (r.ok() && repack) pack_model_weights(**r);
+  if (r.ok() && repack) pack_model_weights(**r, ffn_on_disk);
   return r;
 }
 

@@ -102,8 +102,10 @@ Status validate_model(const Model& m);
 // Opens a GGUF file, a llama2.c checkpoint (.bin; tokenizer.bin looked up beside it unless
 // tokenizer_path is given) or a Hugging Face folder (config.json + *.safetensors + tokenizer.json).
 // repack: pack_model_weights after loading (the CLI's --no-repack turns it off).
+// ffn_on_disk: the FFN's up and down projections are served by src/offload (streamed from SSD):
+// they are neither packed nor copied, and stay untouched in the mapped file.
 Result<std::unique_ptr<Model>> load_model(const std::string& path, const std::string& tokenizer_path = "",
-                                          bool repack = true);
+                                          bool repack = true, bool ffn_on_disk = false);
 
 // Moves the matmul weights into one huge-page-backed buffer when the AVX-512 path is active:
 // q8_0/q4_0 repacked into panels for the integer kernels (kernels::pack_weights, Tensor::packed),
@@ -111,7 +113,7 @@ Result<std::unique_ptr<Model>> load_model(const std::string& path, const std::st
 // The file's pages of those tensors are given back to the kernel as each slab is done, so
 // resident memory stays one copy (embedding rows are faulted in again as they are looked up).
 // Returns the bytes moved.
-size_t pack_model_weights(Model& m);
+size_t pack_model_weights(Model& m, bool skip_ffn_up_down = false);
 
 // Format-specific loaders (used by load_model).
 Result<std::unique_ptr<Model>> load_model_gguf(const std::string& path);

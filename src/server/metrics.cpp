@@ -136,6 +136,24 @@ std::string Metrics::render(const SchedulerStats* st, int active_requests) const
   scalar(out, "larder_document_token_layers_recomputed_total", "counter",
          "Document token-layers recomputed by composition repairs (blend, link, focus).",
          static_cast<double>(st->doc_token_layers_recomputed));
+  if (st->has_ffn) {  // sparse / SSD-streamed FFN
+    const auto& f = st->ffn;
+    scalar(out, "larder_ffn_tokens_total", "counter", "Token rows through the sparse FFN.", static_cast<double>(f.tokens));
+    scalar(out, "larder_ffn_io_wait_seconds_total", "counter", "Time waiting for FFN neuron reads from SSD.", f.io_wait_s);
+    scalar(out, "larder_ffn_cache_seconds_total", "counter", "Time managing the FFN neuron cache (active sets, moves, checksums).",
+           f.cache_s);
+    scalar(out, "larder_ffn_compute_seconds_total", "counter", "Time computing the FFN over active neurons.", f.compute_s);
+    scalar(out, "larder_ffn_read_bytes_total", "counter", "Bytes of FFN neuron records read from SSD.",
+           static_cast<double>(f.bytes_read));
+    scalar(out, "larder_ffn_reads_total", "counter", "FFN read operations (runs of consecutive neurons).",
+           static_cast<double>(f.reads));
+    scalar(out, "larder_ffn_active_neurons_total", "counter", "Active FFN neurons, summed over layers and tokens.",
+           static_cast<double>(f.active));
+    scalar(out, "larder_ffn_neurons_total", "counter", "FFN neurons, summed over layers and tokens (active fraction = active / this).",
+           static_cast<double>(f.neurons));
+    scalar(out, "larder_ffn_cache_hits_total", "counter", "Active neurons found in the DRAM neuron cache.", static_cast<double>(f.hits));
+    scalar(out, "larder_ffn_cache_misses_total", "counter", "Active neurons read from SSD.", static_cast<double>(f.misses));
+  }
   if (!st->drafter.empty()) {
     // Speculative decoding, per drafter (one per server).
     const std::string lab = "{drafter=\"" + escape_label(st->drafter) + "\"}";

@@ -1,0 +1,504 @@
+// The sparse FFN at run time: active sets from the resident gate, the per-layer neuron cache, the
+// reader pool, and the up dots / down accumulation over active neurons only.
+#include <fcntl.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+#include <thread>
+
+#include "kernels/kernels.h"
+#include "model/model.h"
+#include "offload/offload.h"
+#include "offload/offload_internal.h"
+
+namespace larder::offload {
+
+float activation(float g, bool gelu) {
+  if (gelu) {
+    const float c = 0.7978845608028654f;  // sqrt(2/pi)
+    return 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * g * g * g)));
+  }
+  return g / (1.f + std::exp(-g));
+}
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double secs(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+uint8_t* alloc_aligned(size_t n) {
+  void* p = std::aligned_alloc(4096, round_up(std::max<size_t>(n, 1), 4096));
+  if (p) std::memset(p, 0, round_up(std::max<size_t>(n, 1), 4096));  // preallocated: fault every page in now
+  return static_cast<uint8_t*>(p);
+}
+}  // namespace
+
+// A pool of reader threads: each job is one pread (a run of consecutive neurons' records).
+struct SparseFfn::IoPool {
+  struct Job {
+    uint64_t off;
+    size_t len;
+    uint8_t* dst;
+  };
+  IoPool(int fd, int n, bool direct) : fd_(fd), direct_(direct) {
+    for (int i = 0; i < n; ++i) threads_.emplace_back([this] { run(); });
+  }
+  ~IoPool() {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  void submit(std::vector<Job>& jobs) {
+    std::lock_guard<std::mutex> g(mu_);
+    jobs_.swap(jobs);
+    next_ = 0;
+    pending_ = jobs_.size();
+    err_.clear();
+    ++gen_;
+    cv_.notify_all();
+  }
+  // Returns the first error ("" = all read).
+  std::string wait() {
+    std::unique_lock<std::mutex> g(mu_);
+    done_cv_.wait(g, [&] { return pending_ == 0; });
+    return err_;
+  }
+
+ private:
+  void run() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> g(mu_);
+    for (;;) {
+      cv_.wait(g, [&] { return stop_ || (gen_ != seen && next_ < jobs_.size()); });
+      if (stop_) return;
+      while (next_ < jobs_.size()) {
+        const Job j = jobs_[next_++];
+        g.unlock();
+        std::string e = read(j);
+        g.lock();
+        if (!e.empty() && err_.empty()) err_ = e;
+        if (--pending_ == 0) done_cv_.notify_all();
+      }
+      seen = gen_;
+    }
+  }
+  std::string read(const Job& j) const {
+    size_t got = 0;
+    while (got < j.len) {
+      ssize_t r = pread(fd_, j.dst + got, j.len - got, static_cast<off_t>(j.off + got));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) return std::string("read failed: ") + std::strerror(errno);
+      if (r == 0) return "short read (file truncated)";
+      got += static_cast<size_t>(r);
+    }
+    // Buffered fallback: drop the pages so the next read of them comes from the disk again.
+    if (!direct_) posix_fadvise(fd_, static_cast<off_t>(j.off), static_cast<off_t>(j.len), POSIX_FADV_DONTNEED);
+    return "";
+  }
+  int fd_;
+  bool direct_;
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<Job> jobs_;
+  size_t next_ = 0, pending_ = 0;
+  uint64_t gen_ = 0;
+  bool stop_ = false;
+  std::string err_;
+};
+
+// One layer's neuron cache: a preallocated [capacity][record] matrix; rows [0, n) hold neurons.
+struct SparseFfn::Layer {
+  LayerLayout lay;
+  uint8_t* cache = nullptr;
+  int n = 0;
+  std::vector<int32_t> slot_of;    // [n_ff] slot or -1
+  std::vector<int32_t> neuron_of;  // [capacity]
+  std::vector<int64_t> last;       // [capacity] step the slot's neuron was last active
+  int64_t step = 0;
+  ~Layer() { std::free(cache); }
+  void clear() {
+    n = 0;
+    std::fill(slot_of.begin(), slot_of.end(), -1);
+  }
+};
+
+SparseFfn::~SparseFfn() {
+  io_.reset();
+  layers_.clear();
+  std::free(scratch_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params& p) {
+  LARDER_CHECK_STATUS(check_gated_ffn(m));
+  const ModelConfig& c = m.cfg;
+  std::unique_ptr<SparseFfn> s(new SparseFfn());
+  s->model_ = &m;
+  s->n_layer_ = c.n_layer;
+  s->E_ = c.n_embd;
+  s->F_ = c.n_ff;
+  s->gelu_ = c.ffn_act == FfnAct::GELU_TANH;
+  s->window_ = std::max(1, p.window);
+  s->static_ = p.static_cache;
+  if (p.thresholds.empty()) s->thr_.assign(c.n_layer, 0.f);
+  else if (static_cast<int>(p.thresholds.size()) != c.n_layer)
+    return make_error("FFN thresholds: %zu values for %d layers", p.thresholds.size(), c.n_layer);
+  else s->thr_ = p.thresholds;
+  if (p.io_threads < 1 || p.io_threads > 256) return make_error("--ffn-io-threads must be 1..256");
+
+  // Resident weights: everything but the up and down projections (and an untied embedding
+  // table, whose rows are looked up one per token from the mapped file).
+  int64_t resident = 0;
+  auto add = [&](const Tensor& t) { resident += t.present() ? static_cast<int64_t>(t.nbytes) : 0; };
+  if (m.tok_embd.data == m.output.data) add(m.output);
+  else add(m.output);
+  add(m.output_norm);
+  for (const LayerWeights& L : m.layers)
+    for (const Tensor* t : L.all())
+      if (t != &L.ffn_up && t != &L.ffn_down) add(*t);
+  s->resident_bytes_ = resident;
+
+  std::vector<LayerLayout> lays(c.n_layer);
+  if (!p.dir.empty()) {
+    LARDER_TRY(info, read_layout(m, p.dir));
+    lays = info.layers;
+    s->sums_ = std::move(info.sums);
+    const std::string path = (std::filesystem::path(p.dir) / "ffn.bin").string();
+    s->direct_ = p.direct;
+    s->fd_ = p.direct ? ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT) : -1;
+    if (s->fd_ < 0) {
+      s->direct_ = false;
+      s->fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    }
+    if (s->fd_ < 0) return make_error("cannot open '%s': %s", path.c_str(), std::strerror(errno));
+  } else {
+    LARDER_TRY(dt, choose_down_type(m, p.down_type));
+    (void)dt;
+    s->in_memory_ = true;
+    for (int l = 0; l < c.n_layer; ++l) lays[l] = layer_layout(m, l, layer_down_type(m, l, p.down_type));
+  }
+  size_t per_neuron = 0;  // one neuron of every layer
+  for (const LayerLayout& ll : lays) per_neuron += ll.record_bytes, s->max_rec_ = std::max(s->max_rec_, ll.record_bytes);
+
+  int cap = c.n_ff;
+  if (!s->in_memory_ && p.dram_budget > 0) {
+    const int64_t avail = p.dram_budget - resident;
+    // The naive baseline reads the missing neurons of every step into a scratch matrix: its DRAM too.
+    const double per = s->static_ ? static_cast<double>(per_neuron) - s->max_rec_ : static_cast<double>(per_neuron);
+    const double fixed = s->static_ ? static_cast<double>(c.n_ff) * s->max_rec_ : 0.0;
+    const double n = (static_cast<double>(avail) - fixed) / std::max(per, 1.0);
+    if (avail <= 0 || n < 1)
+      return make_error("weights DRAM budget of %.1f MiB is below what must stay resident (attention, norms, embeddings, "
+                        "gates: %.1f MiB, plus one neuron per layer: %.2f MiB)",
+                        p.dram_budget / 1048576.0, resident / 1048576.0, (s->static_ ? fixed : per_neuron) / 1048576.0);
+    cap = static_cast<int>(std::min<double>(c.n_ff, n));
+  }
+  s->capacity_ = cap;
+  ThreadPool build_pool(s->in_memory_ ? default_thread_count() : 1);
+  for (int l = 0; l < c.n_layer; ++l) {
+    auto L = std::make_unique<Layer>();
+    L->lay = lays[l];
+    L->cache = alloc_aligned(static_cast<size_t>(cap) * lays[l].record_bytes);
+    if (!L->cache) return make_error("out of memory allocating the FFN neuron cache");
+    s->cache_bytes_ += static_cast<int64_t>(round_up(static_cast<size_t>(cap) * lays[l].record_bytes, 4096));
+    L->slot_of.assign(c.n_ff, -1);
+    L->neuron_of.assign(cap, -1);
+    L->last.assign(cap, 0);
+    if (s->in_memory_) {  // every record built from the model: nothing is ever read
+      build_records(m, l, lays[l], L->cache, build_pool);
+      for (int j = 0; j < c.n_ff; ++j) L->slot_of[j] = j, L->neuron_of[j] = j;
+      L->n = c.n_ff;
+    }
+    s->layers_.push_back(std::move(L));
+  }
+  if (!s->in_memory_) {
+    s->io_ = std::make_unique<IoPool>(s->fd_, p.io_threads, s->direct_);
+    if (s->static_) {  // pin neurons [0, cap) of every layer, read once now
+      for (int l = 0; l < c.n_layer; ++l) {
+        Layer& L = *s->layers_[l];
+        std::vector<IoPool::Job> jobs;
+        const size_t chunk = std::max<size_t>(1, (4u << 20) / L.lay.record_bytes);
+        for (size_t j = 0; j < static_cast<size_t>(cap); j += chunk) {
+          const size_t k = std::min(chunk, static_cast<size_t>(cap) - j);
+          jobs.push_back({L.lay.offset + j * L.lay.record_bytes, k * L.lay.record_bytes, L.cache + j * L.lay.record_bytes});
+        }
+        s->io_->submit(jobs);
+        std::string e = s->io_->wait();
+        if (!e.empty()) return make_error("FFN offload layout '%s': %s", p.dir.c_str(), e.c_str());
+        for (int j = 0; j < cap; ++j) {
+          if (!s->verify(l, j, L.cache + static_cast<size_t>(j) * L.lay.record_bytes))
+            return make_error("FFN offload layout '%s': layer %d neuron %d fails its checksum (file corrupt); run larder "
+                              "offload-prepare again", p.dir.c_str(), l, j);
+          L.slot_of[j] = j, L.neuron_of[j] = j;
+        }
+        L.n = cap;
+      }
+      s->scratch_cap_ = static_cast<size_t>(c.n_ff - cap) * s->max_rec_;
+      s->scratch_ = alloc_aligned(s->scratch_cap_);
+      s->cache_bytes_ += static_cast<int64_t>(round_up(s->scratch_cap_, 4096));
+    }
+  }
+  s->dq_.resize(64);
+  return s;
+}
+
+bool SparseFfn::verify(int layer, int32_t neuron, const uint8_t* rec) const {
+  if (sums_.empty()) return true;
+  return XXH3_64bits(rec, layers_[layer]->lay.record_bytes) == sums_[static_cast<size_t>(layer) * F_ + neuron];
+}
+
+std::string SparseFfn::identity() const {
+  XXH3_state_t* st = XXH3_createState();
+  XXH3_64bits_reset(st);
+  XXH3_64bits_update(st, thr_.data(), thr_.size() * sizeof(float));
+  for (const auto& L : layers_) XXH3_64bits_update(st, &L->lay.down_type, sizeof L->lay.down_type);
+  const uint64_t h = XXH3_64bits_digest(st);
+  XXH3_freeState(st);
+  char out[40];
+  std::snprintf(out, sizeof out, "ffn-%016llx", static_cast<unsigned long long>(h));
+  return out;
+}
+
+std::string SparseFfn::describe() const {
+  char buf[512];
+  double sp = 0;
+  for (float t : thr_) sp += t > 0;
+  std::snprintf(buf, sizeof buf,
+                "ffn %s: %s, thresholds on %d of %d layers, cache %d of %d neurons per layer (%.1f MiB), resident "
+                "weights %.1f MiB%s",
+                in_memory_ ? "sparse (records in DRAM)" : "offload", static_ ? "static (naive)" : "window",
+                static_cast<int>(sp), n_layer_, capacity_, F_, cache_bytes_ / 1048576.0, resident_bytes_ / 1048576.0,
+                in_memory_ ? "" : direct_ ? ", O_DIRECT reads" : ", buffered reads (pages dropped)");
+  return buf;
+}
+
+Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool) {
+  LARDER_ASSERT(l >= 0 && l < n_layer_ && n > 0);
+  Layer& L = *layers_[l];
+  const LayerLayout& ll = L.lay;
+  const int E = E_, F = F_;
+  const float thr = thr_[l];
+  const bool gelu = gelu_;
+  auto t0 = Clock::now();
+  // Activations in place; a neuron is active for a token when |act| > thr (thr 0: all).
+  mask_.resize(static_cast<size_t>(n) * F);
+  pool.parallel_for(
+      static_cast<int64_t>(n) * F,
+      [&](int64_t b, int64_t e, int) {
+        for (int64_t i = b; i < e; ++i) {
+          const float a = activation(gate[i], gelu);
+          gate[i] = a;
+          mask_[i] = thr <= 0 || std::abs(a) > thr;
+        }
+      },
+      4096);
+  act_list_.clear();
+  int64_t n_active = 0;
+  for (int j = 0; j < F; ++j) {
+    bool any = false;
+    for (int t = 0; t < n; ++t) {
+      const bool a = mask_[static_cast<size_t>(t) * F + j];
+      n_active += a;
+      any |= a;
+    }
+    if (any) act_list_.push_back(j);
+  }
+  const int A = static_cast<int>(act_list_.size());
+  auto t1 = Clock::now();
+
+  // Cache: hits refresh their step; out-of-window neurons leave (the last row moves into each
+  // hole, descending, so a moved row is never a later hole); misses go to the end, the rest to scratch.
+  ++L.step;
+  std::vector<int32_t> miss;
+  int64_t hits = 0;
+  for (int j : act_list_) {
+    const int s = L.slot_of[j];
+    if (s >= 0) L.last[s] = L.step, ++hits;
+    else miss.push_back(j);
+  }
+  if (!in_memory_ && !static_ && !miss.empty()) {
+    std::vector<int32_t> holes;
+    for (int s = 0; s < L.n; ++s)
+      if (L.last[s] <= L.step - window_) holes.push_back(s);
+    int over = L.n - static_cast<int>(holes.size()) + static_cast<int>(miss.size()) - capacity_;
+    if (over > 0) {  // still too many: the least recently active of the window go too (never this step's)
+      std::vector<int32_t> older;
+      for (int s = 0; s < L.n; ++s)
+        if (L.last[s] > L.step - window_ && L.last[s] < L.step) older.push_back(s);
+      const int k = std::min<int>(over, static_cast<int>(older.size()));
+      std::partial_sort(older.begin(), older.begin() + k, older.end(), [&](int a, int b) { return L.last[a] < L.last[b]; });
+      holes.insert(holes.end(), older.begin(), older.begin() + k);
+    }
+    std::sort(holes.begin(), holes.end(), std::greater<int>());
+    for (int h : holes) {
+      const int last = L.n - 1;
+      L.slot_of[L.neuron_of[h]] = -1;
+      if (h != last) {
+        std::memcpy(L.cache + static_cast<size_t>(h) * ll.record_bytes, L.cache + static_cast<size_t>(last) * ll.record_bytes,
+                    ll.record_bytes);
+        L.neuron_of[h] = L.neuron_of[last];
+        L.last[h] = L.last[last];
+        L.slot_of[L.neuron_of[h]] = h;
+      }
+      --L.n;
+    }
+  }
+  // Destinations: free slots at the end (ascending neuron ids -> consecutive slots, so runs of
+  // consecutive neurons are one read), the rest into scratch.
+  std::vector<uint8_t*> dst(miss.size());
+  size_t n_scratch = 0;
+  for (size_t i = 0; i < miss.size(); ++i) {
+    if (!in_memory_ && !static_ && L.n < capacity_) {
+      const int s = L.n++;
+      L.slot_of[miss[i]] = s;
+      L.neuron_of[s] = miss[i];
+      L.last[s] = L.step;
+      dst[i] = L.cache + static_cast<size_t>(s) * ll.record_bytes;
+    } else {
+      dst[i] = nullptr;
+      ++n_scratch;
+    }
+  }
+  if (n_scratch * ll.record_bytes > scratch_cap_) {
+    std::free(scratch_);
+    scratch_cap_ = static_cast<size_t>(F) * max_rec_;
+    scratch_ = alloc_aligned(scratch_cap_);
+    if (!scratch_) return make_error("out of memory for FFN read scratch");
+    cache_bytes_ += static_cast<int64_t>(round_up(scratch_cap_, 4096));
+  }
+  for (size_t i = 0, k = 0; i < miss.size(); ++i)
+    if (!dst[i]) dst[i] = scratch_ + (k++) * ll.record_bytes;
+  std::vector<IoPool::Job> jobs;
+  int64_t bytes = 0;
+  constexpr size_t kMaxRun = 1u << 20;
+  for (size_t i = 0; i < miss.size(); ++i) {
+    const uint64_t off = ll.offset + static_cast<uint64_t>(miss[i]) * ll.record_bytes;
+    if (!jobs.empty() && jobs.back().off + jobs.back().len == off && jobs.back().dst + jobs.back().len == dst[i] &&
+        jobs.back().len + ll.record_bytes <= kMaxRun)
+      jobs.back().len += ll.record_bytes;
+    else
+      jobs.push_back({off, ll.record_bytes, dst[i]});
+    bytes += static_cast<int64_t>(ll.record_bytes);
+  }
+  const size_t n_jobs = jobs.size();
+  if (!jobs.empty()) io_->submit(jobs);
+  // Record of each active neuron; missing ones after the cached ones so their compute waits last.
+  rec_ptr_.assign(A, nullptr);
+  std::vector<int32_t> order;  // indices into act_list_: cached first
+  order.reserve(A);
+  {
+    size_t mi = 0;
+    std::vector<int32_t> later;
+    for (int k = 0; k < A; ++k) {
+      const int j = act_list_[k];
+      if (mi < miss.size() && miss[mi] == j) {
+        rec_ptr_[k] = dst[mi++];
+        later.push_back(k);
+      } else {
+        rec_ptr_[k] = L.cache + static_cast<size_t>(L.slot_of[j]) * ll.record_bytes;
+        order.push_back(k);
+      }
+    }
+    order.insert(order.end(), later.begin(), later.end());
+  }
+  const int n_cached = A - static_cast<int>(miss.size());
+  auto t2 = Clock::now();
+
+  // Up dots of the cached neurons while the reads run.
+  const kernels::TypeTraits* tr = kernels::type_traits(ll.up_type);
+  const DType vdt = tr->vec_dot_type;
+  const size_t xrb = row_bytes(vdt, E);
+  xq_.resize(static_cast<size_t>(n) * xrb);
+  for (int t = 0; t < n; ++t) {
+    if (vdt == DType::F32) std::memcpy(&xq_[t * xrb], x + static_cast<size_t>(t) * E, E * sizeof(float));
+    else kernels::quantize_row(vdt, x + static_cast<size_t>(t) * E, &xq_[t * xrb], E);
+  }
+  const kernels::VecDotFn dot = kernels::vec_dot_fn(ll.up_type, kernels::active_isa());
+  h_.assign(static_cast<size_t>(n) * A, 0.f);
+  auto dots = [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) {
+      const int k = order[i], j = act_list_[k];
+      for (int t = 0; t < n; ++t)
+        if (mask_[static_cast<size_t>(t) * F + j])
+          h_[static_cast<size_t>(t) * A + k] = gate[static_cast<size_t>(t) * F + j] * dot(rec_ptr_[k], &xq_[t * xrb], E);
+    }
+  };
+  pool.parallel_for(n_cached, [&](int64_t b, int64_t e, int tid) { dots(b, e, tid); }, 16);
+  auto t3 = Clock::now();
+  double waited = 0, checked = 0;
+  if (n_jobs > 0) {
+    std::string e = io_->wait();
+    auto t4 = Clock::now();
+    waited = secs(t3, t4);
+    stats_.io_wait_s += waited;
+    if (!e.empty()) {
+      L.clear();
+      return make_error("FFN offload: layer %d: %s", l, e.c_str());
+    }
+    std::atomic<int> bad{-1};
+    pool.parallel_for(static_cast<int64_t>(miss.size()), [&](int64_t b, int64_t e2, int) {
+      for (int64_t i = b; i < e2; ++i)
+        if (!verify(l, miss[i], dst[i])) bad = miss[i];
+    });
+    if (bad >= 0) {
+      L.clear();  // nothing read this step stays cached
+      return make_error("FFN offload: layer %d neuron %d fails its checksum (file corrupt); run larder offload-prepare again",
+                        l, bad.load());
+    }
+    t3 = Clock::now();
+    checked = secs(t4, t3);
+    stats_.cache_s += checked;
+    // Up dots of the neurons just read.
+    pool.parallel_for(
+        static_cast<int64_t>(miss.size()), [&](int64_t b, int64_t e2, int tid) { dots(n_cached + b, n_cached + e2, tid); }, 16);
+  }
+  // Down: y[t] = sum_k h[t][k] * down_k, split over block-aligned column ranges of the output.
+  const int bs = dtype_info(ll.down_type)->block_size;
+  const size_t bb = dtype_info(ll.down_type)->block_bytes;
+  std::memset(x, 0, static_cast<size_t>(n) * E * sizeof(float));
+  const int nblk = E / bs;
+  const int segs = std::min(nblk, std::max(1, pool.size() * 2));
+  const int per = (nblk + segs - 1) / segs;
+  pool.parallel_for(segs, [&](int64_t b, int64_t e, int tid) {
+    std::vector<float>& dq = dq_[tid % dq_.size()];
+    for (int64_t sg = b; sg < e; ++sg) {
+      const int b0 = static_cast<int>(sg) * per, b1 = std::min(nblk, b0 + per);
+      if (b0 >= b1) continue;
+      const int e0 = b0 * bs, len = (b1 - b0) * bs;
+      dq.resize(len);
+      for (int k = 0; k < A; ++k) {
+        kernels::dequantize_row(ll.down_type, rec_ptr_[k] + ll.up_bytes + b0 * bb, dq.data(), len);
+        for (int t = 0; t < n; ++t) {
+          const float hv = h_[static_cast<size_t>(t) * A + k];
+          if (hv != 0.f) kernels::axpy(x + static_cast<size_t>(t) * E + e0, dq.data(), hv, len);
+        }
+      }
+    }
+  });
+  auto t5 = Clock::now();
+  stats_.compute_s += secs(t0, t1) + secs(t2, t5) - waited - checked;
+  stats_.cache_s += secs(t1, t2);
+  stats_.steps += l == 0;
+  stats_.tokens += l == 0 ? n : 0;
+  stats_.bytes_read += bytes;
+  stats_.reads += static_cast<int64_t>(n_jobs);
+  stats_.active += n_active;
+  stats_.neurons += static_cast<int64_t>(n) * F;
+  stats_.hits += hits;
+  stats_.misses += static_cast<int64_t>(miss.size());
+  return Status::Ok();
+}
+
+}  // namespace larder::offload
