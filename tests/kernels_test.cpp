@@ -171,6 +171,36 @@ TEST(Kernels, DotAndAxpyRaggedAllPaths) {
   }
 }
 
+// axpy_row (the sparse FFN's fused dequantize-and-accumulate) against dequantize_row + a double
+// accumulation, every path, every weight type, several lengths.
+TEST(Kernels, AxpyRowAllPathsAllTypes) {
+  IsaGuard guard;
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd(0, 1);
+  for (Isa isa : paths()) {
+    set_isa(isa);
+    for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q4_K,
+                    DType::Q6_K}) {
+      const int bs = dtype_info(t)->block_size;
+      for (int blocks : {1, 2, 3, 8}) {
+        const int n = blocks * std::max(bs, 32);
+        std::vector<float> w(n), y(n), y0, deq(n);
+        for (auto& v : w) v = nd(rng);
+        for (auto& v : y) v = nd(rng);
+        std::vector<uint8_t> row(row_bytes(t, n));
+        quantize_row(t, w.data(), row.data(), n);
+        dequantize_row(t, row.data(), deq.data(), n);
+        y0 = y;
+        const float a = -0.37f;
+        axpy_row(t, row.data(), a, y.data(), n);
+        for (int i = 0; i < n; ++i)
+          ASSERT_NEAR(y[i], y0[i] + static_cast<double>(a) * deq[i], 1e-5 * (1 + std::fabs(y0[i]) + std::fabs(deq[i])))
+              << isa_name(isa) << " " << dtype_name(t) << " n " << n << " i " << i;
+      }
+    }
+  }
+}
+
 TEST(Kernels, RmsnormSoftmaxSwiglu) {
   std::vector<float> x = {1, -2, 3, -4}, w = {1, 1, 2, 0.5f}, out(4);
   rmsnorm(out.data(), x.data(), w.data(), 4, 1e-5f);

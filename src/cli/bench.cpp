@@ -174,6 +174,7 @@ int cmd_bench(Args& a) {
           const double nt_ = static_cast<double>(std::max<int64_t>(1, f.tokens));
           results.back()["ffn"] = {{"io_wait_ms_per_token", 1e3 * f.io_wait_s / nt_}, {"cache_ms_per_token", 1e3 * f.cache_s / nt_},
                                    {"compute_ms_per_token", 1e3 * f.compute_s / nt_}, {"bytes_per_token", f.bytes_read / nt_},
+                                   {"needed_bytes_per_token", f.bytes_needed / nt_},
                                    {"reads_per_token", f.reads / nt_},
                                    {"active_fraction", static_cast<double>(f.active) / std::max<int64_t>(1, f.neurons)},
                                    {"hit_rate", static_cast<double>(f.hits) / std::max<int64_t>(1, f.hits + f.misses)},

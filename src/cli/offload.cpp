@@ -55,9 +55,9 @@ std::string ffn_report(const offload::SparseFfn& f) {
   char buf[512];
   std::snprintf(buf, sizeof buf,
                 "ffn: %" PRId64 " tokens in %" PRId64 " passes; per token: I/O wait %.2f ms, cache %.2f ms, compute %.2f "
-                "ms, %.1f KiB read (%.1f reads); active %.1f%%, cache hit rate %.1f%%",
+                "ms, %.1f KiB read (%.1f KiB of missing neurons, %.1f reads); active %.1f%%, cache hit rate %.1f%%",
                 s.tokens, s.steps, 1e3 * s.io_wait_s / n, 1e3 * s.cache_s / n, 1e3 * s.compute_s / n,
-                s.bytes_read / 1024.0 / n, s.reads / n, 100.0 * s.active / std::max<int64_t>(1, s.neurons),
+                s.bytes_read / 1024.0 / n, s.bytes_needed / 1024.0 / n, s.reads / n, 100.0 * s.active / std::max<int64_t>(1, s.neurons),
                 100.0 * s.hits / std::max<int64_t>(1, s.hits + s.misses));
   return buf;
 }

@@ -146,7 +146,7 @@ struct Args {
   double ffn_sparsity = -1;         // -1: no sparse FFN unless --ffn-offload; 0: dense through it
   std::string ffn_thresholds;
   int ffn_window = 5;
-  int ffn_io_threads = 8;
+  int ffn_io_threads = 16;
   bool ffn_naive = false;
   bool ffn_no_direct = false;
   std::string down_type = "auto";   // offload-prepare (and the in-memory records)

@@ -138,5 +138,8 @@ void geglu_tanh(float* out, const float* gate, const float* up, int64_t n);
 float dot_f32(const float* a, const float* b, int64_t n);
 // y += a * x
 void axpy(float* y, const float* x, float a, int64_t n);
+// y += a * dequantize_row(t, row, n) without the dequantized copy (fused for f32, f16, q8_0, q4_0;
+// other types through a per-thread buffer). n: a multiple of t's block size.
+void axpy_row(DType t, const void* row, float a, float* y, int64_t n);
 
 }  // namespace larder::kernels

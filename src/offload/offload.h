@@ -98,7 +98,7 @@ struct Params {
   std::vector<float> thresholds;  // [n_layer]; empty = dense
   int window = 5;             // keep neurons active in the last `window` steps
   bool static_cache = false;  // naive baseline: the first neurons pinned, the rest read every step
-  int io_threads = 8;         // parallel reads
+  int io_threads = 16;        // parallel reads
   bool direct = true;         // O_DIRECT (falls back to buffered reads + dropping the pages)
 };
 
@@ -109,6 +109,7 @@ struct Stats {
   double cache_s = 0;          // active sets, eviction, slot moves
   double compute_s = 0;        // gate activation, up dots, down accumulation
   int64_t bytes_read = 0, reads = 0;
+  int64_t bytes_needed = 0;    // records of the missing neurons (reads span small gaps: bytes_read >= this)
   int64_t active = 0;          // sum over (layer, token) of active neurons
   int64_t neurons = 0;         // sum over (layer, token) of n_ff
   int64_t hits = 0, misses = 0;  // per layer and step: union-active neurons found cached / read
@@ -156,8 +157,9 @@ class SparseFfn {
   int64_t cache_bytes_ = 0, resident_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
   std::unique_ptr<IoPool> io_;
-  uint8_t* scratch_ = nullptr;  // overflow records (not cached), n_ff * rec_ bytes, aligned
+  uint8_t* scratch_ = nullptr;  // reads spanning gaps, and records no slot holds; aligned
   size_t scratch_cap_ = 0;
+  uint8_t* overflow_ = nullptr;  // [n_ff] records when cache and scratch are full (allocated on need)
   int64_t step_ = 0;
   // per-forward scratch
   std::vector<uint8_t> xq_;                  // [n][quantized row] activations for the up dots
@@ -165,7 +167,6 @@ class SparseFfn {
   std::vector<int32_t> act_list_;            // union-active neurons
   std::vector<const uint8_t*> rec_ptr_;      // [active] record of each
   std::vector<float> h_;                     // [n][active] act(g) * u (0 where inactive)
-  std::vector<std::vector<float>> dq_;       // [thread] dequantized down segment
   Stats stats_;
 };
 

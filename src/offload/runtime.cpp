@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <mutex>
 #include <thread>
 
@@ -138,6 +139,7 @@ SparseFfn::~SparseFfn() {
   io_.reset();
   layers_.clear();
   std::free(scratch_);
+  std::free(overflow_);
   if (fd_ >= 0) ::close(fd_);
 }
 
@@ -197,7 +199,9 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
     const int64_t avail = p.dram_budget - resident;
     // The naive baseline reads the missing neurons of every step into a scratch matrix: its DRAM too.
     const double per = s->static_ ? static_cast<double>(per_neuron) - s->max_rec_ : static_cast<double>(per_neuron);
-    const double fixed = s->static_ ? static_cast<double>(c.n_ff) * s->max_rec_ : 0.0;
+    // The window cache stages reads that span gaps in a scratch buffer of up to 8 MiB: its DRAM too.
+    const double stage = static_cast<double>(std::min<size_t>(static_cast<size_t>(c.n_ff) * s->max_rec_, 8u << 20));
+    const double fixed = s->static_ ? static_cast<double>(c.n_ff) * s->max_rec_ : stage;
     const double n = (static_cast<double>(avail) - fixed) / std::max(per, 1.0);
     if (avail <= 0 || n < 1)
       return make_error("weights DRAM budget of %.1f MiB is below what must stay resident (attention, norms, embeddings, "
@@ -246,11 +250,13 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
         L.n = cap;
       }
       s->scratch_cap_ = static_cast<size_t>(c.n_ff - cap) * s->max_rec_;
-      s->scratch_ = alloc_aligned(s->scratch_cap_);
-      s->cache_bytes_ += static_cast<int64_t>(round_up(s->scratch_cap_, 4096));
+    } else {
+      s->scratch_cap_ = std::min<size_t>(static_cast<size_t>(c.n_ff) * s->max_rec_, 8u << 20);
     }
+    s->scratch_ = alloc_aligned(s->scratch_cap_);
+    if (!s->scratch_) return make_error("out of memory allocating the FFN read scratch");
+    s->cache_bytes_ += static_cast<int64_t>(round_up(s->scratch_cap_, 4096));
   }
-  s->dq_.resize(64);
   return s;
 }
 
@@ -344,53 +350,115 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
     std::sort(holes.begin(), holes.end(), std::greater<int>());
     for (int h : holes) {
       const int last = L.n - 1;
-      L.slot_of[L.neuron_of[h]] = -1;
+      if (L.neuron_of[h] >= 0) L.slot_of[L.neuron_of[h]] = -1;
       if (h != last) {
         std::memcpy(L.cache + static_cast<size_t>(h) * ll.record_bytes, L.cache + static_cast<size_t>(last) * ll.record_bytes,
                     ll.record_bytes);
         L.neuron_of[h] = L.neuron_of[last];
         L.last[h] = L.last[last];
-        L.slot_of[L.neuron_of[h]] = h;
+        if (L.neuron_of[h] >= 0) L.slot_of[L.neuron_of[h]] = h;
       }
       --L.n;
     }
   }
-  // Destinations: free slots at the end (ascending neuron ids -> consecutive slots, so runs of
-  // consecutive neurons are one read), the rest into scratch.
-  std::vector<uint8_t*> dst(miss.size());
-  size_t n_scratch = 0;
-  for (size_t i = 0; i < miss.size(); ++i) {
-    if (!in_memory_ && !static_ && L.n < capacity_) {
-      const int s = L.n++;
-      L.slot_of[miss[i]] = s;
-      L.neuron_of[s] = miss[i];
-      L.last[s] = L.step;
-      dst[i] = L.cache + static_cast<size_t>(s) * ll.record_bytes;
-    } else {
-      dst[i] = nullptr;
-      ++n_scratch;
-    }
-  }
-  if (n_scratch * ll.record_bytes > scratch_cap_) {
-    std::free(scratch_);
-    scratch_cap_ = static_cast<size_t>(F) * max_rec_;
-    scratch_ = alloc_aligned(scratch_cap_);
-    if (!scratch_) return make_error("out of memory for FFN read scratch");
-    cache_bytes_ += static_cast<int64_t>(round_up(scratch_cap_, 4096));
-  }
-  for (size_t i = 0, k = 0; i < miss.size(); ++i)
-    if (!dst[i]) dst[i] = scratch_ + (k++) * ll.record_bytes;
+  // Reads: runs of missing neurons whose gaps are at most kGapBytes are one read (on this VM's disk
+  // a read costs ~10-15 us plus its bytes at ~2 GB/s, so reading 16 KiB more beats issuing another
+  // read; docs/BENCHMARKS.md). A run goes straight into consecutive free slots at the end of the
+  // cache (ascending neuron ids), its gap neurons included: those not cached stay as read-ahead
+  // (oldest, so the first to leave unless active next step), those already cached leave a dead
+  // slot behind. Runs that do not fit go tight (consecutive missing neurons only) into the free
+  // slots left, then into scratch.
+  constexpr size_t kGapBytes = 16u << 10, kMaxRun = 1u << 20;
+  const bool caching = !in_memory_ && !static_;
+  std::vector<uint8_t*> dst(miss.size(), nullptr);
   std::vector<IoPool::Job> jobs;
+  std::vector<std::pair<int32_t, uint8_t*>> readahead;  // (neuron, record) read besides the missing ones
+  std::vector<std::pair<const uint8_t*, uint8_t*>> copies;  // staged record -> its slot, after the reads
   int64_t bytes = 0;
-  constexpr size_t kMaxRun = 1u << 20;
-  for (size_t i = 0; i < miss.size(); ++i) {
+  size_t used = 0;  // bytes of scratch_ taken by this step
+  size_t n_overflow = 0;  // records in overflow_
+  auto take_scratch = [&](size_t n) -> uint8_t* {
+    if (used + n > scratch_cap_) return nullptr;
+    uint8_t* p = scratch_ + used;
+    used += n;
+    return p;
+  };
+  auto new_slot = [&](int32_t j) -> uint8_t* {
+    const int sl = L.n++;
+    L.slot_of[j] = sl;
+    L.neuron_of[sl] = j;
+    L.last[sl] = L.step;
+    return L.cache + static_cast<size_t>(sl) * ll.record_bytes;
+  };
+  const int64_t dead = std::numeric_limits<int64_t>::min() / 2;
+  for (size_t i = 0; i < miss.size();) {
+    size_t i1 = i + 1;
+    if (caching)
+      while (i1 < miss.size() && static_cast<size_t>(miss[i1] - miss[i1 - 1] - 1) * ll.record_bytes <= kGapBytes &&
+             static_cast<size_t>(miss[i1] - miss[i] + 1) * ll.record_bytes <= kMaxRun)
+        ++i1;
+    const int span = miss[i1 - 1] - miss[i] + 1;
     const uint64_t off = ll.offset + static_cast<uint64_t>(miss[i]) * ll.record_bytes;
-    if (!jobs.empty() && jobs.back().off + jobs.back().len == off && jobs.back().dst + jobs.back().len == dst[i] &&
-        jobs.back().len + ll.record_bytes <= kMaxRun)
-      jobs.back().len += ll.record_bytes;
-    else
-      jobs.push_back({off, ll.record_bytes, dst[i]});
-    bytes += static_cast<int64_t>(ll.record_bytes);
+    const size_t len = static_cast<size_t>(span) * ll.record_bytes;
+    if (caching && span <= capacity_ - L.n) {  // straight into the cache, gap neurons as read-ahead
+      const int base = L.n;
+      L.n += span;
+      for (int j = miss[i], k = 0; j <= miss[i1 - 1]; ++j, ++k) {
+        const int sl = base + k;
+        if (L.slot_of[j] >= 0) {  // cached elsewhere: this copy is a dead slot
+          L.neuron_of[sl] = -1;
+          L.last[sl] = dead;
+          continue;
+        }
+        L.slot_of[j] = sl;
+        L.neuron_of[sl] = j;
+        L.last[sl] = L.step - window_ + 1;  // read-ahead; refreshed below when it is one of the missing
+        readahead.emplace_back(j, L.cache + static_cast<size_t>(sl) * ll.record_bytes);
+      }
+      readahead.resize(readahead.size() - (i1 - i));  // the missing ones are verified as such
+      for (size_t m = i; m < i1; ++m) {
+        dst[m] = L.cache + static_cast<size_t>(L.slot_of[miss[m]]) * ll.record_bytes;
+        L.last[L.slot_of[miss[m]]] = L.step;
+      }
+      jobs.push_back({off, len, L.cache + static_cast<size_t>(base) * ll.record_bytes});
+      bytes += static_cast<int64_t>(len);
+    } else if (i1 - i > 1 && (static_cast<size_t>(span) != i1 - i || !caching) && used + len <= scratch_cap_) {
+      // Through scratch: one read; the missing records move to free slots after it (or stay).
+      uint8_t* buf = take_scratch(len);
+      for (size_t m = i; m < i1; ++m) {
+        uint8_t* src = buf + static_cast<size_t>(miss[m] - miss[i]) * ll.record_bytes;
+        if (caching && L.n < capacity_) {
+          dst[m] = new_slot(miss[m]);
+          copies.emplace_back(src, dst[m]);
+        } else {
+          dst[m] = src;
+        }
+      }
+      jobs.push_back({off, len, buf});
+      bytes += static_cast<int64_t>(len);
+    } else {  // tight: consecutive missing neurons, each into a free slot or scratch
+      for (size_t m = i; m < i1; ++m) {
+        if (caching && L.n < capacity_) dst[m] = new_slot(miss[m]);
+        else if (!(dst[m] = take_scratch(ll.record_bytes))) {
+          // Cache and scratch full (more active neurons than they hold, or scratch taken by staged
+          // reads): a layer's worth of overflow records, allocated the first time it is needed.
+          if (!overflow_) {
+            overflow_ = alloc_aligned(static_cast<size_t>(F) * max_rec_);
+            if (!overflow_) return make_error("out of memory for the FFN read overflow");
+            cache_bytes_ += static_cast<int64_t>(round_up(static_cast<size_t>(F) * max_rec_, 4096));
+          }
+          dst[m] = overflow_ + (n_overflow++) * ll.record_bytes;
+        }
+        const uint64_t o = ll.offset + static_cast<uint64_t>(miss[m]) * ll.record_bytes;
+        if (m > i && miss[m] == miss[m - 1] + 1 && dst[m] == dst[m - 1] + ll.record_bytes &&
+            jobs.back().len + ll.record_bytes <= kMaxRun)
+          jobs.back().len += ll.record_bytes;
+        else
+          jobs.push_back({o, ll.record_bytes, dst[m]});
+        bytes += static_cast<int64_t>(ll.record_bytes);
+      }
+    }
+    i = i1;
   }
   const size_t n_jobs = jobs.size();
   if (!jobs.empty()) io_->submit(jobs);
@@ -447,11 +515,15 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
       L.clear();
       return make_error("FFN offload: layer %d: %s", l, e.c_str());
     }
+    for (auto [src, to] : copies) std::memcpy(to, src, ll.record_bytes);
     std::atomic<int> bad{-1};
-    pool.parallel_for(static_cast<int64_t>(miss.size()), [&](int64_t b, int64_t e2, int) {
-      for (int64_t i = b; i < e2; ++i)
-        if (!verify(l, miss[i], dst[i])) bad = miss[i];
-    });
+    const int64_t n_miss = static_cast<int64_t>(miss.size());
+    pool.parallel_for(n_miss + static_cast<int64_t>(readahead.size()), [&](int64_t b, int64_t e2, int) {
+      for (int64_t i = b; i < e2; ++i) {
+        const int32_t j = i < n_miss ? miss[i] : readahead[i - n_miss].first;
+        if (!verify(l, j, i < n_miss ? dst[i] : readahead[i - n_miss].second)) bad = j;
+      }
+    }, 16);
     if (bad >= 0) {
       L.clear();  // nothing read this step stays cached
       return make_error("FFN offload: layer %d neuron %d fails its checksum (file corrupt); run larder offload-prepare again",
@@ -471,18 +543,16 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
   const int nblk = E / bs;
   const int segs = std::min(nblk, std::max(1, pool.size() * 2));
   const int per = (nblk + segs - 1) / segs;
-  pool.parallel_for(segs, [&](int64_t b, int64_t e, int tid) {
-    std::vector<float>& dq = dq_[tid % dq_.size()];
+  pool.parallel_for(segs, [&](int64_t b, int64_t e, int) {
     for (int64_t sg = b; sg < e; ++sg) {
       const int b0 = static_cast<int>(sg) * per, b1 = std::min(nblk, b0 + per);
       if (b0 >= b1) continue;
       const int e0 = b0 * bs, len = (b1 - b0) * bs;
-      dq.resize(len);
       for (int k = 0; k < A; ++k) {
-        kernels::dequantize_row(ll.down_type, rec_ptr_[k] + ll.up_bytes + b0 * bb, dq.data(), len);
+        const uint8_t* col = rec_ptr_[k] + ll.up_bytes + b0 * bb;
         for (int t = 0; t < n; ++t) {
           const float hv = h_[static_cast<size_t>(t) * A + k];
-          if (hv != 0.f) kernels::axpy(x + static_cast<size_t>(t) * E + e0, dq.data(), hv, len);
+          if (hv != 0.f) kernels::axpy_row(ll.down_type, col, hv, x + static_cast<size_t>(t) * E + e0, len);
         }
       }
     }
@@ -493,6 +563,7 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
   stats_.steps += l == 0;
   stats_.tokens += l == 0 ? n : 0;
   stats_.bytes_read += bytes;
+  stats_.bytes_needed += static_cast<int64_t>(miss.size() * ll.record_bytes);
   stats_.reads += static_cast<int64_t>(n_jobs);
   stats_.active += n_active;
   stats_.neurons += static_cast<int64_t>(n) * F;

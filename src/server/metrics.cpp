@@ -145,6 +145,8 @@ std::string Metrics::render(const SchedulerStats* st, int active_requests) const
     scalar(out, "larder_ffn_compute_seconds_total", "counter", "Time computing the FFN over active neurons.", f.compute_s);
     scalar(out, "larder_ffn_read_bytes_total", "counter", "Bytes of FFN neuron records read from SSD.",
            static_cast<double>(f.bytes_read));
+    scalar(out, "larder_ffn_needed_bytes_total", "counter", "Bytes of the missing neurons' records (reads also span small gaps).",
+           static_cast<double>(f.bytes_needed));
     scalar(out, "larder_ffn_reads_total", "counter", "FFN read operations (runs of consecutive neurons).",
            static_cast<double>(f.reads));
     scalar(out, "larder_ffn_active_neurons_total", "counter", "Active FFN neurons, summed over layers and tokens.",

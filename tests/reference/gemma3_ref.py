@@ -19,6 +19,8 @@ converter (convert_hf_to_gguf.py, Gemma3Model) already added 1 to every norm wei
 weight is used directly. eps = gemma3.attention.layer_norm_rms_epsilon (1e-6), for all norms.
 FFN (GeGLU): down(gelu_tanh(gate(x)) * up(x)); gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 (hidden_activation "gelu_pytorch_tanh").
+Optional training-free FFN activation sparsity (CATS, Lee et al. 2024; Gemma3Ref(ffn_thresholds=...)):
+    per layer a threshold thr; gelu_tanh(gate(x)) entries with |gelu| <= thr are zeroed (thr 0: dense).
 Attention: grouped-query (query head h uses kv head h // (n_head / n_head_kv)); q = Wq x, k = Wk x,
 v = Wv x; per-head RMSNorm of q with attn_q_norm and of k with attn_k_norm (weights [head_dim], same
 eps) BEFORE RoPE; RoPE NeoX layout (HF rotate_half: pairs (x[i], x[i + head_dim/2]), theta_i =
@@ -54,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gguf_reader as gr  # noqa: E402
 import kquants  # noqa: E402
 from act_round import round_input  # noqa: E402
-from llama_ref import greedy_decode  # noqa: E402
+from llama_ref import greedy_decode, sparsify  # noqa: E402
 
 kquants.install()
 
@@ -190,13 +192,18 @@ def attention_mask(qpos, kpos, window):
 class Gemma3Ref:
     """Float64 reference forward pass. Weights use GGUF tensor names, PyTorch Linear layout [out, in]."""
 
-    def __init__(self, cfg, weights, act_round=False):
+    def __init__(self, cfg, weights, act_round=False, ffn_thresholds=None):
         self.cfg = cfg
         self.w = {k: v.to(torch.float64) for k, v in weights.items()}
         self.embed_scale = math.sqrt(cfg["n_embd"])
         # act_round: round the input of every weight product to the 8-bit format an integer-kernel
         # engine uses for that weight's type (act_round.py).
         self.act_round = act_round
+        # ffn_thresholds: CATS activation sparsity, one threshold per layer on |gelu_tanh(gate)|; see
+        # ffn_sparsify. None (the default): the dense FFN.
+        self.ffn_thresholds = None if ffn_thresholds is None else [float(t) for t in ffn_thresholds]
+        if self.ffn_thresholds is not None and len(self.ffn_thresholds) != cfg["n_layer"]:
+            raise ValueError("ffn_thresholds: %d values for %d layers" % (len(self.ffn_thresholds), cfg["n_layer"]))
 
     def _act(self, x, name):
         return round_input(self.cfg, x, name) if self.act_round else x
@@ -241,7 +248,15 @@ class Gemma3Ref:
 
     def _ffn(self, layer, x):
         p = "blk.%d." % layer
+        if self.ffn_thresholds is not None:
+            a = self.ffn_sparsify(layer, gelu_tanh(self._lin(x, p + "ffn_gate")))
+            return self._lin(a * self._lin(x, p + "ffn_up"), p + "ffn_down")
         return self._lin(gelu_tanh(self._lin(x, p + "ffn_gate")) * self._lin(x, p + "ffn_up"), p + "ffn_down")
+
+    def ffn_sparsify(self, layer, a):
+        """a = gelu_tanh(gate) [n, n_ff] of `layer` -> a with every inactive neuron zeroed. Neuron j is
+        active for a token when |a_j| > thr[layer] (strictly); thr 0 keeps every neuron."""
+        return sparsify(a, self.ffn_thresholds[layer])
 
     @torch.no_grad()
     def forward(self, ids, start_pos=0, cache=None):

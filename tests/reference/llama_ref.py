@@ -11,6 +11,8 @@ Architecture (pre-norm decoder):
                 x = h + W2 . (silu(W1 . n) * W3 . n),   n = RMSNorm(h)
     logits = Wout . RMSNorm(x)
     RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w
+Optional training-free FFN activation sparsity (CATS, Lee et al. 2024; LlamaRef(ffn_thresholds=...)):
+    per layer a threshold thr; silu(W1 . n) entries with |silu| <= thr are zeroed (thr 0: dense).
 Attention: grouped-query (query head h uses KV head h // (n_head / n_head_kv)), scale
 1/sqrt(head_dim), causal mask. Qwen2 adds biases to the Q, K, V projections.
 RoPE, rotating the first n_rot dims of each head with theta_i = base^(-2i/n_rot)
@@ -189,6 +191,13 @@ def rms_norm(x, weight, eps):
     return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
 
 
+def sparsify(a, thr):
+    """CATS activation sparsity: a with the entries |a| <= thr set to 0; thr <= 0 keeps all."""
+    if thr <= 0:
+        return a
+    return torch.where(a.abs() > thr, a, torch.zeros_like(a))
+
+
 def rope_frequencies(cfg, weights):
     """theta_i, i = 0 .. n_rot/2 - 1 (float64)."""
     n_rot = cfg["n_rot"]
@@ -225,13 +234,18 @@ def apply_rope_neox(x, positions, theta, n_rot):
 class LlamaRef(torch.nn.Module):
     """Float64 reference forward pass. Weights use GGUF tensor names, PyTorch Linear layout [out, in]."""
 
-    def __init__(self, cfg, weights, act_round=False):
+    def __init__(self, cfg, weights, act_round=False, ffn_thresholds=None):
         super().__init__()
         self.cfg = cfg
         self.w = {k: v.to(torch.float64) for k, v in weights.items()}
         # act_round: round the input of every weight product to the 8-bit format an integer-kernel
         # engine uses for that weight's type (act_round.py); needs cfg["tensor_types"] (GGUF files).
         self.act_round = act_round
+        # ffn_thresholds: training-free FFN activation sparsity (CATS, Lee et al. 2024), one threshold
+        # per layer on |silu(gate)|; see ffn_sparsify. None (the default): the dense FFN.
+        self.ffn_thresholds = None if ffn_thresholds is None else [float(t) for t in ffn_thresholds]
+        if self.ffn_thresholds is not None and len(self.ffn_thresholds) != cfg["n_layer"]:
+            raise ValueError("ffn_thresholds: %d values for %d layers" % (len(self.ffn_thresholds), cfg["n_layer"]))
         self.theta = rope_frequencies(cfg, self.w)
         if cfg["rope_layout"] == "adjacent":
             self._rope = apply_rope_adjacent
@@ -282,7 +296,14 @@ class LlamaRef(torch.nn.Module):
         p = "blk.%d." % layer
         gate = self._linear(x, p + "ffn_gate")
         up = self._linear(x, p + "ffn_up")
+        if self.ffn_thresholds is not None:
+            return self._linear(self.ffn_sparsify(layer, torch.nn.functional.silu(gate)) * up, p + "ffn_down")
         return self._linear(torch.nn.functional.silu(gate) * up, p + "ffn_down")
+
+    def ffn_sparsify(self, layer, a):
+        """a = act(gate) [n, n_ff] of `layer` -> a with every inactive neuron zeroed. Neuron j is
+        active for a token when |a_j| > thr[layer] (strictly); thr 0 keeps every neuron."""
+        return sparsify(a, self.ffn_thresholds[layer])
 
     @torch.no_grad()
     def forward(self, ids, start_pos=0, cache=None):

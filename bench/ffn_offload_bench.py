@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Decode speed with FFN weights streamed from SSD vs naive loading, in a memory-limited cgroup.
+
+Every configuration runs `larder bench -p 0 -n N` (one warm-up run, then timed runs) inside a memory
+cgroup whose limit is the same for all: the weights DRAM budget plus a fixed allowance for the KV
+cache, activations and the binary. Configurations:
+  mmap       the whole GGUF mapped (--no-repack); the page cache holds what fits (naive, llama.cpp's way)
+  llama.cpp  llama-bench (mmap) under the same limit, when --llama-bench is given
+  pread      the resident weights + the first neurons of each layer pinned; every other neuron of
+             every token read with pread (--ffn-naive, dense): "pread of the missing half"
+  window     ours: neurons active in the last K tokens cached, only newly active ones read, at each
+             --sparsity (0 = dense through the same code)
+Needs root for the cgroup (v1 memory controller or v2); without it the limit is not applied and the
+table says so.
+
+  bench/ffn_offload_bench.py --model M.gguf --layout DIR [--naive-layout DIR] --keep 0.5 \
+      --sparsity 0,0.5 --tokens 8 [--llama-bench PATH] [--json out.json]
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+LARDER = os.environ.get("LARDER_BIN") or os.path.join(REPO, "build", "bin", "larder")
+
+
+def cgroup_dir(name):
+    v1 = "/sys/fs/cgroup/memory"
+    if os.path.isdir(v1):
+        return os.path.join(v1, name), "memory.limit_in_bytes", "cgroup.procs"
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return os.path.join("/sys/fs/cgroup", name), "memory.max", "cgroup.procs"
+    return None, None, None
+
+
+def run_limited(cmd, limit):
+    d, lim_file, procs = cgroup_dir("larder_ffn_bench")
+    applied = False
+    if d and limit:
+        try:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, lim_file), "w") as f:
+                f.write(str(int(limit)))
+            applied = True
+        except OSError as e:
+            print(f"warning: no memory cgroup ({e}); running without a limit", file=sys.stderr)
+    if applied:
+        full = ["sh", "-c", f'echo $$ > {os.path.join(d, procs)} && exec "$@"', "sh"] + cmd
+    else:
+        full = cmd
+    t0 = time.time()
+    p = subprocess.run(full, capture_output=True, text=True)
+    return p, applied, time.time() - t0
+
+
+def resident_and_records(model, layout):
+    p = subprocess.run([LARDER, "bench", "-m", model, "--ffn-offload", layout, "--weights-dram-budget", "1M", "-p", "0",
+                        "-n", "1"], capture_output=True, text=True)
+    m = re.search(r"gates: ([\d.]+) MiB", p.stderr)
+    if not m:
+        raise SystemExit(p.stderr)
+    resident = float(m.group(1)) * 1048576
+    return resident, os.path.getsize(os.path.join(layout, "ffn.bin"))
+
+
+def larder_bench(model, extra, tokens, reps, limit):
+    cmd = [LARDER, "bench", "-m", model, "-p", "0", "-n", str(tokens), "-r", str(reps), "-t", "2", "-o", "json"] + extra
+    p, applied, wall = run_limited(cmd, limit)
+    if p.returncode != 0:
+        return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc {p.returncode}"}, applied
+    r = json.loads(p.stdout)[0]
+    out = {"tok_s": r["avg_ts"], "sd": r["stddev_ts"], "rss": r["peak_rss_bytes"], "wall": wall}
+    if "ffn" in r:
+        out.update(r["ffn"])
+    return out, applied
+
+
+def llama_bench(path, model, tokens, reps, limit):
+    cmd = [path, "-m", model, "-p", "0", "-n", str(tokens), "-r", str(reps), "-t", "2", "-o", "json"]
+    p, applied, wall = run_limited(cmd, limit)
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or [f"rc {p.returncode}"])[-1]}, applied
+    r = json.loads(p.stdout)[0]
+    return {"tok_s": r["avg_ts"], "sd": r["stddev_ts"], "wall": wall}, applied
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--layout", required=True, help="offload layout of the window runs")
+    ap.add_argument("--naive-layout", help="layout of the pread baseline (default --layout)")
+    ap.add_argument("--keep", type=float, default=0.5, help="fraction of the streamed records the budget holds")
+    ap.add_argument("--sparsity", default="0,0.5")
+    ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--allowance", type=float, default=64, help="MiB for KV, activations, binary")
+    ap.add_argument("--llama-bench")
+    ap.add_argument("--skip", default="", help="comma list of configurations to skip (mmap,llama.cpp,pread)")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    skip = set(a.skip.split(","))
+    naive_layout = a.naive_layout or a.layout
+    resident, records = resident_and_records(a.model, a.layout)
+    n_records = os.path.getsize(os.path.join(naive_layout, "ffn.bin"))
+    model_bytes = os.path.getsize(a.model)
+    budget = int(resident + a.keep * records)
+    naive_budget = int(resident + a.keep * n_records)
+    limit = max(budget, naive_budget) + int(a.allowance * 1048576)
+    print(f"model {a.model}: {model_bytes / 2**20:.0f} MiB; resident (attention, embeddings, gates) {resident / 2**20:.0f} MiB "
+          f"({100 * resident / model_bytes:.0f}%); records {records / 2**20:.0f} MiB; budget {budget / 2**20:.0f} MiB "
+          f"({100 * budget / model_bytes:.0f}% of the model); cgroup limit {limit / 2**20:.0f} MiB", flush=True)
+    rows = []
+
+    def add(name, res, applied):
+        res = dict(res)
+        res["config"] = name
+        res["limited"] = applied
+        rows.append(res)
+        if "error" in res:
+            print(f"{name}: error {res['error']}", flush=True)
+        else:
+            extra = ""
+            if "bytes_per_token" in res:
+                extra = (f", {res['bytes_per_token'] / 2**20:.1f} MiB/token read ({res['needed_bytes_per_token'] / 2**20:.1f} needed), io wait {res['io_wait_ms_per_token']:.0f} ms, "
+                         f"cache {res['cache_ms_per_token']:.1f} ms, compute {res['compute_ms_per_token']:.0f} ms, active "
+                         f"{100 * res['active_fraction']:.0f}%, hit {100 * res['hit_rate']:.0f}%")
+            print(f"{name}: {res['tok_s']:.3f} tok/s ({1000 / max(res['tok_s'], 1e-9):.0f} ms/token){extra}", flush=True)
+
+    if "mmap" not in skip:
+        add("mmap (larder --no-repack)", *larder_bench(a.model, ["--no-repack"], a.tokens, a.reps, limit))
+    if a.llama_bench and "llama.cpp" not in skip:
+        add("mmap (llama.cpp)", *llama_bench(a.llama_bench, a.model, a.tokens, a.reps, limit))
+    if "pread" not in skip:
+        add("pread missing half (dense)", *larder_bench(
+            a.model, ["--ffn-offload", naive_layout, "--ffn-naive", "--ffn-sparsity", "0", "--weights-dram-budget",
+                      str(naive_budget)], a.tokens, a.reps, limit))
+    for sp in a.sparsity.split(","):
+        add(f"window k={a.window}, sparsity {sp}", *larder_bench(
+            a.model, ["--ffn-offload", a.layout, "--ffn-sparsity", sp, "--ffn-window", str(a.window),
+                      "--weights-dram-budget", str(budget)], a.tokens, a.reps, limit))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "model_bytes": model_bytes, "resident": resident, "records": records,
+                       "budget": budget, "limit": limit, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
