@@ -39,24 +39,50 @@ def cgroup_dir(name):
     return None, None, None
 
 
+def drop_cached(paths):
+    """Evicts the files' clean pages from the page cache (no root needed), so every run starts cold."""
+    for path in paths:
+        files = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in os.listdir(path)]
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+COLD = []
+
+
 def run_limited(cmd, limit):
-    d, lim_file, procs = cgroup_dir("larder_ffn_bench")
+    """Runs cmd in a fresh memory cgroup (removed after), so no run inherits another's page cache."""
+    drop_cached(COLD)
+    d, lim_file, procs = cgroup_dir(f"larder_ffn_bench_{os.getpid()}_{time.monotonic_ns()}")
     applied = False
     if d and limit:
         try:
-            os.makedirs(d, exist_ok=True)
+            os.makedirs(d)
             with open(os.path.join(d, lim_file), "w") as f:
                 f.write(str(int(limit)))
             applied = True
         except OSError as e:
             print(f"warning: no memory cgroup ({e}); running without a limit", file=sys.stderr)
-    if applied:
-        full = ["sh", "-c", f'echo $$ > {os.path.join(d, procs)} && exec "$@"', "sh"] + cmd
-    else:
-        full = cmd
+    full = ["sh", "-c", f'echo $$ > {os.path.join(d, procs)} && exec "$@"', "sh"] + cmd if applied else cmd
     t0 = time.time()
     p = subprocess.run(full, capture_output=True, text=True)
-    return p, applied, time.time() - t0
+    wall = time.time() - t0
+    if applied:
+        for _ in range(50):
+            try:
+                if os.path.basename(lim_file) == "memory.limit_in_bytes":
+                    with open(os.path.join(d, "memory.force_empty"), "w") as f:
+                        f.write("0")
+                os.rmdir(d)
+                break
+            except OSError:
+                time.sleep(0.1)
+    return p, applied, wall
 
 
 def resident_and_records(model, layout):
@@ -98,15 +124,17 @@ def main():
     ap.add_argument("--keep", type=float, default=0.5, help="fraction of the streamed records the budget holds")
     ap.add_argument("--sparsity", default="0,0.5")
     ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--io-threads", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--allowance", type=float, default=64, help="MiB for KV, activations, binary")
+    ap.add_argument("--allowance", type=float, default=128, help="MiB for KV, activations, binary")
     ap.add_argument("--llama-bench")
     ap.add_argument("--skip", default="", help="comma list of configurations to skip (mmap,llama.cpp,pread)")
     ap.add_argument("--json")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     naive_layout = a.naive_layout or a.layout
+    COLD.extend([a.model, a.layout, naive_layout])
     resident, records = resident_and_records(a.model, a.layout)
     n_records = os.path.getsize(os.path.join(naive_layout, "ffn.bin"))
     model_bytes = os.path.getsize(a.model)
@@ -143,7 +171,7 @@ def main():
                       str(naive_budget)], a.tokens, a.reps, limit))
     for sp in a.sparsity.split(","):
         add(f"window k={a.window}, sparsity {sp}", *larder_bench(
-            a.model, ["--ffn-offload", a.layout, "--ffn-sparsity", sp, "--ffn-window", str(a.window),
+            a.model, ["--ffn-offload", a.layout, "--ffn-sparsity", sp, "--ffn-window", str(a.window), "--ffn-io-threads", str(a.io_threads),
                       "--weights-dram-budget", str(budget)], a.tokens, a.reps, limit))
     if a.json:
         with open(a.json, "w") as f:

@@ -42,14 +42,31 @@ uint8_t* alloc_aligned(size_t n) {
 }
 }  // namespace
 
+// One layer's neuron cache: a preallocated [capacity][record] matrix; rows [0, n) hold neurons.
+struct SparseFfn::Layer {
+  LayerLayout lay;
+  uint8_t* cache = nullptr;
+  int n = 0;
+  std::vector<int32_t> slot_of;    // [n_ff] slot or -1
+  std::vector<int32_t> neuron_of;  // [capacity]
+  std::vector<int64_t> last;       // [capacity] step the slot's neuron was last active
+  int64_t step = 0;
+  ~Layer() { std::free(cache); }
+  void clear() {
+    n = 0;
+    std::fill(slot_of.begin(), slot_of.end(), -1);
+  }
+};
+
 // A pool of reader threads: each job is one pread (a run of consecutive neurons' records).
 struct SparseFfn::IoPool {
   struct Job {
     uint64_t off;
     size_t len;
     uint8_t* dst;
+    int layer;  // the records read are checked against the index here, in the reader threads
   };
-  IoPool(int fd, int n, bool direct) : fd_(fd), direct_(direct) {
+  IoPool(const SparseFfn* owner, int fd, int n, bool direct) : owner_(owner), fd_(fd), direct_(direct) {
     for (int i = 0; i < n; ++i) threads_.emplace_back([this] { run(); });
   }
   ~IoPool() {
@@ -105,8 +122,15 @@ struct SparseFfn::IoPool {
     }
     // Buffered fallback: drop the pages so the next read of them comes from the disk again.
     if (!direct_) posix_fadvise(fd_, static_cast<off_t>(j.off), static_cast<off_t>(j.len), POSIX_FADV_DONTNEED);
+    const LayerLayout& ll = owner_->layers_[j.layer]->lay;
+    const auto first = static_cast<int32_t>((j.off - ll.offset) / ll.record_bytes);
+    for (size_t r = 0; r < j.len / ll.record_bytes; ++r)
+      if (!owner_->verify(j.layer, first + static_cast<int32_t>(r), j.dst + r * ll.record_bytes))
+        return "layer " + std::to_string(j.layer) + " neuron " + std::to_string(first + r) +
+               " fails its checksum (file corrupt); run larder offload-prepare again";
     return "";
   }
+  const SparseFfn* owner_;
   int fd_;
   bool direct_;
   std::vector<std::thread> threads_;
@@ -117,22 +141,6 @@ struct SparseFfn::IoPool {
   uint64_t gen_ = 0;
   bool stop_ = false;
   std::string err_;
-};
-
-// One layer's neuron cache: a preallocated [capacity][record] matrix; rows [0, n) hold neurons.
-struct SparseFfn::Layer {
-  LayerLayout lay;
-  uint8_t* cache = nullptr;
-  int n = 0;
-  std::vector<int32_t> slot_of;    // [n_ff] slot or -1
-  std::vector<int32_t> neuron_of;  // [capacity]
-  std::vector<int64_t> last;       // [capacity] step the slot's neuron was last active
-  int64_t step = 0;
-  ~Layer() { std::free(cache); }
-  void clear() {
-    n = 0;
-    std::fill(slot_of.begin(), slot_of.end(), -1);
-  }
 };
 
 SparseFfn::~SparseFfn() {
@@ -228,7 +236,7 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
     s->layers_.push_back(std::move(L));
   }
   if (!s->in_memory_) {
-    s->io_ = std::make_unique<IoPool>(s->fd_, p.io_threads, s->direct_);
+    s->io_ = std::make_unique<IoPool>(s.get(), s->fd_, p.io_threads, s->direct_);
     if (s->static_) {  // pin neurons [0, cap) of every layer, read once now
       for (int l = 0; l < c.n_layer; ++l) {
         Layer& L = *s->layers_[l];
@@ -236,17 +244,12 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
         const size_t chunk = std::max<size_t>(1, (4u << 20) / L.lay.record_bytes);
         for (size_t j = 0; j < static_cast<size_t>(cap); j += chunk) {
           const size_t k = std::min(chunk, static_cast<size_t>(cap) - j);
-          jobs.push_back({L.lay.offset + j * L.lay.record_bytes, k * L.lay.record_bytes, L.cache + j * L.lay.record_bytes});
+          jobs.push_back({L.lay.offset + j * L.lay.record_bytes, k * L.lay.record_bytes, L.cache + j * L.lay.record_bytes, l});
         }
         s->io_->submit(jobs);
         std::string e = s->io_->wait();
         if (!e.empty()) return make_error("FFN offload layout '%s': %s", p.dir.c_str(), e.c_str());
-        for (int j = 0; j < cap; ++j) {
-          if (!s->verify(l, j, L.cache + static_cast<size_t>(j) * L.lay.record_bytes))
-            return make_error("FFN offload layout '%s': layer %d neuron %d fails its checksum (file corrupt); run larder "
-                              "offload-prepare again", p.dir.c_str(), l, j);
-          L.slot_of[j] = j, L.neuron_of[j] = j;
-        }
+        for (int j = 0; j < cap; ++j) L.slot_of[j] = j, L.neuron_of[j] = j;
         L.n = cap;
       }
       s->scratch_cap_ = static_cast<size_t>(c.n_ff - cap) * s->max_rec_;
@@ -372,7 +375,6 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
   const bool caching = !in_memory_ && !static_;
   std::vector<uint8_t*> dst(miss.size(), nullptr);
   std::vector<IoPool::Job> jobs;
-  std::vector<std::pair<int32_t, uint8_t*>> readahead;  // (neuron, record) read besides the missing ones
   std::vector<std::pair<const uint8_t*, uint8_t*>> copies;  // staged record -> its slot, after the reads
   int64_t bytes = 0;
   size_t used = 0;  // bytes of scratch_ taken by this step
@@ -413,14 +415,12 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
         L.slot_of[j] = sl;
         L.neuron_of[sl] = j;
         L.last[sl] = L.step - window_ + 1;  // read-ahead; refreshed below when it is one of the missing
-        readahead.emplace_back(j, L.cache + static_cast<size_t>(sl) * ll.record_bytes);
       }
-      readahead.resize(readahead.size() - (i1 - i));  // the missing ones are verified as such
       for (size_t m = i; m < i1; ++m) {
         dst[m] = L.cache + static_cast<size_t>(L.slot_of[miss[m]]) * ll.record_bytes;
         L.last[L.slot_of[miss[m]]] = L.step;
       }
-      jobs.push_back({off, len, L.cache + static_cast<size_t>(base) * ll.record_bytes});
+      jobs.push_back({off, len, L.cache + static_cast<size_t>(base) * ll.record_bytes, l});
       bytes += static_cast<int64_t>(len);
     } else if (i1 - i > 1 && (static_cast<size_t>(span) != i1 - i || !caching) && used + len <= scratch_cap_) {
       // Through scratch: one read; the missing records move to free slots after it (or stay).
@@ -434,7 +434,7 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
           dst[m] = src;
         }
       }
-      jobs.push_back({off, len, buf});
+      jobs.push_back({off, len, buf, l});
       bytes += static_cast<int64_t>(len);
     } else {  // tight: consecutive missing neurons, each into a free slot or scratch
       for (size_t m = i; m < i1; ++m) {
@@ -450,11 +450,11 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
           dst[m] = overflow_ + (n_overflow++) * ll.record_bytes;
         }
         const uint64_t o = ll.offset + static_cast<uint64_t>(miss[m]) * ll.record_bytes;
-        if (m > i && miss[m] == miss[m - 1] + 1 && dst[m] == dst[m - 1] + ll.record_bytes &&
+        if (!jobs.empty() && jobs.back().off + jobs.back().len == o && jobs.back().dst + jobs.back().len == dst[m] &&
             jobs.back().len + ll.record_bytes <= kMaxRun)
           jobs.back().len += ll.record_bytes;
         else
-          jobs.push_back({o, ll.record_bytes, dst[m]});
+          jobs.push_back({o, ll.record_bytes, dst[m], l});
         bytes += static_cast<int64_t>(ll.record_bytes);
       }
     }
@@ -513,22 +513,9 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
     stats_.io_wait_s += waited;
     if (!e.empty()) {
       L.clear();
-      return make_error("FFN offload: layer %d: %s", l, e.c_str());
+      return make_error("FFN offload: %s", e.c_str());
     }
     for (auto [src, to] : copies) std::memcpy(to, src, ll.record_bytes);
-    std::atomic<int> bad{-1};
-    const int64_t n_miss = static_cast<int64_t>(miss.size());
-    pool.parallel_for(n_miss + static_cast<int64_t>(readahead.size()), [&](int64_t b, int64_t e2, int) {
-      for (int64_t i = b; i < e2; ++i) {
-        const int32_t j = i < n_miss ? miss[i] : readahead[i - n_miss].first;
-        if (!verify(l, j, i < n_miss ? dst[i] : readahead[i - n_miss].second)) bad = j;
-      }
-    }, 16);
-    if (bad >= 0) {
-      L.clear();  // nothing read this step stays cached
-      return make_error("FFN offload: layer %d neuron %d fails its checksum (file corrupt); run larder offload-prepare again",
-                        l, bad.load());
-    }
     t3 = Clock::now();
     checked = secs(t4, t3);
     stats_.cache_s += checked;
