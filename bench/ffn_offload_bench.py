@@ -95,7 +95,30 @@ def resident_and_records(model, layout):
     return resident, os.path.getsize(os.path.join(layout, "ffn.bin"))
 
 
+PROMPT = None  # --prompt FILE: time `larder run` on real text instead of bench's random token ids
+
+
+def larder_run(model, extra, tokens, limit):
+    cmd = [LARDER, "run", "-m", model, "-f", PROMPT, "-n", str(tokens), "--temp", "0", "--ignore-eos", "-t", "2",
+           "--no-display-prompt"] + extra
+    p, applied, wall = run_limited(cmd, limit)
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or [f"rc {p.returncode}"])[-1]}, applied
+    m = re.search(r"generation (\d+) tokens in ([\d.]+) s \(([\d.]+) tok/s\)", p.stderr)
+    out = {"tok_s": float(m.group(3)), "sd": 0.0, "wall": wall}
+    f = re.search(r"per token: I/O wait ([\d.]+) ms, cache ([\d.]+) ms, compute ([\d.]+) ms, ([\d.]+) KiB read "
+                  r"\(([\d.]+) KiB of missing neurons, ([\d.]+) reads\); active ([\d.]+)%, cache hit rate ([\d.]+)%", p.stderr)
+    if f:
+        v = [float(g) for g in f.groups()]
+        out.update({"io_wait_ms_per_token": v[0], "cache_ms_per_token": v[1], "compute_ms_per_token": v[2],
+                    "bytes_per_token": v[3] * 1024, "needed_bytes_per_token": v[4] * 1024, "reads_per_token": v[5],
+                    "active_fraction": v[6] / 100, "hit_rate": v[7] / 100})
+    return out, applied
+
+
 def larder_bench(model, extra, tokens, reps, limit):
+    if PROMPT:
+        return larder_run(model, extra, tokens, limit)
     cmd = [LARDER, "bench", "-m", model, "-p", "0", "-n", str(tokens), "-r", str(reps), "-t", "2", "-o", "json"] + extra
     p, applied, wall = run_limited(cmd, limit)
     if p.returncode != 0:
@@ -131,7 +154,10 @@ def main():
     ap.add_argument("--llama-bench")
     ap.add_argument("--skip", default="", help="comma list of configurations to skip (mmap,llama.cpp,pread)")
     ap.add_argument("--json")
+    ap.add_argument("--prompt", help="text file: time `larder run` generating --tokens after it (real activations)")
     a = ap.parse_args()
+    global PROMPT
+    PROMPT = a.prompt
     skip = set(a.skip.split(","))
     naive_layout = a.naive_layout or a.layout
     COLD.extend([a.model, a.layout, naive_layout])

@@ -12,6 +12,8 @@ Cases (stories260K f32 GGUF, the real trained model; f32 KV cache so paths compa
              records built in memory, at sparsity 0 and 0.5; `larder run` reports the per-token figures.
   corrupt    a flipped byte in a record, in the header, in the index, and a truncated file: a one-line
              error naming the problem, exit 1, no logits written.
+  serve      `larder serve --ffn-offload`: the same greedy completion as a dense server at sparsity 0, and
+             /metrics counts the FFN's tokens, bytes read and hits (larder_ffn_*).
   mismatch   a layout of another model, thresholds of another model, a budget below the resident
              weights: one-line errors.
 Exit 0 pass, 1 fail, 77 skip (no shared data).
@@ -20,12 +22,16 @@ Exit 0 pass, 1 fail, 77 skip (no shared data).
 import json
 import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pdlib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.environ.get("LARDER_SOURCE_DIR") or os.path.dirname(HERE)
@@ -132,6 +138,25 @@ def main():
         rep = re.search(r"([\d.]+) KiB read .*active ([\d.]+)%, cache hit rate ([\d.]+)%", p.stderr)
         check(rep is not None and 30 < float(rep.group(2)) < 70 and float(rep.group(1)) > 0,
               f"sparsity 0.5 streamed: {rep.group(0) if rep else p.stderr[-300:]}")
+
+        # serve: the same text at sparsity 0 as a dense server, figures on /metrics
+        body = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
+        texts = {}
+        for name, extra in (("dense", []), ("offload", ["--ffn-offload", lay, "--weights-dram-budget", str(budget),
+                                                         "--ffn-sparsity", "0"])):
+            srv = pdlib.serve(model, ["--parallel", "2"] + extra, "ffn-" + name)
+            try:
+                st, _, data = pdlib.req(srv.host, srv.port, "POST", "/v1/completions", body)
+                texts[name] = json.loads(data)["choices"][0]["text"] if st == 200 else f"HTTP {st}"
+                if name == "offload":
+                    m = pdlib.metrics(srv)
+                    check(m.get("larder_ffn_tokens_total", 0) > 0 and m.get("larder_ffn_read_bytes_total", 0) > 0 and
+                          m.get("larder_ffn_cache_hits_total", 0) > 0 and "larder_ffn_io_wait_seconds_total" in m,
+                          "serve: /metrics has the FFN figures " +
+                          str({k: v for k, v in m.items() if k.startswith("larder_ffn_")}))
+            finally:
+                srv.kill(signal.SIGTERM)
+        check(texts["dense"] == texts["offload"], f"serve: offloaded FFN at sparsity 0 answers as the dense server: {texts}")
 
         # corruption: never wrong weights
         def corrupt(name, mutate, pattern):

@@ -155,6 +155,10 @@ int cmd_run(Args& a) {
   Status st = gen.start(toks);
   if (!st.ok()) return fail(st.error());
   auto t1 = Clock::now();
+  if (cp.ffn) {  // the prompt's figures, then the generation's alone
+    std::fprintf(stderr, "\nlarder: prompt %s\n", ffn_report(*cp.ffn).c_str());
+    cp.ffn->reset_stats();
+  }
   StreamDecoder dec(*m.tokenizer, /*strip_first_space=*/prompt.empty());
   int n_gen = 0;
   const int limit = a.n_predict < 0 ? INT32_MAX : a.n_predict;
@@ -193,7 +197,7 @@ int cmd_run(Args& a) {
   double pp = secs(t0, t1), tg = secs(t1, t2);
   std::fprintf(stderr, "larder: prompt %zu tokens in %.3f s (%.2f tok/s); generation %d tokens in %.3f s (%.2f tok/s); seed %" PRIu64 "\n",
                toks.size(), pp, toks.size() / std::max(pp, 1e-9), n_gen, tg, n_gen / std::max(tg, 1e-9), sampler.seed());
-  if (cp.ffn) std::fprintf(stderr, "larder: %s\n", ffn_report(*cp.ffn).c_str());
+  if (cp.ffn) std::fprintf(stderr, "larder: generation %s\n", ffn_report(*cp.ffn).c_str());
   if (drafter) {
     const auto& ss = gen.stats();
     std::fprintf(stderr, "larder: spec %s: %" PRId64 " verify passes (%" PRId64 " without a draft), %" PRId64

@@ -15,6 +15,10 @@
 //   larder_ttft_seconds                        histogram, request received -> first token
 //   larder_tpot_seconds                        histogram, mean time per output token after the first
 //   larder_tokens_per_second                   gauge, generated tokens/s over the last 10 s
+//   larder_ffn_*                               counters of a sparse / SSD-streamed FFN (--ffn-offload,
+//                                              --ffn-sparsity): tokens, I/O wait / cache / compute
+//                                              seconds, bytes read and needed, reads, active and total
+//                                              neurons, cache hits and misses
 #pragma once
 #include <array>
 #include <chrono>
