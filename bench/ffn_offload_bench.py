@@ -106,7 +106,7 @@ def larder_run(model, extra, tokens, limit):
         return {"error": (p.stderr.strip().splitlines() or [f"rc {p.returncode}"])[-1]}, applied
     m = re.search(r"generation (\d+) tokens in ([\d.]+) s \(([\d.]+) tok/s\)", p.stderr)
     out = {"tok_s": float(m.group(3)), "sd": 0.0, "wall": wall}
-    f = re.search(r"per token: I/O wait ([\d.]+) ms, cache ([\d.]+) ms, compute ([\d.]+) ms, ([\d.]+) KiB read "
+    f = re.search(r"per token: I/O wait ([\d.]+) ms, cache ([\d.]+) ms, compute ([\d.]+) ms, ([\d.]+) KiB read on demand "
                   r"\(([\d.]+) KiB of missing neurons, ([\d.]+) reads\); active ([\d.]+)%, cache hit rate ([\d.]+)%", p.stderr)
     if f:
         v = [float(g) for g in f.groups()]

@@ -122,22 +122,25 @@ def main():
 
         for sp in ("0", "0.5"):
             base = logits(model, ids, out, ["--ffn-sparsity", sp, "--ffn-thresholds", thr])
-            variants = [["--ffn-window", "1"], ["--ffn-window", "5"], ["--ffn-window", "5", "--ffn-no-direct"],
+            variants = [["--ffn-window", "1"], ["--ffn-window", "5"], ["--ffn-window", "5", "--ffn-no-prefetch"],
+                        ["--ffn-window", "5", "--ffn-no-direct"], ["--ffn-window", "2", "--chunk", "1"],
                         ["--ffn-naive"], ["--ffn-window", "3", "--chunk", "7"]]
             for v in variants:
                 got = logits(model, ids, out, ["--ffn-sparsity", sp, "--ffn-thresholds", thr, "--ffn-offload", lay,
                                                "--weights-dram-budget", str(budget)] + v)
                 if "--chunk" in v:
-                    base_c = logits(model, ids, out, ["--ffn-sparsity", sp, "--ffn-thresholds", thr, "--chunk", "7"])
+                    ch = v[v.index("--chunk") + 1]
+                    base_c = logits(model, ids, out, ["--ffn-sparsity", sp, "--ffn-thresholds", thr, "--chunk", ch])
                     same = np.array_equal(got, base_c)
                 else:
                     same = np.array_equal(got, base)
                 check(same, f"sparsity {sp}, streamed with 30% of the neurons cached {' '.join(v)}: bit-identical to in-memory")
         p = run(["run", "-m", model, "-p", "Once upon a time", "-n", "24", "--temp", "0", "--ffn-offload", lay,
                  "--weights-dram-budget", str(budget), "--ffn-sparsity", "0.5", "--ffn-thresholds", thr])
-        rep = re.search(r"([\d.]+) KiB read .*active ([\d.]+)%, cache hit rate ([\d.]+)%", p.stderr)
-        check(rep is not None and 30 < float(rep.group(2)) < 70 and float(rep.group(1)) > 0,
-              f"sparsity 0.5 streamed: {rep.group(0) if rep else p.stderr[-300:]}")
+        rep = re.search(r"generation ffn: .* ([\d.]+) KiB read .*active ([\d.]+)%, cache hit rate ([\d.]+)%; read ahead ([\d.]+) KiB, "
+                        r"([\d.]+)% of it used", p.stderr)
+        check(rep is not None and 30 < float(rep.group(2)) < 70 and float(rep.group(1)) > 0 and float(rep.group(4)) > 0,
+              f"sparsity 0.5 streamed, generation reads ahead: {rep.group(0) if rep else p.stderr[-300:]}")
 
         # serve: the same text at sparsity 0 as a dense server, figures on /metrics
         body = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}

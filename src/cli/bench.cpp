@@ -176,6 +176,9 @@ int cmd_bench(Args& a) {
                                    {"compute_ms_per_token", 1e3 * f.compute_s / nt_}, {"bytes_per_token", f.bytes_read / nt_},
                                    {"needed_bytes_per_token", f.bytes_needed / nt_},
                                    {"reads_per_token", f.reads / nt_},
+                                   {"prefetch_bytes_per_token", f.prefetch_bytes / nt_},
+                                   {"prefetch_used_fraction", static_cast<double>(f.prefetch_used) / std::max<int64_t>(1, f.prefetched)},
+                                   {"prefetch_wait_ms_per_token", 1e3 * f.prefetch_wait_s / nt_},
                                    {"active_fraction", static_cast<double>(f.active) / std::max<int64_t>(1, f.neurons)},
                                    {"hit_rate", static_cast<double>(f.hits) / std::max<int64_t>(1, f.hits + f.misses)},
                                    {"cache_bytes", cp.ffn->cache_bytes()}, {"resident_bytes", cp.ffn->resident_bytes()}};

@@ -26,6 +26,7 @@ Result<std::shared_ptr<offload::SparseFfn>> open_ffn(const Args& a, const Model&
   p.io_threads = a.ffn_io_threads;
   p.static_cache = a.ffn_naive;
   p.direct = !a.ffn_no_direct;
+  p.prefetch = !a.ffn_no_prefetch;
   if (a.ffn_window < 1 || a.ffn_window > 1000000) return make_error("--ffn-window must be at least 1");
   if (!a.weights_budget.empty()) {
     if (a.ffn_offload.empty()) return make_error("--weights-dram-budget needs --ffn-offload DIR");
@@ -55,10 +56,12 @@ std::string ffn_report(const offload::SparseFfn& f) {
   char buf[512];
   std::snprintf(buf, sizeof buf,
                 "ffn: %" PRId64 " tokens in %" PRId64 " passes; per token: I/O wait %.2f ms, cache %.2f ms, compute %.2f "
-                "ms, %.1f KiB read (%.1f KiB of missing neurons, %.1f reads); active %.1f%%, cache hit rate %.1f%%",
+                "ms, %.1f KiB read on demand (%.1f KiB of missing neurons, %.1f reads); active %.1f%%, cache hit rate %.1f%%; "
+                "read ahead %.1f KiB, %.1f%% of it used, wait %.2f ms",
                 s.tokens, s.steps, 1e3 * s.io_wait_s / n, 1e3 * s.cache_s / n, 1e3 * s.compute_s / n,
                 s.bytes_read / 1024.0 / n, s.bytes_needed / 1024.0 / n, s.reads / n, 100.0 * s.active / std::max<int64_t>(1, s.neurons),
-                100.0 * s.hits / std::max<int64_t>(1, s.hits + s.misses));
+                100.0 * s.hits / std::max<int64_t>(1, s.hits + s.misses), s.prefetch_bytes / 1024.0 / n,
+                100.0 * s.prefetch_used / std::max<int64_t>(1, s.prefetched), 1e3 * s.prefetch_wait_s / n);
   return buf;
 }
 

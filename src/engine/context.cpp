@@ -100,6 +100,10 @@ Context::Context(const Model& m, const ContextParams& p, int n_ctx, int n_thread
   tiles_.reserve(n_batch);
   mask_scratch_.resize(n_threads);
   last_logits_.resize(c.n_vocab);
+  if (ffn_ && ffn_->prefetching()) {
+    pred_in_.resize(static_cast<size_t>(kPrefetchMaxTokens) * c.n_embd);
+    pred_gate_.resize(static_cast<size_t>(kPrefetchMaxTokens) * c.n_ff);
+  }
   // Largest activation format is q8_0-like (34 bytes per 32 values); reserve once.
   scratch_.xq.reserve(static_cast<size_t>(n_batch) * (std::max(c.n_embd, c.n_ff) / 32 + 1) * 40);
   if (p.w8a8 && !ffn_) {  // (the sparse FFN keeps its own records; w8a8 then covers nothing of it)
@@ -752,6 +756,16 @@ void Context::forward(std::span<const SeqBatch> batch, int n, int l0, int l1, co
     if (c.post_norms) post_norm(n, static_cast<const float*>(L.post_attn_norm.data));
     add_rmsnorm(n, static_cast<const float*>(L.ffn_norm.data));
     if (ffn_) {  // sparse / streamed: the gate here, the rest over the active neurons only
+      if (ffn_->prefetching() && l + 1 < l1 && n <= kPrefetchMaxTokens) {
+        // The next layer's gate applied to this layer's residual stream (its FFN input will be this
+        // plus two more blocks' outputs): a prediction of which of its neurons to read ahead.
+        const LayerWeights& N = model_.layers[l + 1];
+        for (int t = 0; t < n; ++t)
+          kernels::rmsnorm(&pred_in_[static_cast<size_t>(t) * E], &x_[static_cast<size_t>(t) * E],
+                           static_cast<const float*>(N.ffn_norm.data), E, c.rms_eps);
+        mm(N.ffn_gate, nullptr, pred_in_.data(), n, pred_gate_.data(), F);
+        if (Status st = ffn_->prefetch(l + 1, pred_gate_.data(), n); !st.ok() && ffn_status_.ok()) ffn_status_ = st;
+      }
       mm(L.ffn_gate, nullptr, xb_.data(), n, hb_.data(), F);
       if (Status st = ffn_->forward(l, xb_.data(), hb_.data(), n, pool_); !st.ok() && ffn_status_.ok()) ffn_status_ = st;
     } else if (!w8_now && packed_concat({&L.ffn_gate, &L.ffn_up}, &fused)) {

@@ -217,6 +217,8 @@ class Context {
   std::function<void(int)> layer_hook_;
   std::function<void(int, const float*, int, int64_t)> gate_hook_;
   std::shared_ptr<offload::SparseFfn> ffn_;
+  static constexpr int kPrefetchMaxTokens = 4;  // read ahead for decode-sized passes only (prefill needs all)
+  std::vector<float> pred_in_, pred_gate_;      // [kPrefetchMaxTokens][n_embd] / [..][n_ff] next layer's predicted gate
   Status ffn_status_;  // the first error of the sparse FFN in this forward pass
   kernels::W8A8Scratch w8_scratch_;
   kernels::W8A8Stats w8a8_stats_;

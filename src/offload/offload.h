@@ -100,6 +100,10 @@ struct Params {
   bool static_cache = false;  // naive baseline: the first neurons pinned, the rest read every step
   int io_threads = 16;        // parallel reads
   bool direct = true;         // O_DIRECT (falls back to buffered reads + dropping the pages)
+  // Read ahead the neurons a prediction of the next layer's gate says will be active (Context
+  // computes it from the residual stream before this layer's FFN): the reads overlap this layer's
+  // compute and the next one's attention. Only what is read changes, never what is computed.
+  bool prefetch = true;
 };
 
 struct Stats {
@@ -113,6 +117,9 @@ struct Stats {
   int64_t active = 0;          // sum over (layer, token) of active neurons
   int64_t neurons = 0;         // sum over (layer, token) of n_ff
   int64_t hits = 0, misses = 0;  // per layer and step: union-active neurons found cached / read
+  int64_t prefetched = 0, prefetch_used = 0;  // neurons read ahead, and of those active when their layer ran
+  int64_t prefetch_bytes = 0, prefetch_reads = 0;
+  double prefetch_wait_s = 0;  // part of io_wait_s spent waiting for read-ahead to land
 };
 
 class SparseFfn {
@@ -124,6 +131,10 @@ class SparseFfn {
   // gate: [n][n_ff] gate pre-activations; used as scratch.
   Status forward(int layer, float* x, float* gate, int n, ThreadPool& pool);
 
+  // Reads ahead for layer l the neurons whose predicted gate pre-activations ([n][n_ff]) pass its
+  // threshold and are not cached (no-op unless offloading with prefetch on).
+  Status prefetch(int l, const float* gate, int n);
+  bool prefetching() const { return prefetch_ && !in_memory_ && !static_; }
   const Stats& stats() const { return stats_; }
   void reset_stats() { stats_ = Stats{}; }
   // Weights this keeps in DRAM (cache matrices and read scratch), and the resident rest of the model.
@@ -141,7 +152,7 @@ class SparseFfn {
   SparseFfn() = default;
   struct Layer;
   struct IoPool;
-  Status read_records(int layer, const std::vector<int32_t>& neurons, uint8_t* const* dst);
+  void evict(Layer& L, std::vector<int32_t>& holes);
   bool verify(int layer, int32_t neuron, const uint8_t* rec) const;
 
   const Model* model_ = nullptr;
@@ -150,7 +161,7 @@ class SparseFfn {
   size_t max_rec_ = 0;
   std::vector<float> thr_;
   int window_ = 5;
-  bool static_ = false, direct_ = false, in_memory_ = false;
+  bool static_ = false, direct_ = false, in_memory_ = false, prefetch_ = true;
   int fd_ = -1;
   std::vector<uint64_t> sums_;  // [layer][neuron] XXH3-64 of each record
   int capacity_ = 0;
@@ -164,6 +175,7 @@ class SparseFfn {
   // per-forward scratch
   std::vector<uint8_t> xq_;                  // [n][quantized row] activations for the up dots
   std::vector<uint8_t> mask_;                // [n][n_ff] active flags
+  std::vector<uint8_t> pred_;                // [n_ff] predicted active (prefetch)
   std::vector<int32_t> act_list_;            // union-active neurons
   std::vector<const uint8_t*> rec_ptr_;      // [active] record of each
   std::vector<float> h_;                     // [n][active] act(g) * u (0 where inactive)

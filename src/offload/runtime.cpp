@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <limits>
 #include <mutex>
@@ -43,8 +44,17 @@ uint8_t* alloc_aligned(size_t n) {
 }  // namespace
 
 // One layer's neuron cache: a preallocated [capacity][record] matrix; rows [0, n) hold neurons.
+struct IoTicket {
+  size_t pending = 0;
+  std::string err;
+};
+
 struct SparseFfn::Layer {
   LayerLayout lay;
+  IoTicket reads;                  // this step's reads of missing neurons
+  IoTicket ahead;                  // a prefetch issued from the layer before (may be in flight)
+  std::vector<int32_t> prefetched;  // neurons the last prefetch brought in
+  bool ahead_issued = false;        // a prefetch was submitted and not yet waited for
   uint8_t* cache = nullptr;
   int n = 0;
   std::vector<int32_t> slot_of;    // [n_ff] slot or -1
@@ -58,13 +68,17 @@ struct SparseFfn::Layer {
   }
 };
 
-// A pool of reader threads: each job is one pread (a run of consecutive neurons' records).
+// A pool of reader threads: each job is one pread (a run of consecutive neurons' records), checked
+// against the index by the thread that read it. Jobs belong to a ticket (one layer's reads, or one
+// layer's prefetch); urgent jobs (what a layer waits for now) go before prefetches.
 struct SparseFfn::IoPool {
+  using Ticket = IoTicket;
   struct Job {
     uint64_t off;
     size_t len;
     uint8_t* dst;
-    int layer;  // the records read are checked against the index here, in the reader threads
+    int layer;
+    Ticket* ticket = nullptr;
   };
   IoPool(const SparseFfn* owner, int fd, int n, bool direct) : owner_(owner), fd_(fd), direct_(direct) {
     for (int i = 0; i < n; ++i) threads_.emplace_back([this] { run(); });
@@ -77,38 +91,39 @@ struct SparseFfn::IoPool {
     cv_.notify_all();
     for (auto& t : threads_) t.join();
   }
-  void submit(std::vector<Job>& jobs) {
+  void submit(std::vector<Job>& jobs, Ticket* t, bool urgent) {
+    if (jobs.empty()) return;
     std::lock_guard<std::mutex> g(mu_);
-    jobs_.swap(jobs);
-    next_ = 0;
-    pending_ = jobs_.size();
-    err_.clear();
-    ++gen_;
+    t->pending += jobs.size();
+    for (Job& j : jobs) {
+      j.ticket = t;
+      (urgent ? urgent_ : later_).push_back(j);
+    }
     cv_.notify_all();
   }
-  // Returns the first error ("" = all read).
-  std::string wait() {
+  // Waits for the ticket's jobs; returns their first error ("" = all read and checked) and resets it.
+  std::string wait(Ticket* t) {
     std::unique_lock<std::mutex> g(mu_);
-    done_cv_.wait(g, [&] { return pending_ == 0; });
-    return err_;
+    done_cv_.wait(g, [&] { return t->pending == 0; });
+    std::string e;
+    e.swap(t->err);
+    return e;
   }
 
  private:
   void run() {
-    uint64_t seen = 0;
     std::unique_lock<std::mutex> g(mu_);
     for (;;) {
-      cv_.wait(g, [&] { return stop_ || (gen_ != seen && next_ < jobs_.size()); });
+      cv_.wait(g, [&] { return stop_ || !urgent_.empty() || !later_.empty(); });
       if (stop_) return;
-      while (next_ < jobs_.size()) {
-        const Job j = jobs_[next_++];
-        g.unlock();
-        std::string e = read(j);
-        g.lock();
-        if (!e.empty() && err_.empty()) err_ = e;
-        if (--pending_ == 0) done_cv_.notify_all();
-      }
-      seen = gen_;
+      auto& q = !urgent_.empty() ? urgent_ : later_;
+      const Job j = q.front();
+      q.pop_front();
+      g.unlock();
+      std::string e = read(j);
+      g.lock();
+      if (!e.empty() && j.ticket->err.empty()) j.ticket->err = e;
+      if (--j.ticket->pending == 0) done_cv_.notify_all();
     }
   }
   std::string read(const Job& j) const {
@@ -136,11 +151,8 @@ struct SparseFfn::IoPool {
   std::vector<std::thread> threads_;
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
-  std::vector<Job> jobs_;
-  size_t next_ = 0, pending_ = 0;
-  uint64_t gen_ = 0;
+  std::deque<Job> urgent_, later_;
   bool stop_ = false;
-  std::string err_;
 };
 
 SparseFfn::~SparseFfn() {
@@ -162,6 +174,7 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
   s->gelu_ = c.ffn_act == FfnAct::GELU_TANH;
   s->window_ = std::max(1, p.window);
   s->static_ = p.static_cache;
+  s->prefetch_ = p.prefetch;
   if (p.thresholds.empty()) s->thr_.assign(c.n_layer, 0.f);
   else if (static_cast<int>(p.thresholds.size()) != c.n_layer)
     return make_error("FFN thresholds: %zu values for %d layers", p.thresholds.size(), c.n_layer);
@@ -246,8 +259,9 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
           const size_t k = std::min(chunk, static_cast<size_t>(cap) - j);
           jobs.push_back({L.lay.offset + j * L.lay.record_bytes, k * L.lay.record_bytes, L.cache + j * L.lay.record_bytes, l});
         }
-        s->io_->submit(jobs);
-        std::string e = s->io_->wait();
+        IoPool::Ticket t;
+        s->io_->submit(jobs, &t, true);
+        std::string e = s->io_->wait(&t);
         if (!e.empty()) return make_error("FFN offload layout '%s': %s", p.dir.c_str(), e.c_str());
         for (int j = 0; j < cap; ++j) L.slot_of[j] = j, L.neuron_of[j] = j;
         L.n = cap;
@@ -261,6 +275,78 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
     s->cache_bytes_ += static_cast<int64_t>(round_up(s->scratch_cap_, 4096));
   }
   return s;
+}
+
+Status SparseFfn::prefetch(int l, const float* gate, int n) {
+  if (!prefetch_ || in_memory_ || static_ || l < 0 || l >= n_layer_) return Status::Ok();
+  Layer& L = *layers_[l];
+  if (L.ahead_issued) return Status::Ok();  // one in flight already
+  auto t0 = Clock::now();
+  const LayerLayout& ll = L.lay;
+  const int F = F_;
+  const float thr = thr_[l];
+  // The predicted set: neurons whose predicted |act| passes the threshold; those not cached are wanted.
+  pred_.assign(F, 0);
+  std::vector<int32_t> want;
+  for (int j = 0; j < F; ++j) {
+    bool a = thr <= 0;
+    for (int t = 0; t < n && !a; ++t) a = std::abs(activation(gate[static_cast<size_t>(t) * F + j], gelu_)) > thr;
+    pred_[j] = a;
+    if (a && L.slot_of[j] < 0) want.push_back(j);
+  }
+  // Room: free slots, then the least recently active neurons the prediction does not want.
+  const int room = capacity_ - L.n;
+  if (static_cast<int>(want.size()) > room) {
+    std::vector<int32_t> older;
+    for (int sl = 0; sl < L.n; ++sl)
+      if (L.neuron_of[sl] < 0 || !pred_[L.neuron_of[sl]]) older.push_back(sl);
+    const int k = std::min<int>(static_cast<int>(want.size()) - room, static_cast<int>(older.size()));
+    std::partial_sort(older.begin(), older.begin() + k, older.end(), [&](int a, int b) { return L.last[a] < L.last[b]; });
+    older.resize(k);
+    evict(L, older);
+  }
+  want.resize(std::min<size_t>(want.size(), static_cast<size_t>(capacity_ - L.n)));
+  std::vector<IoPool::Job> jobs;
+  int64_t bytes = 0;
+  for (int32_t j : want) {
+    const int sl = L.n++;
+    L.slot_of[j] = sl;
+    L.neuron_of[sl] = j;
+    L.last[sl] = L.step - window_ + 1;  // kept next step only if active then
+    uint8_t* dst = L.cache + static_cast<size_t>(sl) * ll.record_bytes;
+    const uint64_t off = ll.offset + static_cast<uint64_t>(j) * ll.record_bytes;
+    if (!jobs.empty() && jobs.back().off + jobs.back().len == off && jobs.back().dst + jobs.back().len == dst &&
+        jobs.back().len < (1u << 20))
+      jobs.back().len += ll.record_bytes;
+    else
+      jobs.push_back({off, ll.record_bytes, dst, l});
+    bytes += static_cast<int64_t>(ll.record_bytes);
+  }
+  L.prefetched = want;
+  stats_.prefetched += static_cast<int64_t>(want.size());
+  stats_.prefetch_bytes += bytes;
+  stats_.prefetch_reads += static_cast<int64_t>(jobs.size());
+  io_->submit(jobs, &L.ahead, /*urgent=*/false);
+  L.ahead_issued = true;
+  stats_.cache_s += secs(t0, Clock::now());
+  return Status::Ok();
+}
+
+void SparseFfn::evict(Layer& L, std::vector<int32_t>& holes) {
+  // Each hole is filled by the last row (descending, so a moved row is never a later hole).
+  std::sort(holes.begin(), holes.end(), std::greater<int>());
+  const size_t rb = L.lay.record_bytes;
+  for (int h : holes) {
+    const int last = L.n - 1;
+    if (L.neuron_of[h] >= 0) L.slot_of[L.neuron_of[h]] = -1;
+    if (h != last) {
+      std::memcpy(L.cache + static_cast<size_t>(h) * rb, L.cache + static_cast<size_t>(last) * rb, rb);
+      L.neuron_of[h] = L.neuron_of[last];
+      L.last[h] = L.last[last];
+      if (L.neuron_of[h] >= 0) L.slot_of[L.neuron_of[h]] = h;
+    }
+    --L.n;
+  }
 }
 
 bool SparseFfn::verify(int layer, int32_t neuron, const uint8_t* rec) const {
@@ -326,6 +412,29 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
   }
   const int A = static_cast<int>(act_list_.size());
   auto t1 = Clock::now();
+  if (L.ahead_issued) {
+    L.ahead_issued = false;
+    // A prefetch from the layer before may still be landing in this cache: wait for it before
+    // anything here reads or moves a slot.
+    std::string e = io_->wait(&L.ahead);
+    const double w = secs(t1, Clock::now());
+    stats_.io_wait_s += w;
+    stats_.prefetch_wait_s += w;
+    t1 = Clock::now();
+    if (!e.empty()) {
+      L.clear();
+      L.prefetched.clear();
+      return make_error("FFN offload: %s", e.c_str());
+    }
+    int64_t used = 0;
+    for (int32_t j : L.prefetched) {
+      bool act = false;
+      for (int t = 0; t < n && !act; ++t) act = mask_[static_cast<size_t>(t) * F + j];
+      used += act;
+    }
+    stats_.prefetch_used += used;
+    L.prefetched.clear();
+  }
 
   // Cache: hits refresh their step; out-of-window neurons leave (the last row moves into each
   // hole, descending, so a moved row is never a later hole); misses go to the end, the rest to scratch.
@@ -350,19 +459,7 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
       std::partial_sort(older.begin(), older.begin() + k, older.end(), [&](int a, int b) { return L.last[a] < L.last[b]; });
       holes.insert(holes.end(), older.begin(), older.begin() + k);
     }
-    std::sort(holes.begin(), holes.end(), std::greater<int>());
-    for (int h : holes) {
-      const int last = L.n - 1;
-      if (L.neuron_of[h] >= 0) L.slot_of[L.neuron_of[h]] = -1;
-      if (h != last) {
-        std::memcpy(L.cache + static_cast<size_t>(h) * ll.record_bytes, L.cache + static_cast<size_t>(last) * ll.record_bytes,
-                    ll.record_bytes);
-        L.neuron_of[h] = L.neuron_of[last];
-        L.last[h] = L.last[last];
-        if (L.neuron_of[h] >= 0) L.slot_of[L.neuron_of[h]] = h;
-      }
-      --L.n;
-    }
+    evict(L, holes);
   }
   // Reads: runs of missing neurons whose gaps are at most kGapBytes are one read (on this VM's disk
   // a read costs ~10-15 us plus its bytes at ~2 GB/s, so reading 16 KiB more beats issuing another
@@ -461,7 +558,7 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
     i = i1;
   }
   const size_t n_jobs = jobs.size();
-  if (!jobs.empty()) io_->submit(jobs);
+  io_->submit(jobs, &L.reads, true);
   // Record of each active neuron; missing ones after the cached ones so their compute waits last.
   rec_ptr_.assign(A, nullptr);
   std::vector<int32_t> order;  // indices into act_list_: cached first
@@ -507,7 +604,7 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
   auto t3 = Clock::now();
   double waited = 0, checked = 0;
   if (n_jobs > 0) {
-    std::string e = io_->wait();
+    std::string e = io_->wait(&L.reads);
     auto t4 = Clock::now();
     waited = secs(t3, t4);
     stats_.io_wait_s += waited;
