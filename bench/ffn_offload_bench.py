@@ -154,6 +154,7 @@ def main():
     ap.add_argument("--llama-bench")
     ap.add_argument("--skip", default="", help="comma list of configurations to skip (mmap,llama.cpp,pread)")
     ap.add_argument("--json")
+    ap.add_argument("--compare-prefetch", action="store_true", help="window runs also with --ffn-prefetch (read-ahead)")
     ap.add_argument("--prompt", help="text file: time `larder run` generating --tokens after it (real activations)")
     a = ap.parse_args()
     global PROMPT
@@ -185,6 +186,9 @@ def main():
                 extra = (f", {res['bytes_per_token'] / 2**20:.1f} MiB/token read ({res['needed_bytes_per_token'] / 2**20:.1f} needed), io wait {res['io_wait_ms_per_token']:.0f} ms, "
                          f"cache {res['cache_ms_per_token']:.1f} ms, compute {res['compute_ms_per_token']:.0f} ms, active "
                          f"{100 * res['active_fraction']:.0f}%, hit {100 * res['hit_rate']:.0f}%")
+                if res.get("prefetch_bytes_per_token"):
+                    extra += (f", read ahead {res['prefetch_bytes_per_token'] / 2**20:.1f} MiB/token "
+                              f"({100 * res['prefetch_used_fraction']:.0f}% used)")
             print(f"{name}: {res['tok_s']:.3f} tok/s ({1000 / max(res['tok_s'], 1e-9):.0f} ms/token){extra}", flush=True)
 
     if "mmap" not in skip:
@@ -196,9 +200,11 @@ def main():
             a.model, ["--ffn-offload", naive_layout, "--ffn-naive", "--ffn-sparsity", "0", "--weights-dram-budget",
                       str(naive_budget)], a.tokens, a.reps, limit))
     for sp in a.sparsity.split(","):
-        add(f"window k={a.window}, sparsity {sp}", *larder_bench(
-            a.model, ["--ffn-offload", a.layout, "--ffn-sparsity", sp, "--ffn-window", str(a.window), "--ffn-io-threads", str(a.io_threads),
-                      "--weights-dram-budget", str(budget)], a.tokens, a.reps, limit))
+        for pf in ([True, False] if a.compare_prefetch else [True]):
+            add(f"window k={a.window}, sparsity {sp}{', read-ahead' if not pf else ''}", *larder_bench(
+                a.model, ["--ffn-offload", a.layout, "--ffn-sparsity", sp, "--ffn-window", str(a.window),
+                          "--ffn-io-threads", str(a.io_threads), "--weights-dram-budget", str(budget)] +
+                ([] if pf else ["--ffn-prefetch"]), a.tokens, a.reps, limit))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "model_bytes": model_bytes, "resident": resident, "records": records,

@@ -122,7 +122,7 @@ def main():
 
         for sp in ("0", "0.5"):
             base = logits(model, ids, out, ["--ffn-sparsity", sp, "--ffn-thresholds", thr])
-            variants = [["--ffn-window", "1"], ["--ffn-window", "5"], ["--ffn-window", "5", "--ffn-no-prefetch"],
+            variants = [["--ffn-window", "1"], ["--ffn-window", "5"], ["--ffn-window", "5", "--ffn-prefetch"],
                         ["--ffn-window", "5", "--ffn-no-direct"], ["--ffn-window", "2", "--chunk", "1"],
                         ["--ffn-naive"], ["--ffn-window", "3", "--chunk", "7"]]
             for v in variants:
@@ -136,7 +136,7 @@ def main():
                     same = np.array_equal(got, base)
                 check(same, f"sparsity {sp}, streamed with 30% of the neurons cached {' '.join(v)}: bit-identical to in-memory")
         p = run(["run", "-m", model, "-p", "Once upon a time", "-n", "24", "--temp", "0", "--ffn-offload", lay,
-                 "--weights-dram-budget", str(budget), "--ffn-sparsity", "0.5", "--ffn-thresholds", thr])
+                 "--weights-dram-budget", str(budget), "--ffn-sparsity", "0.5", "--ffn-thresholds", thr, "--ffn-prefetch"])
         rep = re.search(r"generation ffn: .* ([\d.]+) KiB read .*active ([\d.]+)%, cache hit rate ([\d.]+)%; read ahead ([\d.]+) KiB, "
                         r"([\d.]+)% of it used", p.stderr)
         check(rep is not None and 30 < float(rep.group(2)) < 70 and float(rep.group(1)) > 0 and float(rep.group(4)) > 0,

@@ -26,7 +26,7 @@ Result<std::shared_ptr<offload::SparseFfn>> open_ffn(const Args& a, const Model&
   p.io_threads = a.ffn_io_threads;
   p.static_cache = a.ffn_naive;
   p.direct = !a.ffn_no_direct;
-  p.prefetch = !a.ffn_no_prefetch;
+  p.prefetch = a.ffn_prefetch;
   if (a.ffn_window < 1 || a.ffn_window > 1000000) return make_error("--ffn-window must be at least 1");
   if (!a.weights_budget.empty()) {
     if (a.ffn_offload.empty()) return make_error("--weights-dram-budget needs --ffn-offload DIR");

@@ -65,7 +65,7 @@ std::vector<OptSpec> option_table(Args& a) {
       {"run,chat,logits,perplexity,bench,serve", "--ffn-io-threads", "", "with --ffn-offload: parallel reads", &a.ffn_io_threads},
       {"run,chat,logits,perplexity,bench,serve", "--ffn-naive", "", "with --ffn-offload: naive baseline: the first neurons of each layer pinned, every other needed one read each token", &a.ffn_naive},
       {"run,chat,logits,perplexity,bench,serve", "--ffn-no-direct", "", "with --ffn-offload: buffered reads (pages dropped after each) instead of O_DIRECT", &a.ffn_no_direct},
-      {"run,chat,logits,perplexity,bench,serve", "--ffn-no-prefetch", "", "with --ffn-offload: no read-ahead of the next layer's predicted neurons (during this layer's compute)", &a.ffn_no_prefetch},
+      {"run,chat,logits,perplexity,bench,serve", "--ffn-prefetch", "", "with --ffn-offload: read ahead the next layer's predicted neurons (its gate on this layer's residual stream) during this layer's compute", &a.ffn_prefetch},
       {"offload-prepare,run,chat,logits,perplexity,bench,serve", "--down-type", "", "type of the transposed down columns: auto (down's own where its block fits n_embd, else q8_0) | f32 | f16 | q8_0 | ...", &a.down_type},
       {"calibrate-sparsity", "-c,--ctx-size", "", "calibration window in tokens", &a.n_ctx},
       {"calibrate-sparsity", "-o,--output", "", "calibrate-sparsity: thresholds file (default MODEL.sparsity.json)", &a.out},

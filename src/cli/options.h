@@ -149,7 +149,7 @@ struct Args {
   int ffn_io_threads = 16;
   bool ffn_naive = false;
   bool ffn_no_direct = false;
-  bool ffn_no_prefetch = false;
+  bool ffn_prefetch = false;
   std::string down_type = "auto";   // offload-prepare (and the in-memory records)
   std::vector<std::string> pos_args;  // offload-prepare MODEL DIR, calibrate-sparsity MODEL TEXT
   // positional

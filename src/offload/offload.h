@@ -102,8 +102,9 @@ struct Params {
   bool direct = true;         // O_DIRECT (falls back to buffered reads + dropping the pages)
   // Read ahead the neurons a prediction of the next layer's gate says will be active (Context
   // computes it from the residual stream before this layer's FFN): the reads overlap this layer's
-  // compute and the next one's attention. Only what is read changes, never what is computed.
-  bool prefetch = true;
+  // compute and the next one's attention. Only what is read changes, never what is computed. Off by
+  // default: on this VM's disk it saved reads but not time (docs/BENCHMARKS.md).
+  bool prefetch = false;
 };
 
 struct Stats {
@@ -161,7 +162,7 @@ class SparseFfn {
   size_t max_rec_ = 0;
   std::vector<float> thr_;
   int window_ = 5;
-  bool static_ = false, direct_ = false, in_memory_ = false, prefetch_ = true;
+  bool static_ = false, direct_ = false, in_memory_ = false, prefetch_ = false;
   int fd_ = -1;
   std::vector<uint64_t> sums_;  // [layer][neuron] XXH3-64 of each record
   int capacity_ = 0;

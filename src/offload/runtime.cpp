@@ -305,23 +305,49 @@ Status SparseFfn::prefetch(int l, const float* gate, int n) {
     older.resize(k);
     evict(L, older);
   }
-  want.resize(std::min<size_t>(want.size(), static_cast<size_t>(capacity_ - L.n)));
+  // Runs with gaps up to 16 KiB are one read into consecutive slots, as in forward() (gap neurons
+  // come along; a copy of one already cached is a dead slot); runs that do not fit go tight.
+  constexpr size_t kGapBytes = 16u << 10, kMaxRun = 1u << 20;
+  const int64_t dead = std::numeric_limits<int64_t>::min() / 2;
   std::vector<IoPool::Job> jobs;
+  std::vector<int32_t> got;
   int64_t bytes = 0;
-  for (int32_t j : want) {
-    const int sl = L.n++;
-    L.slot_of[j] = sl;
-    L.neuron_of[sl] = j;
-    L.last[sl] = L.step - window_ + 1;  // kept next step only if active then
-    uint8_t* dst = L.cache + static_cast<size_t>(sl) * ll.record_bytes;
-    const uint64_t off = ll.offset + static_cast<uint64_t>(j) * ll.record_bytes;
+  for (size_t i = 0; i < want.size() && L.n < capacity_;) {
+    size_t i1 = i + 1;
+    while (i1 < want.size() && static_cast<size_t>(want[i1] - want[i1 - 1] - 1) * ll.record_bytes <= kGapBytes &&
+           static_cast<size_t>(want[i1] - want[i] + 1) * ll.record_bytes <= kMaxRun)
+      ++i1;
+    int span = want[i1 - 1] - want[i] + 1;
+    if (span > capacity_ - L.n) {  // tight: just the wanted neurons, as many as fit
+      i1 = i + 1;
+      span = 1;
+    }
+    const int base = L.n;
+    L.n += span;
+    for (int j = want[i], k = 0; j <= want[i + (i1 - i) - 1]; ++j, ++k) {
+      const int sl = base + k;
+      if (L.slot_of[j] >= 0) {
+        L.neuron_of[sl] = -1;
+        L.last[sl] = dead;
+        continue;
+      }
+      L.slot_of[j] = sl;
+      L.neuron_of[sl] = j;
+      L.last[sl] = L.step - window_ + 1;  // kept next step only if active then
+      got.push_back(j);
+    }
+    uint8_t* dst = L.cache + static_cast<size_t>(base) * ll.record_bytes;
+    const uint64_t off = ll.offset + static_cast<uint64_t>(want[i]) * ll.record_bytes;
+    const size_t len = static_cast<size_t>(span) * ll.record_bytes;
     if (!jobs.empty() && jobs.back().off + jobs.back().len == off && jobs.back().dst + jobs.back().len == dst &&
-        jobs.back().len < (1u << 20))
-      jobs.back().len += ll.record_bytes;
+        jobs.back().len + len <= kMaxRun)
+      jobs.back().len += len;
     else
-      jobs.push_back({off, ll.record_bytes, dst, l});
-    bytes += static_cast<int64_t>(ll.record_bytes);
+      jobs.push_back({off, len, dst, l});
+    bytes += static_cast<int64_t>(len);
+    i = i1;
   }
+  want.swap(got);
   L.prefetched = want;
   stats_.prefetched += static_cast<int64_t>(want.size());
   stats_.prefetch_bytes += bytes;
@@ -420,6 +446,7 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
     const double w = secs(t1, Clock::now());
     stats_.io_wait_s += w;
     stats_.prefetch_wait_s += w;
+    t0 += Clock::now() - t1;  // (compute time excludes the wait)
     t1 = Clock::now();
     if (!e.empty()) {
       L.clear();
