@@ -12,13 +12,17 @@
 namespace larder::cli {
 
 bool ffn_wanted(const Args& a) { return !a.ffn_offload.empty() || a.ffn_sparsity >= 0; }
-bool ffn_on_disk(const Args& a) { return !a.ffn_offload.empty(); }
+// In DRAM too (--ffn-sparsity alone) the up/down matrices are read only to build the records.
+bool ffn_on_disk(const Args& a) { return ffn_wanted(a); }
 
 Result<std::shared_ptr<offload::SparseFfn>> open_ffn(const Args& a, const Model& m) {
   if (!ffn_wanted(a)) {
     if (!a.weights_budget.empty()) return make_error("--weights-dram-budget needs --ffn-offload DIR");
     return std::shared_ptr<offload::SparseFfn>();
   }
+  if (a.spec.rfind("self", 0) == 0)
+    return make_error("--spec %s and a sparse or offloaded FFN do not combine (the self-drafter runs the dense FFN)",
+                      a.spec.c_str());
   offload::Params p;
   p.dir = a.ffn_offload;
   p.down_type = a.down_type;

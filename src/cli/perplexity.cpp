@@ -53,7 +53,7 @@ int cmd_perplexity(Args& a) {
   if (!ffn.ok()) return fail(ffn.error());
   std::unique_ptr<Model> base;
   const Model* basep = nullptr;
-  if (a.kl_base == a.model && !ffn_on_disk(a)) {  // the same model, e.g. with another KV cache type: load it once
+  if (a.kl_base == a.model && !ffn_wanted(a)) {  // the same model, e.g. with another KV cache type: load it once
     basep = &m;
   } else if (!a.kl_base.empty()) {
     auto br = load_model(a.kl_base, a.tokenizer, !a.no_repack);

@@ -767,7 +767,10 @@ void Context::forward(std::span<const SeqBatch> batch, int n, int l0, int l1, co
         if (Status st = ffn_->prefetch(l + 1, pred_gate_.data(), n); !st.ok() && ffn_status_.ok()) ffn_status_ = st;
       }
       mm(L.ffn_gate, nullptr, xb_.data(), n, hb_.data(), F);
-      if (Status st = ffn_->forward(l, xb_.data(), hb_.data(), n, pool_); !st.ok() && ffn_status_.ok()) ffn_status_ = st;
+      if (Status st = ffn_->forward(l, xb_.data(), hb_.data(), n, pool_); !st.ok()) {
+        if (ffn_status_.ok()) ffn_status_ = st;
+        return;  // nothing after a failed layer is worth computing (the caller gets the error)
+      }
     } else if (!w8_now && packed_concat({&L.ffn_gate, &L.ffn_up}, &fused)) {
       kernels::matmul(fused, xb_.data(), n, hb_.data(), 2 * F, pool_, scratch_);
       if (gate_hook_) gate_hook_(l, hb_.data(), n, 2 * F);

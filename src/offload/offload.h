@@ -163,7 +163,7 @@ class SparseFfn {
   std::vector<float> thr_;
   int window_ = 5;
   bool static_ = false, direct_ = false, in_memory_ = false, prefetch_ = false;
-  int fd_ = -1;
+  int fd_ = -1, fd_buffered_ = -1;
   std::vector<uint64_t> sums_;  // [layer][neuron] XXH3-64 of each record
   int capacity_ = 0;
   int64_t cache_bytes_ = 0, resident_bytes_ = 0;

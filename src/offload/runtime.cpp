@@ -80,7 +80,11 @@ struct SparseFfn::IoPool {
     int layer;
     Ticket* ticket = nullptr;
   };
-  IoPool(const SparseFfn* owner, int fd, int n, bool direct) : owner_(owner), fd_(fd), direct_(direct) {
+  // fd: the layout, O_DIRECT when direct; fd_buffered: the same file without it, for devices whose
+  // logical block is larger than the records' 512-byte alignment (4Kn disks, 4K-sector LUKS): a direct
+  // read that fails with EINVAL is done buffered instead (pages dropped after).
+  IoPool(const SparseFfn* owner, int fd, int fd_buffered, int n, bool direct)
+      : owner_(owner), fd_(fd), fd_buffered_(fd_buffered), direct_(direct) {
     for (int i = 0; i < n; ++i) threads_.emplace_back([this] { run(); });
   }
   ~IoPool() {
@@ -128,15 +132,22 @@ struct SparseFfn::IoPool {
   }
   std::string read(const Job& j) const {
     size_t got = 0;
+    bool direct = direct_ && !unaligned_.load(std::memory_order_relaxed);
     while (got < j.len) {
-      ssize_t r = pread(fd_, j.dst + got, j.len - got, static_cast<off_t>(j.off + got));
+      ssize_t r = pread(direct ? fd_ : fd_buffered_, j.dst + got, j.len - got, static_cast<off_t>(j.off + got));
       if (r < 0 && errno == EINTR) continue;
+      if (r < 0 && errno == EINVAL && direct) {
+        unaligned_ = true;
+        direct = false;
+        continue;
+      }
       if (r < 0) return std::string("read failed: ") + std::strerror(errno);
       if (r == 0) return "short read (file truncated)";
       got += static_cast<size_t>(r);
     }
-    // Buffered fallback: drop the pages so the next read of them comes from the disk again.
-    if (!direct_) posix_fadvise(fd_, static_cast<off_t>(j.off), static_cast<off_t>(j.len), POSIX_FADV_DONTNEED);
+    // Buffered: drop the pages so the next read of them comes from the disk again.
+    if (!direct)
+      posix_fadvise(fd_buffered_, static_cast<off_t>(j.off), static_cast<off_t>(j.len), POSIX_FADV_DONTNEED);
     const LayerLayout& ll = owner_->layers_[j.layer]->lay;
     const auto first = static_cast<int32_t>((j.off - ll.offset) / ll.record_bytes);
     for (size_t r = 0; r < j.len / ll.record_bytes; ++r)
@@ -146,8 +157,9 @@ struct SparseFfn::IoPool {
     return "";
   }
   const SparseFfn* owner_;
-  int fd_;
+  int fd_, fd_buffered_;
   bool direct_;
+  mutable std::atomic<bool> unaligned_{false};
   std::vector<std::thread> threads_;
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
@@ -161,6 +173,7 @@ SparseFfn::~SparseFfn() {
   std::free(scratch_);
   std::free(overflow_);
   if (fd_ >= 0) ::close(fd_);
+  if (fd_buffered_ >= 0 && fd_buffered_ != fd_) ::close(fd_buffered_);
 }
 
 Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params& p) {
@@ -206,6 +219,8 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
       s->fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     }
     if (s->fd_ < 0) return make_error("cannot open '%s': %s", path.c_str(), std::strerror(errno));
+    s->fd_buffered_ = s->direct_ ? ::open(path.c_str(), O_RDONLY | O_CLOEXEC) : s->fd_;
+    if (s->fd_buffered_ < 0) return make_error("cannot open '%s': %s", path.c_str(), std::strerror(errno));
   } else {
     LARDER_TRY(dt, choose_down_type(m, p.down_type));
     (void)dt;
@@ -220,14 +235,15 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
     const int64_t avail = p.dram_budget - resident;
     // The naive baseline reads the missing neurons of every step into a scratch matrix: its DRAM too.
     const double per = s->static_ ? static_cast<double>(per_neuron) - s->max_rec_ : static_cast<double>(per_neuron);
-    // The window cache stages reads that span gaps in a scratch buffer of up to 8 MiB: its DRAM too.
+    // The window cache stages reads that span gaps in a scratch buffer of up to 8 MiB, and holds the
+    // records no slot or scratch can take in a layer-sized overflow buffer: their DRAM too.
     const double stage = static_cast<double>(std::min<size_t>(static_cast<size_t>(c.n_ff) * s->max_rec_, 8u << 20));
-    const double fixed = s->static_ ? static_cast<double>(c.n_ff) * s->max_rec_ : stage;
+    const double fixed = static_cast<double>(c.n_ff) * s->max_rec_ + (s->static_ ? 0.0 : stage);
     const double n = (static_cast<double>(avail) - fixed) / std::max(per, 1.0);
     if (avail <= 0 || n < 1)
       return make_error("weights DRAM budget of %.1f MiB is below what must stay resident (attention, norms, embeddings, "
-                        "gates: %.1f MiB, plus one neuron per layer: %.2f MiB)",
-                        p.dram_budget / 1048576.0, resident / 1048576.0, (s->static_ ? fixed : per_neuron) / 1048576.0);
+                        "gates: %.1f MiB, plus read buffers and one neuron per layer: %.2f MiB)",
+                        p.dram_budget / 1048576.0, resident / 1048576.0, (fixed + per_neuron) / 1048576.0);
     cap = static_cast<int>(std::min<double>(c.n_ff, n));
   }
   s->capacity_ = cap;
@@ -249,7 +265,7 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
     s->layers_.push_back(std::move(L));
   }
   if (!s->in_memory_) {
-    s->io_ = std::make_unique<IoPool>(s.get(), s->fd_, p.io_threads, s->direct_);
+    s->io_ = std::make_unique<IoPool>(s.get(), s->fd_, s->fd_buffered_, p.io_threads, s->direct_);
     if (s->static_) {  // pin neurons [0, cap) of every layer, read once now
       for (int l = 0; l < c.n_layer; ++l) {
         Layer& L = *s->layers_[l];
@@ -269,6 +285,11 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
       s->scratch_cap_ = static_cast<size_t>(c.n_ff - cap) * s->max_rec_;
     } else {
       s->scratch_cap_ = std::min<size_t>(static_cast<size_t>(c.n_ff) * s->max_rec_, 8u << 20);
+      if (cap < c.n_ff) {
+        s->overflow_ = alloc_aligned(static_cast<size_t>(c.n_ff) * s->max_rec_);
+        if (!s->overflow_) return make_error("out of memory allocating the FFN read overflow");
+        s->cache_bytes_ += static_cast<int64_t>(round_up(static_cast<size_t>(c.n_ff) * s->max_rec_, 4096));
+      }
     }
     s->scratch_ = alloc_aligned(s->scratch_cap_);
     if (!s->scratch_) return make_error("out of memory allocating the FFN read scratch");
@@ -566,10 +587,9 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
         else if (!(dst[m] = take_scratch(ll.record_bytes))) {
           // Cache and scratch full (more active neurons than they hold, or scratch taken by staged
           // reads): a layer's worth of overflow records, allocated the first time it is needed.
-          if (!overflow_) {
-            overflow_ = alloc_aligned(static_cast<size_t>(F) * max_rec_);
-            if (!overflow_) return make_error("out of memory for the FFN read overflow");
-            cache_bytes_ += static_cast<int64_t>(round_up(static_cast<size_t>(F) * max_rec_, 4096));
+          if (!overflow_ || n_overflow >= static_cast<size_t>(F)) {  // (allocated at open whenever capacity < n_ff)
+            L.clear();  // slots assigned above were never read: none may stay
+            return make_error("FFN offload: internal: no room for the records of layer %d", l);
           }
           dst[m] = overflow_ + (n_overflow++) * ll.record_bytes;
         }
@@ -585,7 +605,7 @@ Status SparseFfn::forward(int l, float* x, float* gate, int n, ThreadPool& pool)
     i = i1;
   }
   const size_t n_jobs = jobs.size();
-  io_->submit(jobs, &L.reads, true);
+  if (!jobs.empty()) io_->submit(jobs, &L.reads, true);
   // Record of each active neuron; missing ones after the cached ones so their compute waits last.
   rec_ptr_.assign(A, nullptr);
   std::vector<int32_t> order;  // indices into act_list_: cached first
