@@ -74,6 +74,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.environ.get("LARDER_SOURCE_DIR") or os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(HERE, "reference"))
+sys.path.insert(0, HERE)
+
+import pdlib  # noqa: E402
 
 from gguf_convert import read_typed_metadata, write_gguf  # noqa: E402
 from gguf_reader import T_FLOAT32, T_STRING, T_UINT32  # noqa: E402
@@ -121,18 +124,7 @@ def shared_dir():
     return os.path.join(REPO, "..", "shared")
 
 
-def larder_bin():
-    b = os.environ.get("LARDER_BIN")
-    if b:
-        return b
-    for d in ("build", "build-p"):
-        p = os.path.join(REPO, d, "bin", "larder")
-        if os.path.exists(p):
-            return p
-    sys.exit("LARDER_BIN is not set and no build/bin/larder was found")
-
-
-BIN = larder_bin()
+BIN = pdlib.larder_bin()
 
 
 def run_ok(args, timeout=120):

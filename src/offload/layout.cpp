@@ -73,14 +73,12 @@ Status check_gated_ffn(const Model& m) {
   return Status::Ok();
 }
 
-Result<DType> choose_down_type(const Model& m, const std::string& name) {
-  (void)m;
-  if (name == "auto") return DType::F32;  // per layer: see layer_down_type
+Status check_down_type(const Model& m, const std::string& name) {
   DType t;
-  if (!parse_dtype(name, &t) || !simple_block_ok(t, m.cfg.n_embd))
-    return make_error("invalid down type '%s' for the offload layout (f32, f16, bf16, q8_0, q5_0, q4_1, q4_0, ...; its "
-                      "block must divide n_embd %d)", name.c_str(), m.cfg.n_embd);
-  return t;
+  if (name != "auto" && (!parse_dtype(name, &t) || !simple_block_ok(t, m.cfg.n_embd)))
+    return make_error("invalid down type '%s' for the offload layout (auto, f32, f16, bf16, q8_0, q5_0, q4_1, q4_0, ...; "
+                      "its block must divide n_embd %d)", name.c_str(), m.cfg.n_embd);
+  return Status::Ok();
 }
 
 DType layer_down_type(const Model& m, int l, const std::string& name) {
@@ -133,8 +131,7 @@ void build_records(const Model& m, int l, const LayerLayout& ll, uint8_t* out, T
 
 Status prepare(const Model& m, const std::string& dir, const std::string& down_name, void (*progress)(int, int)) {
   LARDER_CHECK_STATUS(check_gated_ffn(m));
-  LARDER_TRY(dt_check, choose_down_type(m, down_name));
-  (void)dt_check;
+  LARDER_CHECK_STATUS(check_down_type(m, down_name));
   const ModelConfig& c = m.cfg;
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);

@@ -83,7 +83,7 @@ struct LayoutInfo {
 };
 // down_type: "auto" = down's own type for f32/f16/bf16/q8_0, else q8_0 (a 4-6 bit column
 // re-quantized to 4-6 bits loses too much); or an explicit type name (f32, f16, q8_0, q4_0, ...).
-Result<DType> choose_down_type(const Model& m, const std::string& name);
+Status check_down_type(const Model& m, const std::string& name);
 // Writes DIR/ffn.bin (to a temporary name, then renamed). progress(done_layers, n_layer) may be empty.
 Status prepare(const Model& m, const std::string& dir, const std::string& down_type,
                void (*progress)(int, int) = nullptr);

@@ -222,8 +222,7 @@ Result<std::unique_ptr<SparseFfn>> SparseFfn::open(const Model& m, const Params&
     s->fd_buffered_ = s->direct_ ? ::open(path.c_str(), O_RDONLY | O_CLOEXEC) : s->fd_;
     if (s->fd_buffered_ < 0) return make_error("cannot open '%s': %s", path.c_str(), std::strerror(errno));
   } else {
-    LARDER_TRY(dt, choose_down_type(m, p.down_type));
-    (void)dt;
+    LARDER_CHECK_STATUS(check_down_type(m, p.down_type));
     s->in_memory_ = true;
     for (int l = 0; l < c.n_layer; ++l) lays[l] = layer_layout(m, l, layer_down_type(m, l, p.down_type));
   }
