@@ -1,5 +1,7 @@
 #include "cli/commands.h"
+
 #include <cctype>
+#include <tuple>
 
 #include <pthread.h>
 
@@ -18,6 +20,26 @@
 #include "model/synth.h"
 
 namespace larder::cli {
+
+Result<http::ServerOptions> http_options(const Args& a) {
+  http::ServerOptions o;
+  auto secs = [](double s, const char* flag, std::chrono::milliseconds& out) -> Status {
+    if (!(s > 0) || s > 86400) return make_error("%s must be more than 0 and at most 86400 seconds", flag);
+    out = std::chrono::milliseconds(static_cast<int64_t>(s * 1000));
+    return Status::Ok();
+  };
+  for (auto [v, flag, out] : {std::tuple{a.timeout_keep_alive, "--timeout-keep-alive", &o.idle_timeout},
+                              std::tuple{a.timeout_header, "--timeout-header", &o.header_timeout},
+                              std::tuple{a.timeout_body, "--timeout-body", &o.body_timeout},
+                              std::tuple{a.timeout_write, "--timeout", &o.write_timeout}})
+    if (Status st = secs(v, flag, *out); !st.ok()) return st.take_error();
+  if (a.max_connections < 0) return make_error("--max-connections must not be negative");
+  if (a.max_connections_per_client < 0) return make_error("--max-connections-per-client must not be negative");
+  if (a.threads_http < 0) return make_error("--threads-http must not be negative");
+  o.max_connections = a.max_connections;
+  o.max_connections_per_client = a.max_connections_per_client;
+  return o;
+}
 
 Result<std::pair<DType, DType>> cache_types(const Args& a) {
   auto k = parse_kv_type(a.cache_type_k);

@@ -1,4 +1,5 @@
 #pragma once
+#include "http/http.h"
 #include "cli/options.h"
 #include <csignal>
 #include <utility>
@@ -54,6 +55,9 @@ Result<std::pair<DType, DType>> cache_types(const Args& a);
 // Blocks SIGINT and SIGTERM in this thread (and the threads it starts after), for sigwait, and ignores
 // SIGPIPE (a client gone mid-write): the long-running commands (serve, router). Returns the set.
 sigset_t block_stop_signals();
+// The HTTP layer's deadlines and connection limits from --timeout*, --max-connections* (serve,
+// router, conductor); host, port and threads are set by each command.
+Result<http::ServerOptions> http_options(const Args& a);
 // Prints "larder: error: <msg>" on one line and returns 1.
 int fail(const std::string& msg);
 }  // namespace larder::cli

@@ -22,6 +22,10 @@ int cmd_conductor(Args& a) {
   p.http.host = a.host;
   p.http.port = a.port;
   p.http.api_key = a.api_key;
+  auto hopt = http_options(a);
+  if (!hopt.ok()) return fail(hopt.error());
+  p.http.http_opts = *hopt;
+  if (a.threads_http > 0) p.http.http_threads = a.threads_http;
   p.http.cluster_name = a.cluster_name;
   auto prefill = router::parse_instance_list(a.prefill_urls);
   if (!prefill.ok()) return fail("--prefill: " + prefill.error());

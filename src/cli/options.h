@@ -88,6 +88,14 @@ struct Args {
   std::string alias;
   int prompt_cache = 256;
   bool prompt_cache_strict = false;
+  // HTTP layer (serve, router, conductor)
+  int threads_http = 0;               // handler threads (0: serve sizes it from --parallel and --queue)
+  double timeout_keep_alive = 30;     // seconds an idle connection waits for its next request
+  double timeout_header = 10;         // seconds from a request's first byte to the end of its header
+  double timeout_body = 60;           // seconds for the body after the header
+  double timeout_write = 60;          // seconds a write to a client may take (--timeout)
+  int max_connections = 0;            // 0: from the open-files limit
+  int max_connections_per_client = 1024;
   // cluster (serve, router): P/D disaggregation
   std::string role = "both";          // prefill | decode | both
   std::string cluster;                // etcd://HOST:PORT[,HOST:PORT] ("" = no membership)

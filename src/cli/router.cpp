@@ -21,6 +21,10 @@ int cmd_router(Args& a) {
   p.host = a.host;
   p.port = a.port;
   p.api_key = a.api_key;
+  auto hopt = http_options(a);
+  if (!hopt.ok()) return fail(hopt.error());
+  p.http_opts = *hopt;
+  if (a.threads_http > 0) p.http_threads = a.threads_http;
   p.cluster_name = a.cluster_name;
   auto prefill = router::parse_instance_list(a.prefill_urls);
   if (!prefill.ok()) return fail("--prefill: " + prefill.error());

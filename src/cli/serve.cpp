@@ -118,6 +118,10 @@ int cmd_serve(Args& a) {
   sp.alias = a.alias;
   sp.parallel = a.parallel;
   sp.max_queue = a.queue;
+  auto hopt = http_options(a);
+  if (!hopt.ok()) return fail(hopt.error());
+  sp.http_opts = *hopt;
+  sp.http_threads = a.threads_http;
   if (a.prompt_cache < 0) return fail("--prompt-cache must not be negative");
   sp.prompt_cache_entries = static_cast<size_t>(a.prompt_cache);
   sp.prompt_cache_echo = !a.prompt_cache_strict;

@@ -2,6 +2,8 @@
 
 #include <httplib.h>
 
+#include "http/http.h"
+
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -33,12 +35,12 @@ std::string random_hex(int n) {
   return s;
 }
 
-void reply(httplib::Response& res, int status, const json& j) {
+void reply(http::Response& res, int status, const json& j) {
   res.status = status;
   res.set_content(j.dump(), "application/json");
 }
 
-void reply_error(httplib::Response& res, int status, const std::string& msg, const std::string& code) {
+void reply_error(http::Response& res, int status, const std::string& msg, const std::string& code) {
   json e = {{"error", {{"message", msg}, {"type", status >= 500 ? "server_error" : "invalid_request_error"},
                        {"code", code}}}};
   reply(res, status, e);
@@ -279,7 +281,7 @@ void PdNode::Impl::reap_serving() {
   for (auto& id : gone) serving.erase(id);
 }
 
-void PdNode::handle_prefill(const httplib::Request& req, httplib::Response& res) {
+void PdNode::handle_prefill(const http::Request& req, http::Response& res) {
   Impl& I = *impl_;
   json j = json::parse(req.body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return reply_error(res, 400, "the handoff request is not JSON", "invalid_json");
@@ -355,6 +357,15 @@ void PdNode::handle_prefill(const httplib::Request& req, httplib::Response& res)
   }
   // Bounded by this instance's own deadline too: a decode instance that vanished without a word.
   const double limit = t0 + I.p.timeout_s + I.p.grace_s;
+  // The decode instance hung up (it gave up or died): end the prefill now, not at the deadline.
+  req.on_disconnect([h] {
+    bool replied;
+    {
+      std::lock_guard<std::mutex> lk(h->mu);
+      replied = h->replied;
+    }
+    if (!replied) h->cancel();
+  });
   bool ok;
   {
     std::unique_lock<std::mutex> lk(h->mu);
@@ -408,7 +419,7 @@ void PdNode::handle_prefill(const httplib::Request& req, httplib::Response& res)
          {"transfer_wait_s", std::max(0.0, now_s() - t_end)}});
 }
 
-void PdNode::handle_ack(const httplib::Request& req, httplib::Response& res) {
+void PdNode::handle_ack(const http::Request& req, http::Response& res) {
   json j = json::parse(req.body, nullptr, false);
   const std::string id = j.is_object() ? j.value("id", std::string()) : std::string();
   std::shared_ptr<PrefillHandoff> h;
@@ -424,7 +435,7 @@ void PdNode::handle_ack(const httplib::Request& req, httplib::Response& res) {
   reply(res, 200, {{"id", id}, {"known", h != nullptr}});
 }
 
-void PdNode::handle_cancel(const httplib::Request& req, httplib::Response& res) {
+void PdNode::handle_cancel(const http::Request& req, http::Response& res) {
   json j = json::parse(req.body, nullptr, false);
   const std::string id = j.is_object() ? j.value("id", std::string()) : std::string();
   if (id.empty()) return reply_error(res, 400, "cancel needs the handoff id", "invalid_value");

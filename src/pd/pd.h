@@ -20,10 +20,10 @@
 #include "core/result.h"
 #include "engine/scheduler.h"
 
-namespace httplib {
+namespace larder::http {
 struct Request;
 struct Response;
-}  // namespace httplib
+}  // namespace larder::http
 
 namespace larder::transfer {
 class Engine;
@@ -83,9 +83,9 @@ class PdNode {
   // pool or tiers; the rest is computed here. Null when there is nothing to fetch.
   std::shared_ptr<KvSource> make_fetch_source(const std::string& holder_api, const GenRequest& req, int n_tokens);
   // Prefill side endpoints.
-  void handle_prefill(const httplib::Request& req, httplib::Response& res);
-  void handle_ack(const httplib::Request& req, httplib::Response& res);
-  void handle_cancel(const httplib::Request& req, httplib::Response& res);
+  void handle_prefill(const http::Request& req, http::Response& res);
+  void handle_ack(const http::Request& req, http::Response& res);
+  void handle_cancel(const http::Request& req, http::Response& res);
   PdStats stats() const;
   // Prometheus lines (larder_pd_*).
   void render_metrics(std::string& out) const;

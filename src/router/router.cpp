@@ -16,7 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "http/routes.h"
+#include "http/http.h"
 #include "cluster/etcd.h"
 
 namespace larder::router {
@@ -39,12 +39,12 @@ json error_body(const std::string& message, const std::string& type, const std::
   return json{{"error", e}};
 }
 
-void reply_json(httplib::Response& res, int status, const json& j) {
+void reply_json(http::Response& res, int status, const json& j) {
   res.status = status;
   res.set_content(j.dump(), "application/json");
 }
 
-void reply_error(httplib::Response& res, int status, const std::string& message, const std::string& type,
+void reply_error(http::Response& res, int status, const std::string& message, const std::string& type,
                  const std::string& code) {
   reply_json(res, status, error_body(message, type, code));
 }
@@ -215,10 +215,8 @@ struct Router::Impl {
   std::shared_ptr<Hooks> hooks;
   std::vector<InstanceInfo> statics;
   std::unique_ptr<cluster::Directory> directory;
-  httplib::Server http;
-  std::thread http_thread;
+  std::unique_ptr<http::Server> http;
   int bound_port = -1;
-  int listen_fd = -1;
   std::atomic<bool> draining{false}, stopping{false};
 
   mutable std::mutex mu;  // guards everything below
@@ -272,7 +270,7 @@ struct Router::Impl {
   }
 
   // The client's headers for the instance (Authorization included: instances check the key too).
-  static httplib::Headers forward_headers(const httplib::Request& req) {
+  static httplib::Headers forward_headers(const http::Request& req) {
     httplib::Headers h;
     for (const auto& [k, v] : req.headers)
       if (!drop_request_header(k)) h.emplace(k, v);
@@ -280,21 +278,21 @@ struct Router::Impl {
     return h;
   }
 
-  static void copy_response_headers(const httplib::Headers& from, httplib::Response& res) {
+  static void copy_response_headers(const httplib::Headers& from, http::Response& res) {
     for (const auto& [k, v] : from)
       if (!drop_response_header(k)) res.set_header(k.c_str(), v);
   }
 
   struct Flight;
   void setup_routes();
-  void handle_generate(const httplib::Request& req, httplib::Response& res);
-  std::shared_ptr<Upstream> launch(const httplib::Request& req, const Attempt& a);
-  bool start_attempt(const httplib::Request& req, Flight& f, std::vector<Attempt> attempts, std::string& errors);
-  bool failover(const httplib::Request& req, Flight& f, const std::string& why);
+  void handle_generate(const http::Request& req, http::Response& res);
+  std::shared_ptr<Upstream> launch(const http::Request& req, const Attempt& a);
+  bool start_attempt(const http::Request& req, Flight& f, std::vector<Attempt> attempts, std::string& errors);
+  bool failover(const http::Request& req, Flight& f, const std::string& why);
   std::string filter_events(Flight& f, const std::string& chunk);
   void end_flight(Flight& f, bool ok, int status, const std::string& err);
-  void relay(const httplib::Request& req, httplib::Response& res, const std::shared_ptr<Flight>& f);
-  void handle_get_proxy(const httplib::Request& req, httplib::Response& res);
+  void relay(const http::Request& req, http::Response& res, const std::shared_ptr<Flight>& f);
+  void handle_get_proxy(const http::Request& req, http::Response& res);
   std::string render_metrics();
   void cancel_all();
 };
@@ -311,7 +309,7 @@ struct Router::Impl::Flight {
   int status = 0;
 };
 
-std::shared_ptr<Upstream> Router::Impl::launch(const httplib::Request& req, const Attempt& a) {
+std::shared_ptr<Upstream> Router::Impl::launch(const http::Request& req, const Attempt& a) {
   std::string host;
   int port = 0;
   if (!cluster::split_host_port(a.decode, host, port)) return nullptr;
@@ -339,7 +337,7 @@ void Router::Impl::end_flight(Flight& f, bool ok, int status, const std::string&
 
 // Starts attempts until one answers; the answering one is f.up. Returns false (with errors)
 // when none did.
-bool Router::Impl::start_attempt(const httplib::Request& req, Flight& f, std::vector<Attempt> attempts,
+bool Router::Impl::start_attempt(const http::Request& req, Flight& f, std::vector<Attempt> attempts,
                                  std::string& errors) {
   for (auto& a : attempts) {
     auto up = launch(req, a);
@@ -369,7 +367,7 @@ bool Router::Impl::start_attempt(const httplib::Request& req, Flight& f, std::ve
   return false;
 }
 
-void Router::Impl::handle_generate(const httplib::Request& req, httplib::Response& res) {
+void Router::Impl::handle_generate(const http::Request& req, http::Response& res) {
   if (draining.load()) {
     reply_error(res, 503, "The router is shutting down.", "unavailable_error", "shutting_down");
     return;
@@ -419,7 +417,7 @@ void Router::Impl::handle_generate(const httplib::Request& req, httplib::Respons
 }
 
 // Re-issues a failed attempt through the hooks (failover). True: f.up is the new attempt.
-bool Router::Impl::failover(const httplib::Request& req, Flight& f, const std::string& why) {
+bool Router::Impl::failover(const http::Request& req, Flight& f, const std::string& why) {
   if (!hooks || !f.ticket || stopping.load()) return false;
   for (int tries = 0; tries < 4; ++tries) {
     std::optional<Attempt> alt = hooks->reissue(*f.ticket, f.attempt, why);
@@ -460,7 +458,7 @@ std::string Router::Impl::filter_events(Flight& f, const std::string& chunk) {
   return out;
 }
 
-void Router::Impl::relay(const httplib::Request& req, httplib::Response& res, const std::shared_ptr<Flight>& f) {
+void Router::Impl::relay(const http::Request& req, http::Response& res, const std::shared_ptr<Flight>& f) {
   std::shared_ptr<Upstream> up = f->up;
   std::string ct = up->content_type();
   {
@@ -478,7 +476,14 @@ void Router::Impl::relay(const httplib::Request& req, httplib::Response& res, co
       {
         std::unique_lock<std::mutex> lk(up->mu);
         while (true) {
-          up->cv.wait(lk, [&] { return up->done || !up->chunks.empty(); });
+          up->cv.wait_for(lk, std::chrono::milliseconds(100), [&] { return up->done || !up->chunks.empty(); });
+          if (!up->done && up->chunks.empty() && req.client_gone()) {
+            // The client hung up: closing the upstream connection cancels the instance's work.
+            lk.unlock();
+            up->cancel();
+            lk.lock();
+            continue;
+          }
           for (auto& c : up->chunks) body += c;
           up->chunks.clear();
           up->queued = 0;
@@ -487,7 +492,7 @@ void Router::Impl::relay(const httplib::Request& req, httplib::Response& res, co
         }
         ok = up->err == httplib::Error::Success;
       }
-      const bool retry = hooks && (!ok || f->status >= 500);
+      const bool retry = hooks && (!ok || f->status >= 500) && !req.client_gone();
       if (retry) {
         upstream_errors++;
         std::string why = !ok ? describe(up->error()) : "answered " + std::to_string(f->status);
@@ -519,7 +524,7 @@ void Router::Impl::relay(const httplib::Request& req, httplib::Response& res, co
   // dropped: cpp-httplib leaves exactly "text/event-stream" uncompressed.)
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, f, &req](size_t, httplib::DataSink& sink) -> bool {
+      [this, f, &req](size_t, http::DataSink& sink) -> bool {
         std::shared_ptr<Upstream> up = f->up;
         std::deque<std::string> got;
         bool fin, ok;
@@ -575,7 +580,7 @@ void Router::Impl::relay(const httplib::Request& req, httplib::Response& res, co
       });
 }
 
-void Router::Impl::handle_get_proxy(const httplib::Request& req, httplib::Response& res) {
+void Router::Impl::handle_get_proxy(const http::Request& req, http::Response& res) {
   View v = view();
   std::string errors;
   for (const auto& d : v.decode) {
@@ -652,80 +657,69 @@ void Router::Impl::cancel_all() {
 }
 
 void Router::Impl::setup_routes() {
-  http.set_payload_max_length(p.max_body_bytes);
-  http.set_keep_alive_max_count(1000);
-  http.set_tcp_nodelay(true);  // SSE events are small writes
-  // Not httplib's SO_REUSEPORT: a second router on a taken port must fail, not share it.
-  http.set_socket_options([this](int sock) {
-    int yes = 1;
-    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
-    listen_fd = sock;
-  });
-  http.set_keep_alive_timeout(3);
-  http.set_read_timeout(30, 0);
-  http.set_write_timeout(10, 0);
-  const size_t n_threads = static_cast<size_t>(std::clamp(p.http_threads, 8, 4096));
-  http.new_task_queue = [n_threads] { return new httplib::ThreadPool(n_threads); };
+  http::ServerOptions o = p.http_opts;
+  o.host = p.host;
+  o.port = p.port;
+  o.max_body_bytes = p.max_body_bytes;
+  o.worker_threads = std::clamp(p.http_threads, 8, 4096);
+  http = std::make_unique<http::Server>(o);
 
-  http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (p.api_key.empty()) return httplib::Server::HandlerResponse::Unhandled;
+  http->set_pre_routing([this](const http::Request& req, http::Response& res) {
+    if (p.api_key.empty()) return false;
     const std::string& path = req.path;
     bool protected_path = path.rfind("/v1/", 0) == 0 || path == "/completions" || path == "/chat/completions" ||
                           path == "/models" || path.rfind("/internal/", 0) == 0;
-    if (!protected_path || req.get_header_value("Authorization") == "Bearer " + p.api_key)
-      return httplib::Server::HandlerResponse::Unhandled;
+    if (!protected_path || req.get_header_value("Authorization") == "Bearer " + p.api_key) return false;
     reply_error(res, 401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key");
-    return httplib::Server::HandlerResponse::Handled;
+    return true;
   });
 
-  http.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
-    if (!res.body.empty()) return;
+  http->set_error_handler([](const http::Request& req, http::Response& res) {
+    const std::string why = res.reason;
     switch (res.status) {
       case 404:
         reply_error(res, 404, "Invalid URL (" + req.method + " " + req.path + ")", "invalid_request_error",
                     "unknown_url");
         break;
       case 413:
-        reply_error(res, 413, "The request body is too large.", "invalid_request_error", "request_too_large");
+        reply_error(res, 413, why.empty() ? "The request body is too large." : why, "invalid_request_error",
+                    "request_too_large");
+        break;
+      case 431:
+        reply_error(res, 431, why.empty() ? "The request header is too large." : why, "invalid_request_error",
+                    "header_too_large");
         break;
       case 400:
-        reply_error(res, 400, "Malformed HTTP request.", "invalid_request_error", "");
+        reply_error(res, 400, why.empty() ? "Malformed HTTP request." : why, "invalid_request_error", "");
+        break;
+      case 429:
+        reply_error(res, 429, why, "rate_limit_error", "too_many_connections");
+        break;
+      case 503:
+        reply_error(res, 503, why, "unavailable_error", "too_many_connections");
         break;
       default:
-        reply_error(res, res.status, "HTTP error " + std::to_string(res.status) + ".",
-                    res.status >= 500 ? "server_error" : "invalid_request_error", "");
+        reply_error(res, res.status, why.empty() ? "HTTP error " + std::to_string(res.status) + "." : why,
+                    res.status >= 500 ? "server_error" : "invalid_request_error",
+                    res.status >= 500 ? "internal_error" : "");
     }
   });
 
-  http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
-    std::string what = "internal error";
-    try {
-      if (ep) std::rethrow_exception(ep);
-    } catch (const std::exception& ex) {
-      what = ex.what();
-    } catch (...) {
-    }
-    reply_error(res, 500, what, "server_error", "internal_error");
-  });
-
-  http.set_logger([this](const httplib::Request&, const httplib::Response& res) {
+  http->set_logger([this](const http::Request&, const http::Response& res) {
     std::lock_guard<std::mutex> lk(mu);
     requests_by_status[res.status]++;
   });
 
-  const http::NotAllowed not_allowed = [](const httplib::Request& req, httplib::Response& res, const char* allow) {
+  http->set_method_not_allowed([](const http::Request& req, http::Response& res, const std::string& allow) {
     reply_error(res, 405, "Method " + req.method + " is not allowed for " + req.path + ".", "invalid_request_error",
                 "method_not_allowed");
     res.set_header("Allow", allow);
-  };
-  auto get_only = [&](const std::string& path, httplib::Server::Handler h) {
-    http::route(http, "GET", path, std::move(h), not_allowed);
-  };
-  auto post_only = [&](const std::string& path, httplib::Server::Handler h) {
-    http::route(http, "POST", path, std::move(h), not_allowed);
-  };
+  });
+  auto get_only = [&](const std::string& path, http::Handler h) { http->route("GET", path, std::move(h)); };
+  auto post_only = [&](const std::string& path, http::Handler h) { http->route("POST", path, std::move(h)); };
 
-  get_only("/health", [this](const httplib::Request&, httplib::Response& res) {
+  // Answered on the I/O thread: never behind busy workers.
+  http->route("GET", "/health", [this](const http::Request&, http::Response& res) {
     View v = view();
     const bool ok = !draining.load() && !v.decode.empty();
     json j = json::object();
@@ -735,14 +729,16 @@ void Router::Impl::setup_routes() {
     j["etcd"] = !directory ? "off" : directory->etcd_ok() ? "up" : "down";
     if (hooks) hooks->health(j);
     reply_json(res, ok ? 200 : 503, j);
-  });
-  get_only("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+  }, /*inline_io=*/true);
+  get_only("/metrics", [this](const http::Request&, http::Response& res) {
     res.status = 200;
-    res.set_content(render_metrics(), "text/plain; version=0.0.4");
+    std::string text = render_metrics();
+    http->render_metrics(text);
+    res.set_content(text, "text/plain; version=0.0.4");
   });
   for (const char* path : {"/v1/models", "/models", R"(/v1/models/(.+))"})
-    get_only(path, [this](const httplib::Request& req, httplib::Response& res) { handle_get_proxy(req, res); });
-  post_only(R"(/internal/conductor/([a-z_]+))", [this](const httplib::Request& req, httplib::Response& res) {
+    get_only(path, [this](const http::Request& req, http::Response& res) { handle_get_proxy(req, res); });
+  post_only(R"(/internal/conductor/([a-z_]+))", [this](const http::Request& req, http::Response& res) {
     int status = 404;
     std::string out;
     if (!hooks || !hooks->internal(req.matches[1], req.body, status, out)) {
@@ -753,7 +749,7 @@ void Router::Impl::setup_routes() {
     res.set_content(out, "application/json");
   });
   for (const char* path : {"/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions"})
-    post_only(path, [this](const httplib::Request& req, httplib::Response& res) { handle_generate(req, res); });
+    post_only(path, [this](const http::Request& req, http::Response& res) { handle_generate(req, res); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -786,18 +782,8 @@ Result<std::unique_ptr<Router>> Router::start(RouterParams p, std::unique_ptr<Pi
     I.directory = std::move(d.value());
   }
   I.setup_routes();
-  int port = I.p.port;
-  if (port == 0) {
-    port = I.http.bind_to_any_port(I.p.host);
-    if (port <= 0) return make_error("cannot bind %s: no free port", I.p.host.c_str());
-  } else if (!I.http.bind_to_port(I.p.host, port)) {
-    return make_error("cannot listen on %s:%d (address in use or not available)", I.p.host.c_str(), port);
-  }
-  I.bound_port = port;
-  // cpp-httplib 0.11 listens with a backlog of 5; a burst of clients would wait for SYN retries.
-  if (I.listen_fd >= 0) ::listen(I.listen_fd, SOMAXCONN);
-  Impl* raw = impl.get();
-  I.http_thread = std::thread([raw] { raw->http.listen_after_bind(); });
+  if (Status st = I.http->listen(); !st.ok()) return st.take_error();
+  I.bound_port = I.http->port();
   return std::unique_ptr<Router>(new Router(std::move(impl)));
 }
 
@@ -823,10 +809,7 @@ void Router::stop() {
   I.stopping = true;
   I.draining = true;
   I.cancel_all();
-  if (I.http_thread.joinable()) {
-    I.http.stop();
-    I.http_thread.join();
-  }
+  if (I.http) I.http->stop();
   I.directory.reset();
 }
 

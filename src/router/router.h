@@ -37,6 +37,7 @@
 
 #include "cluster/membership.h"
 #include "core/result.h"
+#include "http/http.h"
 
 namespace larder::router {
 
@@ -51,6 +52,9 @@ struct RouterParams {
   double poll_s = 5;                        // Directory: it watches etcd; this is its safety-net re-list interval
   size_t max_body_bytes = 8u << 20;         // larger request bodies get 413
   int http_threads = 256;                   // a streaming request holds one for its duration
+  // Deadlines and connection limits of the HTTP layer (host, port, body size and threads are
+  // taken from the fields here).
+  http::ServerOptions http_opts;
   int connect_timeout_ms = 1000;            // to an instance; a dead one is skipped after this
   int upstream_read_timeout_s = 3600;       // a non-streamed answer arrives only when it is complete
 };

@@ -1,6 +1,5 @@
 #include "server/server.h"
 
-#include <httplib.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -15,7 +14,7 @@
 #include <set>
 #include <thread>
 
-#include "http/routes.h"
+#include "http/http.h"
 #include "engine/scheduler.h"
 #include "model/gguf.h"
 #include "model/model.h"
@@ -54,12 +53,12 @@ std::string lower(std::string s) {
   return s;
 }
 
-void reply_json(httplib::Response& res, int status, const ojson& j) {
+void reply_json(http::Response& res, int status, const ojson& j) {
   res.status = status;
   res.set_content(dump_json(j), "application/json");
 }
 
-void reply_error(httplib::Response& res, const ApiError& e) {
+void reply_error(http::Response& res, const ApiError& e) {
   reply_json(res, e.status, error_body(e));
   if (e.status == 429) res.set_header("Retry-After", "1");
 }
@@ -333,8 +332,7 @@ std::string endpoint_label(const std::string& path) {
 
 struct Server::Impl {
   ServerParams p;
-  httplib::Server http;
-  std::thread http_thread;
+  std::unique_ptr<http::Server> http;
   std::atomic<int> state{static_cast<int>(State::Loading)};
   std::atomic<const Model*> model{nullptr};
   std::atomic<Scheduler*> sched{nullptr};
@@ -353,7 +351,6 @@ struct Server::Impl {
   std::unique_ptr<PromptCache> prompt_cache;  // set by attach() unless disabled
   std::unique_ptr<DocumentStore> documents;   // set by start()
   int bound_port = -1;
-  int listen_fd = -1;
 
   explicit Impl(ServerParams params) : p(std::move(params)) {
     namespace fs = std::filesystem;
@@ -422,8 +419,8 @@ struct Server::Impl {
   }
 
   void setup_routes();
-  void handle_generate(const httplib::Request& req, httplib::Response& res, Endpoint kind);
-  void handle_models(const httplib::Request& req, httplib::Response& res);
+  void handle_generate(const http::Request& req, http::Response& res, Endpoint kind);
+  void handle_models(const http::Request& req, http::Response& res);
   ojson model_card() const;
   std::optional<ApiError> build_prompt(const ParsedRequest& pr, std::vector<int32_t>& tokens, size_t& text_base,
                                       PromptMode& mode);
@@ -439,7 +436,7 @@ struct Server::Impl {
   // The conversation through the chat template (with the generation prompt); has_bos_text: it
   // starts with the BOS text (so no BOS token is added).
   std::optional<ApiError> render_chat(const ojson& messages, const ojson& tools, std::string& text, bool& has_bos_text);
-  void handle_documents(const httplib::Request& req, httplib::Response& res);
+  void handle_documents(const http::Request& req, http::Response& res);
   std::string chunk_json(const Job& job, const Piece* piece, const std::string* finish, bool first_chat,
                          const ojson* larder = nullptr) const;
 };
@@ -454,7 +451,7 @@ ojson Server::Impl::model_card() const {
   return m;
 }
 
-void Server::Impl::handle_models(const httplib::Request& req, httplib::Response& res) {
+void Server::Impl::handle_models(const http::Request& req, http::Response& res) {
   if (req.matches.size() > 1) {
     std::string want = req.matches[1];
     if (!model_matches(want)) {
@@ -615,9 +612,9 @@ std::optional<ApiError> Server::Impl::build_doc_prompt(const ParsedRequest& pr, 
   return std::nullopt;
 }
 
-void Server::Impl::handle_documents(const httplib::Request& req, httplib::Response& res) {
+void Server::Impl::handle_documents(const http::Request& req, http::Response& res) {
   if (req.method == "GET" || req.method == "DELETE") {
-    const std::string id = req.matches.size() > 1 ? req.matches[1].str() : "";
+    const std::string id = req.matches.size() > 1 ? req.matches[1] : "";
     auto text = documents ? documents->get(id) : std::nullopt;
     if (!text) {
       reply_error(res, make_api_error(404, "The document '" + id + "' does not exist.", "invalid_request_error",
@@ -779,7 +776,7 @@ std::string Server::Impl::chunk_json(const Job& job, const Piece* piece, const s
   return "data: " + dump_json(j) + "\n\n";
 }
 
-void Server::Impl::handle_generate(const httplib::Request& req, httplib::Response& res, Endpoint kind) {
+void Server::Impl::handle_generate(const http::Request& req, http::Response& res, Endpoint kind) {
   State s = st();
   if (s == State::Loading) {
     reply_error(res, make_api_error(503, "The model is loading; try again shortly.", "unavailable_error",
@@ -975,6 +972,8 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
   }
 
   if (!job->stream) {
+    // A client that closes its connection now will not read the answer: stop computing it.
+    req.on_disconnect([this, job] { cancel_job(job); });
     {
       std::unique_lock<std::mutex> lk(job->mu);
       job->cv.wait(lk, [&] { return job->finished; });
@@ -1041,7 +1040,7 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
   res.set_header("X-Accel-Buffering", "no");
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, job, ss, ext_of](size_t, httplib::DataSink& sink) -> bool {
+      [this, job, ss, ext_of](size_t, http::DataSink& sink) -> bool {
         std::string buf;
         const std::vector<int32_t> no_ids;
         if (!ss->started) {
@@ -1121,40 +1120,29 @@ void Server::Impl::handle_generate(const httplib::Request& req, httplib::Respons
 }
 
 void Server::Impl::setup_routes() {
-  http.set_payload_max_length(p.max_body_bytes);
-  http.set_keep_alive_max_count(1000);
-  http.set_tcp_nodelay(true);  // SSE events are small writes: no Nagle delay per token
-  // Not httplib's default SO_REUSEPORT: a second server on a taken port must fail, not
-  // silently share it. The fd is kept to widen the listen backlog after bind (see start()).
-  http.set_socket_options([this](int sock) {
-    int yes = 1;
-    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
-    listen_fd = sock;
-  });
-  // cpp-httplib holds a thread per connection, idle keep-alive ones included: keep idle
-  // connections short (clients see "Keep-Alive: timeout=3") and the pool large enough for
-  // every running and queued request plus as many idle connections again.
-  http.set_keep_alive_timeout(3);
-  http.set_read_timeout(30, 0);
-  http.set_write_timeout(10, 0);
-  int n_threads = p.http_threads > 0 ? p.http_threads : std::max(64, 2 * (p.parallel + p.max_queue) + 32);
-  n_threads = std::min(n_threads, 2048);
-  http.new_task_queue = [n_threads] { return new httplib::ThreadPool(static_cast<size_t>(n_threads)); };
+  http::ServerOptions o = p.http_opts;
+  o.host = p.host;
+  o.port = p.port;
+  o.max_body_bytes = p.max_body_bytes;
+  // Workers run handlers only (idle and slow connections cost none): every running and
+  // queued request, with room for /metrics, /v1/models and documents beside them.
+  int n_threads = p.http_threads > 0 ? p.http_threads : std::max(64, p.parallel + p.max_queue + 32);
+  o.worker_threads = std::min(n_threads, 2048);
+  http = std::make_unique<http::Server>(o);
 
-  http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (p.api_key.empty()) return httplib::Server::HandlerResponse::Unhandled;
+  http->set_pre_routing([this](const http::Request& req, http::Response& res) {
+    if (p.api_key.empty()) return false;
     const std::string& path = req.path;
     bool protected_path = path.rfind("/v1/", 0) == 0 || path == "/completions" || path == "/chat/completions" ||
                           path == "/models" || path.rfind("/internal/", 0) == 0;
-    if (!protected_path) return httplib::Server::HandlerResponse::Unhandled;
-    if (req.get_header_value("Authorization") == "Bearer " + p.api_key)
-      return httplib::Server::HandlerResponse::Unhandled;
+    if (!protected_path) return false;
+    if (req.get_header_value("Authorization") == "Bearer " + p.api_key) return false;
     reply_error(res, make_api_error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"));
-    return httplib::Server::HandlerResponse::Handled;
+    return true;
   });
 
-  http.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
-    if (!res.body.empty()) return;
+  // The body of every error answered without one (the HTTP layer's own, a handler's status only).
+  http->set_error_handler([](const http::Request& req, http::Response& res) {
     ApiError e;
     e.status = res.status;
     switch (res.status) {
@@ -1163,63 +1151,67 @@ void Server::Impl::setup_routes() {
         e.code = "unknown_url";
         break;
       case 413:
-        e.message = "The request body is too large.";
+        e.message = res.reason.empty() ? "The request body is too large." : res.reason;
         e.code = "request_too_large";
         break;
+      case 431:
+        e.message = res.reason.empty() ? "The request header is too large." : res.reason;
+        e.code = "header_too_large";
+        break;
       case 400:
-        e.message = "Malformed HTTP request.";
+        e.message = res.reason.empty() ? "Malformed HTTP request." : res.reason;
+        break;
+      case 429:
+        e.message = res.reason;
+        e.type = "rate_limit_error";
+        e.code = "too_many_connections";
+        break;
+      case 503:
+        e.message = res.reason;
+        e.type = "unavailable_error";
+        e.code = "too_many_connections";
         break;
       default:
-        e.message = "HTTP error " + std::to_string(res.status) + ".";
-        if (res.status >= 500) e.type = "server_error";
+        e.message = res.reason.empty() ? "HTTP error " + std::to_string(res.status) + "." : res.reason;
+        if (res.status >= 500) {
+          e.type = "server_error";
+          e.code = "internal_error";
+        }
     }
     reply_json(res, e.status, error_body(e));
   });
 
-  http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
-    std::string what = "internal error";
-    try {
-      if (ep) std::rethrow_exception(ep);
-    } catch (const std::exception& ex) {
-      what = ex.what();
-    } catch (...) {
-    }
-    reply_error(res, make_api_error(500, what, "server_error", "internal_error"));
-  });
-
-  http.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
+  http->set_logger([this](const http::Request& req, const http::Response& res) {
     metrics.count_request(endpoint_label(req.path), res.status);
   });
 
-  const http::NotAllowed not_allowed = [](const httplib::Request& req, httplib::Response& res, const char* allow) {
+  http->set_method_not_allowed([](const http::Request& req, http::Response& res, const std::string& allow) {
     reply_error(res, make_api_error(405, "Method " + req.method + " is not allowed for " + req.path + ".",
                                     "invalid_request_error", "method_not_allowed"));
     res.set_header("Allow", allow);
-  };
-  auto get_only = [&](const std::string& path, httplib::Server::Handler h) {
-    http::route(http, "GET", path, std::move(h), not_allowed);
-  };
-  auto post_only = [&](const std::string& path, httplib::Server::Handler h) {
-    http::route(http, "POST", path, std::move(h), not_allowed);
-  };
+  });
+  auto get_only = [&](const std::string& path, http::Handler h) { http->route("GET", path, std::move(h)); };
+  auto post_only = [&](const std::string& path, http::Handler h) { http->route("POST", path, std::move(h)); };
 
-  get_only("/health", [this](const httplib::Request&, httplib::Response& res) {
+  // Answered on the I/O thread: never behind busy workers.
+  http->route("GET", "/health", [this](const http::Request&, http::Response& res) {
     State s = st();
     ojson j = ojson::object();
     j["status"] = s == State::Ready ? "ok" : s == State::Loading ? "loading" : "draining";
     reply_json(res, s == State::Ready ? 200 : 503, j);
-  });
-  get_only("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+  }, /*inline_io=*/true);
+  get_only("/metrics", [this](const http::Request&, http::Response& res) {
     std::optional<SchedulerStats> stats;
     if (Scheduler* s = sched.load()) stats = s->stats();
     res.status = 200;
     std::string text = metrics.render(stats ? &*stats : nullptr, n_active.load());
     if (pd::PdNode* node = pd.load()) node->render_metrics(text);
     if (metrics_extra) metrics_extra(text);
+    http->render_metrics(text);
     res.set_content(text, "text/plain; version=0.0.4");
   });
-  auto internal = [this](void (pd::PdNode::*fn)(const httplib::Request&, httplib::Response&)) {
-    return [this, fn](const httplib::Request& req, httplib::Response& res) {
+  auto internal = [this](void (pd::PdNode::*fn)(const http::Request&, http::Response&)) {
+    return [this, fn](const http::Request& req, http::Response& res) {
       pd::PdNode* node = pd.load();
       if (!node || st() != State::Ready) {
         reply_error(res, make_api_error(503, "This instance takes no KV handoffs (start it with --role or --cluster).",
@@ -1233,19 +1225,19 @@ void Server::Impl::setup_routes() {
   post_only("/internal/pd/ack", internal(&pd::PdNode::handle_ack));
   post_only("/internal/pd/cancel", internal(&pd::PdNode::handle_cancel));
   for (const char* path : {"/v1/models", "/models", R"(/v1/models/(.+))"})
-    get_only(path, [this](const httplib::Request& req, httplib::Response& res) { handle_models(req, res); });
+    get_only(path, [this](const http::Request& req, http::Response& res) { handle_models(req, res); });
   for (const char* path : {"/v1/completions", "/completions"})
-    post_only(path, [this](const httplib::Request& req, httplib::Response& res) {
+    post_only(path, [this](const http::Request& req, http::Response& res) {
       handle_generate(req, res, Endpoint::Completions);
     });
   for (const char* path : {"/v1/chat/completions", "/chat/completions"})
-    post_only(path, [this](const httplib::Request& req, httplib::Response& res) {
+    post_only(path, [this](const http::Request& req, http::Response& res) {
       handle_generate(req, res, Endpoint::Chat);
     });
-  auto docs_handler = [this](const httplib::Request& req, httplib::Response& res) { handle_documents(req, res); };
-  http.Post("/v1/documents", docs_handler);
-  http.Get(R"(/v1/documents/([^/]+))", docs_handler);
-  http.Delete(R"(/v1/documents/([^/]+))", docs_handler);
+  auto docs_handler = [this](const http::Request& req, http::Response& res) { handle_documents(req, res); };
+  http->route("POST", "/v1/documents", docs_handler);
+  http->route("GET", R"(/v1/documents/([^/]+))", docs_handler);
+  http->route("DELETE", R"(/v1/documents/([^/]+))", docs_handler);
 }
 
 Server::Server(ServerParams p) : impl_(std::make_unique<Impl>(std::move(p))) {}
@@ -1258,18 +1250,8 @@ Status Server::start() {
   if (!docs.ok()) return make_error("documents: %s", docs.error().c_str());
   I.documents = std::move(*docs);
   I.setup_routes();
-  int port = I.p.port;
-  if (port == 0) {
-    port = I.http.bind_to_any_port(I.p.host);
-    if (port <= 0) return make_error("cannot bind %s: no free port", I.p.host.c_str());
-  } else if (!I.http.bind_to_port(I.p.host, port)) {
-    return make_error("cannot listen on %s:%d (address in use or not available)", I.p.host.c_str(), port);
-  }
-  I.bound_port = port;
-  // cpp-httplib 0.11 listens with a backlog of 5: a burst of new connections (64 clients at
-  // once) would overflow it and wait for SYN retransmits (1 s). Linux lets listen() raise it.
-  if (I.listen_fd >= 0) ::listen(I.listen_fd, SOMAXCONN);
-  I.http_thread = std::thread([&I] { I.http.listen_after_bind(); });
+  if (Status st = I.http->listen(); !st.ok()) return st;
+  I.bound_port = I.http->port();
   return Status::Ok();
 }
 
@@ -1326,10 +1308,7 @@ void Server::cancel_all() {
 
 void Server::stop() {
   Impl& I = *impl_;
-  if (I.http_thread.joinable()) {
-    I.http.stop();
-    I.http_thread.join();
-  }
+  if (I.http) I.http->stop();
 }
 
 }  // namespace larder::server

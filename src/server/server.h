@@ -1,5 +1,5 @@
 // `larder serve`: an OpenAI-compatible HTTP server over the continuous-batching
-// Scheduler (cpp-httplib; its thread pool handles the connections).
+// Scheduler (larder_http: event-driven connections, handlers on a worker pool).
 //
 // Endpoints
 //   POST /v1/completions        prompt: string | [token ids] | [string] | [[token ids]]
@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "core/result.h"
+#include "http/http.h"
 
 namespace larder {
 class Scheduler;
@@ -58,7 +59,10 @@ struct ServerParams {
   std::string model_path;              // as given to -m (the default id and aliases derive from it)
   std::string alias;                   // served model id (default: file name without extension)
   size_t max_body_bytes = 8u << 20;    // larger request bodies get 413
-  int http_threads = 0;                // 0: 2 * (parallel + queue) + 32 (at least 64)
+  int http_threads = 0;                // handler threads; 0: parallel + queue + 32 (at least 64)
+  // Deadlines and connection limits of the HTTP layer (host, port, body size and threads are
+  // taken from the fields here).
+  http::ServerOptions http_opts;
   int parallel = 4;                    // only used to size the HTTP thread pool
   int max_queue = 64;                  // ditto
   // Token-level reuse of finished requests' prompt + reply ids (multi-turn chat; see
