@@ -571,6 +571,35 @@ def overload_and_disconnects(srv, key):
     check(m2.get("larder_generated_tokens_total", 0) - gen_before < 2 * 1500,
           "disconnected sequences stopped generating")
 
+    # (a2) Clients that go away while a non-streamed answer is computed: noticed without a write.
+    gone_before = m2.get("larder_http_client_disconnects_total", 0)
+    gen_before = m2.get("larder_generated_tokens_total", 0)
+    socks = []
+    for i in range(2):
+        body = json.dumps(dict(long_req, prompt=f"{long_req['prompt']} whole {i}", stream=False)).encode()
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"POST " + C.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
+                  b"\r\n\r\n" + body)
+        socks.append(s)
+    t0 = time.time()
+    while time.time() - t0 < 10 and metrics(port)[0].get("larder_running_sequences") != 2:
+        time.sleep(0.02)
+    m_at = metrics(port)[0]
+    check(m_at.get("larder_running_sequences") == 2, "2 non-streamed requests running")
+    gen_at_close = m_at.get("larder_generated_tokens_total", 0)
+    for s in socks:
+        s.close()
+    ok, m3, dt = wait_idle(port, None, timeout=15)
+    check(ok, f"idle after non-streaming clients left: {m3}")
+    log(f"  idle {dt:.2f}s after 2 clients left non-streamed requests")
+    check(dt < 2.0, f"non-streamed requests cancelled at once ({dt:.2f}s)")
+    check(m3.get("larder_generated_tokens_total", 0) - gen_at_close < 300,
+          f"their sequences stopped generating ({m3.get('larder_generated_tokens_total', 0) - gen_at_close:.0f} "
+          "tokens after the clients left)")
+    check(m3.get("larder_http_client_disconnects_total", 0) - gone_before >= 2,
+          f"disconnects counted ({m3.get('larder_http_client_disconnects_total')})")
+
     # (b) Flood beyond --parallel 2 + --queue 4 with 16 concurrent requests.
     results = []
     lock = threading.Lock()
