@@ -2,6 +2,9 @@
 // wrong data), capacity eviction, disk full, and a randomized run with restarts
 // checked against an in-memory model.
 #include <gtest/gtest.h>
+
+#include <chrono>
+#include <thread>
 #include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -175,6 +178,26 @@ TEST(DiskTier, DiskFullDisablesTheTierButReadsGoOn) {
   std::vector<uint8_t> out;
   ASSERT_TRUE((*t)->get(key(1), out));
   EXPECT_EQ(out, payload(1));
+  // Space again (the limit lifted): after the back-off the next put succeeds and the tier is back.
+  (*t)->set_retry_after(std::chrono::milliseconds(50));
+  EXPECT_FALSE((*t)->put(key(98), payload(98)).ok());  // the 30 s back-off set by the failure still runs
+  EXPECT_TRUE((*t)->disabled());
+  t->reset();
+  t = DiskTier::open(d.path, 64 << 20, 1, 64 << 20);
+  ASSERT_TRUE(t.ok());
+  (*t)->set_retry_after(std::chrono::milliseconds(50));
+  setrlimit(RLIMIT_FSIZE, &lim);
+  st = Status::Ok();
+  for (int i = 100; i < 150 && st.ok(); ++i) st = (*t)->put(key(i), payload(i));
+  setrlimit(RLIMIT_FSIZE, &old);
+  EXPECT_FALSE(st.ok());
+  EXPECT_TRUE((*t)->disabled());
+  std::this_thread::sleep_for(std::chrono::milliseconds(80));
+  EXPECT_FALSE((*t)->disabled());
+  ASSERT_TRUE((*t)->put(key(200), payload(200)).ok());
+  EXPECT_FALSE((*t)->stats().disabled);
+  ASSERT_TRUE((*t)->get(key(200), out));
+  EXPECT_EQ(out, payload(200));
   t->reset();
   auto again = DiskTier::open(d.path, 64 << 20, 1);  // the torn tail is skipped
   ASSERT_TRUE(again.ok());

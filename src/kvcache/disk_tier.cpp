@@ -190,17 +190,22 @@ Status DiskTier::put(const BlockHash& key, std::span<const uint8_t> payload) {
   return append(key, payload, 0);
 }
 
+Status DiskTier::fail_write(Error e) {
+  st_.disabled = true;
+  st_.write_errors++;
+  retry_at_ = std::chrono::steady_clock::now() + retry_after_;
+  return e;
+}
+
 Status DiskTier::append(const BlockHash& key, std::span<const uint8_t> payload, uint16_t flags) {
-  if (st_.disabled) return make_error("KV disk tier is disabled after an earlier write error");
+  if (st_.disabled && std::chrono::steady_clock::now() < retry_at_)
+    return make_error("KV disk tier is disabled after an earlier write error (retried in at most %lld s)",
+                      static_cast<long long>(std::chrono::duration_cast<std::chrono::seconds>(retry_after_).count()));
   if (payload.size() > kMaxPayload) return make_error("KV block of %zu bytes is too large", payload.size());
   const uint64_t rec = sizeof(RecHeader) + payload.size();
   if (cur_fd_ < 0 || cur_size_ + rec > segment_bytes_) {
     Status st = roll_segment();
-    if (!st.ok()) {
-      st_.disabled = true;
-      st_.write_errors++;
-      return st;
-    }
+    if (!st.ok()) return fail_write(st.take_error());
   }
   RecHeader h{};
   h.magic = kMagic;
@@ -217,12 +222,13 @@ Status DiskTier::append(const BlockHash& key, std::span<const uint8_t> payload, 
   std::memcpy(buf.data() + sizeof h, payload.data(), payload.size());
   if (!write_full(cur_fd_, buf.data(), buf.size(), cur_size_)) {
     const int e = errno;
-    // Disk full or I/O error: the torn tail is skipped at the next open; the tier
-    // turns itself off and serving continues without it.
-    st_.disabled = true;
-    st_.write_errors++;
-    return make_error("KV disk write failed (%s); disk tier disabled", std::strerror(e));
+    // Disk full or I/O error: the torn tail is skipped at the next open (or overwritten by the
+    // retry: cur_size_ did not move); the tier turns itself off for a while and serving goes on.
+    return fail_write(make_error("KV disk write failed (%s); disk tier disabled for %lld s", std::strerror(e),
+                                 static_cast<long long>(
+                                     std::chrono::duration_cast<std::chrono::seconds>(retry_after_).count())));
   }
+  st_.disabled = false;
   // Visible only now that the whole record is written.
   if (flags & kFlagTombstone) {
     if (index_.erase(key) && listener_) listener_->removed(Medium::Disk, key);

@@ -12,6 +12,7 @@
 // Capacity is enforced by dropping whole oldest segments (log-structured: the oldest
 // writes go first; promotion of hot blocks is the tier manager's job).
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -31,7 +32,7 @@ struct DiskTierStats {
   int64_t puts = 0, hits = 0, misses = 0, evicted_blocks = 0;
   int64_t corrupt_records = 0;  // found at open or on read
   int64_t write_errors = 0;
-  bool disabled = false;        // the tier turned itself off (disk full / unwritable)
+  bool disabled = false;        // the tier turned itself off (disk full / unwritable) until its next retry
 };
 
 class DiskTier {
@@ -41,8 +42,9 @@ class DiskTier {
                                                 uint64_t layout_fingerprint, uint64_t segment_bytes = 64 << 20);
   ~DiskTier();
 
-  // Appends a block. Errors (disk full, I/O error) disable the tier and are counted;
-  // the caller keeps serving without it.
+  // Appends a block. Errors (disk full, I/O error) disable the tier for retry_after() and are
+  // counted; the caller keeps serving without it. The first put after that tries again (space
+  // may have been freed) and re-enables the tier if it succeeds.
   Status put(const BlockHash& key, std::span<const uint8_t> payload);
   // Reads a block into out (resized). false = miss (absent, other layout, corrupt).
   bool get(const BlockHash& key, std::vector<uint8_t>& out);
@@ -53,9 +55,14 @@ class DiskTier {
   // Makes everything written so far durable (fsync of the open segment).
   Status flush();
   DiskTierStats stats() const;
+  // True while a write error's back-off lasts (a put then fails without touching the disk).
   bool disabled() const {
     std::lock_guard<std::mutex> lk(mu_);
-    return st_.disabled;
+    return st_.disabled && std::chrono::steady_clock::now() < retry_at_;
+  }
+  void set_retry_after(std::chrono::milliseconds d) {
+    std::lock_guard<std::mutex> lk(mu_);
+    retry_after_ = d;
   }
   // Walks every record of every segment and checks its checksums.
   Result<DiskTierStats> verify() const;
@@ -95,6 +102,9 @@ class DiskTier {
   int cur_fd_ = -1;
   uint64_t cur_size_ = 0;
   mutable DiskTierStats st_;
+  std::chrono::milliseconds retry_after_{30000};
+  std::chrono::steady_clock::time_point retry_at_{};
+  Status fail_write(Error e);
 };
 
 }  // namespace larder::kvcache
