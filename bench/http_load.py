@@ -167,32 +167,72 @@ async def probe(host, port, seconds, n_ttft, prompt_words, max_tokens, tag):
     return hs, bad, tt
 
 
-async def main_async(a, host, port):
+async def load_only(a, host, port):
+    """The attacker, in its own process: prints "open IDLE SLOW REOPENED FAILED" every second."""
+    load = Load(host, port, a.idle, a.slow, a.addrs)
+    await load.start()
+    while True:
+        print(f"open {load.open_idle} {load.open_slow} {load.reopened} {load.failed}", flush=True)
+        await asyncio.sleep(1)
+
+
+class LoadProcess:
+    def __init__(self, a, host, port):
+        # Niced: on a small machine the generator's own CPU would otherwise be charged to the server.
+        cmd = ["nice", "-n", "19", sys.executable, os.path.abspath(__file__), "--load-only", "--url",
+               f"http://{host}:{port}", "--idle", str(a.idle), "--slow", str(a.slow), "--addrs", str(a.addrs)]
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self.last = (0, 0, 0, 0)
+        import threading
+
+        def pump():
+            for line in self.p.stdout:
+                f = line.split()
+                if f and f[0] == "open":
+                    self.last = tuple(int(x) for x in f[1:5])
+        threading.Thread(target=pump, daemon=True).start()
+
+    def close(self):
+        self.p.terminate()
+        self.p.wait()
+
+
+def cpu_seconds(pid):
+    if not pid:
+        return float("nan")
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def main_async(a, host, port, server_pid):
     out = {}
     res = {}
     for phase in ("unloaded", "loaded", "unloaded2"):
         load = None
         if phase == "loaded":
-            load = Load(host, port, a.idle, a.slow, a.addrs)
-            await load.start()
+            load = LoadProcess(a, host, port)
             t0 = time.perf_counter()
-            while load.open_idle + load.open_slow < 0.98 * (a.idle + a.slow) and time.perf_counter() - t0 < 120:
+            while sum(load.last[:2]) < 0.98 * (a.idle + a.slow) and time.perf_counter() - t0 < 120:
                 await asyncio.sleep(0.5)
             await asyncio.sleep(2)
-            print(f"load: {load.open_idle} idle + {load.open_slow} slow connections open", file=sys.stderr)
+            print(f"load: {load.last[0]} idle + {load.last[1]} slow connections open", file=sys.stderr)
+        c0 = cpu_seconds(server_pid)
+        t0 = time.perf_counter()
         hs, bad, tt = await probe(host, port, a.seconds, a.ttft_requests, a.prompt_words, a.max_tokens, phase)
+        server_cpu = (cpu_seconds(server_pid) - c0) / (time.perf_counter() - t0)
         r = {"health_n": len(hs), "health_p50_ms": pct(hs, 50) * 1e3, "health_p99_ms": pct(hs, 99) * 1e3,
              "health_max_ms": max(hs) * 1e3 if hs else float("nan"), "health_not_200": bad,
              "ttft_n": len(tt), "ttft_median_ms": statistics.median(tt) * 1e3 if tt else float("nan"),
-             "ttft_all_ms": [round(x * 1e3, 1) for x in tt]}
+             "ttft_all_ms": [round(x * 1e3, 1) for x in tt], "server_cpu_cores": server_cpu}
         if load:
-            r.update({"open_idle": load.open_idle, "open_slow": load.open_slow, "reopened": load.reopened,
-                      "connect_failures": load.failed})
-            await load.close()
+            r.update({"open_idle": load.last[0], "open_slow": load.last[1], "reopened": load.last[2],
+                      "connect_failures": load.last[3]})
+            load.close()
         res[phase] = r
         print(f"{phase}: /health p50 {r['health_p50_ms']:.1f} ms p99 {r['health_p99_ms']:.1f} ms max "
               f"{r['health_max_ms']:.1f} ms ({r['health_n']} probes, {bad} not 200); TTFT median "
-              f"{r['ttft_median_ms']:.1f} ms over {len(tt)}" + (
+              f"{r['ttft_median_ms']:.1f} ms over {len(tt)}; server CPU {server_cpu:.2f} cores" + (
                   f"; {r['open_idle']} idle + {r['open_slow']} slow open at the end, {r['reopened']} reopened"
                   if load else ""), file=sys.stderr)
         await asyncio.sleep(1)
@@ -218,6 +258,7 @@ def main():
     ap.add_argument("--url", default="", help="use a running server instead of starting one")
     ap.add_argument("--serve-args", default="", help="extra arguments for larder serve")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -227,6 +268,9 @@ def main():
     if a.url:
         m = re.match(r"http://([^:/]+):(\d+)", a.url)
         host, port = m.group(1), int(m.group(2))
+        if a.load_only:
+            asyncio.run(load_only(a, host, port))
+            return
     else:
         cmd = [a.bin, "serve", "-m", a.model, "--port", "0", "-t", str(a.threads), "--parallel", "2",
                "--prompt-cache", "0"] + a.serve_args.split()
@@ -249,7 +293,7 @@ def main():
                 pass
             time.sleep(0.2)
     try:
-        out = asyncio.run(main_async(a, host, port))
+        out = asyncio.run(main_async(a, host, port, proc.pid if proc else 0))
     finally:
         if proc:
             proc.terminate()

@@ -589,6 +589,14 @@ void Server::Impl::do_accept() {
       return;
     }
     on_accept(std::move(sock));
+    // Take what else is already queued without a round trip through the event loop: a burst of
+    // thousands of connections must not overflow the listen backlog (dropped SYNs cost 1 s each).
+    for (int i = 0; i < 256; i++) {
+      beast::error_code e2;
+      tcp::socket more = acceptor.accept(asio::make_strand(ioc), e2);
+      if (e2) break;  // would_block: the queue is empty
+      on_accept(std::move(more));
+    }
     do_accept();
   });
 }
@@ -669,6 +677,7 @@ Status Server::listen() {
     I.acceptor.close(ig);
     return make_error("cannot listen on %s (%s)", where.c_str(), ec.message().c_str());
   }
+  I.acceptor.non_blocking(true, ec);  // for the synchronous accepts that drain a burst (do_accept)
   I.bound_port = I.acceptor.local_endpoint().port();
   const long files = raise_open_files_limit();
   // Leave descriptors for everything else the process opens (model, KV files, peers).
