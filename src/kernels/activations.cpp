@@ -75,32 +75,49 @@ inline float glu1(float g, float u) {
   return g / (1.f + std::exp(-z)) * u;
 }
 
+// The vector paths compute every element with the vector exp, the last partial vector too (masked
+// lanes, or a padded copy on AVX2), never glibc's expf: an element's result then does not depend on
+// where it sits in the array. The FFN applies this to all tokens' rows at once ([n][n_ff] flat)
+// when gate and up are separate products, so with a scalar tail a token's activations changed with
+// the number of tokens before it in the batch (stories260K's n_ff 172: a decode row's greedy answer
+// changed with the server's load).
+template <bool kGelu>
+LARDER_TARGET_AVX512 inline __m512 glu16(__m512 g, __m512 u) {
+  __m512 z = g;
+  if (kGelu) z = _mm512_mul_ps(_mm512_set1_ps(kGeluK), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kGeluC), g), _mm512_mul_ps(g, g), g));
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), z));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
+}
+
 template <bool kGelu>
 LARDER_TARGET_AVX512 void glu_avx512(float* out, const float* gate, const float* up, int64_t n) {
   int64_t i = 0;
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 g = _mm512_loadu_ps(gate + i), u = _mm512_loadu_ps(up + i);
-    __m512 z = g;
-    if (kGelu) z = _mm512_mul_ps(_mm512_set1_ps(kGeluK), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kGeluC), g), _mm512_mul_ps(g, g), g));
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), z));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u));
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, glu16<kGelu>(_mm512_loadu_ps(gate + i), _mm512_loadu_ps(up + i)));
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(out + i, m, glu16<kGelu>(_mm512_maskz_loadu_ps(m, gate + i), _mm512_maskz_loadu_ps(m, up + i)));
   }
-  for (; i < n; ++i) out[i] = glu1<kGelu>(gate[i], up[i]);
+}
+
+template <bool kGelu>
+LARDER_TARGET_AVX2 inline __m256 glu8(__m256 g, __m256 u) {
+  __m256 z = g;
+  if (kGelu) z = _mm256_mul_ps(_mm256_set1_ps(kGeluK), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(kGeluC), g), _mm256_mul_ps(g, g), g));
+  const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), z));
+  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), u);
 }
 
 template <bool kGelu>
 LARDER_TARGET_AVX2 void glu_avx2(float* out, const float* gate, const float* up, int64_t n) {
   int64_t i = 0;
-  const __m256 one = _mm256_set1_ps(1.f);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 g = _mm256_loadu_ps(gate + i), u = _mm256_loadu_ps(up + i);
-    __m256 z = g;
-    if (kGelu) z = _mm256_mul_ps(_mm256_set1_ps(kGeluK), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(kGeluC), g), _mm256_mul_ps(g, g), g));
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), z));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, glu8<kGelu>(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i)));
+  if (i < n) {
+    alignas(32) float g[8] = {}, u[8] = {};
+    std::copy(gate + i, gate + n, g);
+    std::copy(up + i, up + n, u);
+    _mm256_store_ps(g, glu8<kGelu>(_mm256_load_ps(g), _mm256_load_ps(u)));
+    std::copy(g, g + (n - i), out + i);
   }
-  for (; i < n; ++i) out[i] = glu1<kGelu>(gate[i], up[i]);
 }
 
 template <bool kGelu>
