@@ -264,6 +264,111 @@ TEST(Engine, PagedBatchEqualsEachSequenceAlone) {
   std::filesystem::remove(path);
 }
 
+// A sequence's logits are bit for bit the same alone and in a batch with other sequences (the
+// server's continuous batching): its prompt beside other prompts' chunks, its decode rows beside
+// other decode rows and prompt chunks, in passes below and above kGemmMinTokens, with other
+// sequences' rows before and after its own, on each SIMD path (the scalar one is not
+// batch-invariant, see tests/batch_invariance_test.py). Greedy answers otherwise change with the
+// server's load. The shapes reach what went wrong: f32/f16/bf16 weights, whose one-row products
+// took the dot product (another summation order than the prefill tiles), and an n_ff that is no
+// multiple of 16, where SwiGLU over all tokens' [n][n_ff] rows at once ran a token's last units
+// through glibc's expf or the vector exp depending on its row's place in the batch. K = 1100 >
+// 1024 for ffn_down: the tiles' K slices.
+TEST(Engine, SequenceLogitsIndependentOfTheBatch) {
+  larder::testing::IsaGuard guard;
+  for (DType wt : {DType::F32, DType::F16, DType::BF16, DType::Q8_0}) {
+    SynthShape sh = small("llama", 2);
+    sh.n_ff = wt == DType::Q8_0 ? 96 : 1100;  // q8_0: rows not a multiple of 64, so gate and up apart
+    const std::string path = tmp_model(std::string("batchinv_") + dtype_name(wt), sh, wt);
+    for (kernels::Isa isa : larder::testing::paths()) {
+      if (isa == kernels::Isa::Scalar) continue;
+      kernels::set_isa(isa);
+      SCOPED_TRACE(std::string(dtype_name(wt)) + " weights, " + kernels::isa_name(isa));
+      auto m = load_model(path);  // packed for this path
+      ASSERT_TRUE(m.ok()) << m.error();
+      const int V = (*m)->cfg.n_vocab, bs = 4, steps = 6;
+      auto seq = [&](int n, int seed) {
+        std::vector<int32_t> v(n);
+        for (int i = 0; i < n; ++i) v[i] = 1 + (i * 37 + seed * 101) % (V - 1);
+        return v;
+      };
+      const std::vector<int32_t> a = seq(21, 1), b = seq(13 + 9 * steps, 2), c = seq(5, 3);
+      ContextParams cp;
+      cp.n_ctx = 64 * bs;
+      cp.block_size = bs;
+      cp.n_threads = 2;
+      // Alone: A's prompt, then greedy decoding.
+      std::vector<std::vector<float>> ref;
+      std::vector<int32_t> gen;
+      {
+        auto ctx = Context::create(**m, cp);
+        ASSERT_TRUE(ctx.ok()) << ctx.error();
+        std::vector<float> lg(V);
+        SeqBatch sa;
+        sa.tokens = a;
+        sa.block_table = (*ctx)->identity_table();
+        sa.logits = lg.data();
+        ASSERT_TRUE((*ctx)->decode_batch(std::span<const SeqBatch>(&sa, 1)).ok());
+        ref.push_back(lg);
+        for (int s = 0; s < steps; ++s) {
+          gen.push_back(argmax(lg.data(), V));
+          sa.tokens = std::span<const int32_t>(&gen.back(), 1);
+          sa.n_kv = static_cast<int>(a.size()) + s;
+          ASSERT_TRUE((*ctx)->decode_batch(std::span<const SeqBatch>(&sa, 1)).ok());
+          ref.push_back(lg);
+        }
+      }
+      // Together: B's prompt in 13- then 9-token chunks, C's prompt then decode rows.
+      auto ctx = Context::create(**m, cp);
+      ASSERT_TRUE(ctx.ok()) << ctx.error();
+      std::vector<int32_t> ta, tb, tc;  // interleaved blocks
+      for (int i = 0; i < 60; ++i) (i % 3 == 0 ? ta : i % 3 == 1 ? tb : tc).push_back(59 - i);
+      std::vector<float> la(V), lb(V), lc(V);
+      SeqBatch sa, sb, sc;
+      sa.block_table = ta;
+      sb.block_table = tb;
+      sc.block_table = tc;
+      sa.logits = la.data();
+      sb.logits = lb.data();
+      sc.logits = lc.data();
+      int nb = 13, nc = 5;
+      sa.tokens = a;
+      sb.tokens = std::span<const int32_t>(b).subspan(0, nb);
+      sc.tokens = c;
+      std::vector<int32_t> c_next(steps);
+      for (int s = 0; s <= steps; ++s) {
+        std::vector<SeqBatch> batch;
+        if (s == 0) {
+          batch = {sb, sc, sa};  // 39 rows, A's last
+        } else {
+          sa.tokens = std::span<const int32_t>(&gen[s - 1], 1);
+          sa.n_kv = static_cast<int>(a.size()) + s - 1;
+          c_next[s - 1] = argmax(lc.data(), V);
+          sc.tokens = std::span<const int32_t>(&c_next[s - 1], 1);
+          sc.n_kv = nc++;
+          if (s % 2) {
+            batch = {sc, sa};  // two decode rows: the one-row kernels' batch sizes
+          } else {
+            sb.tokens = std::span<const int32_t>(b).subspan(nb, 9);
+            sb.n_kv = nb;
+            nb += 9;
+            batch = {sc, sa, sb};  // 11 rows: the prefill kernels', A's in the middle
+          }
+        }
+        ASSERT_TRUE((*ctx)->decode_batch(batch).ok());
+        if (std::memcmp(la.data(), ref[s].data(), V * sizeof(float)) != 0) {
+          int i = 0;
+          while (la[i] == ref[s][i]) ++i;
+          ADD_FAILURE() << "step " << s << " (" << batch.size() << " sequences): logit " << i << " is " << la[i]
+                        << " in the batch, " << ref[s][i] << " alone";
+          break;
+        }
+      }
+    }
+    std::filesystem::remove(path);
+  }
+}
+
 // A sequence's logits do not depend on where its blocks sit in the pool: bit for bit the same
 // with consecutive blocks and with scattered ones (P/D handoffs and prefix hits rely on it:
 // two instances, or one at different times, give the same tokens).

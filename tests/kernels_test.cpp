@@ -25,6 +25,26 @@ namespace {
 __attribute__((target("f16c"))) float hw_h2f(uint16_t h) { return _cvtsh_ss(h); }
 __attribute__((target("f16c"))) uint16_t hw_f2h(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
 
+// Random weights [rows][cols] stored in type t, as a Tensor, and random activations [nt][cols].
+struct RandomProduct {
+  std::vector<uint8_t> wq;
+  std::vector<float> x;
+  Tensor W;
+  RandomProduct(DType t, int rows, int cols, int nt, std::mt19937& rng, std::normal_distribution<float>& nd) {
+    std::vector<float> wf(static_cast<size_t>(rows) * cols);
+    x.resize(static_cast<size_t>(nt) * cols);
+    for (auto& v : wf) v = nd(rng);
+    for (auto& v : x) v = nd(rng);
+    wq.resize(row_bytes(t, cols) * rows);
+    for (int r = 0; r < rows; ++r) quantize_row(t, &wf[static_cast<size_t>(r) * cols], wq.data() + r * row_bytes(t, cols), cols);
+    W.type = t;
+    W.ne[0] = cols;
+    W.ne[1] = rows;
+    W.data = wq.data();
+    W.nbytes = wq.size();
+  }
+};
+
 }  // namespace
 
 TEST(Kernels, Fp16ConversionMatchesHardware) {
@@ -101,17 +121,10 @@ TEST(Kernels, MatmulAllPathsAllTypes) {
       for (int rows : rows_grid)
         for (int cols : cols_grid)
           for (int nt : toks_grid) {
-            std::vector<float> wf(static_cast<size_t>(rows) * cols), x(static_cast<size_t>(nt) * cols);
-            for (auto& v : wf) v = nd(rng);
-            for (auto& v : x) v = nd(rng);
-            std::vector<uint8_t> wq(row_bytes(t, cols) * rows);
-            for (int r = 0; r < rows; ++r) quantize_row(t, &wf[static_cast<size_t>(r) * cols], wq.data() + r * row_bytes(t, cols), cols);
-            Tensor W;
-            W.type = t;
-            W.ne[0] = cols;
-            W.ne[1] = rows;
-            W.data = wq.data();
-            W.nbytes = wq.size();
+            RandomProduct p(t, rows, cols, nt, rng, nd);
+            const Tensor& W = p.W;
+            const std::vector<float>& x = p.x;
+            const std::vector<uint8_t>& wq = p.wq;
             std::vector<float> y(static_cast<size_t>(nt) * rows);
             MatmulScratch sc;
             matmul(W, x.data(), nt, y.data(), rows, pool, sc);
@@ -141,6 +154,41 @@ TEST(Kernels, MatmulAllPathsAllTypes) {
               }
             }
           }
+    }
+  }
+}
+
+// Batch invariance of f32 / f16 / bf16 weights on the SIMD paths: a token's products are bit
+// for bit the same through the dot products (decode, fewer than kGemmMinTokens tokens) and the
+// GEMM tiles (prefill), whatever the token's place in the batch: one summation order (gemm.cpp).
+// Rows with K % 16 and K % 8 tails and longer than 1024 (the tiles used to cut those into
+// slices of 512; the dot products kept two chains for f32 and added the AVX2 tail one by one).
+TEST(Kernels, DotProductsRoundAsTheGemmTiles) {
+  IsaGuard guard;
+  ThreadPool pool(2);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0, 1);
+  for (Isa isa : paths()) {
+    if (isa == Isa::Scalar) continue;  // (its dot products and tiles sum in different orders)
+    set_isa(isa);
+    for (DType t : {DType::F32, DType::F16, DType::BF16}) {
+      for (int cols : {5, 16, 43, 172, 1100, 2053}) {
+        const int rows = 21, nt = 13;
+        const RandomProduct p(t, rows, cols, nt, rng, nd);
+        const std::vector<float>& x = p.x;
+        MatmulScratch sc;
+        std::vector<float> all(static_cast<size_t>(nt) * rows);
+        matmul(p.W, x.data(), nt, all.data(), rows, pool, sc);  // the tiles
+        for (int n : {1, 2, 7}) {  // the dot products, from each token on
+          for (int t0 = 0; t0 + n <= nt; t0 += n) {
+            std::vector<float> part(static_cast<size_t>(n) * rows);
+            matmul(p.W, &x[static_cast<size_t>(t0) * cols], n, part.data(), rows, pool, sc);
+            ASSERT_EQ(std::memcmp(part.data(), &all[static_cast<size_t>(t0) * rows], part.size() * sizeof(float)), 0)
+                << isa_name(isa) << " " << dtype_name(t) << " cols " << cols << ": tokens " << t0 << ".." << t0 + n - 1
+                << " in a batch of " << n << " vs " << nt;
+          }
+        }
+      }
     }
   }
 }

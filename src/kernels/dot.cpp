@@ -91,33 +91,6 @@ TARGET_AVX2 static float dot_f32_avx2(const float* a, const float* b, int64_t n)
   return s;
 }
 
-TARGET_AVX2 static float dot_f16_avx2(const void* w, const float* x, int64_t n) {
-  auto* h = static_cast<const uint16_t*>(w);
-  __m256 s0 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 wf = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i)));
-    s0 = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + i), s0);
-  }
-  float s = hsum256(s0);
-  for (; i < n; ++i) s += fp16_to_fp32(h[i]) * x[i];
-  return s;
-}
-
-TARGET_AVX2 static float dot_bf16_avx2(const void* w, const float* x, int64_t n) {
-  auto* h = static_cast<const uint16_t*>(w);
-  __m256 s0 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256i wi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i)));
-    __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(wi, 16));
-    s0 = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + i), s0);
-  }
-  float s = hsum256(s0);
-  for (; i < n; ++i) s += bf16_to_fp32(h[i]) * x[i];
-  return s;
-}
-
 // Signed int8 x int8 -> 8 x int32 partial sums (maddubs needs an unsigned operand).
 TARGET_AVX2 static inline __m256 mul_sum_i8_avx2(__m256i a, __m256i b) {
   __m256i ax = _mm256_sign_epi8(a, a);
@@ -183,38 +156,6 @@ TARGET_AVX512 static float dot_f32_avx512(const float* a, const float* b, int64_
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
-TARGET_AVX512 static float dot_f16_avx512(const void* w, const float* x, int64_t n) {
-  auto* h = static_cast<const uint16_t*>(w);
-  __m512 s0 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 wf = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i)));
-    s0 = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + i), s0);
-  }
-  if (i < n) {
-    __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
-    __m512 wf = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h + i));
-    s0 = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, x + i), s0);
-  }
-  return _mm512_reduce_add_ps(s0);
-}
-
-TARGET_AVX512 static float dot_bf16_avx512(const void* w, const float* x, int64_t n) {
-  auto* h = static_cast<const uint16_t*>(w);
-  __m512 s0 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512i wi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i)));
-    s0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wi, 16)), _mm512_loadu_ps(x + i), s0);
-  }
-  if (i < n) {
-    __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
-    __m512i wi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, h + i));
-    s0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wi, 16)), _mm512_maskz_loadu_ps(m, x + i), s0);
-  }
-  return _mm512_reduce_add_ps(s0);
-}
-
 // VNNI: dpbusd takes u8 x s8, so feed |w| and x with w's sign.
 TARGET_AVX512 static inline __m256 mul_sum_i8_vnni(__m256i a, __m256i b) {
   __m256i ax = _mm256_sign_epi8(a, a);
@@ -265,20 +206,15 @@ TARGET_AVX512 static void axpy_avx512(float* y, const float* x, float a, int64_t
 }
 
 // ------------------------------------------------------------------ exported per-ISA entry points
+// (f32 / f16 / bf16 on the SIMD paths: gemm.cpp, the 1 x 1 tile of the prefill GEMM.)
 
 float vec_dot_f32_scalar(const void* w, const void* x, int64_t n) { return dot_f32_scalar(static_cast<const float*>(w), static_cast<const float*>(x), n); }
 float vec_dot_f16_scalar(const void* w, const void* x, int64_t n) { return dot_f16_scalar(w, static_cast<const float*>(x), n); }
 float vec_dot_bf16_scalar(const void* w, const void* x, int64_t n) { return dot_bf16_scalar(w, static_cast<const float*>(x), n); }
 float vec_dot_q8_0_scalar(const void* w, const void* x, int64_t n) { return dot_q8_0_scalar(w, static_cast<const BlockQ8_0*>(x), n); }
 float vec_dot_q4_0_scalar(const void* w, const void* x, int64_t n) { return dot_q4_0_scalar(w, static_cast<const BlockQ8_0*>(x), n); }
-float vec_dot_f32_avx2(const void* w, const void* x, int64_t n) { return dot_f32_avx2(static_cast<const float*>(w), static_cast<const float*>(x), n); }
-float vec_dot_f16_avx2(const void* w, const void* x, int64_t n) { return dot_f16_avx2(w, static_cast<const float*>(x), n); }
-float vec_dot_bf16_avx2(const void* w, const void* x, int64_t n) { return dot_bf16_avx2(w, static_cast<const float*>(x), n); }
 float vec_dot_q8_0_avx2(const void* w, const void* x, int64_t n) { return dot_q8_0_avx2(w, static_cast<const BlockQ8_0*>(x), n); }
 float vec_dot_q4_0_avx2(const void* w, const void* x, int64_t n) { return dot_q4_0_avx2(w, static_cast<const BlockQ8_0*>(x), n); }
-float vec_dot_f32_avx512(const void* w, const void* x, int64_t n) { return dot_f32_avx512(static_cast<const float*>(w), static_cast<const float*>(x), n); }
-float vec_dot_f16_avx512(const void* w, const void* x, int64_t n) { return dot_f16_avx512(w, static_cast<const float*>(x), n); }
-float vec_dot_bf16_avx512(const void* w, const void* x, int64_t n) { return dot_bf16_avx512(w, static_cast<const float*>(x), n); }
 float vec_dot_q8_0_avx512(const void* w, const void* x, int64_t n) { return dot_q8_0_avx512(w, static_cast<const BlockQ8_0*>(x), n); }
 float vec_dot_q4_0_avx512(const void* w, const void* x, int64_t n) { return dot_q4_0_avx512(w, static_cast<const BlockQ8_0*>(x), n); }
 

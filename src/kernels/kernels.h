@@ -85,7 +85,9 @@ struct MatmulScratch {
 
 // Batches of at least this many tokens use the GEMM path: weight rows are dequantized
 // to f32 chunk by chunk and multiplied with unquantized f32 activations by register
-// tiles. Smaller batches (decode) use the type's dot product on quantized activations.
+// tiles. Smaller batches (decode) use the type's dot product on quantized activations
+// (f32 / f16 / bf16: on f32 activations, and on the AVX2 / AVX-512 paths their dot product is
+// the GEMM's 1 x 1 tile, so their products round alike at every batch size).
 // Types with their own TypeTraits::matmul on the active path choose for themselves and
 // quantize activations to vec_dot_type for every batch size (q4_0: integer GEMM from 2 tokens).
 constexpr int64_t kGemmMinTokens = 8;
