@@ -2,7 +2,7 @@
 """Soak test of `larder serve` under faults (a bounded benchmark-style run, not a unit test).
 
 For --minutes: --streams concurrent clients send greedy completions (streamed or not, prompts with shared
-prefixes) while
+prefixes, and --fresh of them new prompts whose KV keeps flowing to the tiers) while
   - some clients hang up at a random point (mid-stream, or while a non-streamed answer is computed),
   - the server is stopped (SIGSTOP) for a few seconds and continued (SIGCONT) every --stop-every s,
   - the SSD KV directory (a tmpfs of --kv-disk-mb, root only; else a plain directory) is filled up by a
@@ -163,7 +163,7 @@ async def request(port, prompt, max_tokens, stream, hangup_after=None, timeout=1
         w.close()
 
 
-async def soak(a, server, prompts, ref):
+async def soak(a, server, prompts, ref, words):
     st = {"kv_disk_write_errors": 0, "kv_disk_disabled": 0, "completed": 0, "matched": 0, "mismatched": [], "hung_up": 0, "interrupted": 0, "refused": {},
           "stops": 0, "kills": 0, "fills": 0}
     end = time.time() + a.minutes * 60
@@ -177,6 +177,14 @@ async def soak(a, server, prompts, ref):
             await paused.wait()
             i = rnd.randrange(len(prompts))
             stream = rnd.random() < 0.8
+            if rnd.random() < a.fresh:
+                # A prompt never seen before: new KV blocks keep flowing to the tiers (and hit the full disk).
+                fresh = " ".join(rnd.choice(words) for _ in range(rnd.randint(20, 40)))
+                try:
+                    await request(server.port, fresh, 8, False)
+                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    pass
+                continue
             hang = None
             if rnd.random() < a.disconnect:
                 hang = rnd.randint(1, 6) if stream else rnd.uniform(0.01, 0.5)
@@ -293,6 +301,7 @@ def main():
     ap.add_argument("--kv-disk-mb", type=int, default=64)
     ap.add_argument("--kv-blocks", type=int, default=160, help="engine KV pool (16-token blocks)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fresh", type=float, default=0.2, help="share of requests with a new prompt (not checked)")
     ap.add_argument("--bin", default=os.path.join(ROOT, "build/bin/larder"))
     ap.add_argument("--model", default=os.path.join(SHARED, "models/stories260K/stories260K-f32.gguf"))
     ap.add_argument("--quantize", default="q8_0",
@@ -347,7 +356,7 @@ def main():
         asyncio.run(asyncio.wait_for(warmup(port, prompts, a), 600))
         rss_start, fds_start = server.rss_fds()
         t_start = time.time()
-        st = asyncio.run(soak(a, server, prompts, ref))
+        st = asyncio.run(soak(a, server, prompts, ref, words))
         # Idle gauges once the load has stopped.
         idle_keys = ["larder_running_sequences", "larder_queue_length", "larder_kv_blocks_used",
                      "larder_requests_active"]
