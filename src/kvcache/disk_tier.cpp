@@ -219,7 +219,8 @@ Status DiskTier::append(const BlockHash& key, std::span<const uint8_t> payload, 
   h.header_checksum = header_sum(h);
   std::vector<uint8_t> buf(rec);
   std::memcpy(buf.data(), &h, sizeof h);
-  std::memcpy(buf.data() + sizeof h, payload.data(), payload.size());
+  // A tombstone's payload is empty and may have no data() at all (memcpy from null is undefined).
+  if (!payload.empty()) std::memcpy(buf.data() + sizeof h, payload.data(), payload.size());
   if (!write_full(cur_fd_, buf.data(), buf.size(), cur_size_)) {
     const int e = errno;
     // Disk full or I/O error: the torn tail is skipped at the next open (or overwritten by the
