@@ -277,8 +277,12 @@ def main():
         else:
             log("    time to first token, short prompts: %s ms -> %s ms" % (
                 " ".join("%.0f" % (1e3 * t) for t in s0), " ".join("%.0f" % (1e3 * t) for t in s1)))
-            check(min(s1) >= min(s0) + 0.020, "time to first token (least of 3) %.1f ms -> %.1f ms (+%.1f ms >= +20 ms)" % (
-                1e3 * min(s0), 1e3 * min(s1), 1e3 * (min(s1) - min(s0))))
+            what = "time to first token (least of 3) %.1f ms -> %.1f ms (+%.1f ms >= +20 ms)" % (
+                1e3 * min(s0), 1e3 * min(s1), 1e3 * (min(s1) - min(s0)))
+            if os.environ.get("LARDER_SANITIZE"):  # instrumented binaries: their jitter dwarfs 20 ms
+                log("    %s (information only: sanitizer build)" % what)
+            else:
+                check(min(s1) >= min(s0) + 0.020, what)
         st, texts, done, ttft1, tail = stream(R.host, R.port, ps[2])
         check(st == 200 and done, "SSE with 20 ms: status %d, %d chunks, [DONE] %s" % (st, len(texts), done))
         if not check("".join(texts) == ref[2]["choices"][0]["text"], "answer with 20 ms = colocated text"):

@@ -117,8 +117,9 @@ TEST(Scheduler, CancelFreesBlocksAndQueueIsBounded) {
   wait_idle(**s);
   EXPECT_EQ((*s)->stats().kv_used, 0);
   // Too long for the context: refused up front.
-  EXPECT_FALSE((*s)->submit(greedy_req(prompt(120, 2), 20), collector(new Collected)).ok());
-  EXPECT_FALSE((*s)->submit(greedy_req({}, 5), collector(new Collected)).ok());
+  Collected too_long, empty;
+  EXPECT_FALSE((*s)->submit(greedy_req(prompt(120, 2), 20), collector(&too_long)).ok());
+  EXPECT_FALSE((*s)->submit(greedy_req({}, 5), collector(&empty)).ok());
   // Fill: one running, two waiting, the next refused.
   std::vector<std::unique_ptr<Collected>> res;
   int refused = 0;

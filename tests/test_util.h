@@ -23,6 +23,16 @@ inline std::string shared_dir() {
 
 inline std::string shared_path(const std::string& rel) { return shared_dir() + "/" + rel; }
 
+// How many times slower the sanitizer builds run (GCC defines these macros under -fsanitize; scripts/test
+// --sanitize): the speed checks, there to catch quadratic work rather than a slow machine, scale their limits.
+#if defined(__SANITIZE_THREAD__)
+inline constexpr double kSanitizerSlowdown = 10;
+#elif defined(__SANITIZE_ADDRESS__)
+inline constexpr double kSanitizerSlowdown = 4;
+#else
+inline constexpr double kSanitizerSlowdown = 1;
+#endif
+
 // Every kernel path this CPU can run: scalar always, then AVX2 / AVX-512 when present.
 inline std::vector<kernels::Isa> paths() {
   std::vector<kernels::Isa> v{kernels::Isa::Scalar};
