@@ -22,7 +22,7 @@ install_packages() {
 }
 
 BUILD_PACKAGES=(g++ cmake ninja-build pkg-config nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev libxxhash-dev libcpp-httplib-dev libboost-dev libdnnl-dev libucx-dev libzmq3-dev cppzmq-dev libmsgpack-cxx-dev)
-TEST_PACKAGES=(python3 python3-venv python3-pip python3-numpy python3-torch python3-sentencepiece python3-jinja2 python3-doc libopenblas0-pthread clang-14 libclang-rt-14-dev time etcd-server ucx-utils iproute2)
+TEST_PACKAGES=(python3 python3-venv python3-pip python3-numpy python3-torch python3-sentencepiece python3-jinja2 python3-doc libopenblas0-pthread clang-14 libclang-rt-14-dev time etcd-server etcd-client ucx-utils iproute2)
 # Node.js is not installed: the e2e test runs the JavaScript openai client only where node and npm are
 # already there and npm can reach its registry (these machines' cannot); the Python client is the test.
 

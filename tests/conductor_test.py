@@ -312,19 +312,31 @@ def main():
         time.sleep(0.3)
         # Killed mid-load: its clients' streams are cut (never completed wrongly), the instances
         # cancel those requests.
+        # The kill comes from the reader of the last stream to get its first chunk, so every stream is
+        # mid-way however fast this machine generates (a fixed sleep let all three finish first).
         outcomes = []
+        started, cut = set(), threading.Event()
+        mu = threading.Lock()
 
         def long_stream(i):
             body = {"prompt": base[i * 40:i * 40 + 300], "max_tokens": 200, "temperature": 0, "ignore_eos": True}
-            st, text, _, _ = stream(cd.host, cd.port, "/v1/completions", body)
+
+            def on_chunk(j, text):
+                with mu:
+                    started.add(i)
+                    if len(started) == 3 and not cut.is_set():
+                        cut.set()
+                        cd.kill()
+
+            st, text, _, _ = stream(cd.host, cd.port, "/v1/completions", body, on_chunk=on_chunk)
             ref = complete("127.0.0.1", C.port, body["prompt"], 200, extra={"ignore_eos": True})[1]["choices"][0]["text"]
             outcomes.append((st, ref.startswith(text), len(text)))
 
         ths = [threading.Thread(target=long_stream, args=(i,)) for i in range(3)]
         for th in ths:
             th.start()
-        time.sleep(2.0)
-        cd.kill()
+        if not cut.wait(30):
+            cd.kill()
         for th in ths:
             th.join()
         check(len(outcomes) == 3 and all(st != 200 and prefix_ok for st, prefix_ok, _ in outcomes),
