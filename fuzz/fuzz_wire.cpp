@@ -5,6 +5,8 @@
 //   1: an instance's registration in etcd (cluster::instance_from_json; a parsed one must survive
 //      to_json -> instance_from_json unchanged)
 //   2: a prefill instance's answer to a handoff (pd::verify_answer against a fixed request)
+//   3: a decode instance's prefill request (pd::parse_prefill_request, then check_prefill_blocks on a
+//      4-token block pool: an accepted request's blocks are in range and cover its prompt)
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -19,7 +21,7 @@ using namespace larder;
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;
   const std::string in(reinterpret_cast<const char*>(data) + 1, size - 1);
-  switch (data[0] % 3) {
+  switch (data[0] % 4) {
     case 0: {
       auto d = transfer::wire::decode_desc(in);
       if (d.ok()) {
@@ -42,6 +44,24 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (!back.ok() || back->id != r->id || back->role != r->role || back->api_address != r->api_address ||
           back->capacity.kv_blocks != r->capacity.kv_blocks || back->load.free_blocks != r->load.free_blocks)
         __builtin_trap();
+      break;
+    }
+    case 3: {
+      pd::PrefillRequest r;
+      std::string code;
+      Status st = pd::parse_prefill_request(in, &r, &code);
+      if (!st.ok()) {
+        if (st.error().empty() || (code != "invalid_json" && code != "invalid_value")) __builtin_trap();
+        break;
+      }
+      if (r.id.empty() || r.fetch_tokens < 0) __builtin_trap();
+      if (pd::check_prefill_blocks(r, 4).ok()) {
+        const size_t n = r.tokens.size();
+        if (n == 0 || r.skip < 0 || static_cast<size_t>(r.skip) >= n || r.dst_table.size() < (n + 3) / 4)
+          __builtin_trap();
+        for (int32_t b : r.dst_table)
+          if (b < 0 || b >= r.d_slots / 4) __builtin_trap();
+      }
       break;
     }
     default: {

@@ -364,5 +364,71 @@ TEST(PdHandoff, VerifyAnswerChecksNamesLayoutAndToken) {
   EXPECT_FALSE(verify_answer("{\"layout\":\"L\"}", "L", names, 10, 4, 100, &f).ok());
 }
 
+
+// What the prefill side checks in a decode instance's request before it computes or writes anything.
+TEST(PdHandoff, PrefillRequestParsedAndItsBlocksChecked) {
+  auto req = [](const std::string& tokens, int skip, int n_slots, const std::string& table) {
+    return "{\"id\":\"a1\",\"layout\":\"L\",\"tokens\":" + tokens + ",\"sampling\":{\"temp\":0.5,\"top_k\":7,\"seed\":9}," +
+           "\"n_logprobs\":2,\"salt\":\"s\",\"skip\":" + std::to_string(skip) + ",\"fetch\":true,\"dst\":{\"address\":" +
+           "\"10.0.0.2:9000\",\"k\":\"K\",\"v\":\"V\",\"n_slots\":" + std::to_string(n_slots) + ",\"table\":" + table +
+           "},\"fetch_from\":{\"api\":\"h:1\",\"tokens\":4}}";
+  };
+  PrefillRequest r;
+  std::string code;
+  ASSERT_TRUE(parse_prefill_request(req("[1,2,3,4,5,6]", 4, 64, "[3,9]"), &r, &code).ok());
+  EXPECT_EQ(r.id, "a1");
+  EXPECT_EQ(r.layout, "L");
+  EXPECT_EQ(r.tokens, (std::vector<int32_t>{1, 2, 3, 4, 5, 6}));
+  EXPECT_FLOAT_EQ(r.sampling.temp, 0.5f);
+  EXPECT_EQ(r.sampling.top_k, 7);
+  EXPECT_EQ(r.n_logprobs, 2);
+  EXPECT_EQ(r.salt, "s");
+  EXPECT_EQ(r.peer, "10.0.0.2:9000");
+  EXPECT_EQ(r.k_desc, "K");
+  EXPECT_EQ(r.v_desc, "V");
+  EXPECT_EQ(r.d_slots, 64);
+  EXPECT_EQ(r.dst_table, (std::vector<int32_t>{3, 9}));
+  EXPECT_EQ(r.skip, 4);
+  EXPECT_TRUE(r.fetch);
+  EXPECT_EQ(r.fetch_api, "h:1");
+  EXPECT_EQ(r.fetch_tokens, 4);
+  EXPECT_TRUE(check_prefill_blocks(r, 4).ok());
+
+  auto blocks_ok = [&](const std::string& body, int bs) {
+    PrefillRequest q;
+    std::string c;
+    EXPECT_TRUE(parse_prefill_request(body, &q, &c).ok()) << body;
+    return check_prefill_blocks(q, bs).ok();
+  };
+  EXPECT_FALSE(blocks_ok(req("[1,2,3,4,5,6]", 4, 64, "[3]"), 4));       // the second block has no slot
+  EXPECT_FALSE(blocks_ok(req("[1,2,3,4,5,6]", 4, 64, "[3,16]"), 4));    // past the decode pool's 16 blocks
+  EXPECT_FALSE(blocks_ok(req("[1,2,3,4,5,6]", 4, 64, "[-1,2]"), 4));
+  EXPECT_FALSE(blocks_ok(req("[1,2,3,4,5,6]", 2, 64, "[3,9]"), 4));     // skip is not whole blocks
+  EXPECT_FALSE(blocks_ok(req("[1,2,3,4,5,6]", 8, 64, "[3,9]"), 4));     // skips the whole prompt
+  EXPECT_FALSE(blocks_ok(req("[1,2,3,4,5,6]", -4, 64, "[3,9]"), 4));
+  EXPECT_FALSE(blocks_ok(req("[1,2,3,4,5,6]", 4, 62, "[3,9]"), 4));     // the decode pool is not whole blocks
+  EXPECT_FALSE(blocks_ok(req("[1,2,3,4,5,6]", 4, 0, "[]"), 4));
+  EXPECT_FALSE(blocks_ok(req("[]", 0, 64, "[]"), 4));                   // no prompt
+  EXPECT_FALSE(blocks_ok(req("[1,2,3,4,5,6]", 4, 64, "[3,9]"), 8));     // another block size here
+
+  EXPECT_FALSE(parse_prefill_request("not json", &r, &code).ok());
+  EXPECT_EQ(code, "invalid_json");
+  EXPECT_FALSE(parse_prefill_request("[1]", &r, &code).ok());
+  EXPECT_EQ(code, "invalid_json");
+  auto st = parse_prefill_request(req("[1,\"x\"]", 0, 64, "[0]"), &r, &code);
+  EXPECT_FALSE(st.ok());
+  EXPECT_EQ(code, "invalid_value");
+  EXPECT_NE(st.error().find("malformed handoff request"), std::string::npos) << st.error();
+  EXPECT_FALSE(parse_prefill_request("{\"id\":\"a\",\"layout\":\"L\",\"tokens\":[1]}", &r, &code).ok());  // no dst
+  // Integers only from JSON integers in range (a float or a huge number was a float-to-int overflow).
+  EXPECT_FALSE(parse_prefill_request(req("[1,2.5,3]", 0, 64, "[0]"), &r, &code).ok());
+  EXPECT_FALSE(parse_prefill_request(req("[1,8888888888888888888888888888888888888883]", 0, 64, "[0]"), &r, &code).ok());
+  EXPECT_FALSE(parse_prefill_request(req("[1,4294967297]", 0, 64, "[0]"), &r, &code).ok());
+  EXPECT_FALSE(parse_prefill_request(req("[1,2]", 0, 64, "[1e10]"), &r, &code).ok());
+  st = parse_prefill_request(req("[1,2]", 0, 64, "[-5000000000]"), &r, &code);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.error().find("dst.table"), std::string::npos) << st.error();
+}
+
 }  // namespace
 }  // namespace larder::pd

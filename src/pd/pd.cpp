@@ -58,20 +58,6 @@ json sampling_json(const SamplerParams& s) {
           {"seed", s.seed}};
 }
 
-SamplerParams sampling_from(const json& j) {
-  SamplerParams s;
-  s.temp = j.value("temp", s.temp);
-  s.top_k = j.value("top_k", s.top_k);
-  s.top_p = j.value("top_p", s.top_p);
-  s.min_p = j.value("min_p", s.min_p);
-  s.repeat_penalty = j.value("repeat_penalty", s.repeat_penalty);
-  s.repeat_last_n = j.value("repeat_last_n", s.repeat_last_n);
-  s.freq_penalty = j.value("freq_penalty", s.freq_penalty);
-  s.presence_penalty = j.value("presence_penalty", s.presence_penalty);
-  s.seed = j.value("seed", s.seed);
-  return s;
-}
-
 }  // namespace
 
 std::string layout_fingerprint(Scheduler& s) {
@@ -283,45 +269,31 @@ void PdNode::Impl::reap_serving() {
 
 void PdNode::handle_prefill(const http::Request& req, http::Response& res) {
   Impl& I = *impl_;
-  json j = json::parse(req.body, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) return reply_error(res, 400, "the handoff request is not JSON", "invalid_json");
+  PrefillRequest r;
+  std::string code;
+  if (Status st = parse_prefill_request(req.body, &r, &code); !st.ok()) return reply_error(res, 400, st.error(), code);
+  if (r.layout != layout_)
+    return reply_error(res, 409, "KV layout mismatch: this instance has " + layout_ + ", the request wants " + r.layout,
+                       "layout_mismatch");
+  if (Status st = check_prefill_blocks(r, I.pool.block_size); !st.ok())
+    return reply_error(res, 400, st.error(), "invalid_value");
   auto h = std::make_shared<PrefillHandoff>();
+  h->id = std::move(r.id);
+  h->peer = std::move(r.peer);
+  h->k_desc = std::move(r.k_desc);
+  h->v_desc = std::move(r.v_desc);
+  h->d_slots = r.d_slots;
+  h->dst_table = std::move(r.dst_table);
+  h->skip = r.skip;
   GenRequest g;
-  std::string fetch_api;
-  int fetch_tokens = 0;
-  try {
-    h->id = j.at("id").get<std::string>();
-    const std::string layout = j.at("layout").get<std::string>();
-    if (layout != layout_)
-      return reply_error(res, 409, "KV layout mismatch: this instance has " + layout_ + ", the request wants " + layout,
-                         "layout_mismatch");
-    g.prompt = j.at("tokens").get<std::vector<int32_t>>();
-    g.sampling = sampling_from(j.value("sampling", json::object()));
-    g.n_logprobs = j.value("n_logprobs", 0);
-    g.ignore_eos = j.value("ignore_eos", false);
-    g.cache_salt = j.value("salt", std::string());
-    const json& d = j.at("dst");
-    h->peer = d.at("address").get<std::string>();
-    h->k_desc = d.at("k").get<std::string>();
-    h->v_desc = d.at("v").get<std::string>();
-    h->d_slots = d.at("n_slots").get<int>();
-    h->dst_table = d.at("table").get<std::vector<int32_t>>();
-    h->skip = j.value("skip", 0);
-    g.serves_fetch = j.value("fetch", false);
-    if (j.contains("fetch_from")) {  // the prefill instance first fetches leading blocks from a holder
-      fetch_api = j.at("fetch_from").at("api").get<std::string>();
-      fetch_tokens = j.at("fetch_from").at("tokens").get<int>();
-    }
-  } catch (const std::exception& e) {
-    return reply_error(res, 400, std::string("malformed handoff request: ") + e.what(), "invalid_value");
-  }
-  const int bs = I.pool.block_size, n = static_cast<int>(g.prompt.size());
-  const int d_blocks = h->d_slots / std::max(bs, 1);
-  bool table_ok = h->d_slots > 0 && h->d_slots % bs == 0 &&
-                  static_cast<int>(h->dst_table.size()) >= (n + bs - 1) / bs;
-  for (int32_t b : h->dst_table) table_ok &= b >= 0 && b < d_blocks;
-  if (n == 0 || h->skip < 0 || h->skip >= n || h->skip % bs != 0 || !table_ok)
-    return reply_error(res, 400, "the handoff request's blocks do not cover its prompt", "invalid_value");
+  g.prompt = std::move(r.tokens);
+  g.sampling = r.sampling;
+  g.n_logprobs = r.n_logprobs;
+  g.ignore_eos = r.ignore_eos;
+  g.cache_salt = std::move(r.salt);
+  g.serves_fetch = r.fetch;
+  const std::string fetch_api = std::move(r.fetch_api);
+  const int fetch_tokens = r.fetch_tokens;
   const double t0 = now_s();
   I.reap_serving();
   {

@@ -57,6 +57,30 @@ struct PdStats {
 // The layout fingerprint two instances must share to exchange KV blocks.
 std::string layout_fingerprint(Scheduler& s);
 
+// A decode instance's request to a prefill instance (POST /internal/pd/prefill, JSON): the prompt, how to
+// sample its first token, and where its KV blocks go (the decode instance's registered K/V regions and the
+// slot table). Parsed apart from the handler so the fuzz target (fuzz/fuzz_wire.cpp) reaches it.
+struct PrefillRequest {
+  std::string id, layout;
+  std::vector<int32_t> tokens;        // [n] the prompt
+  SamplerParams sampling;
+  int n_logprobs = 0;
+  bool ignore_eos = false;
+  std::string salt;
+  std::string peer, k_desc, v_desc;   // the decode instance's transfer address and region descriptors
+  int d_slots = 0;                    // KV slots in the decode instance's pool (block_size each)
+  std::vector<int32_t> dst_table;     // [>= ceil(n / block_size)] decode-side block of each prompt block
+  int skip = 0;                       // leading tokens the decode instance already holds (whole blocks)
+  bool fetch = false;                 // the prompt's leading blocks may be fetched from this instance
+  std::string fetch_api;              // fetch leading blocks first from this holder ("" = none)
+  int fetch_tokens = 0;
+};
+
+// Parses a prefill request; an error names the field (its code: invalid_json or invalid_value in *code).
+Status parse_prefill_request(const std::string& body, PrefillRequest* out, std::string* code);
+// Checks that the request's destination blocks cover its prompt on a pool of block_size-token blocks.
+Status check_prefill_blocks(const PrefillRequest& r, int block_size);
+
 // Decode side: checks a prefill instance's answer before any received block is used: its layout,
 // the names of the prompt's full blocks (expected[j] for block j), and the first token (< n_vocab).
 // On success *first holds the first token and its logprobs.
