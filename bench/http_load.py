@@ -5,12 +5,13 @@ Holds N_IDLE connections that never send a byte and N_SLOW that send half a requ
 byte per second (both reopened as soon as the server closes them, so the counts stay up), spread
 over several loopback source addresses (127.0.1.x) so that the per-client limit is not what
 stops them. Meanwhile it probes /health (a fresh connection each time) and times the first token
-of streamed completions (distinct prompts: no prefix reuse), unloaded, loaded, unloaded again.
+of streamed completions (distinct prompts: no prefix reuse) in unloaded and loaded phases that
+alternate (--rounds loaded phases, each between two unloaded ones; each side's samples pooled).
 
   python3 bench/http_load.py [--idle 10000] [--slow 1000] [--model M] [--bin build/bin/larder]
                              [--url http://HOST:PORT (a server already running)] [--json]
 
-Prints one summary (and --json: a JSON line). Bounded: --seconds of load per phase.
+Prints one summary (and --json: a JSON line). Bounded: --seconds per phase.
 """
 import argparse
 import asyncio
@@ -208,9 +209,14 @@ def cpu_seconds(pid):
 async def main_async(a, host, port, server_pid):
     out = {}
     res = {}
-    for phase in ("unloaded", "loaded", "unloaded2"):
+    # Unloaded and loaded phases alternate (--rounds loaded phases, each between two unloaded ones): the
+    # machine's speed drifts by the minute, so each side pools its phases' samples.
+    phases = ["unloaded"]
+    for k in range(1, a.rounds + 1):
+        phases += [f"loaded{k}", f"unloaded{k + 1}"]
+    for phase in phases:
         load = None
-        if phase == "loaded":
+        if phase.startswith("loaded"):
             load = LoadProcess(a, host, port)
             t0 = time.perf_counter()
             while sum(load.last[:2]) < 0.98 * (a.idle + a.slow) and time.perf_counter() - t0 < 120:
@@ -218,6 +224,7 @@ async def main_async(a, host, port, server_pid):
             await asyncio.sleep(2)
             print(f"load: {load.last[0]} idle + {load.last[1]} slow connections open", file=sys.stderr)
         c0 = cpu_seconds(server_pid)
+        g0 = cpu_seconds(load.p.pid) if load else 0.0
         t0 = time.perf_counter()
         hs, bad, tt = await probe(host, port, a.seconds, a.ttft_requests, a.prompt_words, a.max_tokens, phase)
         server_cpu = (cpu_seconds(server_pid) - c0) / (time.perf_counter() - t0)
@@ -226,20 +233,25 @@ async def main_async(a, host, port, server_pid):
              "ttft_n": len(tt), "ttft_median_ms": statistics.median(tt) * 1e3 if tt else float("nan"),
              "ttft_all_ms": [round(x * 1e3, 1) for x in tt], "server_cpu_cores": server_cpu}
         if load:
+            # The attacker's own CPU, taken from the same two cores (a real one runs elsewhere).
             r.update({"open_idle": load.last[0], "open_slow": load.last[1], "reopened": load.last[2],
-                      "connect_failures": load.last[3]})
+                      "connect_failures": load.last[3],
+                      "generator_cpu_cores": (cpu_seconds(load.p.pid) - g0) / (time.perf_counter() - t0)})
             load.close()
         res[phase] = r
         print(f"{phase}: /health p50 {r['health_p50_ms']:.1f} ms p99 {r['health_p99_ms']:.1f} ms max "
               f"{r['health_max_ms']:.1f} ms ({r['health_n']} probes, {bad} not 200); TTFT median "
               f"{r['ttft_median_ms']:.1f} ms over {len(tt)}; server CPU {server_cpu:.2f} cores" + (
-                  f"; {r['open_idle']} idle + {r['open_slow']} slow open at the end, {r['reopened']} reopened"
-                  if load else ""), file=sys.stderr)
+                  f"; load generator CPU {r['generator_cpu_cores']:.2f} cores; {r['open_idle']} idle + "
+                  f"{r['open_slow']} slow open at the end, {r['reopened']} reopened" if load else ""), file=sys.stderr)
         await asyncio.sleep(1)
-    base = statistics.median([x for p in ("unloaded", "unloaded2") for x in res[p]["ttft_all_ms"]] or [float("nan")])
-    out = {"phases": res, "ttft_unloaded_ms": base, "ttft_loaded_ms": res["loaded"]["ttft_median_ms"],
-           "ttft_ratio": res["loaded"]["ttft_median_ms"] / base if base else float("nan"),
-           "health_p99_loaded_ms": res["loaded"]["health_p99_ms"]}
+    def pooled(prefix, key):
+        return [x for p, r in res.items() if p.startswith(prefix) for x in r[key]]
+    base = statistics.median(pooled("unloaded", "ttft_all_ms") or [float("nan")])
+    loaded = statistics.median(pooled("loaded", "ttft_all_ms") or [float("nan")])
+    out = {"phases": res, "ttft_unloaded_ms": base, "ttft_loaded_ms": loaded,
+           "ttft_ratio": loaded / base if base else float("nan"),
+           "health_p99_loaded_ms": max(r["health_p99_ms"] for p, r in res.items() if p.startswith("loaded"))}
     return out
 
 
@@ -249,7 +261,8 @@ def main():
     ap.add_argument("--slow", type=int, default=1000)
     ap.add_argument("--addrs", type=int, default=22, help="loopback source addresses the load comes from")
     ap.add_argument("--seconds", type=float, default=30, help="length of each phase")
-    ap.add_argument("--ttft-requests", type=int, default=15)
+    ap.add_argument("--ttft-requests", type=int, default=15, help="per phase")
+    ap.add_argument("--rounds", type=int, default=2, help="loaded phases, each between two unloaded ones")
     ap.add_argument("--prompt-words", type=int, default=150)
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--bin", default=os.path.join(ROOT, "build/bin/larder"))
