@@ -388,3 +388,36 @@ TEST(Policy, ConductorRampWeightSteersAwayFromNewcomers) {
   in[1].weight = ramp_weight(30, 30);
   EXPECT_EQ(route1(p, req(200), in, {}).prefill, 1);
 }
+
+TEST(Policy, CountHistorySplitsARegisteredLoadIntoOursThenAndOthers) {
+  CountHistory h(10000);
+  EXPECT_EQ(h.at(500), 0);
+  h.set(1000, 1);  // ours starts on the instance
+  h.set(1000, 1);  // no change: nothing recorded
+  h.set(3000, 0);  // and ends
+  EXPECT_EQ(h.now(), 0);
+  EXPECT_EQ(h.at(999), 0);
+  EXPECT_EQ(h.at(1000), 1);
+  EXPECT_EQ(h.at(2500), 1);
+  EXPECT_EQ(h.at(3000), 0);
+  EXPECT_EQ(h.at(9999), 0);
+  // Written at 2500 while ours ran: it counted ours only, and ours has ended since.
+  EXPECT_EQ(h.others(1, 2500), 0);
+  // Two others' beside ours then; a registration after ours ended counts others' only.
+  EXPECT_EQ(h.others(3, 2500), 2);
+  EXPECT_EQ(h.others(2, 3500), 2);
+  // Ours ended at the instance before we saw it end: never negative.
+  EXPECT_EQ(h.others(0, 2500), 0);
+  // Before anything of ours (e.g. a conductor that just started): all registered are others'.
+  EXPECT_EQ(h.others(4, 100), 4);
+  // A clock that steps back keeps the history ordered.
+  h.set(2000, 2);
+  EXPECT_EQ(h.now(), 2);
+  EXPECT_EQ(h.at(2999), 1);
+  EXPECT_EQ(h.at(3000), 2);
+  // Changes older than the window are forgotten except the newest of them.
+  for (int i = 0; i < 100; ++i) h.set(20000 + i * 1000, i % 2);
+  EXPECT_EQ(h.at(118000), 0);  // i = 98
+  EXPECT_EQ(h.at(119000), 1);  // i = 99
+  EXPECT_EQ(h.now(), 1);
+}

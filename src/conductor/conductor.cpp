@@ -43,6 +43,8 @@ struct InstState {
   CostModel model;
   bool fitted = false;
   double suspect_until = 0;    // failed mid-answer: no new requests until then
+  CountHistory ours;           // `running` over the last seconds (wall ms), see view_of()
+  CountHistory ours_prefill;   // `prefill_tokens` likewise
 };
 
 constexpr int kMaxAttempts = 8;
@@ -217,13 +219,17 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
     // while we know nothing better: the first seconds after this conductor started (work sent
     // by its previous run).
     // Sequences are different: requests sent to the instance by others (clients, other conductors)
-    // hold its slots too, and a second-old count of them costs little (a slot wait that is a
-    // little long, briefly), so running/waiting take the larger of the two.
-    iv.running = std::max(i.load.running, s.running);
+    // hold its slots too. The registration counts ours as they were when it was written, so
+    // others' = registered - ours then, and running = ours now + others'. (Taking the larger of
+    // the registered and our own count kept a request that had just ended looking busy for up
+    // to a refresh, and sent the next request for its prefix to the other instance.)
+    iv.running = s.running + static_cast<int>(s.ours.others(i.load.running, i.updated_ms));
     iv.waiting = i.load.waiting;
     iv.queued_prefill_tokens = s.prefill_tokens;
+    // Early on, the registration's queue less ours when it was written (the larger of the two
+    // counted a prompt ours had finished as queued for up to a refresh).
     if (t - started_s < kTrustRegistrationS)
-      iv.queued_prefill_tokens = std::max(i.load.queued_prefill_tokens, s.prefill_tokens);
+      iv.queued_prefill_tokens += s.ours_prefill.others(i.load.queued_prefill_tokens, i.updated_ms);
     iv.free_blocks = i.load.free_blocks;
     iv.total_blocks = i.capacity.kv_blocks;
     iv.decode_ctx_tokens = 0;
@@ -249,20 +255,27 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
     t.prefill_key = key;
     t.counted_prefill = tokens;
     inst[key].prefill_tokens += tokens;
+    inst[key].ours_prefill.set(cluster::wall_ms(), inst[key].prefill_tokens);
   }
   void uncount_prefill(Req& t) {
-    if (t.counted_prefill > 0) inst[t.prefill_key].prefill_tokens -= t.counted_prefill;
+    if (t.counted_prefill > 0) {
+      InstState& s = inst[t.prefill_key];
+      s.prefill_tokens -= t.counted_prefill;
+      s.ours_prefill.set(cluster::wall_ms(), s.prefill_tokens);
+    }
     t.counted_prefill = 0;
   }
   void count_decode(Req& t, const std::string& key) {
     t.decode_key = key;
     t.counted_decode = true;
     inst[key].running++;
+    inst[key].ours.set(cluster::wall_ms(), inst[key].running);
     decoding[key].insert(t.shared_from_this());
   }
   void uncount_decode(Req& t) {
     if (t.counted_decode) {
       inst[t.decode_key].running--;
+      inst[t.decode_key].ours.set(cluster::wall_ms(), inst[t.decode_key].running);
       auto it = decoding.find(t.decode_key);
       if (it != decoding.end()) {
         it->second.erase(t.shared_from_this());
@@ -742,6 +755,12 @@ struct Conductor::Impl : router::Hooks, std::enable_shared_from_this<Conductor::
       e["disk"] = h.empty() ? 0 : h[0].disk;
       e["synced"] = subs && subs->synced(key_of(cands[i]));
       e["weight"] = views[i].weight;
+      // The load terms of its prediction: sequences (ours and others'), prompt tokens queued,
+      // and the wait those make.
+      e["running"] = views[i].running;
+      e["waiting"] = views[i].waiting;
+      e["queued_prefill_tokens"] = views[i].queued_prefill_tokens;
+      e["queue_s"] = predict_queue_s(views[i]);
       const CostModel& cm = views[i].cost;  // what routing uses now (fitted from this run's requests once it has enough)
       e["cost"] = {{"a", cm.a}, {"b", cm.b}, {"c", cm.c}, {"d0", cm.d0}, {"d1", cm.d1}, {"d2", cm.d2}};
       {

@@ -217,6 +217,27 @@ double ramp_weight(double age_s, double ramp_s) {
   return std::min(1.0, 0.1 + 0.9 * age_s / ramp_s);
 }
 
+void CountHistory::set(int64_t ms, int64_t value) {
+  if (value == now_) return;
+  if (!changes_.empty()) ms = std::max(ms, changes_.back().ms);  // the wall clock may step back
+  changes_.push_back({ms, now_});
+  now_ = value;
+  size_t drop = 0;
+  while (drop + 1 < changes_.size() && changes_[drop].ms < ms - keep_ms_) ++drop;
+  if (drop > 0) changes_.erase(changes_.begin(), changes_.begin() + static_cast<std::ptrdiff_t>(drop));
+}
+
+int64_t CountHistory::at(int64_t ms) const {
+  // The value before the first change after ms; none after it: the current one.
+  auto it = std::upper_bound(changes_.begin(), changes_.end(), ms,
+                             [](int64_t t, const Change& c) { return t < c.ms; });
+  return it == changes_.end() ? now_ : it->before;
+}
+
+int64_t CountHistory::others(int64_t registered, int64_t registered_ms) const {
+  return std::max<int64_t>(0, registered - at(registered_ms));
+}
+
 // --- predictions -------------------------------------------------------------------------
 
 namespace {

@@ -145,4 +145,28 @@ double predict_tbt(const RequestView& r, const InstanceView& i);
 // over `ramp_s`, so an empty newcomer takes a growing share instead of every new request.
 double ramp_weight(double age_s, double ramp_s);
 
+// The conductor's own count of something on an instance (its sequences, its queued prompt
+// tokens) over the last seconds, so a registered load (written up to a refresh earlier, and
+// counting ours as they were then) can be split into ours then and others':
+// others = registered - ours at the registration's time.
+class CountHistory {
+ public:
+  explicit CountHistory(int64_t keep_ms = 10000) : keep_ms_(keep_ms) {}
+  void set(int64_t ms, int64_t value);  // the count became `value` at wall time ms
+  int64_t now() const { return now_; }
+  int64_t at(int64_t ms) const;         // the count at wall time ms (as far back as kept)
+  // Others' part of a registered `registered` written at `registered_ms`: never negative
+  // (ours may have ended, or been partly computed, at the instance before we saw it).
+  int64_t others(int64_t registered, int64_t registered_ms) const;
+
+ private:
+  struct Change {
+    int64_t ms;
+    int64_t before;
+  };
+  int64_t keep_ms_;
+  int64_t now_ = 0;
+  std::vector<Change> changes_;  // oldest first, within keep_ms_ of the newest
+};
+
 }  // namespace larder::conductor

@@ -545,6 +545,9 @@ void Router::Impl::relay(const http::Request& req, http::Response& res, const st
             return false;
           }
         }
+        // The client has the whole answer with [DONE] and may send its next turn at once: the
+        // request ends now for the hooks (the conductor's counts), not when the instance closes.
+        if (f->saw_done) end_flight(*f, true, 200, "");
         if (fin) {
           // With hooks, a stream is complete only with its [DONE] (an instance killed between
           // events may close the connection cleanly).
