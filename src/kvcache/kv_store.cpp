@@ -59,9 +59,14 @@ KvStore::~KvStore() {
   for (auto& [job, i] : reads_) job->state[i].store(2);
 }
 
+bool KvStore::pending(const BlockHash& key) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return pending_.count(key) > 0;
+}
+
 Tier KvStore::where(const BlockHash& key) const {
   if (dram_ && dram_->exists(key)) return Tier::Dram;
-  if (disk_ && disk_->exists(key)) return Tier::Disk;
+  if (disk_ && (disk_->exists(key) || pending(key))) return Tier::Disk;
   return Tier::None;
 }
 
@@ -71,25 +76,32 @@ void KvStore::put_evicted(const BlockHash& key, std::span<const uint8_t> payload
 
 bool KvStore::wants_write(const BlockHash& key) const {
   if (!disk_ || disk_->disabled()) return false;
-  return !disk_->exists(key);
+  return !disk_->exists(key) && !pending(key);
 }
 
 void KvStore::put_async(const BlockHash& key, std::vector<uint8_t> payload) {
   if (!disk_) return;
   std::lock_guard<std::mutex> lk(mu_);
+  if (pending_.count(key)) {
+    st_.write_skipped++;
+    return;
+  }
   if (write_bytes_queued_ + payload.size() > params_.write_queue_bytes) {
     st_.write_dropped++;  // the SSD cannot keep up; this block stays recomputable
     return;
   }
   write_bytes_queued_ += payload.size();
   st_.write_queued++;
-  writes_.emplace_back(key, std::move(payload));
+  auto shared = std::make_shared<const std::vector<uint8_t>>(std::move(payload));
+  pending_.emplace(key, shared);
+  writes_.emplace_back(key, std::move(shared));
   cv_write_.notify_one();
 }
 
 void KvStore::writer_loop() {
   for (;;) {
-    std::pair<BlockHash, std::vector<uint8_t>> w;
+    std::pair<BlockHash, Payload> w;
+    bool removed = false;  // remove() came while it was queued: not written
     {
       std::unique_lock<std::mutex> lk(mu_);
       cv_write_.wait(lk, [&] { return stop_ || !writes_.empty(); });
@@ -97,12 +109,14 @@ void KvStore::writer_loop() {
       w = std::move(writes_.front());
       writes_.pop_front();
       writes_in_flight_++;
+      auto it = pending_.find(w.first);
+      removed = it == pending_.end() || it->second != w.second;
     }
-    const size_t n = w.second.size();
+    const size_t n = w.second->size();
     const auto t0 = Clock::now();
-    bool skipped = disk_->exists(w.first);
+    bool skipped = removed || disk_->exists(w.first);
     if (!skipped) {
-      Status st = disk_->put(w.first, w.second);
+      Status st = disk_->put(w.first, *w.second);
       if (!st.ok()) {
         static std::atomic<bool> logged{false};
         if (!logged.exchange(true)) std::fprintf(stderr, "larder: kv store: %s\n", st.error().c_str());
@@ -110,6 +124,8 @@ void KvStore::writer_loop() {
     }
     const double dt = since(t0);
     std::lock_guard<std::mutex> lk(mu_);
+    // On SSD now (or its write failed: then the block is gone from the tier, as if evicted).
+    if (auto it = pending_.find(w.first); it != pending_.end() && it->second == w.second) pending_.erase(it);
     write_bytes_queued_ -= n;
     writes_in_flight_--;
     if (skipped) {
@@ -154,9 +170,19 @@ void KvStore::reader_loop() {
     const auto t0 = Clock::now();
     if (!job->cancelled.load()) {
       // DRAM first (exclusive: the block moves up to L1), then SSD.
+      Payload queued;
+      if (disk_) {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (auto it = pending_.find(job->keys[i]); it != pending_.end()) queued = it->second;
+      }
       if (dram_ && dram_->get(job->keys[i], job->data[i], /*take=*/true)) {
         ok = true;
         from = Tier::Dram;
+      } else if (queued) {
+        job->data[i] = *queued;  // not written yet: from memory (not a measure of the SSD's speed)
+        ok = true;
+        std::lock_guard<std::mutex> lk(mu_);
+        st_.write_queue_hits++;
       } else if (disk_ && disk_->get(job->keys[i], job->data[i])) {
         ok = true;
         from = Tier::Disk;
@@ -182,6 +208,11 @@ void KvStore::reader_loop() {
 
 void KvStore::remove(const BlockHash& key) {
   if (dram_) dram_->remove(key);
+  if (disk_) {
+    // A queued write is then not made (writer_loop); one in progress still lands.
+    std::lock_guard<std::mutex> lk(mu_);
+    pending_.erase(key);
+  }
   if (disk_) disk_->remove(key);
 }
 

@@ -2,7 +2,9 @@
 // below the engine's own pool (L1):
 //   L2  DRAM (DramTier): blocks L1 evicted (exclusive: a hit moves the block up to L1);
 //   L3  SSD  (DiskTier): every completed block, written back asynchronously soon after
-//       it is complete, flushed on a clean shutdown, kept across restarts.
+//       it is complete, flushed on a clean shutdown, kept across restarts. A block whose
+//       write is still queued counts as on SSD and is read from the queue (a slow or busy
+//       disk must not make a block evicted from L1 just after it completed a miss).
 // Reads are batched and asynchronous (get_async -> LoadJob), served by a small reader
 // pool so loads overlap the engine's compute; the engine installs each block as it
 // arrives. Every payload carries the layout fingerprint (model identity, layers, KV
@@ -22,6 +24,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "core/result.h"
@@ -71,7 +74,8 @@ struct KvStoreStats {
   double dram_load_seconds = 0, disk_load_seconds = 0;
   int64_t disk_store_bytes = 0;
   double disk_store_seconds = 0;
-  int64_t write_queued = 0, write_dropped = 0, write_skipped = 0;  // skipped: already on disk
+  int64_t write_queued = 0, write_dropped = 0, write_skipped = 0;  // skipped: already on disk or queued
+  int64_t write_queue_hits = 0;   // SSD-tier blocks read from the write-back queue (not yet written)
   int64_t load_failed = 0;        // a block announced by a tier could not be read (corrupt/evicted): recomputed
   int64_t decide_load = 0, decide_recompute = 0;  // per block, by the engine
 };
@@ -120,6 +124,7 @@ class KvStore {
  private:
   KvStore(const KvLayout& l, const KvStoreParams& p) : layout_(l), params_(p) {}
   void reader_loop();
+  bool pending(const BlockHash& key) const;  // its SSD write is queued or in progress
   void writer_loop();
 
   KvLayout layout_;
@@ -131,7 +136,10 @@ class KvStore {
   mutable std::mutex mu_;
   std::condition_variable cv_read_, cv_write_, cv_idle_;
   std::deque<std::pair<std::shared_ptr<LoadJob>, size_t>> reads_;
-  std::deque<std::pair<BlockHash, std::vector<uint8_t>>> writes_;
+  using Payload = std::shared_ptr<const std::vector<uint8_t>>;
+  std::deque<std::pair<BlockHash, Payload>> writes_;
+  // Blocks queued or being written (until disk_->put returns): the SSD tier's blocks too.
+  std::unordered_map<BlockHash, Payload, BlockHashHasher> pending_;
   uint64_t write_bytes_queued_ = 0;
   int writes_in_flight_ = 0;
   bool stop_ = false;

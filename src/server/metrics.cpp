@@ -48,6 +48,8 @@ void render_store(std::string& out, const SchedulerStats& st) {
     scalar(out, "larder_kv_disk_store_seconds_total", "counter", "Time spent writing them.", k.disk_store_seconds);
     scalar(out, "larder_kv_disk_writeback_dropped_total", "counter", "Completed blocks not written (SSD behind).",
            double(k.write_dropped));
+    scalar(out, "larder_kv_disk_writeback_queue_hits_total", "counter",
+           "SSD-tier blocks loaded from the write-back queue (not written yet).", double(k.write_queue_hits));
     scalar(out, "larder_kv_disk_corrupt_records_total", "counter", "Corrupt or torn SSD records found (served as misses).",
            double(k.disk.corrupt_records));
     scalar(out, "larder_kv_disk_write_errors_total", "counter", "SSD write errors.", double(k.disk.write_errors));
