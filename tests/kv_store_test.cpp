@@ -33,6 +33,16 @@ std::vector<uint8_t> payload(uint64_t k, size_t n) {
   return v;
 }
 
+// An f32 layout of "test-model" (block bytes = n_layer * 2 * block_size * kv_dim * 4).
+KvLayout test_layout(int n_layer, int kv_dim, int block_size) {
+  KvLayout l;
+  l.model_id = "test-model";
+  l.n_layer = n_layer;
+  l.kv_dim = kv_dim;
+  l.block_size = block_size;
+  return l;
+}
+
 std::string tmpdir(const char* tag) {
   auto p = std::filesystem::temp_directory_path() / (std::string("larder_kvs_") + tag + "_" + std::to_string(getpid()));
   std::filesystem::remove_all(p);
@@ -97,11 +107,7 @@ TEST(KvStore, DramLruMatchesAModelAndLfuKeepsHotBlocks) {
 }
 
 TEST(KvStore, RandomizedWithRestartsAgainstModel) {
-  KvLayout layout;
-  layout.model_id = "test-model";
-  layout.n_layer = 2;
-  layout.kv_dim = 16;
-  layout.block_size = 4;  // 1 KiB blocks
+  const KvLayout layout = test_layout(2, 16, 4);  // 1 KiB blocks
   const size_t BB = layout.block_bytes();
   const std::string dir = tmpdir("rand");
   KvStoreParams p;
@@ -185,11 +191,7 @@ TEST(KvStore, RandomizedWithRestartsAgainstModel) {
 // so and reads return its bytes) whether the writer has reached it or not, and every one
 // is on the disk after a flush.
 TEST(KvStore, BlocksQueuedForWritingAreOnTheSsdTierAtOnce) {
-  KvLayout layout;
-  layout.model_id = "test-model";
-  layout.n_layer = 4;
-  layout.kv_dim = 64;
-  layout.block_size = 16;  // 32 KiB blocks
+  const KvLayout layout = test_layout(4, 64, 16);  // 32 KiB blocks
   const size_t BB = layout.block_bytes();
   const std::string dir = tmpdir("queued");
   KvStoreParams p;
