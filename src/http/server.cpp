@@ -713,6 +713,9 @@ void Server::stop() {
   conns.clear();
   I.workers.shutdown();
   I.notifier.shutdown();
+  // Let the I/O threads run the connections' handlers (each fails at once now), so no
+  // connection outlives stop() in the io_context's queue (bounded: 2 s).
+  for (int i = 0; i < 400 && I.n_conns.load() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   I.guard.reset();
   I.ioc.stop();
   for (auto& t : I.io)
