@@ -226,7 +226,6 @@ int cmd_chat(Args& a) {
   int rc = 0;
 
   for (;;) {
-    g_sigint = 0;
     if (tty) {
       std::fputs("> ", stdout);
       std::fflush(stdout);
@@ -308,6 +307,9 @@ int cmd_chat(Args& a) {
       if (!st.ok()) break;
       kv.push_back(next);
     }
+    // A Ctrl-C until here stopped (or came too late for) this reply; one from now on is at the
+    // prompt and quits (cleared at the next prompt instead, one sent as the turn's stats print was lost).
+    g_sigint = 0;
     std::string rest = dec.flush();
     reply += rest;
     std::fwrite(rest.data(), 1, rest.size(), stdout);
