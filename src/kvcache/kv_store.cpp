@@ -66,7 +66,9 @@ bool KvStore::pending(const BlockHash& key) const {
 
 Tier KvStore::where(const BlockHash& key) const {
   if (dram_ && dram_->exists(key)) return Tier::Dram;
-  if (disk_ && (disk_->exists(key) || pending(key))) return Tier::Disk;
+  // pending() first: the writer leaves pending_ only after the block is on disk, so this
+  // order never misses a block between the two.
+  if (disk_ && (pending(key) || disk_->exists(key))) return Tier::Disk;
   return Tier::None;
 }
 
@@ -76,7 +78,7 @@ void KvStore::put_evicted(const BlockHash& key, std::span<const uint8_t> payload
 
 bool KvStore::wants_write(const BlockHash& key) const {
   if (!disk_ || disk_->disabled()) return false;
-  return !disk_->exists(key) && !pending(key);
+  return !pending(key) && !disk_->exists(key);  // in this order: see where()
 }
 
 void KvStore::put_async(const BlockHash& key, std::vector<uint8_t> payload) {
@@ -171,11 +173,12 @@ void KvStore::reader_loop() {
     if (!job->cancelled.load()) {
       // DRAM first (exclusive: the block moves up to L1), then SSD.
       Payload queued;
-      if (disk_) {
+      const bool in_dram = dram_ && dram_->get(job->keys[i], job->data[i], /*take=*/true);
+      if (!in_dram && disk_) {  // the queue before the disk: see where()
         std::lock_guard<std::mutex> lk(mu_);
         if (auto it = pending_.find(job->keys[i]); it != pending_.end()) queued = it->second;
       }
-      if (dram_ && dram_->get(job->keys[i], job->data[i], /*take=*/true)) {
+      if (in_dram) {
         ok = true;
         from = Tier::Dram;
       } else if (queued) {
@@ -209,11 +212,13 @@ void KvStore::reader_loop() {
 void KvStore::remove(const BlockHash& key) {
   if (dram_) dram_->remove(key);
   if (disk_) {
-    // A queued write is then not made (writer_loop); one in progress still lands.
-    std::lock_guard<std::mutex> lk(mu_);
-    pending_.erase(key);
+    {
+      // A queued write is then not made (writer_loop); one in progress still lands.
+      std::lock_guard<std::mutex> lk(mu_);
+      pending_.erase(key);
+    }
+    disk_->remove(key);
   }
-  if (disk_) disk_->remove(key);
 }
 
 Status KvStore::flush() {
